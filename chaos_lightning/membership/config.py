@@ -1,0 +1,109 @@
+"""Membership timing presets, in the manner of memberlist's Default*Config.
+
+Every number the protocol waits for lives here.  Pick a preset by name
+(``CHAOS_PRESET``: ``local``, ``lan``, ``edge``) and override single fields:
+``Config.preset("lan", probe_interval=0.3)``.
+
+How the numbers combine (n = members of the current view):
+
+* a probe period lasts ``probe_interval``; a direct ping that is not acked
+  within ``probe_timeout`` is retried through ``indirect_probes`` helpers;
+* a member missed by both is *suspected*; the suspicion becomes a confirmed
+  failure after ``suspicion_mult * max(1, log10(n)) * probe_interval``
+  (memberlist's rule: gossip needs O(log n) periods to reach everyone, so the
+  accused gets that long to refute);
+* ``link_confirm`` consecutive periods of "direct failed, indirect succeeded"
+  make a *link-down*, a single success a *link-up*;
+* a proposed view that gets no majority within ``proposal_timeout`` is retried
+  with a higher ballot.
+
+Crash detection time is therefore about one to two probe periods plus the
+suspicion timeout; ``benchmarks/membership.py`` measures it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class Config:
+    #: seconds between two probes started by one node
+    probe_interval: float = 0.5
+    #: seconds a direct ping may take before indirect probes start
+    probe_timeout: float = 0.2
+    #: helpers asked to ping an unresponsive target on our behalf (SWIM's k)
+    indirect_probes: int = 3
+    #: suspicion lasts suspicion_mult * max(1, log10 n) probe intervals
+    suspicion_mult: float = 4.0
+    #: each fact is piggybacked gossip_mult * ceil(log10(n + 1)) times
+    gossip_mult: int = 4
+    #: at most this many facts ride on one message
+    max_piggyback: int = 8
+    #: consecutive direct-failed/indirect-ok periods that make a link-down
+    #: (each period already tries the direct path twice)
+    link_confirm: int = 3
+    #: seconds a coordinator waits for a majority before retrying
+    proposal_timeout: float = 1.0
+    #: seconds between join (and leave) requests while not yet answered
+    join_retry: float = 1.0
+    #: a node removed against its will (a healed partition) joins again
+    auto_rejoin: bool = True
+    #: seconds a coordinator waits after the first pending join before
+    #: proposing, so nodes started together enter in one view change (joins
+    #: only: failures, leaves and link changes are proposed at once)
+    join_batch: float = 0.05
+
+    def suspicion_timeout(self, n: int) -> float:
+        return self.suspicion_mult * max(1.0, math.log10(max(n, 1))) * self.probe_interval
+
+    def retransmits(self, n: int) -> int:
+        return max(2, self.gossip_mult * math.ceil(math.log10(n + 1)))
+
+    @staticmethod
+    def preset(name: str, **overrides: object) -> "Config":
+        try:
+            base = PRESETS[name]
+        except KeyError:
+            raise ValueError(f"unknown membership preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+        known = {f.name for f in fields(Config)}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise ValueError(f"unknown membership setting(s) {', '.join(bad)}")
+        return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+#: ``local``: processes on one machine (loopback).  Round trips are ~0.1 ms, but
+#: the agent thread shares 2 cores with training that holds the GIL for tens of
+#: milliseconds, so the timeout leaves room for scheduling delay, not for the network.
+LOCAL = Config(
+    probe_interval=0.2,
+    probe_timeout=0.08,
+    indirect_probes=2,
+    suspicion_mult=2.0,
+    gossip_mult=3,
+    link_confirm=2,
+    proposal_timeout=0.5,
+    join_retry=0.5,
+    join_batch=0.02,
+)
+
+#: ``lan``: a rack or a site; memberlist's LAN profile scaled for faster periods.
+LAN = Config()
+
+#: ``edge``: nodes over Wi-Fi/WAN links with hundreds of ms of RTT and loss;
+#: slower periods and longer suspicion to avoid false failures (memberlist WAN).
+EDGE = Config(
+    probe_interval=1.0,
+    probe_timeout=0.5,
+    indirect_probes=3,
+    suspicion_mult=5.0,
+    gossip_mult=4,
+    link_confirm=3,
+    proposal_timeout=3.0,
+    join_retry=2.0,
+    join_batch=0.2,
+)
+
+PRESETS: dict[str, Config] = {"local": LOCAL, "lan": LAN, "edge": EDGE}

@@ -1,0 +1,105 @@
+"""Events the membership state machine reports to whoever drives it.
+
+Small immutable records, in the manner of h11's events: the machine returns
+them from ``receive``/``tick``; the agent forwards them to subscribers (the
+rendezvous, the strategy, the monitor, logs).  The etcd baseline emits the
+same ``ViewChanged``/``Removed`` so the layers above cannot tell backends apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chaos_lightning.membership.view import View
+
+
+@dataclass(frozen=True)
+class ViewChanged:
+    """A view containing this node was committed (or learned late)."""
+
+    view: View
+
+
+@dataclass(frozen=True)
+class Removed:
+    """A committed view no longer contains this node.
+
+    ``graceful`` is True when this node asked to leave; otherwise it was
+    declared failed (for instance it sat on the minority side of a partition)
+    and must join again to train.
+    """
+
+    view: View
+    graceful: bool
+
+
+@dataclass(frozen=True)
+class MemberSuspected:
+    """This node suspects ``node`` (missed direct and indirect probes)."""
+
+    node: str
+
+
+@dataclass(frozen=True)
+class MemberFailed:
+    """``node``'s failure is confirmed; a view without it will be proposed.
+
+    Reported before the view commits, so the data plane can abandon a
+    collective that waits on ``node`` without waiting for the commit.
+    """
+
+    node: str
+
+
+@dataclass(frozen=True)
+class LinkDown:
+    """The direct link ``a``-``b`` between two live members is down.
+
+    Reported at both ends (``a`` and ``b``), and visible to all members in the
+    next view's ``down_links``.
+    """
+
+    a: str
+    b: str
+
+
+@dataclass(frozen=True)
+class LinkUp:
+    """The direct link ``a``-``b`` works again."""
+
+    a: str
+    b: str
+
+
+@dataclass(frozen=True)
+class QuorumLost:
+    """This node cannot reach a majority of its view: it must not train."""
+
+    epoch: int
+
+
+@dataclass(frozen=True)
+class QuorumRegained:
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Proposed:
+    """This node, as coordinator, proposed ``view`` (for metrics: the
+    benchmark times the call that emitted this as the decision time)."""
+
+    view: View
+    reason: str
+
+
+Event = (
+    ViewChanged
+    | Removed
+    | MemberSuspected
+    | MemberFailed
+    | LinkDown
+    | LinkUp
+    | QuorumLost
+    | QuorumRegained
+    | Proposed
+)

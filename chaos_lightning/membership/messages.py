@@ -1,0 +1,155 @@
+"""The membership protocol's messages, registered with the wire schema.
+
+Three families:
+
+* failure detection (SWIM): ``Ping``, ``Ack``, ``PingReq``, each carrying the
+  sender's view epoch and a few gossiped ``Fact``\\ s;
+* view agreement (one Paxos instance per epoch; the acceptors are the members
+  of the previous view): ``Prepare``, ``Promise``, ``Accept``, ``Accepted``,
+  ``Nack``, ``Commit``;
+* everything else: ``JoinRequest``, ``Facts`` (facts sent straight to the
+  coordinator), ``SyncRequest``/``ViewSync`` (catch up a node that missed commits).
+
+A ballot is ``(round, node)``, compared as a tuple.  Round 0 belongs to the
+rank-0 member of the previous view only, which may therefore skip the prepare
+phase (nobody can have accepted anything at a lower ballot).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chaos_lightning.membership.view import Member, View
+from chaos_lightning.wire.schema import message
+
+# Fact kinds.  A fact is a piece of knowledge spread by gossip until the view
+# reflects it.
+ALIVE = "alive"  # node refutes a suspicion with incarnation inc
+SUSPECT = "suspect"
+DEAD = "dead"  # suspicion confirmed: remove node from the next view
+JOIN = "join"  # member wants in
+LEAVE = "leave"  # node asked to leave
+LINK = "link"  # link node-other is up/down, version inc
+
+
+@message("m.fact")
+@dataclass(frozen=True)
+class Fact:
+    kind: str
+    node: str
+    inc: int = 0
+    other: str = ""
+    up: bool = True
+    member: Member | None = None
+
+
+@message("m.ping")
+@dataclass(frozen=True)
+class Ping:
+    seq: int
+    epoch: int
+    #: set when a helper pings for someone else (an indirect probe)
+    origin: str = ""
+    gossip: tuple[Fact, ...] = ()
+
+
+@message("m.ack")
+@dataclass(frozen=True)
+class Ack:
+    seq: int
+    epoch: int
+    #: the node whose liveness this ack proves
+    target: str
+    gossip: tuple[Fact, ...] = ()
+
+
+@message("m.pingreq")
+@dataclass(frozen=True)
+class PingReq:
+    seq: int
+    epoch: int
+    target: str
+    target_addr: str = ""
+    gossip: tuple[Fact, ...] = ()
+
+
+@message("m.prepare")
+@dataclass(frozen=True)
+class Prepare:
+    epoch: int
+    round: int
+    node: str
+
+
+@message("m.promise")
+@dataclass(frozen=True)
+class Promise:
+    epoch: int
+    round: int
+    node: str
+    accepted_round: int = -1
+    accepted_node: str = ""
+    accepted: View | None = None
+
+
+@message("m.accept")
+@dataclass(frozen=True)
+class Accept:
+    epoch: int
+    round: int
+    node: str
+    value: View
+
+
+@message("m.accepted")
+@dataclass(frozen=True)
+class Accepted:
+    epoch: int
+    round: int
+    node: str
+
+
+@message("m.nack")
+@dataclass(frozen=True)
+class Nack:
+    epoch: int
+    round: int
+    node: str
+    promised_round: int
+    promised_node: str
+
+
+@message("m.commit")
+@dataclass(frozen=True)
+class Commit:
+    view: View
+
+
+@message("m.join")
+@dataclass(frozen=True)
+class JoinRequest:
+    member: Member
+
+
+@message("m.facts")
+@dataclass(frozen=True)
+class Facts:
+    epoch: int
+    facts: tuple[Fact, ...]
+
+
+@message("m.syncreq")
+@dataclass(frozen=True)
+class SyncRequest:
+    epoch: int
+
+
+@message("m.sync")
+@dataclass(frozen=True)
+class ViewSync:
+    view: View
+
+
+Message = (
+    Ping | Ack | PingReq | Prepare | Promise | Accept | Accepted | Nack | Commit | JoinRequest | Facts | SyncRequest | ViewSync
+)

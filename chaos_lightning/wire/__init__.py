@@ -1,0 +1,78 @@
+"""wire: the bottom layer, everything between a socket and a typed message.
+
+- :mod:`.frames` cuts a byte stream into length-prefixed frames (sans-IO
+  decoder plus an asyncio reader) and refuses oversized, truncated or foreign
+  frames from their header;
+- :mod:`.schema` turns registered dataclasses into msgpack and back, checking
+  every value against the annotations (never pickle from the network);
+- :mod:`.auth` runs the mutual HMAC challenge–response on every connection
+  with the shared cluster secret (``CHAOS_SECRET``);
+- :mod:`.connection` puts the three together for the agent: ``open_connection``,
+  ``start_server``, ``Connection``.
+
+Everything a peer can get wrong raises a :class:`WireError`; the server turns
+it into one log line and one closed connection.  Imports nothing above itself.
+"""
+
+from __future__ import annotations
+
+from chaos_lightning.wire.auth import check_bind_allowed, client_handshake, load_secret, server_handshake
+from chaos_lightning.wire.connection import Connection, open_connection, start_server
+from chaos_lightning.wire.errors import (
+    AuthError,
+    BadMagic,
+    ConnectionClosed,
+    FrameTooLarge,
+    HandshakeTimeout,
+    InsecureBind,
+    SchemaError,
+    TruncatedFrame,
+    UnknownFrameKind,
+    UnsupportedVersion,
+    WireError,
+)
+from chaos_lightning.wire.frames import (
+    DEFAULT_MAX_FRAME,
+    KIND_BLOB,
+    KIND_MESSAGE,
+    MAGIC,
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    encode_frame,
+    frame_header,
+    read_frame,
+)
+from chaos_lightning.wire.schema import decode, encode, message
+
+__all__ = [
+    "AuthError",
+    "BadMagic",
+    "Connection",
+    "ConnectionClosed",
+    "DEFAULT_MAX_FRAME",
+    "FrameDecoder",
+    "FrameTooLarge",
+    "HandshakeTimeout",
+    "InsecureBind",
+    "KIND_BLOB",
+    "KIND_MESSAGE",
+    "MAGIC",
+    "PROTOCOL_VERSION",
+    "SchemaError",
+    "TruncatedFrame",
+    "UnknownFrameKind",
+    "UnsupportedVersion",
+    "WireError",
+    "check_bind_allowed",
+    "client_handshake",
+    "decode",
+    "encode",
+    "encode_frame",
+    "frame_header",
+    "load_secret",
+    "message",
+    "open_connection",
+    "read_frame",
+    "server_handshake",
+    "start_server",
+]

@@ -1,0 +1,217 @@
+"""Authentication: a mutual HMAC challenge–response on every connection.
+
+Every connection starts with this handshake, before any message is decoded,
+so a stranger's bytes reach nothing but a 4 KiB frame reader and three tiny
+message types.  Both sides prove they hold the shared cluster secret without
+sending it::
+
+    server -> client   Hello(version, nonce_s)                  32 random bytes
+    client -> server   ClientProof(version, nonce_c,
+                           HMAC(key, "client" | nonce_s | nonce_c))
+    server -> client   ServerProof(HMAC(key, "server" | nonce_c | nonce_s))
+                       or Refused(reason)
+
+Fresh nonces on both sides defeat replay; the "client"/"server" prefixes stop a
+peer from reflecting one side's proof back at it.  The secret is never on the
+wire, and the comparison is constant-time (``hmac.compare_digest``).  The
+handshake authenticates; it does not encrypt (run over a VPN or WireGuard when
+the network itself is hostile).
+
+Without a secret, the same handshake runs with a fixed, public key: that
+proves nothing, so :func:`check_bind_allowed` only lets a secret-less node
+listen on loopback, while keeping one code path for tests and production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import os
+import secrets
+from dataclasses import dataclass
+
+from chaos_lightning.wire import schema
+from chaos_lightning.wire.errors import AuthError, HandshakeTimeout, InsecureBind, UnsupportedVersion, WireError
+from chaos_lightning.wire.frames import KIND_MESSAGE, PROTOCOL_VERSION, encode_frame, read_frame
+
+#: Environment variable holding the cluster secret.
+SECRET_ENV = "CHAOS_SECRET"
+
+#: Handshake frames are under 200 bytes; a stranger gets no bigger buffer than this.
+HANDSHAKE_MAX_FRAME = 4096
+
+NONCE_SIZE = 32
+
+#: The key used when no secret is configured (loopback only): public on purpose.
+_NO_SECRET_KEY = b"chaos_lightning/no-secret/v1"
+
+
+@schema.message("wire.hello")
+@dataclass(frozen=True)
+class Hello:
+    version: int
+    nonce: bytes
+
+
+@schema.message("wire.client_proof")
+@dataclass(frozen=True)
+class ClientProof:
+    version: int
+    nonce: bytes
+    mac: bytes
+
+
+@schema.message("wire.server_proof")
+@dataclass(frozen=True)
+class ServerProof:
+    mac: bytes
+
+
+@schema.message("wire.refused")
+@dataclass(frozen=True)
+class Refused:
+    reason: str
+
+
+def load_secret(value: str | bytes | None = None) -> bytes | None:
+    """The cluster secret: ``value``, else ``$CHAOS_SECRET``, else ``None``.
+
+    A ``str`` is UTF-8 encoded.  An empty value counts as unset, so that
+    ``CHAOS_SECRET=`` cannot silently mean "the empty secret".
+    """
+    if value is None:
+        value = os.environ.get(SECRET_ENV)
+    if not value:
+        return None
+    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost``, 127.0.0.0/8 and ::1 (bracketed or IPv4-mapped too)."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False  # any other name may resolve to anything
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def check_bind_allowed(host: str, secret: bytes | None) -> None:
+    """Refuse (``InsecureBind``, a ``ValueError``) to listen beyond loopback without a secret.
+
+    "" and "0.0.0.0" mean every interface, so they count as non-loopback.
+    """
+    if secret is None and not is_loopback(host):
+        shown = host or "all interfaces"
+        raise InsecureBind(
+            f"refusing to listen on {shown} without a cluster secret: set {SECRET_ENV} or pass secret="
+        )
+
+
+def _key(secret: bytes | str | None) -> bytes:
+    if isinstance(secret, str):  # tolerate a secret passed as text
+        secret = secret.encode("utf-8")
+    return bytes(secret) if secret else _NO_SECRET_KEY
+
+
+def _mac(key: bytes, role: bytes, first: bytes, second: bytes) -> bytes:
+    return hmac.new(key, role + first + second, hashlib.sha256).digest()
+
+
+async def _send(writer: asyncio.StreamWriter, msg: object) -> None:
+    writer.write(encode_frame(schema.encode(msg), KIND_MESSAGE))
+    await writer.drain()
+
+
+async def _recv(reader: asyncio.StreamReader, expected: type, *also: type) -> object:
+    kind, payload = await read_frame(reader, HANDSHAKE_MAX_FRAME)
+    if kind != KIND_MESSAGE:
+        raise AuthError("peer sent a blob during the handshake")
+    msg = schema.decode(payload)
+    if not isinstance(msg, (expected, *also)):
+        raise AuthError(f"expected {schema.tag_of(expected)!r} during the handshake, got {schema.tag_of(type(msg))!r}")
+    return msg
+
+
+def _check_nonce(nonce: bytes) -> None:
+    if len(nonce) != NONCE_SIZE:
+        raise AuthError(f"handshake nonce of {len(nonce)} bytes, expected {NONCE_SIZE}")
+
+
+async def _bounded(coro: object, timeout: float, side: str) -> None:
+    try:
+        await asyncio.wait_for(coro, timeout)  # type: ignore[arg-type]
+    except asyncio.TimeoutError:  # the builtin TimeoutError from 3.11 on
+        raise HandshakeTimeout(f"{side} handshake timed out after {timeout:g}s") from None
+
+
+async def server_handshake(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes | None, timeout: float
+) -> None:
+    """Authenticate the connecting peer and prove our own secret, within ``timeout`` seconds.
+
+    Raises :class:`AuthError` (wrong secret, malformed, timed out) or another
+    :class:`WireError`; on a refusal the peer is told why, when it can be.
+    """
+    await _bounded(_server(reader, writer, _key(secret)), timeout, "server")
+
+
+async def _server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes) -> None:
+    nonce_s = secrets.token_bytes(NONCE_SIZE)
+    await _send(writer, Hello(PROTOCOL_VERSION, nonce_s))
+    try:
+        proof = await _recv(reader, ClientProof)
+        assert isinstance(proof, ClientProof)
+        if proof.version != PROTOCOL_VERSION:
+            raise UnsupportedVersion(f"peer speaks protocol {proof.version}, this agent speaks {PROTOCOL_VERSION}")
+        _check_nonce(proof.nonce)
+        if not hmac.compare_digest(proof.mac, _mac(key, b"client", nonce_s, proof.nonce)):
+            raise AuthError("wrong cluster secret")
+    except WireError as exc:
+        await _refuse(writer, exc)
+        raise
+    await _send(writer, ServerProof(_mac(key, b"server", proof.nonce, nonce_s)))
+
+
+async def _refuse(writer: asyncio.StreamWriter, exc: WireError) -> None:
+    """Tell the peer why, best effort: it may be gone, or not speak our protocol at all."""
+    if isinstance(exc, UnsupportedVersion):
+        reason = f"this agent speaks protocol {PROTOCOL_VERSION}"
+    else:
+        reason = str(exc)
+    try:
+        await asyncio.wait_for(_send(writer, Refused(reason[:500])), 1.0)
+    except (OSError, asyncio.TimeoutError, WireError):
+        pass
+
+
+async def client_handshake(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes | None, timeout: float
+) -> None:
+    """Prove our secret to the server and check its proof, within ``timeout`` seconds."""
+    await _bounded(_client(reader, writer, _key(secret)), timeout, "client")
+
+
+async def _client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes) -> None:
+    hello = await _recv(reader, Hello, Refused)
+    if isinstance(hello, Refused):
+        raise AuthError(f"server refused the connection: {hello.reason}")
+    assert isinstance(hello, Hello)
+    if hello.version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(f"peer speaks protocol {hello.version}, this agent speaks {PROTOCOL_VERSION}")
+    _check_nonce(hello.nonce)
+    nonce_c = secrets.token_bytes(NONCE_SIZE)
+    await _send(writer, ClientProof(PROTOCOL_VERSION, nonce_c, _mac(key, b"client", hello.nonce, nonce_c)))
+    answer = await _recv(reader, ServerProof, Refused)
+    if isinstance(answer, Refused):
+        raise AuthError(f"server refused the connection: {answer.reason}")
+    assert isinstance(answer, ServerProof)
+    if not hmac.compare_digest(answer.mac, _mac(key, b"server", nonce_c, hello.nonce)):
+        # The server accepted our proof without knowing the key: an impostor.
+        raise AuthError("wrong cluster secret: the server could not prove it holds the cluster secret")

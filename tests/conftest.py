@@ -1,0 +1,29 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+# -- etcd (baseline rendezvous) -------------------------------------------------
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@pytest.fixture
+def etcd_endpoint(tmp_path):
+    """A fresh real etcd server for this test; yields ``127.0.0.1:PORT``.
+
+    Missing etcd skips the test on a workstation but fails it under CI=true:
+    CI installs etcd, so its absence there is a broken setup, not a choice.
+    """
+    from etcd_server import etcd_binary, etcd_server
+
+    if etcd_binary() is None:
+        if _ci():
+            pytest.fail("etcd binary not found but CI is set: install etcd-server (see .ci/run)")
+        pytest.skip("etcd binary not found: apt-get install etcd-server (under CI=true this fails)")
+    with etcd_server(tmp_path / "etcd") as endpoint:
+        yield endpoint
