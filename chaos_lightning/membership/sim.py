@@ -80,6 +80,7 @@ class Simulator:
         self.nodes: dict[str, Membership] = {}
         self.crashed: dict[str, bool] = {}
         self.trace: list[tuple[float, str, object]] = []
+        self._by_kind: dict[type, list[tuple[float, str, object]]] = {}
         self.decisions: list[Decision] = []
         self.stats = Stats()
         self._heap: list[tuple[float, int, int, object]] = []
@@ -247,6 +248,7 @@ class Simulator:
 
     def _record(self, nid: str, e: object) -> None:
         self.trace.append((self.now, nid, e))
+        self._by_kind.setdefault(type(e), []).append((self.now, nid, e))
         for fn in self.listeners:
             fn(self.now, nid, e)
 
@@ -287,7 +289,8 @@ class Simulator:
         return self.nodes[node].view
 
     def events(self, kind: type, node: str | None = None) -> list[tuple[float, str, object]]:
-        return [(t, n, e) for t, n, e in self.trace if isinstance(e, kind) and (node is None or n == node)]
+        found = self._by_kind.get(kind, [])
+        return found if node is None else [x for x in found if x[1] == node]
 
     def summary(self) -> str:
         epochs: dict[int, int] = {}
