@@ -1,0 +1,522 @@
+"""The agent: one background thread per process that runs the membership
+state machine over real TCP.
+
+Role in the whole: the membership machine (:mod:`chaos_lightning.membership`)
+decides; the wire layer (:mod:`chaos_lightning.wire`) moves authenticated
+frames; the agent joins them.  It owns an asyncio event loop in a daemon
+thread, a listening socket, one outgoing connection per peer, the timer that
+ticks the machine at its ``next_deadline()``, and the node's
+:class:`~chaos_lightning.monitor.Monitor`.  Layers above (the rendezvous, the
+strategy) use its thread-safe API: ``view()``, ``wait_view()``,
+``subscribe()``, ``leave()``, ``snapshot()``, ``probe_bandwidth()``.
+
+Messages are one-way: a reply travels over the replier's own outgoing
+connection.  A send that cannot connect (refused, timed out, reset) drops the
+message, as a datagram would be dropped, and tells the machine
+(``hint_unreachable``), which probes that peer at once: a ``kill -9`` on the
+same host resets connections immediately, so detection does not wait for the
+round robin.  Every connect, handshake and queue is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+import msgpack
+
+from chaos_lightning.agent.messages import BandwidthProbe, BandwidthReply, Envelope, StatusReply, StatusRequest
+from chaos_lightning.membership import events as ev
+from chaos_lightning.membership.config import Config
+from chaos_lightning.membership.machine import Membership, Output, Phase
+from chaos_lightning.membership.view import Member, View
+from chaos_lightning.monitor import Monitor
+from chaos_lightning.monitor.links import estimate_bandwidth
+from chaos_lightning.wire import KIND_BLOB, ConnectionClosed, WireError, load_secret, open_connection, start_server
+
+log = logging.getLogger("chaos_lightning.agent")
+
+#: messages queued per peer before the oldest are dropped: a peer that cannot
+#: keep up is a peer SWIM will suspect anyway; memory must stay bounded
+MAX_QUEUE = 1024
+#: active bandwidth probe size: above the monitor's 64 KiB floor, small enough
+#: to take well under a second on a 10 Mbit/s edge link
+DEFAULT_PROBE_BYTES = 1 << 20
+
+
+def split_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"expected host:port, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+class _Peer:
+    """The outgoing side towards one address: a queue and a sender task."""
+
+    def __init__(self, addr: str):
+        self.addr = addr
+        self.queue: deque[object] = deque(maxlen=MAX_QUEUE)
+        self.wakeup = asyncio.Event()
+        self.task: asyncio.Task | None = None
+        self.node = ""  # last node id seen for this address
+        self.down_until = 0.0  # after a failed connect, drop instead of redialing
+
+
+class Agent:
+    """A node's membership agent (see the module docstring).
+
+    ``bind`` is ``host:port`` (port 0: the OS picks; read ``addr`` after
+    :meth:`start`).  ``node_id`` defaults to the bound address.  ``meta`` is
+    published in this node's :class:`Member` (e.g. its store endpoint).
+    """
+
+    def __init__(
+        self,
+        *,
+        bind: str = "127.0.0.1:0",
+        node_id: str | None = None,
+        secret: bytes | str | None = None,
+        preset: str = "local",
+        config: Config | None = None,
+        meta: dict[str, str] | None = None,
+    ):
+        self._bind_host, self._bind_port = split_hostport(bind)
+        self._node_id = node_id
+        self._secret = load_secret(secret)
+        self.config = config or Config.preset(preset)
+        self._meta = dict(meta or {})
+        self.addr = ""
+        self.machine: Membership | None = None
+        self.monitor: Monitor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.Server | None = None
+        self._peers: dict[str, _Peer] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._cond = threading.Condition()
+        self._view: View | None = None
+        self._phase = Phase.IDLE
+        self._removed: ev.Removed | None = None
+        self._subscribers: list[Callable[[object], None]] = []
+        self._stopped = False
+        #: wall-clock seconds the machine spent per decision (Proposed events)
+        self.decisions: list[tuple[float, float, str]] = []
+
+    # ------------------------------------------------------------------ life
+    @property
+    def node_id(self) -> str:
+        return self._node_id or self.addr
+
+    def start(self, peers: list[str] | tuple[str, ...] | None = (), timeout: float = 10.0) -> "Agent":
+        """Bind and start the thread; then found a cluster (``peers`` empty)
+        or ask to join through ``peers``; ``peers=None`` only binds (call
+        :meth:`join` later).  Returns once listening; use :meth:`wait_view`
+        to wait for membership."""
+        if self._thread is not None:
+            raise RuntimeError("agent already started")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        self._thread = threading.Thread(
+            target=self._run, args=(peers, ready, failure), name="chaos-agent", daemon=True
+        )
+        self._thread.start()
+        if not ready.wait(timeout):
+            raise TimeoutError(f"agent did not start listening on {self._bind_host}:{self._bind_port} in {timeout}s")
+        if failure:
+            self._thread.join(1.0)
+            raise failure[0]
+        return self
+
+    def _run(self, peers: list[str], ready: threading.Event, failure: list[BaseException]) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._boot(peers))
+        except BaseException as exc:  # bind errors, insecure bind: report to start()
+            failure.append(exc)
+            ready.set()
+            loop.close()
+            return
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(self._shutdown())
+            loop.close()
+
+    async def _boot(self, peers: list[str] | tuple[str, ...] | None) -> None:
+        self._server = await start_server(
+            self._bind_host, self._bind_port, self._serve, secret=self._secret, log=log
+        )
+        sock = self._server.sockets[0].getsockname()
+        self.addr = f"{self._bind_host}:{sock[1]}"
+        me = Member(
+            self.node_id,
+            self.addr,
+            tuple(sorted(self._meta.items())),
+            # a boot timestamp as the first incarnation: a process restarted
+            # under the same id outranks gossip about its predecessor
+            int(time.time() * 1000),
+        )
+        import random
+
+        self.machine = Membership(me, self.config, rng=random.Random())
+        self.monitor = Monitor(self.node_id)
+        if peers is not None:
+            self._join(list(peers))
+
+    def join(self, peers: list[str] | tuple[str, ...] = ()) -> None:
+        """Found a cluster (no ``peers``) or ask to join through them."""
+        self._call(lambda: self._join(list(peers)))
+
+    def _join(self, peers: list[str]) -> None:
+        now = self._now()
+        contacts = [p for p in peers if p and p != self.addr]
+        if contacts:
+            self._apply(self.machine.join(contacts, now))
+        else:
+            self._apply(self.machine.bootstrap(now))
+
+    async def _shutdown(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._server is not None:
+            self._server.close()
+        for peer in self._peers.values():
+            if peer.task is not None:
+                peer.task.cancel()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def stop(self) -> None:
+        """Stop at once, without leaving (to the others this looks like a
+        crash).  Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
+        with self._cond:
+            self._cond.notify_all()
+
+    close = stop
+
+    def leave(self, timeout: float = 10.0) -> bool:
+        """Leave gracefully; True once a view without us committed."""
+        if self._loop is None or self._stopped:
+            return False
+        self._call(lambda: self._apply(self.machine.leave(self._now())))
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._phase is not Phase.LEFT and not self._stopped:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return self._phase is Phase.LEFT
+
+    # ------------------------------------------------------------------ API
+    def view(self) -> View | None:
+        with self._cond:
+            return self._view
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
+    def removed(self) -> ev.Removed | None:
+        """The last ``Removed`` event, cleared when we are a member again."""
+        return self._removed
+
+    def wait_view(self, after_epoch: int = 0, timeout: float = 10.0, *, member: bool = True) -> View | None:
+        """The first committed view newer than ``after_epoch`` (containing
+        this node if ``member``), or None after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                v = self._view
+                if v is not None and v.epoch > after_epoch and (not member or self.node_id in v):
+                    return v
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopped:
+                    return None
+                self._cond.wait(left)
+
+    def subscribe(self, callback: Callable[[object], None]) -> Callable[[], None]:
+        """``callback(event)`` for every membership event, called on the
+        agent thread: keep it quick.  Returns the unsubscribe function."""
+        with self._cond:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._cond:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def snapshot(self) -> dict:
+        """The monitor's snapshot plus membership state (plain data)."""
+        return self._call(self._snapshot, wait=True)
+
+    def probe_bandwidth(self, peer_addr: str, nbytes: int = DEFAULT_PROBE_BYTES, timeout: float = 30.0) -> float:
+        """Actively measure our upload to ``peer_addr``; bytes/s (also fed to the monitor)."""
+        fut = asyncio.run_coroutine_threadsafe(self._probe_bandwidth(peer_addr, nbytes, timeout), self._loop)
+        return fut.result(timeout + 5.0)
+
+    # ------------------------------------------------------------------ loop side
+    def _now(self) -> float:
+        return self._loop.time()  # monotonic, and what call_at() expects
+
+    def _call(self, fn: Callable[[], object], wait: bool = False) -> object:
+        loop = self._loop
+        if loop is None or self._stopped:
+            raise RuntimeError("agent is not running")
+        if threading.current_thread() is self._thread:
+            return fn()
+        if not wait:
+            loop.call_soon_threadsafe(fn)
+            return None
+
+        async def run() -> object:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), loop).result(10.0)
+
+    def _apply(self, out: Output) -> None:
+        """Carry out what the machine asked for: send, report, re-arm the timer."""
+        m = self.machine
+        for node, addr, msg in out.messages:
+            if not addr:
+                continue  # no address known (the machine's view will supply one)
+            self._enqueue(addr, node, Envelope(self.node_id, self.addr, msg))
+        for peer, rtt in out.rtt:
+            self.monitor.record_rtt(peer, rtt)
+        if out.events:
+            self._publish(out.events)
+        with self._cond:
+            changed = self._phase is not m.phase
+            self._phase = m.phase
+            if changed:
+                self._cond.notify_all()
+        self._arm_timer()
+
+    def _publish(self, events: list[object]) -> None:
+        for e in events:
+            if isinstance(e, ev.ViewChanged):
+                self.monitor.set_view(e.view)
+                log.info("%s: view %s", self.node_id, e.view.describe())
+                with self._cond:
+                    self._view = e.view
+                    self._removed = None
+                    self._cond.notify_all()
+            elif isinstance(e, ev.Removed):
+                log.warning("%s: removed from the cluster (%s) at epoch %d",
+                            self.node_id, "left" if e.graceful else "declared failed", e.view.epoch)
+                with self._cond:
+                    self._removed = e
+                    self._cond.notify_all()
+            elif isinstance(e, (ev.MemberFailed, ev.LinkDown, ev.LinkUp, ev.QuorumLost, ev.QuorumRegained)):
+                log.info("%s: %s", self.node_id, e)
+            elif isinstance(e, ev.Proposed):
+                log.debug("%s: proposed %s (%s)", self.node_id, e.view.describe(), e.reason)
+        with self._cond:
+            subs = list(self._subscribers)
+        for e in events:
+            for cb in subs:
+                try:
+                    cb(e)
+                except Exception:
+                    log.exception("membership event subscriber failed on %s", e)
+
+    def _arm_timer(self) -> None:
+        m = self.machine
+        deadline = m.next_deadline()
+        if deadline == float("inf") or deadline >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        t0 = time.perf_counter()
+        out = self.machine.tick(self._now())
+        self._note_decisions(out, t0)
+        self._apply(out)
+
+    def _note_decisions(self, out: Output, t0: float) -> None:
+        for e in out.events:
+            if isinstance(e, ev.Proposed):
+                self.decisions.append((time.time(), (time.perf_counter() - t0) * 1e6, e.reason))
+
+    # ------------------------------------------------------------------ sending
+    def _enqueue(self, addr: str, node: str, msg: object) -> None:
+        peer = self._peers.get(addr)
+        if peer is None:
+            peer = self._peers[addr] = _Peer(addr)
+        if node:
+            peer.node = node
+        if self._now() < peer.down_until:
+            self._hint(peer)  # the last dial failed moments ago: a datagram lost
+            return
+        peer.queue.append(msg)
+        peer.wakeup.set()
+        if peer.task is None or peer.task.done():
+            peer.task = asyncio.ensure_future(self._sender(peer))
+
+    def _hint(self, peer: _Peer) -> None:
+        if peer.node and self.machine is not None:
+            self._apply(self.machine.hint_unreachable(peer.node, self._now()))
+
+    async def _sender(self, peer: _Peer) -> None:
+        """Keep one authenticated connection to ``peer`` and drain its queue."""
+        conn = None
+        cfg = self.config
+        try:
+            host, port = split_hostport(peer.addr)
+            while True:
+                if not peer.queue:
+                    peer.wakeup.clear()
+                    try:
+                        # an idle connection is closed after a while: a
+                        # 1,000-node cluster must not hold 1,000 sockets each
+                        await asyncio.wait_for(peer.wakeup.wait(), 30.0)
+                    except asyncio.TimeoutError:
+                        return
+                    continue
+                if conn is None:
+                    try:
+                        # a connect gets the probe timeout: past it, the probe
+                        # has failed anyway and the message is worthless
+                        conn = await open_connection(
+                            host, port, secret=self._secret, timeout=max(cfg.probe_timeout * 4, 0.5)
+                        )
+                    except (OSError, WireError, TimeoutError) as exc:
+                        log.debug("%s: cannot reach %s: %s", self.node_id, peer.addr, exc)
+                        peer.queue.clear()
+                        peer.down_until = self._now() + cfg.probe_interval / 2
+                        self._hint(peer)
+                        return
+                msg = peer.queue.popleft()
+                try:
+                    await asyncio.wait_for(conn.send(msg), max(cfg.probe_timeout * 4, 0.5))
+                except (OSError, WireError, asyncio.TimeoutError) as exc:
+                    log.debug("%s: lost connection to %s: %s", self.node_id, peer.addr, exc)
+                    conn.close()
+                    conn = None
+                    peer.queue.clear()
+                    self._hint(peer)
+                    return
+        finally:
+            if conn is not None:
+                conn.close()
+
+    # ------------------------------------------------------------------ receiving
+    async def _serve(self, conn) -> None:
+        src = ""
+        try:
+            while True:
+                msg = await conn.recv()
+                if isinstance(msg, Envelope):
+                    src = msg.src
+                    if self.machine is None:
+                        continue
+                    t0 = time.perf_counter()
+                    out = self.machine.receive(msg.src, msg.src_addr, msg.body, self._now())
+                    self._note_decisions(out, t0)
+                    self._apply(out)
+                elif isinstance(msg, StatusRequest):
+                    await conn.send(StatusReply(msgpack.packb(self._snapshot())))
+                elif isinstance(msg, BandwidthProbe):
+                    t0 = time.perf_counter()
+                    blob = await conn.recv()
+                    took = time.perf_counter() - t0
+                    if not isinstance(blob, (bytes, bytearray)) or len(blob) != msg.nbytes:
+                        raise WireError(f"bandwidth probe announced {msg.nbytes} bytes, got something else")
+                    await conn.send(BandwidthReply(took))
+                else:
+                    raise WireError(f"unexpected message {type(msg).__name__} on the agent port")
+        except ConnectionClosed:
+            # the peer hung up: a crash closes its sockets at once, so probe it now
+            if src and self.machine is not None and not self._stopped:
+                self._apply(self.machine.hint_unreachable(src, self._now()))
+            raise
+
+    # ------------------------------------------------------------------ status, probes
+    def _snapshot(self) -> dict:
+        snap = self.monitor.snapshot()
+        m = self.machine
+        snap["membership"] = {
+            "node": self.node_id,
+            "addr": self.addr,
+            "phase": m.phase.value,
+            "quorate": m.quorate,
+            "coordinator": m.coordinator(),
+            "incarnation": m._inc,
+        }
+        return snap
+
+    async def _probe_bandwidth(self, peer_addr: str, nbytes: int, timeout: float) -> float:
+        host, port = split_hostport(peer_addr)
+        conn = await open_connection(host, port, secret=self._secret, timeout=timeout)
+        try:
+            payload = bytes(nbytes)
+            t0 = time.perf_counter()
+            await conn.send(BandwidthProbe(nbytes))
+            await conn.send_blob(payload)
+            reply = await asyncio.wait_for(conn.recv(), timeout)
+            took = time.perf_counter() - t0
+        finally:
+            await conn.aclose()
+        if not isinstance(reply, BandwidthReply):
+            raise WireError(f"unexpected reply to a bandwidth probe: {type(reply).__name__}")
+        peer = self._node_for(peer_addr)
+        rtt = self.monitor.links.rtt(peer) if peer else None
+        bw = estimate_bandwidth(nbytes, took, rtt or 0.0)
+        self.monitor.record_transfer(peer or peer_addr, nbytes, took, "up")
+        return bw
+
+    def _node_for(self, addr: str) -> str:
+        v = self._view
+        if v is not None:
+            for mem in v.members:
+                if mem.addr == addr:
+                    return mem.id
+        return ""
+
+
+async def query_status(addr: str, *, secret: bytes | str | None = None, timeout: float = 5.0) -> dict:
+    """Ask the agent at ``addr`` for its snapshot (``chaos-run status``)."""
+    host, port = split_hostport(addr)
+    conn = await open_connection(host, port, secret=load_secret(secret), timeout=timeout)
+    try:
+        await conn.send(StatusRequest())
+        reply = await asyncio.wait_for(conn.recv(), timeout)
+    finally:
+        await conn.aclose()
+    if not isinstance(reply, StatusReply):
+        raise WireError(f"unexpected reply to a status request: {type(reply).__name__}")
+    return msgpack.unpackb(reply.snapshot, raw=False, strict_map_key=False)
+
+
+def status(addr: str, *, secret: bytes | str | None = None, timeout: float = 5.0) -> dict:
+    """Blocking :func:`query_status`."""
+    return asyncio.run(query_status(addr, secret=secret, timeout=timeout))
+
+
+__all__ = ["Agent", "query_status", "status", "split_hostport", "KIND_BLOB"]

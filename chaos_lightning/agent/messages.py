@@ -1,0 +1,50 @@
+"""Messages the agent adds on top of the membership protocol.
+
+``Envelope`` carries one membership message with its sender's id and address
+(the transport's connection says *where* bytes came from, not *who* sent
+them).  The rest are request/response pairs served on their own connection:
+``StatusRequest`` (the monitor's snapshot, for ``chaos-run status`` and
+tests) and ``BandwidthProbe`` (an active bandwidth measurement: a blob of
+``nbytes`` follows the request, the reply says when it was all read).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chaos_lightning.wire.schema import message
+
+
+@message("a.env")
+@dataclass(frozen=True)
+class Envelope:
+    src: str
+    src_addr: str
+    body: object
+
+
+@message("a.status?")
+@dataclass(frozen=True)
+class StatusRequest:
+    pass
+
+
+@message("a.status")
+@dataclass(frozen=True)
+class StatusReply:
+    #: the monitor snapshot (plain data) packed with msgpack; the schema types
+    #: messages, and a snapshot is free-form by design
+    snapshot: bytes
+
+
+@message("a.bw?")
+@dataclass(frozen=True)
+class BandwidthProbe:
+    nbytes: int
+
+
+@message("a.bw")
+@dataclass(frozen=True)
+class BandwidthReply:
+    #: seconds the receiver spent reading the blob
+    recv_seconds: float
