@@ -105,6 +105,7 @@ class Agent:
         self._removed: ev.Removed | None = None
         self._subscribers: list[Callable[[object], None]] = []
         self._stopped = False
+        self._blocked: dict[str, bool] = {}  # addresses whose link we cut
         #: wall-clock seconds the machine spent per decision (Proposed events)
         self.decisions: list[tuple[float, float, str]] = []
 
@@ -271,6 +272,23 @@ class Agent:
         """The monitor's snapshot plus membership state (plain data)."""
         return self._call(self._snapshot, wait=True)
 
+    def block(self, addr: str) -> None:
+        """Cut this node's link to the agent at ``addr``: drop everything sent
+        to it or received from it, as a failed cable would.  A fault injector
+        for loopback demos and tests (on one host there is no cable to pull;
+        the namespace testbed cuts real veth links).  Apply it at both ends."""
+        self._call(lambda: self._set_blocked(addr, True), wait=True)
+
+    def unblock(self, addr: str) -> None:
+        self._call(lambda: self._set_blocked(addr, False), wait=True)
+
+    def _set_blocked(self, addr: str, on: bool) -> None:
+        if on:
+            self._blocked[addr] = True
+        else:
+            self._blocked.pop(addr, None)
+        log.info("%s: link to %s %s", self.node_id, addr, "cut" if on else "restored")
+
     def probe_bandwidth(self, peer_addr: str, nbytes: int = DEFAULT_PROBE_BYTES, timeout: float = 30.0) -> float:
         """Actively measure our upload to ``peer_addr``; bytes/s (also fed to the monitor)."""
         fut = asyncio.run_coroutine_threadsafe(self._probe_bandwidth(peer_addr, nbytes, timeout), self._loop)
@@ -371,7 +389,7 @@ class Agent:
             peer = self._peers[addr] = _Peer(addr)
         if node:
             peer.node = node
-        if self._now() < peer.down_until:
+        if self._now() < peer.down_until or addr in self._blocked:
             self._hint(peer)  # the last dial failed moments ago: a datagram lost
             return
         peer.queue.append(msg)
@@ -434,6 +452,8 @@ class Agent:
                 msg = await conn.recv()
                 if isinstance(msg, Envelope):
                     src = msg.src
+                    if msg.src_addr in self._blocked:
+                        continue
                     if self.machine is None:
                         continue
                     t0 = time.perf_counter()

@@ -14,8 +14,10 @@ parent process sees it at once)::
     {"event": "proposed" / any other event: its snake_case class name and fields}
     {"event": "left"}                                        # last line of a graceful leave
 
-Commands, one per stdin line: ``leave`` (leave gracefully, exit 0) and
-``status`` (print the current view line, with ``"status": true``).  SIGTERM
+Commands, one per stdin line: ``leave`` (leave gracefully, exit 0),
+``status`` (print the current view line, with ``"status": true``), and, for
+the peer backend, ``block ADDR`` / ``unblock ADDR`` (drop this node's traffic
+to and from the agent at ADDR: a link cut on loopback, see ``Agent.block``).  SIGTERM
 also leaves gracefully and exits 0.  EOF on stdin changes nothing, so the node
 can run detached.  Bad arguments: one line on stderr, exit 2; a failed join:
 an ``error`` line, exit 1.
@@ -198,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
             break
         if command == "status":
             emit({"event": "view", "t": time.time(), "node": node, "status": True, **_view_fields(rdv.current_view())})
+        elif command.split(" ")[0] in ("block", "unblock") and hasattr(rdv, "agent"):
+            # a link cut on loopback: this node's transport drops traffic
+            # to and from ADDR (the peer backend only; etcd sees no links)
+            verb, _, addr = command.partition(" ")
+            getattr(rdv.agent, verb)(addr.strip())
         elif command in ("leave", "sigterm"):
             rdv.leave(args.leave_timeout)
             emit({"event": "left", "t": time.time(), "node": node})

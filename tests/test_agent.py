@@ -1,0 +1,201 @@
+"""Agents on real loopback sockets, several per process (one thread each).
+
+Scenarios: a cluster keeps working while one of its agents is fed garbage,
+wrong secrets and foreign protocol versions; status and bandwidth probes;
+a cut link is a link-down at both ends and not a failure.  Real-process
+scenarios (``kill -9``, joins, leaves) are in test_rendezvous_contract.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chaos_lightning.agent import Agent, status
+from chaos_lightning.membership import events as ev
+from chaos_lightning.membership.view import Member
+from chaos_lightning.wire import InsecureBind, client_handshake
+from chaos_lightning.wire.frames import MAGIC, PROTOCOL_VERSION, encode_frame, frame_header
+from chaos_lightning.wire.schema import encode
+
+SECRET = b"test-cluster-secret"
+pytestmark = pytest.mark.timeout(60)
+
+
+def start_cluster(n: int, secret: bytes | None = SECRET) -> list[Agent]:
+    first = Agent(secret=secret).start()
+    agents = [first] + [Agent(secret=secret).start([first.addr]) for _ in range(n - 1)]
+    ids = {a.node_id for a in agents}
+    deadline = time.monotonic() + 15
+    for a in agents:
+        while True:
+            v = a.wait_view(0, max(0.1, deadline - time.monotonic()))
+            if v is not None and set(v.ids) == ids:
+                break
+            assert time.monotonic() < deadline, f"{a.node_id} has {v and v.describe()}"
+            time.sleep(0.05)
+    return agents
+
+
+@pytest.fixture
+def cluster():
+    agents = start_cluster(3)
+    yield agents
+    for a in agents:
+        a.stop()
+
+
+def hostport(addr: str) -> tuple[str, int]:
+    host, port = addr.rsplit(":", 1)
+    return host, int(port)
+
+
+async def send_raw(addr: str, data: bytes, *, handshake: bytes | None | bool = False) -> bytes:
+    """Connect, optionally authenticate with ``handshake`` as the secret, send
+    ``data``, and return what the agent sent back before closing (bounded)."""
+    reader, writer = await asyncio.open_connection(*hostport(addr))
+    try:
+        if handshake is not False:
+            try:
+                await client_handshake(reader, writer, handshake, 5.0)
+            except Exception as exc:  # refused: what the agent said is the point
+                return str(exc).encode()
+        writer.write(data)
+        await writer.drain()
+        try:
+            return await asyncio.wait_for(reader.read(), 5.0)
+        except (ConnectionError, asyncio.TimeoutError):
+            return b""
+    finally:
+        writer.close()
+
+
+def assert_still_serving(agents: list[Agent]) -> None:
+    """A newcomer can still join through the attacked agent."""
+    newcomer = Agent(secret=SECRET).start([agents[0].addr])
+    try:
+        v = newcomer.wait_view(0, 15)
+        assert v is not None and len(v.members) == len(agents) + 1
+    finally:
+        newcomer.leave(10)
+        newcomer.stop()
+
+
+def test_garbage_wrong_secret_and_foreign_versions_are_refused_and_the_agent_keeps_serving(cluster, caplog):
+    target = cluster[0].addr
+    caplog.set_level(logging.INFO)
+    oversized = frame_header(1 << 30)  # claims a 1 GiB frame
+    truncated = frame_header(100) + b"only a few bytes"
+    v2 = struct.pack("!2sBBI", MAGIC, PROTOCOL_VERSION + 1, 0, 3) + b"abc"
+    not_msgpack = encode_frame(b"\xc1\xc1\xc1")
+    wrong_type = encode_frame(encode(Member("intruder")))  # a valid message, but not one for this port
+
+    async def attack() -> None:
+        await send_raw(target, b"\x00random bytes\xff" * 20)  # before the handshake
+        assert b"wrong cluster secret" in await send_raw(target, encode_frame(b"hello"), handshake=b"wrong secret")
+        await send_raw(target, v2)  # a client speaking protocol 2
+        await send_raw(target, oversized, handshake=SECRET)
+        await send_raw(target, truncated, handshake=SECRET)
+        await send_raw(target, not_msgpack, handshake=SECRET)
+        await send_raw(target, wrong_type, handshake=SECRET)
+
+    asyncio.run(attack())
+    text = caplog.text
+    assert "wrong cluster secret" in text
+    assert "protocol 2" in text
+    assert "exceeds" in text or "too large" in text.lower()
+    assert "truncated" in text.lower() or "closed" in text.lower()
+    assert "unexpected message Member" in text
+    assert "Traceback" not in text
+    assert_still_serving(cluster)
+    assert all(a.view().size == 3 for a in cluster), "the attack changed no view"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=st.binary(max_size=512), kind=st.integers(0, 3), authenticated=st.booleans())
+def test_hypothesis_frames_never_break_a_live_agent(shared_cluster, payload, kind, authenticated):
+    frame = struct.pack("!2sBBI", MAGIC, PROTOCOL_VERSION, kind, len(payload)) + payload
+    asyncio.run(send_raw(shared_cluster[0].addr, frame, handshake=SECRET if authenticated else False))
+    assert shared_cluster[0].view().size == 3
+
+
+@pytest.fixture(scope="module")
+def shared_cluster():
+    agents = start_cluster(3)
+    yield agents
+    assert_still_serving(agents)
+    for a in agents:
+        a.stop()
+
+
+def test_status_shows_view_links_and_resources(cluster):
+    time.sleep(1.0)  # a few probe periods: RTT samples to the peers
+    snap = status(cluster[0].addr, secret=SECRET)
+    assert snap["membership"]["phase"] == "member"
+    assert snap["view"]["epoch"] == cluster[0].view().epoch
+    assert set(snap["view"]["members"]) == {a.node_id for a in cluster}
+    assert any(link["rtt_ms"] is not None for link in snap["links"].values()), snap["links"]
+    assert snap["resources"]["cpu_count"] >= 1
+    msgpack.packb(snap)  # plain data all the way down
+
+
+def test_status_with_a_wrong_secret_is_a_clear_error(cluster):
+    with pytest.raises(Exception, match="secret"):
+        status(cluster[0].addr, secret=b"nope", timeout=3)
+
+
+def test_active_bandwidth_probe_measures_and_feeds_the_monitor(cluster):
+    a, b = cluster[0], cluster[1]
+    bw = a.probe_bandwidth(b.addr, nbytes=4 << 20)
+    assert bw > 1e6, "loopback moves well over 1 MB/s"
+    snap = a.snapshot()
+    assert snap["links"][b.node_id]["bw_up_mbit"] > 8
+
+
+def test_a_cut_link_is_link_down_at_both_ends_then_link_up_and_never_a_failure(cluster):
+    a, b, c = cluster
+    seen: list[tuple[str, object]] = []
+    for agent in cluster:
+        agent.subscribe(lambda e, who=agent.node_id: seen.append((who, e)))
+    epoch = a.view().epoch
+    a.block(b.addr)
+    b.block(a.addr)
+    deadline = time.monotonic() + 15
+    while not a.view().down_links or not c.view().down_links:
+        assert time.monotonic() < deadline, "link-down committed"
+        time.sleep(0.05)
+    downs = {who for who, e in seen if isinstance(e, ev.LinkDown)}
+    assert {a.node_id, b.node_id} <= downs
+    a.unblock(b.addr)
+    b.unblock(a.addr)
+    deadline = time.monotonic() + 15
+    while a.view().down_links or c.view().down_links or b.view().down_links:
+        assert time.monotonic() < deadline, "link-up committed"
+        time.sleep(0.05)
+    ups = {who for who, e in seen if isinstance(e, ev.LinkUp)}
+    assert {a.node_id, b.node_id} <= ups
+    assert not [e for _, e in seen if isinstance(e, ev.MemberFailed)]
+    assert all(x.view().size == 3 and x.view().epoch > epoch for x in cluster)
+
+
+def test_an_abrupt_stop_is_detected_as_a_failure_fast(cluster):
+    a, b, c = cluster
+    epoch = a.view().epoch
+    t0 = time.monotonic()
+    c.stop()
+    v = a.wait_view(epoch, 10)
+    assert v is not None and c.node_id not in v
+    assert time.monotonic() - t0 < 5, "local preset: about half a second, bounded generously"
+
+
+def test_listening_beyond_loopback_needs_a_secret(monkeypatch):
+    monkeypatch.delenv("CHAOS_SECRET", raising=False)
+    with pytest.raises(InsecureBind, match="CHAOS_SECRET"):
+        Agent(bind="0.0.0.0:0").start()
