@@ -110,11 +110,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from chaos_lightning.rendezvous import BACKENDS
 
     p = _Parser(prog="python -m chaos_lightning.rendezvous", description="Run one rendezvous node, print events as JSON lines.")
-    p.add_argument("--backend", choices=BACKENDS, default="peer")
-    p.add_argument("--bind", type=_host_port, default="127.0.0.1:0", help="HOST:PORT this node is named/listens by")
-    p.add_argument("--peers", type=_peer_list, default=[], help="comma-separated members to join through (peer)")
+    env = os.environ
+    p.add_argument("--backend", choices=BACKENDS, default=env.get("CHAOS_BACKEND", "peer"), help="(CHAOS_BACKEND)")
+    p.add_argument(
+        "--bind", type=_host_port, default=env.get("CHAOS_BIND", "127.0.0.1:0"),
+        help="HOST:PORT this node is named/listens by (CHAOS_BIND)",
+    )
+    p.add_argument(
+        "--peers", type=_peer_list, default=_peer_list(env.get("CHAOS_PEERS", "")),
+        help="comma-separated members to join through (peer; CHAOS_PEERS)",
+    )
     p.add_argument("--id", dest="node_id", default=None, help="node id (default: the bound HOST:PORT)")
-    p.add_argument("--preset", default="local", help="membership timing preset (peer): local, lan, edge")
+    p.add_argument(
+        "--preset", default=env.get("CHAOS_PRESET", "local"),
+        help="membership timing preset (peer): local, lan, edge (CHAOS_PRESET)",
+    )
     p.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoints HOST:PORT[,...] (etcd)")
     p.add_argument("--no-store", dest="host_store", action="store_false", help="do not host a process-group store")
     p.add_argument("--join-timeout", type=float, default=JOIN_TIMEOUT)
