@@ -168,7 +168,7 @@ def test_a_cut_link_is_link_down_at_both_ends_then_link_up_and_never_a_failure(c
     a.block(b.addr)
     b.block(a.addr)
     deadline = time.monotonic() + 15
-    while not a.view().down_links or not c.view().down_links:
+    while not all(x.view().down_links for x in cluster):
         assert time.monotonic() < deadline, "link-down committed"
         time.sleep(0.05)
     downs = {who for who, e in seen if isinstance(e, ev.LinkDown)}

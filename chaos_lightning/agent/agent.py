@@ -332,32 +332,36 @@ class Agent:
         self._arm_timer()
 
     def _publish(self, events: list[object]) -> None:
-        for e in events:
-            if isinstance(e, ev.ViewChanged):
-                self.monitor.set_view(e.view)
-                log.info("%s: view %s", self.node_id, e.view.describe())
-                with self._cond:
-                    self._view = e.view
-                    self._removed = None
-                    self._cond.notify_all()
-            elif isinstance(e, ev.Removed):
-                log.warning("%s: removed from the cluster (%s) at epoch %d",
-                            self.node_id, "left" if e.graceful else "declared failed", e.view.epoch)
-                with self._cond:
-                    self._removed = e
-                    self._cond.notify_all()
-            elif isinstance(e, (ev.MemberFailed, ev.LinkDown, ev.LinkUp, ev.QuorumLost, ev.QuorumRegained)):
-                log.info("%s: %s", self.node_id, e)
-            elif isinstance(e, ev.Proposed):
-                log.debug("%s: proposed %s (%s)", self.node_id, e.view.describe(), e.reason)
+        # event by event, state first and then subscribers: whoever sees a
+        # view through view()/wait_view() has been told every event before it
         with self._cond:
             subs = list(self._subscribers)
         for e in events:
+            self._record(e)
             for cb in subs:
                 try:
                     cb(e)
                 except Exception:
                     log.exception("membership event subscriber failed on %s", e)
+
+    def _record(self, e: object) -> None:
+        if isinstance(e, ev.ViewChanged):
+            self.monitor.set_view(e.view)
+            log.info("%s: view %s", self.node_id, e.view.describe())
+            with self._cond:
+                self._view = e.view
+                self._removed = None
+                self._cond.notify_all()
+        elif isinstance(e, ev.Removed):
+            log.warning("%s: removed from the cluster (%s) at epoch %d",
+                        self.node_id, "left" if e.graceful else "declared failed", e.view.epoch)
+            with self._cond:
+                self._removed = e
+                self._cond.notify_all()
+        elif isinstance(e, (ev.MemberFailed, ev.LinkDown, ev.LinkUp, ev.QuorumLost, ev.QuorumRegained)):
+            log.info("%s: %s", self.node_id, e)
+        elif isinstance(e, ev.Proposed):
+            log.debug("%s: proposed %s (%s)", self.node_id, e.view.describe(), e.reason)
 
     def _arm_timer(self) -> None:
         m = self.machine
