@@ -20,20 +20,14 @@ Scenarios:
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 import pytest
 
 from etcd_server import free_port
 
-from chaos_lightning.rendezvous.local import Node, NodeTimeout, Record
+from chaos_lightning.rendezvous.local import Node, Record
 
 REPO = Path(__file__).resolve().parents[1]
 
