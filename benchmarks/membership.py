@@ -13,9 +13,10 @@ from the JSON).  Each row is one (mode, nodes, event) with medians over
 ``repeats`` runs and their min/max:
 
 ``decision_us``
-    Host time (``perf_counter`` around the call, in microseconds) of the one
-    call into the membership machine in which the driving node (the
-    coordinator) proposed the new view: the ``Proposed`` event's call.  In the
+    Host time (``perf_counter`` around the call, in microseconds: the call's
+    CPU time when its core is not shared) of the one call into the membership
+    machine in which the driving node (the coordinator) proposed the new
+    view: the ``Proposed`` event's call.  In the
     simulator from :attr:`Simulator.decisions`, in real mode from the
     coordinator agent's :attr:`Agent.decisions`.  This is what the paper's bar
     is about, and the table shows it next to the bar (``<=1ms``: pass/miss of
@@ -39,14 +40,28 @@ from the JSON).  Each row is one (mode, nodes, event) with medians over
     requests).  ``messages_all`` counts everything, probes included.  In real
     mode they are counted at each agent's hand-off from the machine to the
     transport (the agent has no public counter; see ``_count_messages``).
+``proposals`` / ``later_proposals``
+    Proposals from the event to the commit (1 unless a ballot was retried or
+    another change got mixed in), and during the settle after it (0 when the
+    event ended in one view change; the table warns otherwise).
+``samples``
+    The raw per-repetition values, with ``view_size`` (members just before the
+    event) and ``by_type`` (the window's messages by message type).
+
+Every event starts from steady state: at least a few seconds after the
+previous commit and until no node has facts left to piggyback (read from the
+machine's gossip queue), so one event's dissemination is neither charged to
+the next event nor mixed into it.  A full garbage collection runs just before
+each event: in the simulator the heap holds all n nodes, and a generation-2
+pass over 1,000 nodes' objects inside a measured call would be a cost no
+single node pays.
 
 Modes:
 
 ``sim``
     The deterministic simulator (:mod:`chaos_lightning.membership.sim`), preset
     ``lan``, at 8, 64 and 1,000 nodes; all five events on one cluster per
-    repetition, in order join, leave, failure, link-down, link-up, with a
-    settling pause between them so one event's tail is not charged to the next.
+    repetition, in order join, leave, failure, link-down, link-up.
     The victim, the leaver, the contact and the cut link are drawn from the
     seed among the members other than the coordinator (rank 0), the common
     case.  Link events as the scenario tests drive them: ``cut(a, b)`` and then
@@ -74,6 +89,7 @@ seed ``seed + r``; the row lists the seeds.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import random
@@ -81,8 +97,8 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from chaos_lightning.membership import events as ev
 from chaos_lightning.membership.config import Config
@@ -201,6 +217,10 @@ def _sim_event(sim: Simulator, name: str, act: Callable[[], None], wanted: Calla
     if wanted(before):
         raise RuntimeError(f"{name}: the current view already satisfies the event's outcome")
     watch = _SimCommit(sim, wanted)
+    # A full collection now, so that one is not due inside the measured calls:
+    # in the simulator the heap holds all n nodes, and a generation-2 pass
+    # over 1,000 nodes' objects is a cost no single real node pays.
+    gc.collect()
     t0, sent0, proto0 = sim.now, sim.stats.sent, sim.stats.protocol
     types0 = dict(sim.stats.by_type)
     first_decision = len(sim.decisions)
@@ -234,7 +254,8 @@ def _sim_settle(sim: Simulator) -> int:
     """Run to steady state (see ``SIM_SETTLE``); returns the proposals made meanwhile."""
     first = len(sim.decisions)
     sim.run_for(SIM_SETTLE)
-    sim.run_until(lambda: _quiet(sim.nodes.values()), timeout=SIM_DRAIN_LIMIT, check_every=0.5)
+    if not sim.run_until(lambda: _quiet(sim.nodes.values()), timeout=SIM_DRAIN_LIMIT, check_every=0.5):
+        print(f"note: sim {len(sim.nodes)} nodes: gossip still queued after {SIM_DRAIN_LIMIT:.0f}s", file=sys.stderr)
     return len(sim.decisions) - first
 
 
@@ -370,14 +391,18 @@ class _RealCluster:
     def live(self) -> list:
         return [a for a in self.agents if not a._stopped]
 
-    def __enter__(self) -> "_RealCluster":
-        founder = self.new_agent().start([])
-        if founder.wait_view(timeout=REAL_TIMEOUT) is None:
-            raise RuntimeError("real: the founder did not commit its first view")
-        for _ in range(self.n - 1):
-            self.new_agent().start([founder.addr])
-        _wait(lambda: all((v := a.view()) is not None and v.size == self.n for a in self.agents), REAL_TIMEOUT,
-              f"real: {self.n} agents did not form one view")
+    def __enter__(self) -> _RealCluster:
+        try:
+            founder = self.new_agent().start([])
+            if founder.wait_view(timeout=REAL_TIMEOUT) is None:
+                raise RuntimeError("real: the founder did not commit its first view")
+            for _ in range(self.n - 1):
+                self.new_agent().start([founder.addr])
+            _wait(lambda: all((v := a.view()) is not None and v.size == self.n for a in self.agents),
+                  REAL_TIMEOUT, f"real: {self.n} agents did not form one view")
+        except BaseException:
+            self.__exit__()  # __exit__ is not called when __enter__ raises
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -401,6 +426,7 @@ def _real_event(cluster: _RealCluster, name: str, act: Callable[[], None], wante
     for agent in live + ([extra] if extra is not None else []):
         watch.watch(agent)
     first = {id(a): len(a.decisions) for a in cluster.agents}
+    gc.collect()  # as in the simulator: no collection left due from setting up
     sent0, proto0, types0 = cluster.counter.read()
     wall0 = time.time()
     t0 = time.perf_counter()
@@ -432,12 +458,15 @@ def _real_event(cluster: _RealCluster, name: str, act: Callable[[], None], wante
     )
 
 
-def _real_settle(cluster: "_RealCluster") -> int:
+def _real_settle(cluster: _RealCluster) -> int:
     """Wait for steady state (see ``REAL_SETTLE``); returns the proposals made meanwhile."""
     first = sum(len(a.decisions) for a in cluster.agents)
     time.sleep(REAL_SETTLE)
     deadline = time.monotonic() + REAL_DRAIN_LIMIT
-    while not _quiet(a.machine for a in cluster.live()) and time.monotonic() < deadline:
+    while not _quiet(a.machine for a in cluster.live()):
+        if time.monotonic() > deadline:
+            print(f"note: real: gossip still queued after {REAL_DRAIN_LIMIT:.0f}s", file=sys.stderr)
+            break
         time.sleep(0.05)
     return sum(len(a.decisions) for a in cluster.agents) - first
 
@@ -507,7 +536,7 @@ def run(sim_sizes: list[tuple[int, int]], real_sizes: list[tuple[int, int]], see
             t = time.perf_counter()
             for event, sample in sim_repetition(n, seed + r).items():
                 per_event[event].append(sample)
-            progress(f"sim {n} nodes, repetition {r + 1}/{repeats}: {time.perf_counter() - t:.1f}s")
+            progress(f"sim {n} nodes, repetition {r + 1}/{repeats}: {time.perf_counter() - t:.2f}s")
         rows += [make_row("sim", n, e, SIM_PRESET, seed, per_event[e]) for e in SIM_EVENTS]
     for n, repeats in real_sizes:
         per_event = {e: [] for e in REAL_EVENTS}
@@ -515,7 +544,7 @@ def run(sim_sizes: list[tuple[int, int]], real_sizes: list[tuple[int, int]], see
             t = time.perf_counter()
             for event, sample in real_repetition(n, seed + r).items():
                 per_event[event].append(sample)
-            progress(f"real {n} nodes, repetition {r + 1}/{repeats}: {time.perf_counter() - t:.1f}s")
+            progress(f"real {n} nodes, repetition {r + 1}/{repeats}: {time.perf_counter() - t:.2f}s")
         rows += [make_row("real", n, e, REAL_PRESET, seed, per_event[e]) for e in REAL_EVENTS]
     return rows
 
@@ -550,7 +579,8 @@ def warnings(rows: list[dict]) -> list[str]:
     for r in rows:
         what = f"{r['mode']} {r['nodes']} {r['event']}"
         if r["proposals_max"] > 1:
-            out.append(f"warning: {what}: up to {r['proposals_max']:.0f} proposals before the commit (retries or mixed changes)")
+            out.append(f"warning: {what}: up to {r['proposals_max']:.0f} proposals before the commit"
+                       " (retries or mixed changes)")
         if r["later_proposals_max"] > 0:
             out.append(f"warning: {what}: up to {r['later_proposals_max']:.0f} further view changes after the commit")
     return out

@@ -195,3 +195,25 @@ def test_concurrent_joins_are_batched_into_few_view_changes():
         sim.join(f"j{i}", [ids[i % 5]])
     assert sim.run_until(lambda: sim.agreed(size=15), timeout=30)
     assert sim.view_of(ids[0]).epoch - epoch0 <= 3
+
+
+def test_a_leave_soon_after_forming_is_not_undone_by_stale_join_gossip():
+    # regression: join facts still in flight re-added the node that had just
+    # left, and the cluster flipped between two views for minutes
+    sim, ids = cluster(64, seed=0)
+    epoch = sim.view_of(ids[0]).epoch
+    sim.leave(ids[51])
+    sim.run_for(10.0)
+    assert sim.agreed(size=63, without=ids[51])
+    assert sim.view_of(ids[0]).epoch == epoch + 1, [d.reason for d in sim.decisions if d.view.epoch > epoch]
+
+
+@pytest.mark.slow
+def test_1000_nodes_one_crash_costs_a_bounded_number_of_messages():
+    sim, ids = cluster(1000, seed=4)
+    sent = sim.stats.protocol
+    sim.crash(ids[99])
+    assert sim.run_until(lambda: sim.agreed(without=ids[99], size=999), timeout=60)
+    # the commit alone is ~3n (accept, accepted, commit); probes of the
+    # suspect must not add O(n) per period on top
+    assert sim.stats.protocol - sent < 12 * 1000
