@@ -174,7 +174,7 @@ class Membership:
         self._suspect_heap: list[tuple[float, str]] = []
         self._my_suspicions: dict[str, bool] = {}  # suspicions our own probes raised
         self._hint_probe_end = 0.0  # at most one probe from transport hints at a time
-        self._dead_count = 0
+        self._dead_nodes: dict[str, None] = {}  # confirmed failed, not yet removed
         self._dirty = False  # facts changed since the coordinator last looked
         self._joins_since = 0.0  # when the oldest pending join arrived
 
@@ -615,9 +615,9 @@ class Membership:
 
     def _set_state(self, node: str, st: _Status, state: str, inc: int) -> None:
         if st.state == DEAD and state != DEAD:
-            self._dead_count -= 1
+            self._dead_nodes.pop(node, None)
         elif st.state != DEAD and state == DEAD:
-            self._dead_count += 1
+            self._dead_nodes[node] = None
         if state != SUSPECT:
             self._suspects.pop(node, None)
             if state == ALIVE:
@@ -676,7 +676,9 @@ class Membership:
     def _desired(self) -> tuple[View, str] | None:
         view = self.view
         assert view is not None
-        remove = [m.id for m in view.members if m.id in self._leaves or self._dead(m.id)]
+        # from the (few) pending changes, not a scan of all n members: this
+        # runs in the call that decides, whose time the paper bounds at 1 ms
+        remove = [n for n in {**self._leaves, **self._dead_nodes} if n in view]
         add = [m for nid, m in self._joins.items() if nid not in view]
         current_down = set(view.down_links)
         down, up = [], []
@@ -949,7 +951,7 @@ class Membership:
                 if st is not None and st.state == DEAD:
                     self._failed_reported.pop(m.id, None)
                 self._status[m.id] = _Status(ALIVE, m.inc)
-        self._dead_count = sum(1 for s in self._status.values() if s.state == DEAD)
+        self._dead_nodes = {n: None for n, st in self._status.items() if st.state == DEAD}
         self._suspects = {n: d for n, d in self._suspects.items() if n in view}
         # link events at this end for links the view changed
         for pair in view.down_links:
@@ -1003,7 +1005,7 @@ class Membership:
         self._status.clear()
         self._suspects.clear()
         self._suspect_heap.clear()
-        self._dead_count = 0
+        self._dead_nodes.clear()
         self._joins.clear()
         self._leaves.clear()
         self._links.clear()
@@ -1018,7 +1020,7 @@ class Membership:
         view = self.view
         if view is None or self.id not in view:
             return
-        alive = view.size - self._dead_count
+        alive = view.size - len(self._dead_nodes)
         quorate = alive >= view.quorum
         if quorate != self.quorate:
             self.quorate = quorate
