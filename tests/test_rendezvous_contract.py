@@ -200,3 +200,40 @@ def test_epochs_grow_and_order_agrees_under_churn(cluster):
     rest.append(late)
     agreed_view(rest, {n.node_id for n in rest}, FORM_TIMEOUT, "view with the late joiner", epoch)
     assert_consistent(cluster.nodes)
+
+
+def test_a_hung_member_is_removed_and_after_resuming_comes_back_or_is_told(cluster):
+    """SIGSTOP: the process is alive but silent (a hung host).  The others
+    remove it within the failure bound; after SIGCONT it learns it was
+    removed: the peer backend rejoins on its own (auto_rejoin), the etcd
+    baseline reports ``removed``."""
+    import signal
+
+    nodes, epoch = form(cluster, 4)
+    hung, rest = nodes[0], nodes[1:]  # the founder, and with the peer backend the coordinator
+    hung.proc.send_signal(signal.SIGSTOP)
+    try:
+        epoch = agreed_view(rest, {n.node_id for n in rest}, KILL_TIMEOUT, "view without the hung node", after=epoch)[
+            "epoch"
+        ]
+    finally:
+        hung.proc.send_signal(signal.SIGCONT)
+    if cluster.backend == "peer":
+        agreed_view(nodes, {n.node_id for n in nodes}, FORM_TIMEOUT, "view with the resumed node", after=epoch)
+        assert hung.wait_for(lambda r: r.get("event") == "removed" and not r.get("graceful"), 5, "removed line")
+    else:
+        hung.wait_for(lambda r: r.get("event") in ("removed", "error"), KILL_TIMEOUT, "removed line")
+    assert_consistent(rest)
+
+
+def test_the_coordinator_leaves_gracefully_and_the_next_one_takes_over(cluster):
+    nodes, epoch = form(cluster, 4)
+    founder, rest = nodes[0], nodes[1:]
+    founder.send("leave")
+    epoch = agreed_view(rest, {n.node_id for n in rest}, LEAVE_TIMEOUT, "view without the founder", after=epoch)["epoch"]
+    assert founder.proc.wait(timeout=LEAVE_TIMEOUT) == 0, founder.describe()
+    # the cluster still takes changes: a kill among the rest is committed
+    victim = rest[1]
+    victim.kill9()
+    rest = [n for n in rest if n is not victim]
+    agreed_view(rest, {n.node_id for n in rest}, KILL_TIMEOUT, "view without the killed node", after=epoch)
