@@ -1,0 +1,506 @@
+"""ChaosStrategy: ``Trainer(strategy="chaos")``, elastic data parallelism in place.
+
+Role in the whole: the layer users touch.  It reads like a list of the places
+where elasticity enters Lightning; everything else is inherited from
+``DDPStrategy`` or delegated to the layers below:
+
+* membership and per-epoch stores: :mod:`chaos_lightning.rendezvous`;
+* the process group, switched in place and abortable:
+  :class:`~chaos_lightning.strategy.process_group.ElasticProcessGroup`;
+* which samples each rank trains: :class:`~chaos_lightning.strategy.sampler.ElasticSampler`.
+
+Process model: one process per device, started by the user's own command; no
+Lightning launcher.  The first committed view with at least ``min_nodes``
+members starts training; every member builds the process group of that
+view's epoch from the rendezvous store.
+
+Per step (no DDP wrapper): after backward, one bucketed all-reduce carries
+each rank's gradients multiplied by its sample count, plus three control
+values: the sample count, the newest view epoch this rank knows, and whether
+it asked to leave.  Gradients are divided by the total sample count (uneven
+and empty batches average correctly), and the control values tell every rank,
+at the same step and without an extra round trip, whether a switch is due.
+
+At a step boundary (``on_train_batch_end``) a due switch happens: leavers
+leave; the others wait for a committed view that excludes them (and, after a
+failed step, one newer than the failed group's), build its group, and agree
+again if two survivors picked different views (the group init times out and
+they retry on a newer view).  A step whose all-reduce failed or was abandoned
+(the membership layer reported a member failed) applies no update on any
+survivor that noticed; survivors reconcile after the switch: if some did
+complete the step, their parameters and optimizer state are broadcast to the
+others, so replicas stay bit-identical, and the sampler commits or returns the
+step's samples accordingly.
+
+Not yet: nodes that join a running fit (they need the state pull of the
+replication layer; for now a view that adds members is trained by its old
+members only and the newcomers wait), gradient clipping by norm across ranks
+happens on the averaged gradient as in DDP.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Callable
+
+import msgpack
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.environments.cluster_environment import ClusterEnvironment
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies.ddp import DDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch.utils.data import DataLoader
+
+from chaos_lightning.membership import events as ev
+from chaos_lightning.membership.view import View
+from chaos_lightning.rendezvous import create as create_rendezvous
+from chaos_lightning.strategy.process_group import CollectiveError, ElasticProcessGroup
+from chaos_lightning.strategy.sampler import ElasticBatchSampler, ElasticSampler, Ledger
+
+log = logging.getLogger("chaos_lightning.strategy")
+
+
+class ChaosEnvironment(ClusterEnvironment):
+    """Rank and world size follow the committed view; processes are the user's."""
+
+    def __init__(self) -> None:
+        self._rank = 0
+        self._world = 1
+
+    @property
+    def creates_processes_externally(self) -> bool:
+        return True
+
+    @property
+    def main_address(self) -> str:
+        return "127.0.0.1"  # unused: process groups come from the rendezvous store
+
+    @property
+    def main_port(self) -> int:
+        return 0
+
+    @staticmethod
+    def detect() -> bool:
+        return False
+
+    def world_size(self) -> int:
+        return self._world
+
+    def set_world_size(self, size: int) -> None:
+        self._world = size
+
+    def global_rank(self) -> int:
+        return self._rank
+
+    def set_global_rank(self, rank: int) -> None:
+        self._rank = rank
+
+    def local_rank(self) -> int:
+        return int(os.environ.get("LOCAL_RANK", 0))  # device index on this host
+
+    def node_rank(self) -> int:
+        return self._rank
+
+
+class ChaosStrategy(DDPStrategy):
+    """Elastic DDP over peer-negotiated views (see the module docstring).
+
+    Arguments default to the environment: ``CHAOS_BACKEND`` (``peer``),
+    ``CHAOS_BIND`` (``127.0.0.1:0``), ``CHAOS_PEERS`` (empty: found the
+    cluster), ``CHAOS_SECRET``, ``CHAOS_PRESET`` (``local``),
+    ``CHAOS_MIN_NODES`` (1).  ``collective_timeout`` bounds every collective
+    (the membership layer usually ends a stuck one much sooner).
+    """
+
+    strategy_name = "chaos"
+
+    def __init__(
+        self,
+        *,
+        backend: str | None = None,
+        bind: str | None = None,
+        peers: str | list[str] | None = None,
+        secret: str | bytes | None = None,
+        preset: str | None = None,
+        min_nodes: int | None = None,
+        join_timeout: float = 120.0,
+        collective_timeout: float = 30.0,
+        switch_timeout: float = 5.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            cluster_environment=ChaosEnvironment(),
+            process_group_backend="gloo",
+            timeout=timedelta(seconds=collective_timeout),
+            **kwargs,
+        )
+        env = os.environ
+        if isinstance(peers, str) or peers is None:
+            peers = [p.strip() for p in (peers if peers is not None else env.get("CHAOS_PEERS", "")).split(",") if p.strip()]
+        self._rdv_args = dict(
+            backend=backend or env.get("CHAOS_BACKEND", "peer"),
+            bind=bind or env.get("CHAOS_BIND", "127.0.0.1:0"),
+            peers=peers,
+            secret=secret,
+            preset=preset or env.get("CHAOS_PRESET", "local"),
+        )
+        self._min_nodes = int(min_nodes if min_nodes is not None else env.get("CHAOS_MIN_NODES", "1"))
+        self._join_timeout = join_timeout
+        self._collective_timeout = collective_timeout
+        self._switch_timeout = switch_timeout
+        self._pg = ElasticProcessGroup()
+        self._rdv = None
+        self._view: View | None = None
+        self._trainers: tuple[str, ...] = ()
+        self._abort = threading.Event()
+        self._leave_requested = False
+        self._left = False
+        self._block_sync = False
+        self._control = (0.0, 0.0, 0.0)  # summed: samples, epochs, leave flags
+        self._step_failed = False
+        self.elastic_sampler: ElasticSampler | None = None
+        self.ledger: Ledger | None = None
+        self.events: list[dict[str, Any]] = []  # view changes with timings, for logs and tests
+
+    # ---------------------------------------------------------------- launch
+    def _configure_launcher(self) -> None:
+        self._launcher = None  # the user starts one process per device
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.world_size, "rank": self.global_rank}
+
+    def set_world_ranks(self) -> None:
+        if self._view is not None:
+            self.cluster_environment.set_global_rank(self._trainers.index(self.node_id))
+            self.cluster_environment.set_world_size(len(self._trainers))
+        rank_zero_only.rank = self.global_rank
+
+    @property
+    def node_id(self) -> str:
+        return self._rdv.node_id if self._rdv is not None else ""
+
+    def setup_distributed(self) -> None:
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self._rdv = create_rendezvous(**self._rdv_args)
+        self._rdv.subscribe(self._on_membership_event)
+        deadline = time.monotonic() + self._join_timeout
+        view = self._rdv.join(self._join_timeout)
+        while view.size < self._min_nodes:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"chaos: {view.size} of min_nodes={self._min_nodes} nodes after {self._join_timeout}s")
+            view = self._rdv.next_view(view.epoch, left) or view
+        self._install_signal_handler()
+        self._build_group(view, view.ids)
+
+    def _install_signal_handler(self) -> None:
+        """Called at setup and again at train start, because Lightning's
+        signal connector installs its own SIGTERM handler in between and would
+        chain ours behind one that ends fit with SIGTERMException."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        # SIGTERM means "leave gracefully".  Lightning's own handler (installed
+        # just before, it raises SIGTERMException and ends fit with an error)
+        # is replaced, not chained.
+        def on_sigterm(signum: int, frame: Any) -> None:
+            log.info("chaos: SIGTERM, leaving at the next step boundary")
+            self.request_leave()
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def request_leave(self) -> None:
+        """Leave gracefully at the next step boundary (fit then returns)."""
+        self._leave_requested = True
+
+    def _on_membership_event(self, event: object) -> None:
+        # agent thread: only flags.  A confirmed failure of a member we train
+        # with ends any collective waiting on it (no gloo timeout).
+        if isinstance(event, ev.MemberFailed) and event.node in self._trainers:
+            self._abort.set()
+
+    def _build_group(self, view: View, trainers: tuple[str, ...]) -> None:
+        rank = trainers.index(self.node_id)
+        # the PG timeout also bounds every gloo op of the group, so it is the
+        # collective timeout, not a short init bound (a slow step would fail)
+        store = self._rdv.store(view, timeout=self._switch_timeout)
+        self._pg.switch(rank, len(trainers), store, self._collective_timeout)
+        self._abort.clear()
+        self._view, self._trainers = view, trainers
+        self.set_world_ranks()
+
+    # ---------------------------------------------------------------- model
+    def setup(self, trainer: Any) -> None:
+        if not any(isinstance(c, ChaosCallback) for c in trainer.callbacks):
+            trainer.callbacks.append(ChaosCallback())
+        super().setup(trainer)
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model  # no DDP wrapper: gradients are synced in post_backward
+
+    def configure_ddp(self) -> None:
+        self.model = self.lightning_module
+        self._broadcast_module_state(0)
+
+    def _broadcast_module_state(self, src: int) -> None:
+        with torch.no_grad():
+            for t in list(self.lightning_module.parameters()) + list(self.lightning_module.buffers()):
+                dist.broadcast(t.data, src)
+
+    @contextmanager
+    def block_backward_sync(self):  # type: ignore[override]
+        self._block_sync = True
+        try:
+            yield None
+        finally:
+            self._block_sync = False
+
+    # ---------------------------------------------------------------- data
+    def process_dataloader(self, dataloader: object) -> object:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        # the training loader is processed while fitting outside the sanity
+        # check and validation (Lightning does not pass the stage here)
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        if not fitting or trainer.sanity_checking or trainer.validating or not isinstance(dataloader, DataLoader):
+            return dataloader
+        if isinstance(dataloader.batch_sampler, ElasticBatchSampler):
+            return dataloader
+        batch_size = dataloader.batch_size
+        if batch_size is None:
+            raise ValueError("chaos: the training DataLoader needs a batch_size (the per-rank batch)")
+        shuffle = bool(getattr(dataloader.sampler, "shuffle", not isinstance(dataloader.sampler, torch.utils.data.SequentialSampler)))
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = ElasticSampler(
+            dataloader.dataset, batch_size, rank=self.global_rank, world_size=self.world_size, shuffle=shuffle, seed=seed
+        )
+        self.elastic_sampler = sampler
+        self.ledger = Ledger(sampler.num_samples)
+        return DataLoader(
+            dataloader.dataset,
+            batch_sampler=ElasticBatchSampler(sampler, pad_empty=True),
+            num_workers=dataloader.num_workers,
+            collate_fn=dataloader.collate_fn,
+            pin_memory=dataloader.pin_memory,
+        )
+
+    # ---------------------------------------------------------------- gradients
+    def post_backward(self, closure_loss: torch.Tensor) -> None:
+        if self._block_sync or self.elastic_sampler is None:
+            return
+        params = [p for p in self.lightning_module.parameters() if p.requires_grad]
+        n = float(len(self.elastic_sampler.batch_for(0)))
+        epoch = float(self._rdv.current_view().epoch)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        control = torch.tensor([n, epoch, 1.0 if self._leave_requested else 0.0], dtype=grads[0].dtype)
+        flat = torch.cat([g.reshape(-1) * n for g in grads] + [control])
+        try:
+            self._pg.all_reduce(flat, abort=self._abort, timeout=self._collective_timeout)
+        except CollectiveError as exc:
+            # No gradient, no update: the optimizer skips parameters whose
+            # grad is None (raising instead would break Lightning's closure).
+            log.warning("chaos: gradient all-reduce failed (%s); the step applies no update", exc)
+            self._step_failed = True
+            for p in params:
+                p.grad = None
+            return
+        total, epochs, leaves = (float(x) for x in flat[-3:])
+        self._control = (total, epochs, leaves)
+        scale = 1.0 / total if total > 0 else 0.0
+        offset = 0
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                k = g.numel()
+                p.grad = (flat[offset : offset + k] * scale).view_as(p).to(p.dtype)
+                offset += k
+
+    # ---------------------------------------------------------------- step boundary
+    def on_step_boundary(self, trainer: Any) -> None:
+        """Commit the step's samples and switch views if one is due (called by
+        the companion callback's ``on_train_batch_end``)."""
+        sampler = self.elastic_sampler
+        if sampler is None:
+            return
+        failed, self._step_failed = self._step_failed, False
+        total, epochs, leaves = self._control
+        if not failed:
+            trained = sampler.commit_step()
+            self.ledger.record(sampler.epoch, trained)
+        due = failed or leaves > 0 or epochs != len(self._trainers) * self._view.epoch
+        if not due:
+            return
+        t0 = time.monotonic()
+        exclude: set[str] = set()
+        if not failed and leaves > 0:
+            flags = torch.zeros(len(self._trainers))
+            flags[self.global_rank] = 1.0 if self._leave_requested else 0.0
+            self._pg.all_reduce(flags, abort=self._abort, timeout=self._collective_timeout)
+            exclude = {self._trainers[i] for i, f in enumerate(flags.tolist()) if f > 0}
+            if self.node_id in exclude:
+                self._leave(trainer)
+                return
+        self._switch(trainer, exclude, failed, t0)
+
+    def _leave(self, trainer: Any) -> None:
+        self._pg.close()
+        self._rdv.leave(30.0)
+        self._left = True
+        trainer.should_stop = True
+        log.info("chaos: left the cluster at global step %d", trainer.global_step)
+
+    def _switch(self, trainer: Any, exclude: set[str], failed: bool, t0: float) -> None:
+        old_epoch = self._view.epoch
+        applied_before = int(not failed)
+        deadline = time.monotonic() + self._join_timeout
+        view = self._rdv.current_view()
+        while True:
+            ok = view is not None and view.epoch >= old_epoch and not (exclude & set(view.ids))
+            if ok and failed:
+                ok = view.epoch > old_epoch
+            if ok:
+                trainers = tuple(m for m in view.ids if m in self._trainers)
+                try:
+                    self._build_group(view, trainers)
+                    break
+                except Exception as exc:  # survivors picked different views: retry on a newer one
+                    log.info("chaos: group of epoch %d did not form (%s); waiting for a newer view", view.epoch, exc)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"chaos: no usable view after {self._join_timeout}s")
+            view = self._rdv.next_view(view.epoch if view is not None else 0, min(left, 5.0)) or view
+        self._reconcile(applied_before)
+        self.elastic_sampler.reconfigure(self.global_rank, self.world_size)
+        _reset_epoch_length(trainer, self.elastic_sampler)
+        took = time.monotonic() - t0
+        self.events.append({"epoch": view.epoch, "world": self.world_size, "stall_s": took, "failed_step": failed})
+        log.info("chaos: switched to epoch %d, world %d, in %.3fs", view.epoch, self.world_size, took)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"chaos/world_size": self.world_size, "chaos/stall_s": took}, trainer.global_step)
+
+    def _reconcile(self, applied: int) -> None:
+        """After a failed step, survivors that completed it hold the newer
+        state: broadcast it so every replica is identical again."""
+        flags = torch.zeros(self.world_size)
+        flags[self.global_rank] = float(applied)
+        dist.all_reduce(flags)
+        done = [i for i, f in enumerate(flags.tolist()) if f > 0]
+        if not done or len(done) == self.world_size:
+            if done and not applied:
+                pass
+            return
+        src = done[0]
+        self._broadcast_module_state(src)
+        for opt in self.optimizers:
+            _broadcast_optimizer_state(opt, src, self.global_rank)
+        state = _broadcast_bytes(msgpack.packb(self.elastic_sampler.state_dict()) if self.global_rank == src else b"", src)
+        if self.global_rank != src:
+            self.elastic_sampler.load_state_dict(msgpack.unpackb(state, raw=False, strict_map_key=False))
+
+    # ---------------------------------------------------------------- teardown
+    def teardown(self) -> None:
+        super().teardown()
+        if not self._left and self._rdv is not None:
+            self._pg.close()
+        if self._rdv is not None:
+            self._rdv.close()
+            self._rdv = None
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        if "chaos" not in strategy_registry:
+            strategy_registry.register("chaos", cls, description="elastic, self-healing data parallel (chaos_lightning)")
+
+
+class ChaosCallback(Callback):
+    """Puts the strategy's step boundary where Lightning has finished a step
+    and not yet fetched the next batch (``on_train_batch_end``)."""
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if isinstance(trainer.strategy, ChaosStrategy):
+            trainer.strategy._install_signal_handler()
+            # Lightning broadcasts a SIGTERM flag from rank 0 before every
+            # step: a collective we cannot abort (a hung peer stalled the
+            # survivors for the full 30 s PG timeout, measured) and an extra
+            # round trip per step.  SIGTERM is ours here (leave at the next
+            # boundary, carried in the gradient all-reduce), so drop it.
+            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        strategy = trainer.strategy
+        if isinstance(strategy, ChaosStrategy) and strategy.elastic_sampler is not None:
+            _reset_epoch_length(trainer, strategy.elastic_sampler, new_epoch=True)
+
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        strategy = trainer.strategy
+        if isinstance(strategy, ChaosStrategy):
+            strategy.on_step_boundary(trainer)
+
+
+def _reset_epoch_length(trainer: Any, sampler: ElasticSampler, new_epoch: bool = False) -> None:
+    """Make Lightning's epoch as long as the sampler's remaining steps."""
+    fit_loop = trainer.fit_loop
+    remaining = sampler.steps_remaining()
+    combined = fit_loop._combined_loader
+    if combined is None:
+        return
+    combined.limits = [remaining]
+    ready = 0 if new_epoch else fit_loop.epoch_loop.batch_progress.current.ready
+    if not new_epoch:
+        iter(fit_loop._data_fetcher)  # drop batches planned under the old layout
+    fit_loop.max_batches = ready + remaining
+
+
+def _broadcast_bytes(data: bytes, src: int) -> bytes:
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    dist.broadcast(size, src)
+    buf = torch.zeros(int(size.item()), dtype=torch.uint8)
+    if data:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buf, src)
+    return bytes(buf.numpy().tobytes())
+
+
+def _broadcast_optimizer_state(opt: Any, src: int, rank: int) -> None:
+    """Optimizer state from ``src`` (structure as msgpack, tensors by broadcast; no pickle)."""
+    state = opt.state_dict()
+    meta = None
+    tensors: list[torch.Tensor] = []
+    if rank == src:
+        packed = {}
+        for pid, st in state["state"].items():
+            packed[int(pid)] = {}
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    packed[int(pid)][k] = ["t", list(v.shape), str(v.dtype).replace("torch.", "")]
+                    tensors.append(v)
+                else:
+                    packed[int(pid)][k] = ["v", v]
+        meta = msgpack.packb(packed)
+    meta = _broadcast_bytes(meta or b"", src)
+    packed = msgpack.unpackb(meta, raw=False, strict_map_key=False)
+    new_state: dict[int, dict[str, Any]] = {}
+    i = 0
+    for pid, st in packed.items():
+        new_state[pid] = {}
+        for k, (kind, *rest) in st.items():
+            if kind == "t":
+                shape, dtype = rest
+                t = tensors[i] if rank == src else torch.empty(shape, dtype=getattr(torch, dtype))
+                i += 1
+                dist.broadcast(t, src)
+                new_state[pid][k] = t
+            else:
+                new_state[pid][k] = rest[0]
+    if rank != src:
+        opt.load_state_dict({"state": new_state, "param_groups": state["param_groups"]})
