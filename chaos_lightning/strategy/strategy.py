@@ -47,7 +47,7 @@ import threading
 import time
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import torch
@@ -396,9 +396,7 @@ class ChaosStrategy(DDPStrategy):
         dist.all_reduce(flags)
         done = [i for i, f in enumerate(flags.tolist()) if f > 0]
         if not done or len(done) == self.world_size:
-            if done and not applied:
-                pass
-            return
+            return  # everyone agrees (all applied, or nobody did)
         src = done[0]
         self._broadcast_module_state(src)
         for opt in self.optimizers:
