@@ -403,6 +403,9 @@ class ChaosStrategy(DDPStrategy):
             _broadcast_optimizer_state(opt, src, self.global_rank)
         state = _broadcast_bytes(msgpack.packb(self.elastic_sampler.state_dict()) if self.global_rank == src else b"", src)
         if self.global_rank != src:
+            # the step we aborted did commit elsewhere: record its block (still
+            # laid out for the old world, as on src when it committed)
+            self.ledger.record(self.elastic_sampler.epoch, self.elastic_sampler.block(0))
             self.elastic_sampler.load_state_dict(msgpack.unpackb(state, raw=False, strict_map_key=False))
 
     # ---------------------------------------------------------------- teardown
