@@ -47,7 +47,7 @@ import threading
 import time
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import torch
@@ -188,20 +188,49 @@ class ChaosStrategy(DDPStrategy):
         return self._rdv.node_id if self._rdv is not None else ""
 
     def setup_distributed(self) -> None:
+        """Only bind: a node asks to join once it is warm (model, optimizer
+        and data set up, at train start), so members pause for the state
+        transfer and the group rebuild, not for our imports.  Until then
+        there is no process group, and Lightning's setup collectives are
+        no-ops."""
         from lightning.fabric.utilities.seed import reset_seed
 
         reset_seed()
         self._rdv = create_rendezvous(**self._rdv_args)
         self._rdv.subscribe(self._on_membership_event)
-        deadline = time.monotonic() + self._join_timeout
+        self._install_signal_handler()
+
+    def start_training(self, trainer: Any) -> None:
+        """Join, wait for ``min_nodes``, form the group, take the state of
+        whoever has trained (if anyone): called at train start."""
+        t0 = time.monotonic()
+        deadline = t0 + self._join_timeout
         view = self._rdv.join(self._join_timeout)
         while view.size < self._min_nodes:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"chaos: {view.size} of min_nodes={self._min_nodes} nodes after {self._join_timeout}s")
             view = self._rdv.next_view(view.epoch, left) or view
-        self._install_signal_handler()
-        self._build_group(view, view.ids)
+        view = self._form_group(view, lambda v: self.node_id in v and v.size >= self._min_nodes, deadline)
+        self._sync_state(trainer, code=0)
+        self.elastic_sampler.reconfigure(self.global_rank, self.world_size)
+        self.events.append({"epoch": view.epoch, "world": self.world_size, "stall_s": time.monotonic() - t0, "joined": True})
+        log.info("chaos: training in epoch %d with world %d", view.epoch, self.world_size)
+
+    def _form_group(self, view: View | None, usable: Callable[[View], bool], deadline: float) -> View:
+        """Build the group of the first usable view; members that picked
+        different views fail to meet (bounded) and retry on a newer one."""
+        while True:
+            if view is not None and usable(view):
+                try:
+                    self._build_group(view, view.ids)
+                    return view
+                except Exception as exc:
+                    log.info("chaos: group of epoch %d did not form (%s); waiting for a newer view", view.epoch, exc)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"chaos: no usable view after {self._join_timeout}s")
+            view = self._rdv.next_view(view.epoch if view is not None else 0, min(left, 5.0)) or view
 
     def _install_signal_handler(self) -> None:
         """Called at setup and again at train start, because Lightning's
@@ -249,8 +278,7 @@ class ChaosStrategy(DDPStrategy):
         return model  # no DDP wrapper: gradients are synced in post_backward
 
     def configure_ddp(self) -> None:
-        self.model = self.lightning_module
-        self._broadcast_module_state(0)
+        self.model = self.lightning_module  # replicas are made equal at start_training
 
     def _broadcast_module_state(self, src: int) -> None:
         with torch.no_grad():
@@ -361,25 +389,14 @@ class ChaosStrategy(DDPStrategy):
 
     def _switch(self, trainer: Any, exclude: set[str], failed: bool, t0: float) -> None:
         old_epoch = self._view.epoch
-        applied_before = int(not failed)
-        deadline = time.monotonic() + self._join_timeout
-        view = self._rdv.current_view()
-        while True:
-            ok = view is not None and view.epoch >= old_epoch and not (exclude & set(view.ids))
-            if ok and failed:
-                ok = view.epoch > old_epoch
-            if ok:
-                trainers = tuple(m for m in view.ids if m in self._trainers)
-                try:
-                    self._build_group(view, trainers)
-                    break
-                except Exception as exc:  # survivors picked different views: retry on a newer one
-                    log.info("chaos: group of epoch %d did not form (%s); waiting for a newer view", view.epoch, exc)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"chaos: no usable view after {self._join_timeout}s")
-            view = self._rdv.next_view(view.epoch if view is not None else 0, min(left, 5.0)) or view
-        self._reconcile(applied_before)
+
+        def usable(v: View) -> bool:
+            if v.epoch < old_epoch or exclude & set(v.ids) or self.node_id not in v:
+                return False
+            return v.epoch > old_epoch or not failed  # a failed group is never rebuilt as is
+
+        view = self._form_group(self._rdv.current_view(), usable, time.monotonic() + self._join_timeout)
+        self._sync_state(trainer, code=1 if failed else 2)
         self.elastic_sampler.reconfigure(self.global_rank, self.world_size)
         _reset_epoch_length(trainer, self.elastic_sampler)
         took = time.monotonic() - t0
@@ -388,25 +405,45 @@ class ChaosStrategy(DDPStrategy):
         if trainer.logger is not None:
             trainer.logger.log_metrics({"chaos/world_size": self.world_size, "chaos/stall_s": took}, trainer.global_step)
 
-    def _reconcile(self, applied: int) -> None:
-        """After a failed step, survivors that completed it hold the newer
-        state: broadcast it so every replica is identical again."""
-        flags = torch.zeros(self.world_size)
-        flags[self.global_rank] = float(applied)
-        dist.all_reduce(flags)
-        done = [i for i, f in enumerate(flags.tolist()) if f > 0]
-        if not done or len(done) == self.world_size:
-            return  # everyone agrees (all applied, or nobody did)
-        src = done[0]
+    def _sync_state(self, trainer: Any, code: int) -> None:
+        """Make every replica identical after a group change.
+
+        ``code``: 2 = trained and applied the last step, 1 = trained but
+        aborted the last step (it committed elsewhere, maybe), 0 = no state
+        yet (a newcomer, or everyone at the very start).  The lowest rank with
+        the highest code sends parameters, buffers, optimizer state, sampler
+        state and loop progress to all (one source for now: the replication
+        layer will spread this over several).  Nothing is sent when all codes
+        are equal and nonzero; at the very start rank 0's fresh state is sent
+        so replicas start bit-identical.
+        """
+        codes = torch.zeros(self.world_size)
+        codes[self.global_rank] = float(code)
+        dist.all_reduce(codes)
+        codes_list = [int(c) for c in codes.tolist()]
+        best = max(codes_list)
+        if best > 0 and min(codes_list) == best:
+            return
+        src = codes_list.index(best)
+        receiving = self.global_rank != src and code < best
         self._broadcast_module_state(src)
         for opt in self.optimizers:
             _broadcast_optimizer_state(opt, src, self.global_rank)
-        state = _broadcast_bytes(msgpack.packb(self.elastic_sampler.state_dict()) if self.global_rank == src else b"", src)
-        if self.global_rank != src:
+        sampler = self.elastic_sampler
+        loop = trainer.fit_loop
+        mine = {"sampler": sampler.state_dict(), "epoch": loop.epoch_progress.current.completed, "step": trainer.global_step}
+        state = msgpack.unpackb(
+            _broadcast_bytes(msgpack.packb(mine) if self.global_rank == src else b"", src), raw=False, strict_map_key=False
+        )
+        if not receiving:
+            return
+        if code == 1 and best == 2:
             # the step we aborted did commit elsewhere: record its block (still
             # laid out for the old world, as on src when it committed)
-            self.ledger.record(self.elastic_sampler.epoch, self.elastic_sampler.block(0))
-            self.elastic_sampler.load_state_dict(msgpack.unpackb(state, raw=False, strict_map_key=False))
+            self.ledger.record(sampler.epoch, sampler.block(0))
+        sampler.load_state_dict(state["sampler"])
+        if code == 0:
+            _load_progress(trainer, state["epoch"], state["step"])
 
     # ---------------------------------------------------------------- teardown
     def teardown(self) -> None:
@@ -436,6 +473,7 @@ class ChaosCallback(Callback):
             # round trip per step.  SIGTERM is ours here (leave at the next
             # boundary, carried in the gradient all-reduce), so drop it.
             trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
+            trainer.strategy.start_training(trainer)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         strategy = trainer.strategy
@@ -460,6 +498,17 @@ def _reset_epoch_length(trainer: Any, sampler: ElasticSampler, new_epoch: bool =
     if not new_epoch:
         iter(fit_loop._data_fetcher)  # drop batches planned under the old layout
     fit_loop.max_batches = ready + remaining
+
+
+def _load_progress(trainer: Any, epoch: int, global_step: int) -> None:
+    """A newcomer continues the members' loop: same epoch, same global step.
+    (Its epoch is as long as the steps the members have left in it.)"""
+    fit_loop = trainer.fit_loop
+    for tracker in (fit_loop.epoch_progress.current, fit_loop.epoch_progress.total):
+        tracker.ready = tracker.started = tracker.processed = tracker.completed = epoch
+    step = fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total
+    step.ready = step.completed = global_step
+    fit_loop.epoch_loop._batches_that_stepped = global_step
 
 
 def _broadcast_bytes(data: bytes, src: int) -> bytes:
