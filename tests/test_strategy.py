@@ -168,3 +168,46 @@ def test_a_node_joins_a_running_fit_and_ends_identical(tmp_path):
     finally:
         for x in nodes:
             x.stop()
+
+
+@pytest.mark.timeout(420)
+def test_churn_scenario_start_three_join_leave_kill_join(tmp_path):
+    """The issue's churn scenario, in an order a majority can always commit:
+    three nodes start; a fourth joins mid-epoch; one leaves gracefully; one is
+    ``kill -9``-ed mid-step; a fifth joins.  Survivors never restart, every
+    epoch is an exact cover for the original survivors, and all final replicas
+    are identical."""
+    n, epochs, sleep = 240, 14, 0.1
+    addrs = [f"127.0.0.1:{free_port()}" for _ in range(5)]
+    start3 = [Trainer(addrs[0], "", tmp_path / "n0.log", 3, n, epochs, sleep)] + [
+        Trainer(a, addrs[0], tmp_path / f"n{i + 1}.log", 3, n, epochs, sleep) for i, a in enumerate(addrs[1:3])
+    ]
+    nodes = list(start3)
+    try:
+        pids = [x.wait(lambda r: r["event"] == "ready", 60)["pid"] for x in start3]
+        start3[0].wait(lambda r: r["event"] == "step" and r["step"] >= 2, 90)
+        j1 = Trainer(addrs[3], addrs[2], tmp_path / "n3.log", 1, n, epochs, sleep)
+        nodes.append(j1)
+        first = j1.wait(lambda r: r["event"] == "step", 90)
+        leaver, victim = start3[2], j1
+        leaver.wait(lambda r: r["event"] == "step" and r["step"] >= first["step"] + 3, 60)
+        leaver.proc.send_signal(signal.SIGTERM)
+        left = leaver.wait(lambda r: r["event"] == "done", 60)
+        assert left["left"] and leaver.proc.wait(timeout=30) == 0
+        victim.wait(lambda r: r["event"] == "step" and r["world"] == 3 and r["step"] >= left["global_step"] + 3, 60)
+        victim.proc.kill()
+        j2 = Trainer(addrs[4], addrs[1], tmp_path / "n4.log", 1, n, epochs, sleep)
+        nodes.append(j2)
+        survivors = start3[:2] + [j2]
+        results = [x.wait(lambda r: r["event"] == "done", 180) for x in survivors]
+        for x in survivors:
+            assert x.proc.wait(timeout=30) == 0, x.err.name
+        assert [r["pid"] for r in results[:2]] == pids[:2], "no survivor restarted"
+        assert_identical_and_exactly_once(results[:2], epochs, n)
+        assert len({(r["params"], r["optim"], r["global_step"]) for r in results}) == 1, results
+        worlds = [rec["world"] for rec in start3[0].records if rec["event"] == "step"]
+        assert {3, 4, 2} <= set(worlds), sorted(set(worlds))
+        assert any(r["event"] == "step" and r["world"] == 3 for r in j2.records), "the second joiner trained with the others"
+    finally:
+        for x in nodes:
+            x.stop()
