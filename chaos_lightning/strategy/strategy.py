@@ -480,10 +480,12 @@ class ChaosCallback(Callback):
         if isinstance(strategy, ChaosStrategy) and strategy.elastic_sampler is not None:
             _reset_epoch_length(trainer, strategy.elastic_sampler, new_epoch=True)
 
-    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         strategy = trainer.strategy
         if isinstance(strategy, ChaosStrategy):
             strategy.on_step_boundary(trainer)
+            # the world size on the progress bar (and in the logger, per step)
+            pl_module.log("world", float(strategy.world_size), prog_bar=True, on_step=True, on_epoch=False)
 
 
 def _reset_epoch_length(trainer: Any, sampler: ElasticSampler, new_epoch: bool = False) -> None:
