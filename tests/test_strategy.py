@@ -30,6 +30,7 @@ N, EPOCHS, SLEEP = 160, 3, 0.08
 
 class Trainer:
     def __init__(self, bind: str, peers: str, log: Path, min_nodes: int, n=N, epochs=EPOCHS, sleep=SLEEP):
+        self.bind = bind
         env = dict(os.environ, CHAOS_BIND=bind, CHAOS_PEERS=peers, CHAOS_MIN_NODES=str(min_nodes), PYTHONUNBUFFERED="1")
         self.err = open(log, "wb")
         self.proc = subprocess.Popen(
@@ -72,12 +73,17 @@ class Trainer:
         self.err.close()
 
 
-def start(k: int, tmp_path: Path) -> list[Trainer]:
+def start(k: int, tmp_path: Path, n: int = N, epochs: int = EPOCHS, sleep: float = SLEEP) -> list[Trainer]:
     """k training processes started at once; training starts with all k."""
     addrs = [f"127.0.0.1:{free_port()}" for _ in range(k)]
-    return [Trainer(addrs[0], "", tmp_path / "n0.log", k)] + [
-        Trainer(a, addrs[0], tmp_path / f"n{i + 1}.log", k) for i, a in enumerate(addrs[1:])
+    return [Trainer(addrs[0], "", tmp_path / "n0.log", k, n, epochs, sleep)] + [
+        Trainer(a, addrs[0], tmp_path / f"n{i + 1}.log", k, n, epochs, sleep) for i, a in enumerate(addrs[1:])
     ]
+
+
+def join(via: Trainer, tmp_path: Path, name: str, n: int, epochs: int, sleep: float) -> Trainer:
+    """A node started later that joins the running fit through ``via``."""
+    return Trainer(f"127.0.0.1:{free_port()}", via.bind, tmp_path / f"{name}.log", 1, n, epochs, sleep)
 
 
 def assert_identical_and_exactly_once(results: list[dict], epochs: int = EPOCHS, n: int = N) -> None:
@@ -148,15 +154,12 @@ def test_a_node_joins_a_running_fit_and_ends_identical(tmp_path):
     trains on: all four end with identical parameters, optimizer state and
     global step, and the members' epochs are still exact covers."""
     n, epochs, sleep = 240, 6, 0.1
-    addrs = [f"127.0.0.1:{free_port()}" for _ in range(4)]
-    members = [Trainer(addrs[0], "", tmp_path / "n0.log", 3, n, epochs, sleep)] + [
-        Trainer(a, addrs[0], tmp_path / f"n{i + 1}.log", 3, n, epochs, sleep) for i, a in enumerate(addrs[1:3])
-    ]
+    members = start(3, tmp_path, n, epochs, sleep)
     nodes = list(members)
     try:
         for m in members:
             m.wait(lambda r: r["event"] == "step" and r["step"] >= 2, 90)
-        joiner = Trainer(addrs[3], addrs[1], tmp_path / "n3.log", 1, n, epochs, sleep)
+        joiner = join(members[1], tmp_path, "joiner", n, epochs, sleep)
         nodes.append(joiner)
         first = joiner.wait(lambda r: r["event"] == "step", 90)
         assert first["world"] == 4 and first["step"] > 2, first
@@ -178,15 +181,12 @@ def test_churn_scenario_start_three_join_leave_kill_join(tmp_path):
     epoch is an exact cover for the original survivors, and all final replicas
     are identical."""
     n, epochs, sleep = 240, 14, 0.1
-    addrs = [f"127.0.0.1:{free_port()}" for _ in range(5)]
-    start3 = [Trainer(addrs[0], "", tmp_path / "n0.log", 3, n, epochs, sleep)] + [
-        Trainer(a, addrs[0], tmp_path / f"n{i + 1}.log", 3, n, epochs, sleep) for i, a in enumerate(addrs[1:3])
-    ]
+    start3 = start(3, tmp_path, n, epochs, sleep)
     nodes = list(start3)
     try:
         pids = [x.wait(lambda r: r["event"] == "ready", 60)["pid"] for x in start3]
         start3[0].wait(lambda r: r["event"] == "step" and r["step"] >= 2, 90)
-        j1 = Trainer(addrs[3], addrs[2], tmp_path / "n3.log", 1, n, epochs, sleep)
+        j1 = join(start3[2], tmp_path, "j1", n, epochs, sleep)
         nodes.append(j1)
         first = j1.wait(lambda r: r["event"] == "step", 90)
         leaver, victim = start3[2], j1
@@ -196,7 +196,7 @@ def test_churn_scenario_start_three_join_leave_kill_join(tmp_path):
         assert left["left"] and leaver.proc.wait(timeout=30) == 0
         victim.wait(lambda r: r["event"] == "step" and r["world"] == 3 and r["step"] >= left["global_step"] + 3, 60)
         victim.proc.kill()
-        j2 = Trainer(addrs[4], addrs[1], tmp_path / "n4.log", 1, n, epochs, sleep)
+        j2 = join(start3[1], tmp_path, "j2", n, epochs, sleep)
         nodes.append(j2)
         survivors = start3[:2] + [j2]
         results = [x.wait(lambda r: r["event"] == "done", 180) for x in survivors]

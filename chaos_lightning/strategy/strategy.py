@@ -32,10 +32,10 @@ complete the step, their parameters and optimizer state are broadcast to the
 others, so replicas stay bit-identical, and the sampler commits or returns the
 step's samples accordingly.
 
-Not yet: nodes that join a running fit (they need the state pull of the
-replication layer; for now a view that adds members is trained by its old
-members only and the newcomers wait), gradient clipping by norm across ranks
-happens on the averaged gradient as in DDP.
+Joiners warm up first and ask to join at train start; the same state sync
+(one member sends, for now; the replication layer will spread it over
+several) brings them the live state.  Gradient clipping acts on the averaged
+gradient, as under DDP.  What is still missing is listed in docs/strategy.md.
 """
 
 from __future__ import annotations
