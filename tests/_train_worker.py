@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -60,6 +61,10 @@ def digest(tensors) -> str:
 
 def main() -> None:
     n, epochs, sleep = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    # chaos_lightning's INFO lines (views, switches, stalls) go to the node's
+    # log file, which a failing test names
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("lightning").setLevel(logging.WARNING)
     pl.seed_everything(0, workers=False)
     model = Regressor(sleep)
     trainer = pl.Trainer(

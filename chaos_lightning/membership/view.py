@@ -125,7 +125,7 @@ class View:
         links = set(self.down_links)
         links |= {link(a, b) for a, b in down}
         links -= {link(a, b) for a, b in up}
-        links = {l for l in links if l[0] in present and l[1] in present}
+        links = {lk for lk in links if lk[0] in present and lk[1] in present}
         return View(self.epoch + 1, tuple(kept), tuple(sorted(links)))
 
     def describe(self) -> str:

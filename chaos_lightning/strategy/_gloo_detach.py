@@ -222,7 +222,9 @@ class Graveyard:
 GRAVEYARD = Graveyard()
 
 
-def detach_world(works: list[Any] | tuple[Any, ...] = (), buffers: list[torch.Tensor] | tuple[torch.Tensor, ...] = ()) -> DetachedGroups:
+def detach_world(
+    works: list[Any] | tuple[Any, ...] = (), buffers: list[torch.Tensor] | tuple[torch.Tensor, ...] = ()
+) -> DetachedGroups:
     """Forget every process group (default and sub-groups) without destroying any.
 
     Afterwards ``dist.is_initialized()`` is False and ``init_process_group``

@@ -184,7 +184,9 @@ class ElasticProcessGroup:
         return self._timeout_s
 
     # -- switching ----------------------------------------------------------
-    def switch(self, rank: int, world_size: int, store: dist.Store, timeout: float | timedelta = DEFAULT_TIMEOUT_S) -> SwitchTiming:
+    def switch(
+        self, rank: int, world_size: int, store: dist.Store, timeout: float | timedelta = DEFAULT_TIMEOUT_S
+    ) -> SwitchTiming:
         """Replace the default group with a new one of ``world_size`` ranks.
 
         ``store`` must be fresh for this epoch (use ``epoch_store(view)``:

@@ -160,6 +160,7 @@ class ChaosStrategy(DDPStrategy):
         self._view: View | None = None
         self._trainers: tuple[str, ...] = ()
         self._abort = threading.Event()
+        self._group_lock = threading.Lock()  # _trainers and _abort, against the agent thread
         self._leave_requested = False
         self._left = False
         self._block_sync = False
@@ -253,10 +254,18 @@ class ChaosStrategy(DDPStrategy):
         self._leave_requested = True
 
     def _on_membership_event(self, event: object) -> None:
-        # agent thread: only flags.  A confirmed failure of a member we train
-        # with ends any collective waiting on it (no gloo timeout).
-        if isinstance(event, ev.MemberFailed) and event.node in self._trainers:
-            self._abort.set()
+        # Agent thread: only flags.  Any news that a member we train with is
+        # gone ends a collective waiting on it (no gloo timeout).  The node
+        # that confirmed a failure hears MemberFailed before the commit; the
+        # others hear only the committed view without it (measured: one
+        # survivor of a SIGSTOP then waited out the 30 s collective timeout).
+        if not isinstance(event, (ev.MemberFailed, ev.ViewChanged, ev.Removed)):
+            return
+        with self._group_lock:
+            trainers = set(self._trainers)
+            gone = {event.node} if isinstance(event, ev.MemberFailed) else trainers - set(event.view.ids)
+            if gone & trainers:
+                self._abort.set()
 
     def _build_group(self, view: View, trainers: tuple[str, ...]) -> None:
         rank = trainers.index(self.node_id)
@@ -264,8 +273,13 @@ class ChaosStrategy(DDPStrategy):
         # collective timeout, not a short init bound (a slow step would fail)
         store = self._rdv.store(view, timeout=self._switch_timeout)
         self._pg.switch(rank, len(trainers), store, self._collective_timeout)
-        self._abort.clear()
-        self._view, self._trainers = view, trainers
+        with self._group_lock:
+            self._abort.clear()
+            self._view, self._trainers = view, trainers
+            # news that arrived while the group formed (one of its members
+            # already gone) must still end its first collective
+            if set(trainers) - set(self._rdv.current_view().ids):
+                self._abort.set()
         self.set_world_ranks()
 
     # ---------------------------------------------------------------- model
@@ -308,7 +322,8 @@ class ChaosStrategy(DDPStrategy):
         batch_size = dataloader.batch_size
         if batch_size is None:
             raise ValueError("chaos: the training DataLoader needs a batch_size (the per-rank batch)")
-        shuffle = bool(getattr(dataloader.sampler, "shuffle", not isinstance(dataloader.sampler, torch.utils.data.SequentialSampler)))
+        sequential = isinstance(dataloader.sampler, torch.utils.data.SequentialSampler)
+        shuffle = bool(getattr(dataloader.sampler, "shuffle", not sequential))
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         sampler = ElasticSampler(
             dataloader.dataset, batch_size, rank=self.global_rank, world_size=self.world_size, shuffle=shuffle, seed=seed
@@ -370,15 +385,22 @@ class ChaosStrategy(DDPStrategy):
             return
         t0 = time.monotonic()
         exclude: set[str] = set()
+        newer = failed
         if not failed and leaves > 0:
             flags = torch.zeros(len(self._trainers))
             flags[self.global_rank] = 1.0 if self._leave_requested else 0.0
-            self._pg.all_reduce(flags, abort=self._abort, timeout=self._collective_timeout)
-            exclude = {self._trainers[i] for i, f in enumerate(flags.tolist()) if f > 0}
+            try:
+                self._pg.all_reduce(flags, abort=self._abort, timeout=self._collective_timeout)
+                exclude = {self._trainers[i] for i, f in enumerate(flags.tolist()) if f > 0}
+            except CollectiveError as exc:
+                # The step itself committed; only who leaves is unknown, so
+                # wait for a view newer than this group's.
+                log.warning("chaos: leave flags not exchanged (%s); taking the next view", exc)
+                exclude, newer = ({self.node_id} if self._leave_requested else set()), True
             if self.node_id in exclude:
                 self._leave(trainer)
                 return
-        self._switch(trainer, exclude, failed, t0)
+        self._switch(trainer, exclude, failed, t0, newer)
 
     def _leave(self, trainer: Any) -> None:
         self._pg.close()
@@ -387,13 +409,14 @@ class ChaosStrategy(DDPStrategy):
         trainer.should_stop = True
         log.info("chaos: left the cluster at global step %d", trainer.global_step)
 
-    def _switch(self, trainer: Any, exclude: set[str], failed: bool, t0: float) -> None:
+    def _switch(self, trainer: Any, exclude: set[str], failed: bool, t0: float, newer: bool | None = None) -> None:
         old_epoch = self._view.epoch
+        newer = failed if newer is None else newer
 
         def usable(v: View) -> bool:
             if v.epoch < old_epoch or exclude & set(v.ids) or self.node_id not in v:
                 return False
-            return v.epoch > old_epoch or not failed  # a failed group is never rebuilt as is
+            return v.epoch > old_epoch or not newer  # a broken group is never rebuilt as is
 
         view = self._form_group(self._rdv.current_view(), usable, time.monotonic() + self._join_timeout)
         self._sync_state(trainer, code=1 if failed else 2)
