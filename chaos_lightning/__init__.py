@@ -5,10 +5,11 @@ Layers (imports point downward only): ``wire`` (framing, schema, auth),
 ``rendezvous``, ``replication``, ``strategy``.  See ``docs/``.
 
 ``import chaos_lightning`` registers ``"chaos"`` in Lightning's strategy
-registry, so ``Trainer(strategy="chaos")`` works.  Lightning has no entry
+registry (``lightning.pytorch``'s, and the standalone ``pytorch_lightning``'s),
+so ``Trainer(strategy="chaos")`` works with either.  Lightning has no entry
 point for strategies, and importing it costs seconds, so registration is
-lazy: done now if ``lightning.pytorch`` is already imported, otherwise right
-after it is (a one-shot import hook).  The control-plane tools
+lazy: done now for a package already imported, otherwise right after it is
+(an import hook that removes itself once both are done).  The control-plane tools
 (``python -m chaos_lightning.rendezvous``, the demo) never import Lightning.
 """
 
@@ -20,10 +21,8 @@ import sys
 
 __version__ = "0.1.0"
 
-_TARGET = "lightning.pytorch"
 
-
-def _register() -> None:
+def _register_lightning() -> None:
     from lightning.pytorch.strategies import StrategyRegistry
 
     from chaos_lightning.strategy.strategy import ChaosStrategy
@@ -31,27 +30,68 @@ def _register() -> None:
     ChaosStrategy.register_strategies(StrategyRegistry)
 
 
+def _register_pytorch_lightning() -> None:
+    from pytorch_lightning.strategies import StrategyRegistry
+
+    from chaos_lightning.strategy._flavour import pytorch_lightning_module
+
+    pytorch_lightning_module("strategy").ChaosStrategy.register_strategies(StrategyRegistry)
+
+
+#: Packages whose strategy registry gets "chaos", and how.
+_TARGETS = {"lightning.pytorch": _register_lightning, "pytorch_lightning": _register_pytorch_lightning}
+
+
 class _RegisterAfterLightning(importlib.abc.MetaPathFinder):
-    """Runs :func:`_register` once ``lightning.pytorch`` has finished importing."""
+    """Registers "chaos" in each of :data:`_TARGETS` once it has finished importing."""
+
+    def __init__(self, pending: set[str]) -> None:
+        self.pending = pending
 
     def find_spec(self, name, path, target=None):  # type: ignore[no-untyped-def]
-        if name != _TARGET:
+        if name not in self.pending:
             return None
-        sys.meta_path.remove(self)  # one shot; also keeps find_spec below from recursing
-        spec = importlib.util.find_spec(name)
+        self.pending.discard(name)
+        if not self.pending:
+            sys.meta_path.remove(self)
+        # find the real spec without us in the way
+        self.pending, saved = set(), self.pending
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self.pending = saved
         if spec is None or spec.loader is None:
             return spec
         exec_module = spec.loader.exec_module
+        register = _TARGETS[name]
 
         def exec_then_register(module):  # type: ignore[no-untyped-def]
             exec_module(module)
-            _register()
+            register()
 
         spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
         return spec
 
 
-if _TARGET in sys.modules:
-    _register()
-elif not any(isinstance(f, _RegisterAfterLightning) for f in sys.meta_path):
-    sys.meta_path.insert(0, _RegisterAfterLightning())
+def __getattr__(name: str):  # type: ignore[no-untyped-def]
+    # ``chaos_lightning.ChaosStrategy`` and the callbacks, without importing
+    # Lightning for the control-plane tools
+    if name == "ChaosStrategy":
+        from chaos_lightning.strategy.strategy import ChaosStrategy
+
+        return ChaosStrategy
+    if name == "ScaleLRWithWorld":
+        from chaos_lightning.strategy.callbacks import ScaleLRWithWorld
+
+        return ScaleLRWithWorld
+    raise AttributeError(f"module 'chaos_lightning' has no attribute {name!r}")
+
+
+_pending = set()
+for _name, _register in _TARGETS.items():
+    if _name in sys.modules:
+        _register()
+    else:
+        _pending.add(_name)
+if _pending and not any(isinstance(f, _RegisterAfterLightning) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterLightning(_pending))

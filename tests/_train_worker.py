@@ -1,6 +1,13 @@
 """One training process for test_strategy.py: an unmodified-style Lightning
 module on synthetic data with ``Trainer(strategy="chaos")``; prints JSON lines
-(ready, per-step progress, final hashes and the sample ledger)."""
+(ready, per-step progress, final hashes and the sample ledger).
+
+Opt-in extras, by environment: ``CHAOS_TEST_VAL=V`` adds a validation set of
+V samples whose ``sync_dist`` metrics are reported (event "val");
+``CHAOS_TEST_SCHED=1`` adds a StepLR scheduler and ``ScaleLRWithWorld``;
+``CHAOS_TEST_CKPT_DIR`` + ``CHAOS_TEST_CKPT_EVERY=k`` save a checkpoint every
+k steps (and report the ledger at step k, event "ledger_at");
+``CHAOS_TEST_RESUME=path`` fits from that checkpoint."""
 
 from __future__ import annotations
 
@@ -11,9 +18,10 @@ import os
 import sys
 import time
 
-import chaos_lightning  # noqa: F401  (registers "chaos")
+import chaos_lightning  # registers "chaos"
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
 
@@ -35,10 +43,11 @@ class Indexed(Dataset):
 
 
 class Regressor(pl.LightningModule):
-    def __init__(self, step_sleep: float):
+    def __init__(self, step_sleep: float, scheduler: bool = False):
         super().__init__()
         self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
         self.step_sleep = step_sleep
+        self.scheduler = scheduler
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -46,10 +55,41 @@ class Regressor(pl.LightningModule):
         return torch.nn.functional.mse_loss(self.net(x), y)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        say(event="step", step=self.trainer.global_step, world=self.trainer.world_size, pid=os.getpid())
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        say(event="step", step=self.trainer.global_step, world=self.trainer.world_size, pid=os.getpid(), lr=lr)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
+        opt = torch.optim.Adam(self.parameters(), lr=1e-2)
+        if not self.scheduler:
+            return opt
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.9)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class Validated(Regressor):
+    """Validation: every rank counts the samples it evaluated; ``sync_dist``
+    sums the counts over the current members."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_count", float(len(x)), reduce_fx="sum", sync_dist=True, on_epoch=True, batch_size=1)
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y), sync_dist=True, batch_size=len(x))
+
+    def on_validation_epoch_end(self):
+        metrics = self.trainer.callback_metrics
+        if "val_count" in metrics and not self.trainer.sanity_checking:
+            say(event="val", epoch=self.current_epoch, world=self.trainer.world_size, count=float(metrics["val_count"]))
+
+
+class LedgerAt(pl.Callback):
+    """Reports which samples epoch 0 had committed at global step ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            say(event="ledger_at", step=self.step, counts=sorted(trainer.strategy.ledger.counts(0).items()))
 
 
 def digest(tensors) -> str:
@@ -66,13 +106,27 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("lightning").setLevel(logging.WARNING)
     pl.seed_everything(0, workers=False)
-    model = Regressor(sleep)
+    env = os.environ
+    val = int(env.get("CHAOS_TEST_VAL", 0))
+    sched = env.get("CHAOS_TEST_SCHED") == "1"
+    model = (Validated if val else Regressor)(sleep, scheduler=sched)
+    callbacks: list[pl.Callback] = []
+    if sched:
+        callbacks.append(chaos_lightning.ScaleLRWithWorld("sqrt"))
+    if env.get("CHAOS_TEST_CKPT_DIR"):
+        every = int(env["CHAOS_TEST_CKPT_EVERY"])
+        callbacks.append(ModelCheckpoint(env["CHAOS_TEST_CKPT_DIR"], "{step}", every_n_train_steps=every, save_top_k=-1))
+        callbacks.append(LedgerAt(every))
     trainer = pl.Trainer(
-        strategy="chaos", accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        strategy="chaos", accelerator="cpu", devices=1, max_epochs=epochs, logger=False, callbacks=callbacks,
+        enable_checkpointing=bool(env.get("CHAOS_TEST_CKPT_DIR")), enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
     )
     say(event="ready", pid=os.getpid())
-    trainer.fit(model, DataLoader(Indexed(n), batch_size=4, shuffle=True))
+    loaders = {"train_dataloaders": DataLoader(Indexed(n), batch_size=4, shuffle=True)}
+    if val:
+        loaders["val_dataloaders"] = DataLoader(Indexed(val), batch_size=5)
+    trainer.fit(model, **loaders, ckpt_path=env.get("CHAOS_TEST_RESUME"))
     strategy = trainer.strategy
     opt = trainer.optimizers[0]
     opt_tensors = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
@@ -81,7 +135,7 @@ def main() -> None:
         event="done", pid=os.getpid(), left=strategy._left, global_step=trainer.global_step,
         params=digest(model.parameters()), optim=digest(opt_tensors),
         epochs={str(e): sorted(ledger.counts(e).items()) for e in range(epochs)} if ledger else {},
-        switches=strategy.events,
+        switches=strategy.events, lr=opt.param_groups[0]["lr"],
     )
 
 

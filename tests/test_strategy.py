@@ -10,6 +10,7 @@ cover of the dataset, and the survivors' parameters, optimizer state and
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import signal
@@ -29,9 +30,11 @@ N, EPOCHS, SLEEP = 160, 3, 0.08
 
 
 class Trainer:
-    def __init__(self, bind: str, peers: str, log: Path, min_nodes: int, n=N, epochs=EPOCHS, sleep=SLEEP):
+    def __init__(self, bind: str, peers: str, log: Path, min_nodes: int, n=N, epochs=EPOCHS, sleep=SLEEP, env=None):
         self.bind = bind
-        env = dict(os.environ, CHAOS_BIND=bind, CHAOS_PEERS=peers, CHAOS_MIN_NODES=str(min_nodes), PYTHONUNBUFFERED="1")
+        env = dict(
+            os.environ, **(env or {}), CHAOS_BIND=bind, CHAOS_PEERS=peers, CHAOS_MIN_NODES=str(min_nodes), PYTHONUNBUFFERED="1"
+        )
         self.err = open(log, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, str(WORKER), str(n), str(epochs), str(sleep)],
@@ -73,17 +76,19 @@ class Trainer:
         self.err.close()
 
 
-def start(k: int, tmp_path: Path, n: int = N, epochs: int = EPOCHS, sleep: float = SLEEP) -> list[Trainer]:
+def start(
+    k: int, tmp_path: Path, n: int = N, epochs: int = EPOCHS, sleep: float = SLEEP, env=None, prefix: str = "n"
+) -> list[Trainer]:
     """k training processes started at once; training starts with all k."""
     addrs = [f"127.0.0.1:{free_port()}" for _ in range(k)]
-    return [Trainer(addrs[0], "", tmp_path / "n0.log", k, n, epochs, sleep)] + [
-        Trainer(a, addrs[0], tmp_path / f"n{i + 1}.log", k, n, epochs, sleep) for i, a in enumerate(addrs[1:])
+    return [Trainer(addrs[0], "", tmp_path / f"{prefix}0.log", k, n, epochs, sleep, env)] + [
+        Trainer(a, addrs[0], tmp_path / f"{prefix}{i + 1}.log", k, n, epochs, sleep, env) for i, a in enumerate(addrs[1:])
     ]
 
 
-def join(via: Trainer, tmp_path: Path, name: str, n: int, epochs: int, sleep: float) -> Trainer:
+def join(via: Trainer, tmp_path: Path, name: str, n: int, epochs: int, sleep: float, env=None) -> Trainer:
     """A node started later that joins the running fit through ``via``."""
-    return Trainer(f"127.0.0.1:{free_port()}", via.bind, tmp_path / f"{name}.log", 1, n, epochs, sleep)
+    return Trainer(f"127.0.0.1:{free_port()}", via.bind, tmp_path / f"{name}.log", 1, n, epochs, sleep, env)
 
 
 def assert_identical_and_exactly_once(results: list[dict], epochs: int = EPOCHS, n: int = N) -> None:
@@ -211,3 +216,61 @@ def test_churn_scenario_start_three_join_leave_kill_join(tmp_path):
     finally:
         for x in nodes:
             x.stop()
+
+
+@pytest.mark.timeout(300)
+def test_checkpoint_resume_at_another_world_size_validation_and_lr_scaling_follow_the_view(tmp_path):
+    """Three nodes train with validation (``sync_dist``), a StepLR scheduler,
+    ``ScaleLRWithWorld`` and a ModelCheckpoint every 10 steps.  Two fresh
+    processes resume from the mid-epoch checkpoint at step 10 (world 2), and a
+    third joins them later.  Epoch 0 is an exact cover across the two runs;
+    every validation, at every world size and after the join, evaluates the
+    whole validation set once per member share (``val_count`` = 60); the
+    joiner ends identical to the others, learning rate included."""
+    val, n, epochs = 60, 160, 5
+    env = {"CHAOS_TEST_VAL": str(val), "CHAOS_TEST_SCHED": "1"}
+    first = start(3, tmp_path, n=n, epochs=1, sleep=0.02, prefix="a",
+                  env=dict(env, CHAOS_TEST_CKPT_DIR=str(tmp_path / "ckpt"), CHAOS_TEST_CKPT_EVERY="10"))
+    try:
+        before = first[0].wait(lambda r: r["event"] == "ledger_at", 120)
+        for node in first:
+            node.wait(lambda r: r["event"] == "done", 120)
+    finally:
+        for node in first:
+            node.stop()
+    ckpt = tmp_path / "ckpt" / "step=10.ckpt"
+    assert ckpt.exists(), sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+
+    env = dict(env, CHAOS_TEST_RESUME=str(ckpt))
+    second = start(2, tmp_path, n=n, epochs=epochs, sleep=0.1, env=env, prefix="b")
+    nodes = list(second)
+    try:
+        second[0].wait(lambda r: r["event"] == "step" and r["step"] >= 40, 120)
+        fresh = {k: v for k, v in env.items() if k != "CHAOS_TEST_RESUME"}
+        nodes.append(join(second[1], tmp_path, "joiner", n, epochs, 0.1, env=fresh))
+        results = [node.wait(lambda r: r["event"] == "done", 180) for node in nodes]
+    finally:
+        for node in nodes:
+            node.stop()
+    assert len({(r["params"], r["optim"], r["global_step"], r["lr"]) for r in results}) == 1, results
+    survivor = results[0]
+    epoch0 = {i: c for i, c in before["counts"]}
+    for i, c in survivor["epochs"]["0"]:
+        epoch0[i] = epoch0.get(i, 0) + c
+    assert sorted(epoch0) == list(range(n)) and set(epoch0.values()) == {1}, "epoch 0 across the resume"
+    for epoch in range(1, epochs):
+        counts = dict(survivor["epochs"][str(epoch)])
+        assert sorted(counts) == list(range(n)) and set(counts.values()) == {1}, f"epoch {epoch}"
+    vals = [r for node in nodes for r in node.records if r["event"] == "val"]
+    assert {r["world"] for r in vals} == {2, 3}, "validated before and after the join"
+    assert {r["count"] for r in vals} == {float(val)}, vals
+    assert results[2]["switches"][0].get("joined")
+    # StepLR alone gives 1e-2 * 0.9 ** (step // 7); ScaleLRWithWorld("sqrt")
+    # multiplies by sqrt(global batch / 12), the global batch the checkpoint's run
+    # trained with (its state travels in the checkpoint and to the joiner)
+    # (a step record's world is the one after that step's boundary: the step
+    # itself trained in the world of the record before it)
+    steps = [r for r in nodes[0].records if r["event"] == "step"]
+    for prev, rec in zip(steps, steps[1:]):
+        expected = 1e-2 * 0.9 ** (rec["step"] // 7) * math.sqrt(4 * prev["world"] / 12)
+        assert rec["lr"] == pytest.approx(expected, rel=1e-6), rec

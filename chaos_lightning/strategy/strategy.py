@@ -49,7 +49,6 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Callable
 
-import msgpack
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.environments.cluster_environment import ClusterEnvironment
@@ -63,6 +62,7 @@ from chaos_lightning.membership.view import View
 from chaos_lightning.rendezvous import create as create_rendezvous
 from chaos_lightning.strategy.process_group import CollectiveError, ElasticProcessGroup
 from chaos_lightning.strategy.sampler import ElasticBatchSampler, ElasticSampler, Ledger
+from chaos_lightning.strategy.state import UnsupportedState, broadcast_tree, pack_tree, unpack_tree
 
 log = logging.getLogger("chaos_lightning.strategy")
 
@@ -115,7 +115,9 @@ class ChaosStrategy(DDPStrategy):
     Arguments default to the environment: ``CHAOS_BACKEND`` (``peer``),
     ``CHAOS_BIND`` (``127.0.0.1:0``), ``CHAOS_PEERS`` (empty: found the
     cluster), ``CHAOS_SECRET``, ``CHAOS_PRESET`` (``local``),
-    ``CHAOS_MIN_NODES`` (1).  ``collective_timeout`` bounds every collective
+    ``CHAOS_MIN_NODES`` (1), ``CHAOS_GLOBAL_BATCH_SIZE`` (unset: the
+    DataLoader's batch size per node; set: that many samples per step, split
+    over the current world).  ``collective_timeout`` bounds every collective
     (the membership layer usually ends a stuck one much sooner).
     """
 
@@ -130,6 +132,7 @@ class ChaosStrategy(DDPStrategy):
         secret: str | bytes | None = None,
         preset: str | None = None,
         min_nodes: int | None = None,
+        global_batch_size: int | None = None,
         join_timeout: float = 120.0,
         collective_timeout: float = 30.0,
         switch_timeout: float = 5.0,
@@ -152,6 +155,12 @@ class ChaosStrategy(DDPStrategy):
             preset=preset or env.get("CHAOS_PRESET", "local"),
         )
         self._min_nodes = int(min_nodes if min_nodes is not None else env.get("CHAOS_MIN_NODES", "1"))
+        if global_batch_size is None and env.get("CHAOS_GLOBAL_BATCH_SIZE"):
+            global_batch_size = int(env["CHAOS_GLOBAL_BATCH_SIZE"])
+        if global_batch_size is not None and global_batch_size < 1:
+            raise ValueError(f"chaos: global_batch_size must be >= 1, got {global_batch_size}")
+        self._global_batch_size = global_batch_size
+        self._restored_sampler_state: dict[str, Any] | None = None  # from a checkpoint (ckpt_path)
         self._join_timeout = join_timeout
         self._collective_timeout = collective_timeout
         self._switch_timeout = switch_timeout
@@ -213,8 +222,15 @@ class ChaosStrategy(DDPStrategy):
                 raise TimeoutError(f"chaos: {view.size} of min_nodes={self._min_nodes} nodes after {self._join_timeout}s")
             view = self._rdv.next_view(view.epoch, left) or view
         view = self._form_group(view, lambda v: self.node_id in v and v.size >= self._min_nodes, deadline)
+        if self._restored_sampler_state is not None and self.elastic_sampler is not None:
+            # resumed from a checkpoint (ckpt_path): its cursor, whatever the
+            # world size that wrote it; the sync below spreads it
+            self.elastic_sampler.load_state_dict(self._restored_sampler_state)
+            self._restored_sampler_state = None
         self._sync_state(trainer, code=0)
         self.elastic_sampler.reconfigure(self.global_rank, self.world_size)
+        _reset_epoch_length(trainer, self.elastic_sampler, new_epoch=True)
+        _reset_val_dataloaders(trainer)
         self.events.append({"epoch": view.epoch, "world": self.world_size, "stall_s": time.monotonic() - t0, "joined": True})
         log.info("chaos: training in epoch %d with world %d", view.epoch, self.world_size)
 
@@ -283,10 +299,15 @@ class ChaosStrategy(DDPStrategy):
         self.set_world_ranks()
 
     # ---------------------------------------------------------------- model
-    def setup(self, trainer: Any) -> None:
-        if not any(isinstance(c, ChaosCallback) for c in trainer.callbacks):
-            trainer.callbacks.append(ChaosCallback())
-        super().setup(trainer)
+    def setup_environment(self) -> None:
+        # Here, not in setup(): Lightning restores callback state from
+        # ``ckpt_path`` before it calls the strategy's setup.
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None and not any(isinstance(c, ChaosCallback) for c in trainer.callbacks):
+            # first, so a step is committed before any other callback's
+            # on_train_batch_end (ModelCheckpoint must save the committed cursor)
+            trainer.callbacks.insert(0, ChaosCallback(self))
+        super().setup_environment()
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model  # no DDP wrapper: gradients are synced in post_backward
@@ -307,6 +328,69 @@ class ChaosStrategy(DDPStrategy):
         finally:
             self._block_sync = False
 
+    # ---------------------------------------------------------------- Lightning's own collectives
+    # Lightning reduces logged metrics (``sync_dist``), waits at barriers and
+    # broadcasts small objects (ModelCheckpoint's paths) outside the training
+    # step.  They run on the current group, abortable like the gradient
+    # all-reduce: a member that fails meanwhile makes them return the local
+    # value (logged) instead of raising in the middle of validation, and the
+    # broken group makes the next training step fail and switch views.
+    _REDUCE_OPS = {
+        "mean": ("SUM", True), "avg": ("SUM", True), "sum": ("SUM", False), "max": ("MAX", False), "min": ("MIN", False),
+    }
+
+    def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
+        if not isinstance(tensor, torch.Tensor) or self._pg.group is None or group is not None:
+            return super().reduce(tensor, group, reduce_op)
+        name = reduce_op.lower() if isinstance(reduce_op, str) else None
+        if name is None:
+            ops = {dist.ReduceOp.SUM: "sum", dist.ReduceOp.MAX: "max", dist.ReduceOp.MIN: "min"}
+            name = next((n for op, n in ops.items() if reduce_op == op), None)
+        if name not in self._REDUCE_OPS:
+            return super().reduce(tensor, group, reduce_op)
+        op, mean = self._REDUCE_OPS[name]
+        result = tensor.clone() if tensor.is_floating_point() or not mean else tensor.float()
+        try:
+            self._pg.all_reduce(result, abort=self._abort, timeout=self._collective_timeout, op=getattr(dist.ReduceOp, op))
+        except CollectiveError as exc:
+            log.warning("chaos: metric reduction failed (%s); using this rank's value", exc)
+            return tensor
+        return result / self.world_size if mean else result
+
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if self._pg.group is None:
+            return
+        try:
+            self._pg.all_reduce(torch.zeros(1), abort=self._abort, timeout=self._collective_timeout)
+        except CollectiveError as exc:
+            log.warning("chaos: barrier failed (%s)", exc)
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """Small tensor-free objects go as msgpack over an abortable all-reduce
+        (no pickle); anything else takes Lightning's pickled path."""
+        if self._pg.group is None:
+            return obj
+        data = b""
+        if self.global_rank == src:
+            try:
+                data, tensors = pack_tree(obj)
+                data = data if not tensors else b""
+            except UnsupportedState:
+                data = b""
+        try:
+            size = torch.tensor([len(data) if self.global_rank == src else 0], dtype=torch.int64)
+            self._pg.all_reduce(size, abort=self._abort, timeout=self._collective_timeout)
+            if int(size.item()) == 0:
+                return super().broadcast(obj, src)
+            buf = torch.zeros(int(size.item()), dtype=torch.uint8)
+            if self.global_rank == src:
+                buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            self._pg.all_reduce(buf, abort=self._abort, timeout=self._collective_timeout)
+        except CollectiveError as exc:
+            log.warning("chaos: broadcast failed (%s); keeping this rank's value", exc)
+            return obj
+        return unpack_tree(bytes(buf.numpy().tobytes()), [])
+
     # ---------------------------------------------------------------- data
     def process_dataloader(self, dataloader: object) -> object:
         from lightning.pytorch.trainer.states import TrainerFn
@@ -325,8 +409,11 @@ class ChaosStrategy(DDPStrategy):
         sequential = isinstance(dataloader.sampler, torch.utils.data.SequentialSampler)
         shuffle = bool(getattr(dataloader.sampler, "shuffle", not sequential))
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        # per-rank batch fixed (the DataLoader's), or the global batch fixed
+        # and split over the current world
+        sizes = {"global_batch_size": self._global_batch_size} if self._global_batch_size else {"batch_size": batch_size}
         sampler = ElasticSampler(
-            dataloader.dataset, batch_size, rank=self.global_rank, world_size=self.world_size, shuffle=shuffle, seed=seed
+            dataloader.dataset, rank=self.global_rank, world_size=self.world_size, shuffle=shuffle, seed=seed, **sizes
         )
         self.elastic_sampler = sampler
         self.ledger = Ledger(sampler.num_samples)
@@ -422,6 +509,7 @@ class ChaosStrategy(DDPStrategy):
         self._sync_state(trainer, code=1 if failed else 2)
         self.elastic_sampler.reconfigure(self.global_rank, self.world_size)
         _reset_epoch_length(trainer, self.elastic_sampler)
+        _reset_val_dataloaders(trainer)
         took = time.monotonic() - t0
         self.events.append({"epoch": view.epoch, "world": self.world_size, "stall_s": took, "failed_step": failed})
         log.info("chaos: switched to epoch %d, world %d, in %.3fs", view.epoch, self.world_size, took)
@@ -434,11 +522,14 @@ class ChaosStrategy(DDPStrategy):
         ``code``: 2 = trained and applied the last step, 1 = trained but
         aborted the last step (it committed elsewhere, maybe), 0 = no state
         yet (a newcomer, or everyone at the very start).  The lowest rank with
-        the highest code sends parameters, buffers, optimizer state, sampler
-        state and loop progress to all (one source for now: the replication
-        layer will spread this over several).  Nothing is sent when all codes
-        are equal and nonzero; at the very start rank 0's fresh state is sent
-        so replicas start bit-identical.
+        the highest code sends the full training state to the others:
+        parameters and buffers (broadcast in place), then in one state tree
+        (:mod:`.state`: msgpack structure, tensors by dtype, no pickle) the
+        optimizers', LR schedulers', precision plugin's and callbacks' state
+        dicts, the sampler's cursor and the loop progress.  One source for
+        now: the replication layer will spread this over several.  Nothing is
+        sent when all codes are equal and nonzero; at the very start rank 0's
+        fresh state is sent so replicas start bit-identical.
         """
         codes = torch.zeros(self.world_size)
         codes[self.global_rank] = float(code)
@@ -450,22 +541,42 @@ class ChaosStrategy(DDPStrategy):
         src = codes_list.index(best)
         receiving = self.global_rank != src and code < best
         self._broadcast_module_state(src)
-        for opt in self.optimizers:
-            _broadcast_optimizer_state(opt, src, self.global_rank)
-        sampler = self.elastic_sampler
-        loop = trainer.fit_loop
-        mine = {"sampler": sampler.state_dict(), "epoch": loop.epoch_progress.current.completed, "step": trainer.global_step}
-        state = msgpack.unpackb(
-            _broadcast_bytes(msgpack.packb(mine) if self.global_rank == src else b"", src), raw=False, strict_map_key=False
-        )
+        state = broadcast_tree(self._training_state(trainer) if self.global_rank == src else None, src, self.global_rank)
         if not receiving:
             return
+        sampler = self.elastic_sampler
         if code == 1 and best == 2:
             # the step we aborted did commit elsewhere: record its block (still
             # laid out for the old world, as on src when it committed)
             self.ledger.record(sampler.epoch, sampler.block(0))
-        sampler.load_state_dict(state["sampler"])
-        if code == 0:
+        self._load_training_state(trainer, state, progress=code == 0)
+
+    def _training_state(self, trainer: Any) -> dict[str, Any]:
+        """Everything but parameters and buffers that replicas must share."""
+        loop = trainer.fit_loop
+        return {
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "schedulers": [cfg.scheduler.state_dict() for cfg in self.lr_scheduler_configs],
+            "precision": self.precision_plugin.state_dict(),
+            "callbacks": {cb.state_key: cb.state_dict() for cb in trainer.callbacks if not isinstance(cb, ChaosCallback)},
+            "sampler": self.elastic_sampler.state_dict(),
+            "epoch": loop.epoch_progress.current.completed,
+            "step": trainer.global_step,
+        }
+
+    def _load_training_state(self, trainer: Any, state: dict[str, Any], progress: bool) -> None:
+        for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+        for cfg, sched_state in zip(self.lr_scheduler_configs, state["schedulers"], strict=True):
+            cfg.scheduler.load_state_dict(sched_state)
+        if state["precision"]:
+            self.precision_plugin.load_state_dict(state["precision"])
+        callbacks = state["callbacks"]
+        for cb in trainer.callbacks:
+            if cb.state_key in callbacks and callbacks[cb.state_key]:
+                cb.load_state_dict(callbacks[cb.state_key])
+        self.elastic_sampler.load_state_dict(state["sampler"])
+        if progress:
             _load_progress(trainer, state["epoch"], state["step"])
 
     # ---------------------------------------------------------------- teardown
@@ -485,7 +596,11 @@ class ChaosStrategy(DDPStrategy):
 
 class ChaosCallback(Callback):
     """Puts the strategy's step boundary where Lightning has finished a step
-    and not yet fetched the next batch (``on_train_batch_end``)."""
+    and not yet fetched the next batch (``on_train_batch_end``), and keeps
+    the sampler's cursor in checkpoints."""
+
+    def __init__(self, strategy: ChaosStrategy) -> None:
+        self._strategy = strategy
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if isinstance(trainer.strategy, ChaosStrategy):
@@ -497,6 +612,17 @@ class ChaosCallback(Callback):
             # boundary, carried in the gradient all-reduce), so drop it.
             trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
             trainer.strategy.start_training(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's cursor, so ``ckpt_path`` resumes mid-epoch with exactly-once intact."""
+        sampler = self._strategy.elastic_sampler
+        return {"sampler": sampler.state_dict()} if sampler is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callbacks before the dataloaders exist: the
+        # strategy applies this once it has its sampler (at train start).
+        if "sampler" in state_dict:
+            self._strategy._restored_sampler_state = state_dict["sampler"]
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         strategy = trainer.strategy
@@ -519,10 +645,26 @@ def _reset_epoch_length(trainer: Any, sampler: ElasticSampler, new_epoch: bool =
     if combined is None:
         return
     combined.limits = [remaining]
-    ready = 0 if new_epoch else fit_loop.epoch_loop.batch_progress.current.ready
-    if not new_epoch:
+    epoch_loop = fit_loop.epoch_loop
+    # a new epoch counts from 0, except when Lightning resumes one mid-way
+    # from a checkpoint: it keeps the batches already done in the counter
+    ready = epoch_loop.batch_progress.current.ready if (not new_epoch or epoch_loop.restarting) else 0
+    if not new_epoch and fit_loop._data_fetcher is not None:
         iter(fit_loop._data_fetcher)  # drop batches planned under the old layout
     fit_loop.max_batches = ready + remaining
+    interval = trainer.val_check_interval
+    if isinstance(interval, float) and trainer.val_check_batch is not None and trainer.val_check_batch != float("inf"):
+        # a fraction of the epoch, as Lightning computes it at setup, but of
+        # the epoch's current length
+        trainer.val_check_batch = max(1, int(fit_loop.max_batches * interval))
+
+
+def _reset_val_dataloaders(trainer: Any) -> None:
+    """Lightning builds the validation loader once, with the ``DistributedSampler``
+    of the world at that time; drop it so the next validation builds one for
+    the current world (every member evaluates its share, ``sync_dist`` reduces
+    over the current members)."""
+    trainer.fit_loop.epoch_loop.val_loop._combined_loader = None
 
 
 def _load_progress(trainer: Any, epoch: int, global_step: int) -> None:
@@ -534,48 +676,3 @@ def _load_progress(trainer: Any, epoch: int, global_step: int) -> None:
     step = fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total
     step.ready = step.completed = global_step
     fit_loop.epoch_loop._batches_that_stepped = global_step
-
-
-def _broadcast_bytes(data: bytes, src: int) -> bytes:
-    size = torch.tensor([len(data)], dtype=torch.int64)
-    dist.broadcast(size, src)
-    buf = torch.zeros(int(size.item()), dtype=torch.uint8)
-    if data:
-        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    dist.broadcast(buf, src)
-    return bytes(buf.numpy().tobytes())
-
-
-def _broadcast_optimizer_state(opt: Any, src: int, rank: int) -> None:
-    """Optimizer state from ``src`` (structure as msgpack, tensors by broadcast; no pickle)."""
-    state = opt.state_dict()
-    meta = None
-    tensors: list[torch.Tensor] = []
-    if rank == src:
-        packed = {}
-        for pid, st in state["state"].items():
-            packed[int(pid)] = {}
-            for k, v in st.items():
-                if torch.is_tensor(v):
-                    packed[int(pid)][k] = ["t", list(v.shape), str(v.dtype).replace("torch.", "")]
-                    tensors.append(v)
-                else:
-                    packed[int(pid)][k] = ["v", v]
-        meta = msgpack.packb(packed)
-    meta = _broadcast_bytes(meta or b"", src)
-    packed = msgpack.unpackb(meta, raw=False, strict_map_key=False)
-    new_state: dict[int, dict[str, Any]] = {}
-    i = 0
-    for pid, st in packed.items():
-        new_state[pid] = {}
-        for k, (kind, *rest) in st.items():
-            if kind == "t":
-                shape, dtype = rest
-                t = tensors[i] if rank == src else torch.empty(shape, dtype=getattr(torch, dtype))
-                i += 1
-                dist.broadcast(t, src)
-                new_state[pid][k] = t
-            else:
-                new_state[pid][k] = rest[0]
-    if rank != src:
-        opt.load_state_dict({"state": new_state, "param_groups": state["param_groups"]})
