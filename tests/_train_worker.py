@@ -3,7 +3,8 @@ module on synthetic data with ``Trainer(strategy="chaos")``; prints JSON lines
 (ready, per-step progress, final hashes and the sample ledger).
 
 Opt-in extras, by environment: ``CHAOS_TEST_VAL=V`` adds a validation set of
-V samples whose ``sync_dist`` metrics are reported (event "val");
+V samples whose ``sync_dist`` metrics are reported (event "val"), each
+validation step sleeping ``CHAOS_TEST_VAL_SLEEP`` seconds;
 ``CHAOS_TEST_SCHED=1`` adds a StepLR scheduler and ``ScaleLRWithWorld``;
 ``CHAOS_TEST_CKPT_DIR`` + ``CHAOS_TEST_CKPT_EVERY=k`` save a checkpoint every
 k steps (and report the ledger at step k, event "ledger_at");
@@ -70,8 +71,13 @@ class Validated(Regressor):
     """Validation: every rank counts the samples it evaluated; ``sync_dist``
     sums the counts over the current members."""
 
+    def on_validation_start(self):
+        if not self.trainer.sanity_checking:
+            say(event="val_start", epoch=self.current_epoch, world=self.trainer.world_size)
+
     def validation_step(self, batch, batch_idx):
         x, y = batch
+        time.sleep(float(os.environ.get("CHAOS_TEST_VAL_SLEEP", 0)))
         self.log("val_count", float(len(x)), reduce_fx="sum", sync_dist=True, on_epoch=True, batch_size=1)
         self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y), sync_dist=True, batch_size=len(x))
 

@@ -274,3 +274,27 @@ def test_checkpoint_resume_at_another_world_size_validation_and_lr_scaling_follo
     for prev, rec in zip(steps, steps[1:]):
         expected = 1e-2 * 0.9 ** (rec["step"] // 7) * math.sqrt(4 * prev["world"] / 12)
         assert rec["lr"] == pytest.approx(expected, rel=1e-6), rec
+
+
+@pytest.mark.timeout(240)
+def test_a_node_killed_during_validation_does_not_stop_the_survivors(tmp_path):
+    """Lightning's own collectives (metric reduction, barriers) run outside
+    the training step; a member killed while the others validate makes them
+    use their local metric values, and the next training step switches views."""
+    val, epochs = 60, 4
+    env = {"CHAOS_TEST_VAL": str(val), "CHAOS_TEST_VAL_SLEEP": "0.3"}
+    nodes = start(3, tmp_path, epochs=epochs, sleep=0.02, env=env)
+    victim, survivors = nodes[2], nodes[:2]
+    try:
+        victim.wait(lambda r: r["event"] == "val_start" and r["epoch"] == 1, 120)
+        time.sleep(0.4)  # inside its second validation step
+        victim.proc.kill()
+        results = [n.wait(lambda r: r["event"] == "done", 120) for n in survivors]
+        for n in survivors:
+            assert n.proc.wait(timeout=30) == 0, n.err.name
+    finally:
+        for n in nodes:
+            n.stop()
+    assert_identical_and_exactly_once(results, epochs=epochs)
+    later = [r for r in survivors[0].records if r["event"] == "val" and r["epoch"] >= 2]
+    assert later and all(r["world"] == 2 and r["count"] == float(val) for r in later), later
