@@ -8,7 +8,8 @@ validation step sleeping ``CHAOS_TEST_VAL_SLEEP`` seconds;
 ``CHAOS_TEST_SCHED=1`` adds a StepLR scheduler and ``ScaleLRWithWorld``;
 ``CHAOS_TEST_CKPT_DIR`` + ``CHAOS_TEST_CKPT_EVERY=k`` save a checkpoint every
 k steps (and report the ledger at step k, event "ledger_at");
-``CHAOS_TEST_RESUME=path`` fits from that checkpoint."""
+``CHAOS_TEST_RESUME=path`` fits from that checkpoint; ``CHAOS_TEST_ACCUM=k``
+and ``CHAOS_TEST_CLIP=v`` set gradient accumulation and clipping."""
 
 from __future__ import annotations
 
@@ -57,7 +58,10 @@ class Regressor(pl.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        say(event="step", step=self.trainer.global_step, world=self.trainer.world_size, pid=os.getpid(), lr=lr)
+        say(
+            event="step", step=self.trainer.global_step, world=self.trainer.world_size, pid=os.getpid(), lr=lr,
+            epoch=self.current_epoch, batch=batch_idx,
+        )
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.parameters(), lr=1e-2)
@@ -127,6 +131,8 @@ def main() -> None:
         strategy="chaos", accelerator="cpu", devices=1, max_epochs=epochs, logger=False, callbacks=callbacks,
         enable_checkpointing=bool(env.get("CHAOS_TEST_CKPT_DIR")), enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0,
+        accumulate_grad_batches=int(env.get("CHAOS_TEST_ACCUM", 1)),
+        gradient_clip_val=float(env["CHAOS_TEST_CLIP"]) if env.get("CHAOS_TEST_CLIP") else None,
     )
     say(event="ready", pid=os.getpid())
     loaders = {"train_dataloaders": DataLoader(Indexed(n), batch_size=4, shuffle=True)}

@@ -101,7 +101,9 @@ def assert_identical_and_exactly_once(results: list[dict], epochs: int = EPOCHS,
 
 @pytest.mark.timeout(240)
 def test_four_nodes_one_leaves_one_is_killed_survivors_finish_identical_and_exactly_once(tmp_path):
-    nodes = start(4, tmp_path)
+    """With gradient accumulation (windows of 2 micro-batches, one all-reduce
+    each) and clipping: a failure loses the whole window, commits are per window."""
+    nodes = start(4, tmp_path, env={"CHAOS_TEST_ACCUM": "2", "CHAOS_TEST_CLIP": "0.5"})
     try:
         pids = [n.wait(lambda r: r["event"] == "ready", 60)["pid"] for n in nodes]
         leaver, victim, survivors = nodes[3], nodes[2], nodes[:2]
@@ -298,3 +300,24 @@ def test_a_node_killed_during_validation_does_not_stop_the_survivors(tmp_path):
     assert_identical_and_exactly_once(results, epochs=epochs)
     later = [r for r in survivors[0].records if r["event"] == "val" and r["epoch"] >= 2]
     assert later and all(r["world"] == 2 and r["count"] == float(val) for r in later), later
+
+
+@pytest.mark.timeout(240)
+def test_a_failure_in_the_last_accumulation_window_of_an_epoch_keeps_exactly_once(tmp_path):
+    """Three nodes, windows of two micro-batches; a node is killed while the
+    last window of epoch 1 runs (160 samples, blocks of 12: micro-batches
+    0..13).  The window's update is lost, its samples go back, and the epoch
+    goes on at world 2 instead of ending where the old plan ended."""
+    nodes = start(3, tmp_path, sleep=0.15, env={"CHAOS_TEST_ACCUM": "2"})
+    victim, survivors = nodes[2], nodes[:2]
+    try:
+        victim.wait(lambda r: r["event"] == "step" and r["epoch"] == 1 and r["batch"] == 12, 120)
+        victim.proc.kill()
+        results = [n.wait(lambda r: r["event"] == "done", 120) for n in survivors]
+    finally:
+        for n in nodes:
+            n.stop()
+    assert_identical_and_exactly_once(results)
+    assert any(s.get("failed_step") for s in results[0]["switches"])
+    epoch1 = [r for r in survivors[0].records if r["event"] == "step" and r["epoch"] == 1]
+    assert epoch1[-1]["world"] == 2 and epoch1[-1]["batch"] > 13, "epoch 1 went on at world 2"

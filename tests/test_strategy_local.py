@@ -126,3 +126,17 @@ def test_pytorch_lightning_trainer_gets_chaos_too(lone_node):
     trainer.fit(PtlTiny(), DataLoader(TensorDataset(torch.randn(10, 4), torch.randn(10, 1)), batch_size=4))
     trainer.strategy.ledger.assert_exact_cover(0)
     assert trainer.global_step == 3
+
+
+@pytest.mark.timeout(120)
+def test_gradient_accumulation_and_clipping_commit_whole_windows(lone_node):
+    """With ``accumulate_grad_batches=3`` the gradient is synced once per
+    window, and the window's micro-batches are committed together."""
+    data = TensorDataset(torch.randn(30, 4), torch.randn(30, 1))
+    trainer = pl.Trainer(
+        strategy="chaos", max_epochs=2, accumulate_grad_batches=3, gradient_clip_val=0.5, **trainer_kwargs()
+    )
+    trainer.fit(Tiny(), DataLoader(data, batch_size=4, shuffle=True))
+    for epoch in range(2):
+        trainer.strategy.ledger.assert_exact_cover(epoch)
+    assert trainer.global_step == 2 * 3  # 8 micro-batches per epoch: windows of 3, 3 and 2

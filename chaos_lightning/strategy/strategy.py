@@ -175,6 +175,12 @@ class ChaosStrategy(DDPStrategy):
         self._block_sync = False
         self._control = (0.0, 0.0, 0.0)  # summed: samples, epochs, leave flags
         self._step_failed = False
+        # gradient accumulation: micro-batches of the current window already
+        # done (their gradients wait for the window's one all-reduce), and
+        # whether the last backward synced (the window's end)
+        self._micro = 0
+        self._synced = False
+        self._window = 1  # micro-batches of the last synced window
         self.elastic_sampler: ElasticSampler | None = None
         self.ledger: Ledger | None = None
         self.events: list[dict[str, Any]] = []  # view changes with timings, for logs and tests
@@ -430,7 +436,9 @@ class ChaosStrategy(DDPStrategy):
         if self._block_sync or self.elastic_sampler is None:
             return
         params = [p for p in self.lightning_module.parameters() if p.requires_grad]
-        n = float(len(self.elastic_sampler.batch_for(0)))
+        # the samples this rank's accumulated gradient covers: every micro-batch of the window
+        n = float(sum(len(self.elastic_sampler.batch_for(j)) for j in range(self._micro + 1)))
+        self._synced = True
         epoch = float(self._rdv.current_view().epoch)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         control = torch.tensor([n, epoch, 1.0 if self._leave_requested else 0.0], dtype=grads[0].dtype)
@@ -462,11 +470,18 @@ class ChaosStrategy(DDPStrategy):
         sampler = self.elastic_sampler
         if sampler is None:
             return
+        if not self._synced:
+            # a micro-step of gradient accumulation: nothing synced, nothing
+            # to commit or decide until the window's last micro-batch
+            self._micro += 1
+            return
+        self._window, self._micro, self._synced = self._micro + 1, 0, False
         failed, self._step_failed = self._step_failed, False
         total, epochs, leaves = self._control
         if not failed:
-            trained = sampler.commit_step()
-            self.ledger.record(sampler.epoch, trained)
+            for _ in range(self._window):  # one optimizer step trained the window's blocks
+                trained = sampler.commit_step()
+                self.ledger.record(sampler.epoch, trained)
         due = failed or leaves > 0 or epochs != len(self._trainers) * self._view.epoch
         if not due:
             return
@@ -546,9 +561,11 @@ class ChaosStrategy(DDPStrategy):
             return
         sampler = self.elastic_sampler
         if code == 1 and best == 2:
-            # the step we aborted did commit elsewhere: record its block (still
-            # laid out for the old world, as on src when it committed)
-            self.ledger.record(sampler.epoch, sampler.block(0))
+            # the step we aborted did commit elsewhere: record its blocks (one
+            # per micro-batch of the window, still laid out for the old world,
+            # as on src when it committed)
+            for j in range(self._window):
+                self.ledger.record(sampler.epoch, sampler.block(j))
         self._load_training_state(trainer, state, progress=code == 0)
 
     def _training_state(self, trainer: Any) -> dict[str, Any]:
@@ -652,6 +669,12 @@ def _reset_epoch_length(trainer: Any, sampler: ElasticSampler, new_epoch: bool =
     if not new_epoch and fit_loop._data_fetcher is not None:
         iter(fit_loop._data_fetcher)  # drop batches planned under the old layout
     fit_loop.max_batches = ready + remaining
+    if not new_epoch:
+        # The fetcher flagged the step it served as the epoch's last under the
+        # old plan; Lightning ends the epoch on that flag alone.  A failed last
+        # step puts its samples back, so the epoch goes on (measured: without
+        # this, a failed last window lost its 16 samples from the epoch).
+        epoch_loop.batch_progress.is_last_batch = remaining == 0
     interval = trainer.val_check_interval
     if isinstance(interval, float) and trainer.val_check_batch is not None and trainer.val_check_batch != float("inf"):
         # a fraction of the epoch, as Lightning computes it at setup, but of
