@@ -9,7 +9,9 @@ validation step sleeping ``CHAOS_TEST_VAL_SLEEP`` seconds;
 ``CHAOS_TEST_CKPT_DIR`` + ``CHAOS_TEST_CKPT_EVERY=k`` save a checkpoint every
 k steps (and report the ledger at step k, event "ledger_at");
 ``CHAOS_TEST_RESUME=path`` fits from that checkpoint; ``CHAOS_TEST_ACCUM=k``
-and ``CHAOS_TEST_CLIP=v`` set gradient accumulation and clipping."""
+and ``CHAOS_TEST_CLIP=v`` set gradient accumulation and clipping;
+``CHAOS_TEST_HIDDEN=h`` widens the model (a bigger state to transfer) and
+``CHAOS_TEST_SERVE_BPS=r`` makes this node serve joiners at most r bytes/s."""
 
 from __future__ import annotations
 
@@ -45,9 +47,9 @@ class Indexed(Dataset):
 
 
 class Regressor(pl.LightningModule):
-    def __init__(self, step_sleep: float, scheduler: bool = False):
+    def __init__(self, step_sleep: float, scheduler: bool = False, hidden: int = 16):
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
         self.step_sleep = step_sleep
         self.scheduler = scheduler
 
@@ -119,7 +121,7 @@ def main() -> None:
     env = os.environ
     val = int(env.get("CHAOS_TEST_VAL", 0))
     sched = env.get("CHAOS_TEST_SCHED") == "1"
-    model = (Validated if val else Regressor)(sleep, scheduler=sched)
+    model = (Validated if val else Regressor)(sleep, scheduler=sched, hidden=int(env.get("CHAOS_TEST_HIDDEN", 16)))
     callbacks: list[pl.Callback] = []
     if sched:
         callbacks.append(chaos_lightning.ScaleLRWithWorld("sqrt"))
@@ -134,6 +136,13 @@ def main() -> None:
         accumulate_grad_batches=int(env.get("CHAOS_TEST_ACCUM", 1)),
         gradient_clip_val=float(env["CHAOS_TEST_CLIP"]) if env.get("CHAOS_TEST_CLIP") else None,
     )
+    if env.get("CHAOS_TEST_SERVE_BPS"):
+        # fault injector: this node serves state to joiners at most this fast
+        class SlowServe(pl.Callback):
+            def setup(self, trainer, pl_module, stage):
+                trainer.strategy._server.slow_down(float(env["CHAOS_TEST_SERVE_BPS"]))
+
+        trainer.callbacks.append(SlowServe())
     say(event="ready", pid=os.getpid())
     loaders = {"train_dataloaders": DataLoader(Indexed(n), batch_size=4, shuffle=True)}
     if val:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -29,11 +30,26 @@ def etcd_binary() -> str | None:
     return shutil.which("etcd") or next((p for p in ("/usr/bin/etcd", "/usr/local/bin/etcd") if os.access(p, os.X_OK)), None)
 
 
+#: Ports handed out for processes to bind later: below Linux's ephemeral
+#: range (32768-60999), which every ``bind(0)`` and every outgoing connection
+#: draws from.  A port taken from that range stayed free only until some
+#: other test's connection picked it in the seconds before our worker bound
+#: it ("address already in use", seen once in three runs).
+_PORTS = (20000, 32000)
+_rng = random.Random(os.getpid())
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now (another process could still take it: callers retry)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port free right now, outside the ephemeral range (see :data:`_PORTS`)."""
+    for _ in range(200):
+        port = _rng.randrange(*_PORTS)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_PORTS} after 200 tries")
 
 
 def _healthy(client_url: str) -> bool:

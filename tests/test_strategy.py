@@ -321,3 +321,32 @@ def test_a_failure_in_the_last_accumulation_window_of_an_epoch_keeps_exactly_onc
     assert any(s.get("failed_step") for s in results[0]["switches"])
     epoch1 = [r for r in survivors[0].records if r["event"] == "step" and r["epoch"] == 1]
     assert epoch1[-1]["world"] == 2 and epoch1[-1]["batch"] > 13, "epoch 1 went on at world 2"
+
+
+@pytest.mark.timeout(240)
+def test_a_joiner_killed_while_pulling_the_state_leaves_the_members_unaffected(tmp_path):
+    """Members serve a ~5 MB state at 2 MB/s each, so the joiner's parallel
+    pull takes about a second; the joiner is killed in the middle of it.  The
+    members, paused at the step boundary for the pull, see their group fail,
+    move to the view without the joiner and finish identical, exactly once."""
+    env = {"CHAOS_TEST_HIDDEN": "40000", "CHAOS_TEST_SERVE_BPS": str(2_000_000)}
+    members = start(2, tmp_path, sleep=0.05, env=env)
+    nodes = list(members)
+    try:
+        members[0].wait(lambda r: r["event"] == "step" and r["step"] >= 3, 120)
+        joiner = join(members[0], tmp_path, "joiner", N, EPOCHS, 0.05, env=env)
+        nodes.append(joiner)
+        joiner.wait(lambda r: r["event"] == "ready", 60)
+        # the members stop stepping when the joiner's pull starts
+        deadline = time.monotonic() + 60
+        while time.monotonic() - members[0].records[-1]["_t"] < 0.4:
+            assert time.monotonic() < deadline, "the members never paused for the joiner"
+            time.sleep(0.02)
+        joiner.proc.kill()
+        results = [n.wait(lambda r: r["event"] == "done", 120) for n in members]
+    finally:
+        for n in nodes:
+            n.stop()
+    assert_identical_and_exactly_once(results)
+    log = (tmp_path / "n0.log").read_text()
+    assert "state sync in epoch" in log and "failed" in log, "the members saw the pull fail"

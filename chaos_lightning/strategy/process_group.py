@@ -258,19 +258,23 @@ class ElasticProcessGroup:
         abort: AbortFlag = None,
         timeout: float | timedelta | None = None,
         op: Any = dist.ReduceOp.SUM,
+        in_place: bool = False,
     ) -> torch.Tensor:
         """All-reduce ``tensor`` in place (and return it), abandonable.
 
         Raises :class:`CollectiveAborted` as soon as ``abort`` is set (within
         ~1 ms), :class:`CollectiveTimeout` after ``timeout`` s (default: the
         PG timeout), :class:`CollectiveFailed` on a backend error.  On any of
-        them ``tensor`` is unchanged.  gloo has no ``ReduceOp.AVG``: sum and
-        divide.
+        them ``tensor`` is unchanged -- unless ``in_place``: then the op works
+        on ``tensor`` itself (no copy), and after an error the caller must
+        never read it again, since an abandoned op may still write into it.
+        gloo has no ``ReduceOp.AVG``: sum and divide.
         """
-        buf = tensor.detach().clone()
+        buf = tensor if in_place else tensor.detach().clone()
         self._run([buf], abort, timeout, op, what=f"all_reduce({tuple(tensor.shape)})")
-        with torch.no_grad():
-            tensor.copy_(buf)
+        if not in_place:
+            with torch.no_grad():
+                tensor.copy_(buf)
         return tensor
 
     def all_reduce_bucket(

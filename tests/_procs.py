@@ -1,0 +1,95 @@
+"""Real worker processes that print JSON lines, for the multi-process tests.
+
+A generic form of the ``Trainer`` harness in ``test_strategy.py``: any worker
+script and argv, any environment.  Every wait is bounded and :meth:`Node.stop`
+kills and reaps the process, so tests call it from ``finally``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+Record = dict[str, Any]
+
+
+class Node:
+    """One worker process; its JSON stdout lines become ``records`` (with ``_t``,
+    the monotonic arrival time); stderr goes to ``log`` (named on failure)."""
+
+    def __init__(self, script: Path, argv: Sequence[str], env: Mapping[str, str], log: Path) -> None:
+        self.log = log
+        self.env = dict(env)  # what the test set (not the inherited environment)
+        self._err = open(log, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), *argv],
+            cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            stdout=subprocess.PIPE, stderr=self._err, text=True,
+        )
+        self.records: list[Record] = []
+        self._lines: queue.Queue[Record] = queue.Queue()
+        self._eof = threading.Event()  # stdout closed: no record will come any more
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(rec, dict):
+                continue
+            rec["_t"] = time.monotonic()
+            self.records.append(rec)
+            self._lines.put(rec)
+        self._eof.set()
+
+    def wait(self, pred: Callable[[Record], bool], timeout: float) -> Record:
+        """The first record (already seen or still to come) matching ``pred``."""
+        deadline = time.monotonic() + timeout
+        for rec in list(self.records):
+            if pred(rec):
+                return rec
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out after {timeout}s; last records {self.records[-3:]}; {self._state()}"
+            try:
+                rec = self._lines.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                # fail fast (not at the deadline) once the worker is gone
+                assert not (self._eof.is_set() and self._lines.empty()), (
+                    f"stdout closed before the record came; last records {self.records[-3:]}; {self._state()}"
+                )
+                continue
+            if pred(rec):
+                return rec
+
+    def _state(self) -> str:
+        return f"exit code {self.proc.poll()}, log {self.log}"
+
+    def event(self, name: str, timeout: float) -> Record:
+        return self.wait(lambda r: r.get("event") == name, timeout)
+
+    def exit_code(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        """Kill (if still running) and reap; idempotent."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout=10)
+        finally:
+            if not self._err.closed:
+                self._err.close()
