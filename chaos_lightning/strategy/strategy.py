@@ -32,9 +32,10 @@ complete the step, their parameters and optimizer state are broadcast to the
 others, so replicas stay bit-identical, and the sampler commits or returns the
 step's samples accordingly.
 
-Joiners warm up first and ask to join at train start; the same state sync
-(one member sends, for now; the replication layer will spread it over
-several) brings them the live state.  Gradient clipping acts on the averaged
+Joiners warm up first and ask to join at train start; the members pause at
+the step boundary and the joiners pull the live state from up to
+``max_sources`` of them in parallel (:mod:`chaos_lightning.replication`:
+bandwidth-aware shards, re-fetch on a dead source or a bad checksum).  Gradient clipping acts on the averaged
 gradient, as under DDP.  What is still missing is listed in docs/strategy.md.
 """
 
@@ -124,7 +125,8 @@ class ChaosStrategy(DDPStrategy):
     cluster), ``CHAOS_SECRET``, ``CHAOS_PRESET`` (``local``),
     ``CHAOS_MIN_NODES`` (1), ``CHAOS_GLOBAL_BATCH_SIZE`` (unset: the
     DataLoader's batch size per node; set: that many samples per step, split
-    over the current world).  ``collective_timeout`` bounds every collective
+    over the current world), ``CHAOS_MAX_SOURCES`` (8: how many members a
+    joiner pulls the state from at once).  ``collective_timeout`` bounds every collective
     (the membership layer usually ends a stuck one much sooner).
     """
 
