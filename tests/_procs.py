@@ -93,3 +93,46 @@ class Node:
         finally:
             if not self._err.closed:
                 self._err.close()
+
+
+def cluster(
+    script: Path,
+    argv: Sequence[str] | Callable[[int], Sequence[str]],
+    k: int,
+    tmp: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    prefix: str = "n",
+) -> list[Node]:
+    """``k`` chaos nodes started at once (node 0 founds the cluster, the others
+    join through it); training starts once all ``k`` are members.  ``argv``
+    may depend on the node's index."""
+    from etcd_server import free_port
+
+    addrs = [f"127.0.0.1:{free_port()}" for _ in range(k)]
+    return [
+        Node(script, argv(i) if callable(argv) else argv, {
+            "CHAOS_BIND": a, "CHAOS_PEERS": "" if i == 0 else addrs[0], "CHAOS_MIN_NODES": str(k), **(env or {}),
+        }, tmp / f"{prefix}{i}.log")
+        for i, a in enumerate(addrs)
+    ]
+
+
+def joiner(
+    script: Path, argv: Sequence[str], via: Node, tmp: Path, name: str, env: Mapping[str, str] | None = None
+) -> Node:
+    """A node started later that joins the running fit through ``via``."""
+    from etcd_server import free_port
+
+    return Node(script, argv, {
+        "CHAOS_BIND": f"127.0.0.1:{free_port()}", "CHAOS_PEERS": via.env["CHAOS_BIND"], "CHAOS_MIN_NODES": "1",
+        **(env or {}),
+    }, tmp / f"{name}.log")
+
+
+def finish(nodes: Sequence[Node], timeout: float) -> list[Record]:
+    """Every node's ``done`` record; each must exit 0."""
+    done = [n.event("done", timeout) for n in nodes]
+    for n in nodes:
+        assert n.exit_code(30) == 0, n.log
+    return done

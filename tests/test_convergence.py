@@ -30,7 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from _procs import Node, Record
+from _procs import Node, cluster, finish
+from _procs import joiner as start_joiner
 from etcd_server import free_port
 
 WORKER = Path(__file__).with_name("_convergence_worker.py")
@@ -57,21 +58,7 @@ def start_ddp(tmp: Path) -> list[Node]:
 
 def start_chaos(tmp: Path, name: str) -> list[Node]:
     """K chaos processes; training starts once all K are members."""
-    addrs = [f"127.0.0.1:{free_port()}" for _ in range(K)]
-    return [
-        Node(WORKER, argv("chaos", sleep=STEP_SLEEP), {
-            "CHAOS_BIND": a, "CHAOS_PEERS": "" if i == 0 else addrs[0], "CHAOS_MIN_NODES": str(K),
-        }, tmp / f"{name}{i}.log")
-        for i, a in enumerate(addrs)
-    ]
-
-
-def finish(nodes: list[Node], timeout: float) -> list[Record]:
-    """Every node's ``done`` record; each must exit 0."""
-    done = [n.event("done", timeout) for n in nodes]
-    for n in nodes:
-        assert n.exit_code(30) == 0, n.log
-    return done
+    return cluster(WORKER, argv("chaos", sleep=STEP_SLEEP), K, tmp, prefix=name)
 
 
 @dataclass(frozen=True)
@@ -149,10 +136,10 @@ def test_chaos_with_churn_converges_like_ddp(ddp: DdpRun, tmp_path: Path) -> Non
     """
     nodes = start_chaos(tmp_path, "churn")
     gate = tmp_path / "join-now"
-    joiner = Node(WORKER, argv("chaos", sleep=STEP_SLEEP), {
-        "CHAOS_BIND": f"127.0.0.1:{free_port()}", "CHAOS_PEERS": nodes[1].env["CHAOS_BIND"], "CHAOS_MIN_NODES": "1",
-        "CONV_GATE": str(gate),
-    }, tmp_path / "joiner.log")
+    joiner = start_joiner(
+        WORKER, argv("chaos", sleep=STEP_SLEEP), nodes[1], tmp_path, "joiner",
+        {"CONV_GATE": str(gate)},
+    )
     leaver, survivors = nodes[2], [*nodes[:2], joiner]
     try:
         leaver.wait(lambda r: r["event"] == "step" and r["step"] >= 45, 90)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from _procs import Node, Record
-from etcd_server import free_port
+from _procs import Node, Record, cluster, finish
+from _procs import joiner as start_joiner
 
 WORKER = Path(__file__).with_name("_demo_worker.py")
 K = 3
@@ -27,20 +27,7 @@ K = 3
 def start(k: int, tmp: Path, model: str, epochs: int, env: dict[str, str] | None = None) -> list[Node]:
     """``k`` nodes started at once; training starts with all ``k`` (the
     founder is rank 0 of the first view)."""
-    addrs = [f"127.0.0.1:{free_port()}" for _ in range(k)]
-    return [
-        Node(WORKER, [model, str(epochs), str(tmp / f"root{i}")], {
-            "CHAOS_BIND": a, "CHAOS_PEERS": "" if i == 0 else addrs[0], "CHAOS_MIN_NODES": str(k), **(env or {}),
-        }, tmp / f"n{i}.log")
-        for i, a in enumerate(addrs)
-    ]
-
-
-def finish(nodes: list[Node], timeout: float) -> list[Record]:
-    done = [n.event("done", timeout) for n in nodes]
-    for n in nodes:
-        assert n.exit_code(30) == 0, n.log
-    return done
+    return cluster(WORKER, lambda i: [model, str(epochs), str(tmp / f"root{i}")], k, tmp, env=env)
 
 
 def assert_replicas_identical(done: list[Record]) -> None:
@@ -109,10 +96,10 @@ def test_boring_model_through_a_leave_and_a_join(tmp_path: Path) -> None:
     slow = {"DEMO_STEP_SLEEP": "0.05"}
     nodes = start(K, tmp_path, "boring", epochs, slow)
     gate = tmp_path / "join-now"
-    joiner = Node(WORKER, ["boring", str(epochs), str(tmp_path / "root-joiner")], {
-        "CHAOS_BIND": f"127.0.0.1:{free_port()}", "CHAOS_PEERS": nodes[1].env["CHAOS_BIND"], "CHAOS_MIN_NODES": "1",
-        "DEMO_GATE": str(gate), **slow,
-    }, tmp_path / "joiner.log")
+    joiner = start_joiner(
+        WORKER, ["boring", str(epochs), str(tmp_path / "root-joiner")], nodes[1], tmp_path, "joiner",
+        {"DEMO_GATE": str(gate), **slow},
+    )
     leaver, finishers = nodes[2], [nodes[0], nodes[1], joiner]
     try:
         leaver.wait(lambda r: r["event"] == "step" and r["step"] >= 30, 60)
@@ -159,10 +146,10 @@ def test_a_node_joining_while_the_members_validate_trains_with_them(tmp_path: Pa
     epochs = 3
     nodes = start(K, tmp_path, "boring", epochs, {"DEMO_VAL_SLEEP": "0.1"})
     gate = tmp_path / "join-now"
-    joiner = Node(WORKER, ["boring", str(epochs), str(tmp_path / "root-joiner")], {
-        "CHAOS_BIND": f"127.0.0.1:{free_port()}", "CHAOS_PEERS": nodes[1].env["CHAOS_BIND"], "CHAOS_MIN_NODES": "1",
-        "DEMO_GATE": str(gate), "DEMO_VAL_SLEEP": "0.1",
-    }, tmp_path / "joiner.log")
+    joiner = start_joiner(
+        WORKER, ["boring", str(epochs), str(tmp_path / "root-joiner")], nodes[1], tmp_path, "joiner",
+        {"DEMO_GATE": str(gate), "DEMO_VAL_SLEEP": "0.1"},
+    )
     try:
         joiner.event("ready", 60)
         nodes[0].event("val_start", 60)
@@ -187,10 +174,10 @@ def test_a_node_joining_at_the_last_step_of_an_epoch_trains_with_them(tmp_path: 
     epochs = 3
     nodes = start(K, tmp_path, "boring", epochs, {"DEMO_PAUSE_AFTER_STEP": "21"})
     gate = tmp_path / "join-now"
-    joiner = Node(WORKER, ["boring", str(epochs), str(tmp_path / "root-joiner")], {
-        "CHAOS_BIND": f"127.0.0.1:{free_port()}", "CHAOS_PEERS": nodes[1].env["CHAOS_BIND"], "CHAOS_MIN_NODES": "1",
-        "DEMO_GATE": str(gate),
-    }, tmp_path / "joiner.log")
+    joiner = start_joiner(
+        WORKER, ["boring", str(epochs), str(tmp_path / "root-joiner")], nodes[1], tmp_path, "joiner",
+        {"DEMO_GATE": str(gate)},
+    )
     try:
         joiner.event("ready", 60)
         nodes[0].wait(lambda r: r["event"] == "step" and r["step"] == 21, 60)

@@ -682,7 +682,12 @@ class ChaosStrategy(DDPStrategy):
         holding = self.global_rank in holders
         if holding:
             meta, tensors = pack_tree(self._full_state(trainer))
-            self._server.publish(Snapshot(meta, tensors))
+            snapshot = Snapshot(meta, tensors)
+            self._server.publish(snapshot)
+            log.info(
+                "chaos: serving the state (%.1f MB, %d shards) to %d newcomer(s)",
+                snapshot.manifest.total_bytes / 1e6, len(snapshot.manifest.shards), len(codes) - len(holders),
+            )
         try:
             self._collective(torch.ones(1))  # every snapshot is published
             ok = 1.0
