@@ -1,0 +1,791 @@
+"""``chaos-run``: the launcher of chaos_lightning training scripts (torchrun-like).
+
+Role in the whole: the strategy (``Trainer(strategy="chaos")``) reads its
+configuration from ``CHAOS_*`` environment variables and is started as one
+process per device by the user.  This module is that user: it sets the
+environment, starts the script, forwards signals (SIGTERM = graceful leave at
+the next step boundary) and reaps what it started.  It also queries a live
+node (``status``) and asks a node to leave (``leave``).
+
+Usage (see ``chaos-run --help``)::
+
+    chaos-run --bind HOST:PORT [--peers HOST:PORT,...] [--min-nodes K] train.py ARGS...   # one node
+    chaos-run --nodes N [--host H] [--base-port P] train.py ARGS...                      # N local nodes
+    chaos-run --join HOST:PORT train.py ARGS...                                          # join a running cluster
+    chaos-run leave --pid PID | --node HOST:PORT [--wait S]                              # graceful leave
+    chaos-run status --peer HOST:PORT [--json]                                           # view, links, resources
+
+Children run in their own session (so a Ctrl-C in the terminal reaches them
+once, through the launcher) and receive SIGTERM if the launcher itself dies
+(Linux ``PR_SET_PDEATHSIG``), so no node outlives its launcher unnoticed.
+Every wait is bounded: after a forwarded signal the children have ``--grace``
+seconds before SIGKILL; a second Ctrl-C kills at once.
+
+Errors the user can fix (a malformed or unreachable address, a wrong secret, a
+missing script, a busy port) are one line on stderr and exit code 2, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, NoReturn
+
+PROG = "chaos-run"
+#: exit code of every user error (argparse's convention)
+EXIT_USAGE = 2
+#: default first port of ``--nodes`` (torchrun's master port)
+DEFAULT_BASE_PORT = 29500
+#: seconds children get to leave after a forwarded signal before SIGKILL
+DEFAULT_GRACE = 30.0
+#: signals forwarded to the children
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
+
+
+class LaunchError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------- addresses
+def parse_hostport(text: str, *, allow_port0: bool = False) -> tuple[str, int]:
+    """Split and validate ``HOST:PORT`` (``[v6]:PORT`` for IPv6).
+
+    ``HOST`` must be an IP address or a syntactically valid host name; ``PORT``
+    1-65535 (0 too with ``allow_port0``: "any free port", for binding).
+    Raises :class:`LaunchError` with a one-line message.
+    """
+    raw = text.strip()
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port:
+        raise LaunchError(f"invalid address {text!r}: expected HOST:PORT")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise LaunchError(f"invalid address {text!r}: unbalanced brackets")
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise LaunchError(f"invalid address {text!r}: {host!r} is not an IPv6 address") from None
+    elif ":" in host:
+        raise LaunchError(f"invalid address {text!r}: write IPv6 addresses as [ADDR]:PORT")
+    else:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            if re.fullmatch(r"[0-9.]+", host) or not _HOSTNAME.match(host):
+                raise LaunchError(f"invalid address {text!r}: {host!r} is neither an IP address nor a host name") from None
+    if not port.isdigit():
+        raise LaunchError(f"invalid address {text!r}: port {port!r} is not a number")
+    number = int(port)
+    if number > 65535 or (number == 0 and not allow_port0):
+        raise LaunchError(f"invalid address {text!r}: port must be 1-65535" + (" (or 0 to bind any)" if allow_port0 else ""))
+    return host, number
+
+
+def format_hostport(host: str, port: int) -> str:
+    """``HOST:PORT``, bracketing IPv6 addresses."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _addr_arg(allow_port0: bool = False) -> Callable[[str], str]:
+    def convert(text: str) -> str:
+        try:
+            return format_hostport(*parse_hostport(text, allow_port0=allow_port0))
+        except LaunchError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def _addr_list_arg(text: str) -> list[str]:
+    return [_addr_arg()(part) for part in text.split(",") if part.strip()]
+
+
+def _route_host(peer: str) -> str:
+    """The local address that routes towards ``peer`` (loopback for a loopback peer)."""
+    host, port = parse_hostport(peer)
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(info[0], socket.SOCK_DGRAM) as s:
+            s.connect(info[4])  # UDP: no packet is sent, the kernel only picks a route
+            return str(s.getsockname()[0])
+    except OSError as exc:
+        raise LaunchError(f"cannot route to {peer}: {exc.strerror or exc}") from None
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail early (one line) when ``host:port`` cannot be bound, instead of N tracebacks."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the agent's server does
+            s.bind((host, port))
+    except OSError as exc:
+        reason = "already in use" if exc.errno == 98 else (exc.strerror or str(exc))
+        raise LaunchError(f"cannot bind {format_hostport(host, port)}: {reason} (choose another --base-port/--bind)") from None
+
+
+# ---------------------------------------------------------------------- argument parsing
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit code 2 (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+_FORMATTER = argparse.RawDescriptionHelpFormatter
+
+LAUNCH_DESCRIPTION = """\
+Start chaos_lightning training processes (Trainer(strategy="chaos")) with the
+CHAOS_* environment set, forward SIGTERM/SIGINT/SIGHUP to them, reap them, and
+exit with their exit code (128+N for a child killed by signal N).
+
+modes:
+  one node        chaos-run --bind HOST:PORT [--peers HOST:PORT,...] train.py ARGS...
+                  (no --peers: this node founds a cluster)
+  N local nodes   chaos-run --nodes N [--host H] [--base-port P] train.py ARGS...
+                  node 0 founds, nodes 1..N-1 join through it; training starts
+                  once N nodes are members (--min-nodes); every output line is
+                  prefixed with [nodeI]; exit code non-zero if any node failed
+  join            chaos-run --join HOST:PORT train.py ARGS...
+                  one node joining a running cluster through any of its members
+                  (CHAOS_MIN_NODES=1); with --nodes N, N nodes join
+
+other commands:
+  chaos-run status --peer HOST:PORT [--json]   a live node's view, links, resources, transfers
+  chaos-run leave --pid PID | --node HOST:PORT  graceful leave (SIGTERM) at the next step boundary
+
+signals: SIGTERM to chaos-run (or to a node) makes the node(s) leave
+gracefully at the next step boundary; the others go on training.  Ctrl-C is
+forwarded as SIGINT; a second Ctrl-C kills the children.  Children still
+running --grace seconds after a forwarded signal are killed.
+
+secret: the cluster secret is read from the environment (CHAOS_SECRET, or the
+variable named by --secret-env), never from the command line; it is required
+to listen on a non-loopback address.
+"""
+
+
+def _launch_parser() -> _Parser:
+    p = _Parser(prog=PROG, description=LAUNCH_DESCRIPTION, formatter_class=_FORMATTER, allow_abbrev=False)
+    where = p.add_argument_group("cluster")
+    where.add_argument(
+        "--bind", type=_addr_arg(allow_port0=True), default=None, metavar="HOST:PORT",
+        help="address this node listens on and is known by (CHAOS_BIND; default: $CHAOS_BIND, or 127.0.0.1:0, "
+        "or, with --join/--peers, the local address routing to the peer with port 0)",
+    )
+    where.add_argument(
+        "--peers", type=_addr_list_arg, default=None, metavar="HOST:PORT,...",
+        help="members to join through (CHAOS_PEERS; default: $CHAOS_PEERS; empty: found a cluster)",
+    )
+    where.add_argument("--join", type=_addr_arg(), default=None, metavar="HOST:PORT",
+                       help="join a running cluster through this member (sets --min-nodes 1 unless given)")
+    where.add_argument("--nodes", type=int, default=None, metavar="N", help="start N local nodes")
+    where.add_argument("--host", type=str, default="127.0.0.1",
+                       help="with --nodes: the host the nodes bind (default %(default)s)")
+    where.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT, metavar="P",
+                       help="with --nodes: node I binds port P+I (default %(default)s)")
+    where.add_argument("--min-nodes", type=int, default=None, metavar="K",
+                       help="training starts once a view has K members (CHAOS_MIN_NODES; default: N with --nodes, "
+                       "1 with --join, else $CHAOS_MIN_NODES or 1)")
+    where.add_argument("--secret-env", default="CHAOS_SECRET", metavar="VAR",
+                       help="environment variable holding the cluster secret, passed as CHAOS_SECRET (default %(default)s)")
+    where.add_argument("--preset", default=None, help="membership timing preset: local, lan, edge (CHAOS_PRESET)")
+    where.add_argument("--backend", default=None, help="rendezvous backend: peer, etcd (CHAOS_BACKEND)")
+    run = p.add_argument_group("process")
+    run.add_argument("-m", "--module", action="store_true", help="run the script as a module (python -m SCRIPT)")
+    run.add_argument("--no-python", action="store_true", help="run SCRIPT as an executable, not with the Python interpreter")
+    run.add_argument("--grace", type=float, default=DEFAULT_GRACE, metavar="S",
+                     help="seconds children get to exit after a forwarded signal before SIGKILL (default %(default)s)")
+    p.add_argument("script", metavar="SCRIPT", nargs="?",
+                   help="training script (or module with -m, or executable with --no-python)")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for the script")
+    return p
+
+
+def _status_parser() -> _Parser:
+    p = _Parser(
+        prog=f"{PROG} status", formatter_class=_FORMATTER, allow_abbrev=False,
+        description="Query a live node's agent and print its current view (epoch, members), links (RTT, bandwidth),\n"
+        "resources and transfer statistics.  The cluster secret comes from $CHAOS_SECRET (or --secret-env).",
+    )
+    p.add_argument("--peer", required=True, type=_addr_arg(), metavar="HOST:PORT",
+                   help="the node's agent address (its CHAOS_BIND)")
+    p.add_argument("--json", action="store_true", help="print the raw snapshot as JSON")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                   help="connect/answer bound in seconds (default %(default)s)")
+    p.add_argument("--secret-env", default="CHAOS_SECRET", metavar="VAR",
+                   help="variable holding the cluster secret (default %(default)s)")
+    return p
+
+
+def _leave_parser() -> _Parser:
+    p = _Parser(
+        prog=f"{PROG} leave", formatter_class=_FORMATTER, allow_abbrev=False,
+        description="Make a node on this machine leave gracefully: send it SIGTERM; it leaves the cluster at the next\n"
+        "step boundary and its fit returns (the others go on).  Sending SIGTERM to a chaos-run launcher does the\n"
+        "same for all of its nodes.",
+    )
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--pid", type=int, help="process id of the node (or of its chaos-run launcher)")
+    who.add_argument("--node", type=_addr_arg(), metavar="HOST:PORT",
+                     help="the local process listening on this address (its CHAOS_BIND)")
+    p.add_argument("--wait", type=float, default=0.0, metavar="S",
+                   help="wait up to S seconds for the process to exit (exit 1 if it does not)")
+    return p
+
+
+# ---------------------------------------------------------------------- launching
+@dataclass
+class NodeSpec:
+    """One process to start: its index, environment additions and command line."""
+
+    index: int
+    env: dict[str, str]
+    argv: list[str]
+
+
+def _secret(var: str) -> str | None:
+    value = os.environ.get(var)
+    if var != "CHAOS_SECRET" and not value:
+        raise LaunchError(f"--secret-env {var}: the variable is not set")
+    return value or None
+
+
+def _script_argv(args: argparse.Namespace) -> list[str]:
+    if args.module and args.no_python:
+        raise LaunchError("--module and --no-python exclude each other")
+    if args.no_python:
+        exe = shutil.which(args.script)
+        if exe is None:
+            raise LaunchError(f"no such executable: {args.script}")
+        return [exe, *args.script_args]
+    if args.module:
+        return [sys.executable, "-m", args.script, *args.script_args]
+    if not os.path.isfile(args.script):
+        raise LaunchError(f"no such script: {args.script}")
+    return [sys.executable, args.script, *args.script_args]
+
+
+def plan(args: argparse.Namespace) -> list[NodeSpec]:
+    """The processes a launch command starts (validated; no side effects but port checks)."""
+    from chaos_lightning.wire.auth import is_loopback
+
+    argv = _script_argv(args)
+    secret = _secret(args.secret_env)
+    common: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
+    if secret:
+        common["CHAOS_SECRET"] = secret
+    if args.preset:
+        common["CHAOS_PRESET"] = args.preset
+    if args.backend:
+        common["CHAOS_BACKEND"] = args.backend
+    if args.grace <= 0:
+        raise LaunchError("--grace must be positive")
+    if args.min_nodes is not None and args.min_nodes < 1:
+        raise LaunchError("--min-nodes must be at least 1")
+    if args.join and args.peers:
+        raise LaunchError("--join and --peers exclude each other (--join A is --peers A --min-nodes 1)")
+    peers = [args.join] if args.join else args.peers
+
+    if args.nodes is not None:
+        if args.nodes < 1:
+            raise LaunchError("--nodes must be at least 1")
+        if args.bind:
+            raise LaunchError("--bind is for one node; with --nodes use --host and --base-port")
+        host = parse_hostport(format_hostport(args.host.strip().strip("[]"), 1))[0]
+        if not 1 <= args.base_port <= 65535 - args.nodes + 1:
+            last = args.base_port + args.nodes - 1
+            raise LaunchError(f"--base-port {args.base_port}: ports {args.base_port}..{last} are out of range")
+        if not is_loopback(host) and not secret:
+            raise LaunchError(f"--host {host} is not loopback: set the cluster secret in ${args.secret_env}")
+        addrs = [format_hostport(host, args.base_port + i) for i in range(args.nodes)]
+        for i in range(args.nodes):
+            _check_port_free(host, args.base_port + i)
+        min_nodes = args.min_nodes if args.min_nodes is not None else (1 if peers else args.nodes)
+        specs = []
+        for i, addr in enumerate(addrs):
+            node_peers = peers if peers else ([] if i == 0 else [addrs[0]])
+            env = {**common, "CHAOS_BIND": addr, "CHAOS_PEERS": ",".join(node_peers),
+                   "CHAOS_MIN_NODES": str(min_nodes), "CHAOS_LAUNCH_INDEX": str(i)}
+            specs.append(NodeSpec(i, env, argv))
+        return specs
+
+    if peers is None:
+        peers = _addr_list_arg(os.environ.get("CHAOS_PEERS", "")) if os.environ.get("CHAOS_PEERS") else []
+    bind = args.bind or os.environ.get("CHAOS_BIND")
+    if bind:
+        bind = format_hostport(*parse_hostport(bind, allow_port0=True))
+    elif peers:
+        bind = format_hostport(_route_host(peers[0]), 0)
+    else:
+        bind = "127.0.0.1:0"
+    host, port = parse_hostport(bind, allow_port0=True)
+    if not is_loopback(host) and not secret:
+        raise LaunchError(f"--bind {bind} is not loopback: set the cluster secret in ${args.secret_env}")
+    _check_port_free(host, port)
+    if args.min_nodes is not None:
+        min_nodes = str(args.min_nodes)
+    elif args.join:
+        min_nodes = "1"
+    else:
+        min_nodes = os.environ.get("CHAOS_MIN_NODES", "1")
+    env = {**common, "CHAOS_BIND": bind, "CHAOS_PEERS": ",".join(peers), "CHAOS_MIN_NODES": min_nodes, "CHAOS_LAUNCH_INDEX": "0"}
+    return [NodeSpec(0, env, argv)]
+
+
+def _pdeathsig_preexec(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn``: SIGTERM this child when the launcher dies (Linux; a no-op elsewhere)."""
+
+    def preexec() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def _exit_code(returncode: int) -> int:
+    """A child's status as a shell reports it: 128+N for a death by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+@dataclass
+class _Child:
+    spec: NodeSpec
+    proc: subprocess.Popen
+    readers: list[threading.Thread] = field(default_factory=list)
+    reported: bool = False
+
+
+class Supervisor:
+    """Starts the planned processes, relays their output, forwards signals, reaps them.
+
+    ``prefix``: relay each child's stdout/stderr line by line as ``[nodeI] line``
+    (several nodes); otherwise children inherit the launcher's stdio.
+    """
+
+    def __init__(self, specs: Sequence[NodeSpec], *, prefix: bool, grace: float = DEFAULT_GRACE,
+                 out: IO[str] | None = None, err: IO[str] | None = None) -> None:
+        self.specs = list(specs)
+        self.prefix = prefix
+        self.grace = grace
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.children: list[_Child] = []
+        self._lock = threading.Lock()
+        self._signals: list[int] = []
+        self._stop_at: float | None = None  # monotonic deadline after a forwarded signal
+        self._width = len(str(len(self.specs) - 1))
+
+    # -- output
+    def _say(self, message: str) -> None:
+        with self._lock:
+            self.err.write(f"[{PROG}] {message}\n")
+            self.err.flush()
+
+    def _relay(self, child: _Child, stream: IO[bytes], sink: IO[str]) -> None:
+        tag = f"[node{child.spec.index:<{self._width}}] "
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            with self._lock:
+                sink.write(tag + line + "\n")
+                sink.flush()
+        stream.close()
+
+    # -- life
+    def start(self) -> None:
+        """Spawn every process (all before any relay thread: ``preexec_fn`` is
+        not safe once threads run), then start the relays."""
+        parent = os.getpid()
+        pipe = subprocess.PIPE if self.prefix else None
+        for spec in self.specs:
+            try:
+                proc = subprocess.Popen(
+                    spec.argv, env={**os.environ, **spec.env}, stdout=pipe, stderr=pipe,
+                    stdin=subprocess.DEVNULL if self.prefix else None,
+                    start_new_session=True, preexec_fn=_pdeathsig_preexec(parent),
+                )
+            except OSError as exc:
+                raise LaunchError(f"cannot start {spec.argv[0]}: {exc.strerror or exc}") from None
+            self.children.append(_Child(spec, proc))
+            if self.prefix:
+                self._say(f"node {spec.index}: pid {proc.pid}, bind {spec.env['CHAOS_BIND']}, "
+                          f"peers {spec.env['CHAOS_PEERS'] or '(founds the cluster)'}")
+        if self.prefix:
+            for child in self.children:
+                for stream, sink in ((child.proc.stdout, self.out), (child.proc.stderr, self.err)):
+                    assert stream is not None
+                    t = threading.Thread(
+                        target=self._relay, args=(child, stream, sink), name=f"relay{child.spec.index}", daemon=True
+                    )
+                    t.start()
+                    child.readers.append(t)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signals.append(signum)
+        if len(self._signals) > 1 and signum == signal.SIGINT:
+            self._kill_all()  # a second Ctrl-C: no more waiting
+            return
+        self.send(signum)
+        if self._stop_at is None:
+            self._stop_at = time.monotonic() + self.grace
+
+    def send(self, signum: int) -> None:
+        """Send ``signum`` to every child still running."""
+        for child in self.children:
+            if child.proc.poll() is None:
+                try:
+                    child.proc.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    def _kill_all(self) -> None:
+        for child in self.children:
+            if child.proc.poll() is None:
+                try:
+                    child.proc.kill()
+                except ProcessLookupError:
+                    pass
+
+    def _report(self) -> None:
+        for child in self.children:
+            code = child.proc.poll()
+            if code is not None and not child.reported:
+                child.reported = True
+                if self.prefix or code != 0:
+                    how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                    self._say(f"node {child.spec.index} (pid {child.proc.pid}) {how}")
+
+    def wait(self) -> int:
+        """Wait for all children (killing them ``grace`` seconds after a forwarded
+        signal); the first non-zero exit code, else 0."""
+        while any(c.proc.poll() is None for c in self.children):
+            self._report()
+            if self._stop_at is not None and time.monotonic() > self._stop_at:
+                self._say(f"children still running {self.grace:g}s after the signal: killing them")
+                self._kill_all()
+                self._stop_at = float("inf")
+            time.sleep(0.05)
+        self._report()
+        self._join_relays(5.0)
+        codes = [_exit_code(c.proc.returncode) for c in self.children]
+        failed = [c for c in codes if c != 0]
+        if self.prefix and failed:
+            self._say(f"{len(failed)} of {len(codes)} nodes failed")
+        return failed[0] if failed else 0
+
+    def _join_relays(self, timeout: float) -> None:
+        # bounded: a grandchild that inherited the pipe may keep it open
+        deadline = time.monotonic() + timeout
+        for child in self.children:
+            for t in child.readers:
+                t.join(max(0.0, deadline - time.monotonic()))
+
+    def reap(self) -> None:
+        """Make sure nothing outlives the launcher: SIGTERM, a bounded wait, SIGKILL."""
+        live = [c for c in self.children if c.proc.poll() is None]
+        if not live:
+            return
+        self.send(signal.SIGTERM)
+        deadline = time.monotonic() + min(self.grace, 10.0)
+        while time.monotonic() < deadline and any(c.proc.poll() is None for c in live):
+            time.sleep(0.05)
+        self._kill_all()
+        for c in live:
+            try:
+                c.proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def run(self) -> int:
+        """start, wait, reap; signal handlers installed for the duration."""
+        previous = {s: signal.getsignal(s) for s in FORWARDED}
+        for s in FORWARDED:
+            signal.signal(s, self._on_signal)
+        try:
+            self.start()
+            if self._signals:  # a signal that came while spawning missed the later children
+                self.send(self._signals[-1])
+            return self.wait()
+        finally:
+            try:
+                self.reap()
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+
+def launch(argv: Sequence[str]) -> int:
+    """``chaos-run [options] SCRIPT ARGS...``."""
+    parser = _launch_parser()
+    args = parser.parse_args(list(argv))
+    if args.script is None:
+        parser.error("no training script given")
+    specs = plan(args)
+    return Supervisor(specs, prefix=args.nodes is not None, grace=args.grace).run()
+
+
+# ---------------------------------------------------------------------- leave
+def _pid_listening_on(addr: str) -> int:
+    import psutil
+
+    host, port = parse_hostport(addr)
+    wanted = {str(info[4][0]) for info in _resolve(host, port)}
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except psutil.AccessDenied:
+        raise LaunchError("cannot list this machine's sockets (permission denied): use --pid") from None
+    for c in conns:
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+            if c.laddr.ip in wanted or c.laddr.ip in ("0.0.0.0", "::"):
+                return int(c.pid)
+    raise LaunchError(f"no process of yours on this machine listens on {addr}")
+
+
+def _resolve(host: str, port: int) -> list[tuple[Any, ...]]:
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise LaunchError(f"cannot resolve {host!r}: {exc.strerror or exc}") from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        import psutil
+
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except Exception:
+        return True
+
+
+def leave(argv: Sequence[str]) -> int:
+    """``chaos-run leave --pid PID | --node HOST:PORT [--wait S]``."""
+    args = _leave_parser().parse_args(list(argv))
+    pid = args.pid if args.pid is not None else _pid_listening_on(args.node)
+    if pid <= 0:
+        raise LaunchError(f"invalid pid {pid}")
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        raise LaunchError(f"no process with pid {pid}") from None
+    except PermissionError:
+        raise LaunchError(f"not allowed to signal pid {pid}") from None
+    print(f"sent SIGTERM to pid {pid}: it leaves at the next step boundary")
+    if args.wait > 0:
+        deadline = time.monotonic() + args.wait
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                sys.stderr.write(f"{PROG} leave: pid {pid} still running after {args.wait:g}s\n")
+                return 1
+            time.sleep(0.05)
+        print(f"pid {pid} has exited")
+    return 0
+
+
+# ---------------------------------------------------------------------- status
+def fetch_status(addr: str, *, secret: str | None, timeout: float) -> dict:
+    """The agent snapshot of the node at ``addr``; :class:`LaunchError` with a one-line reason on failure."""
+    from chaos_lightning.agent import query_status
+    from chaos_lightning.wire.errors import AuthError, HandshakeTimeout, WireError
+
+    async def bounded() -> dict:
+        # query_status bounds connect and reply; the outer bound covers the rest
+        return await asyncio.wait_for(query_status(addr, secret=secret, timeout=timeout), timeout * 2 + 1)
+
+    try:
+        return asyncio.run(bounded())
+    except HandshakeTimeout:
+        raise LaunchError(
+            f"{addr}: no chaos_lightning handshake within {timeout:g}s (not an agent port, or unreachable)"
+        ) from None
+    except AuthError:
+        raise LaunchError(f"{addr}: the node refused the cluster secret (set CHAOS_SECRET to the cluster's secret)") from None
+    except WireError as exc:
+        raise LaunchError(f"{addr}: not a chaos_lightning agent, or another protocol version ({exc})") from None
+    except ConnectionRefusedError:
+        raise LaunchError(f"{addr}: connection refused (no node listening there)") from None
+    except socket.gaierror as exc:
+        reason = str(exc).rsplit(": ", 1)[-1]
+        raise LaunchError(f"{addr}: cannot resolve the host ({reason})") from None
+    except (TimeoutError, asyncio.TimeoutError):
+        raise LaunchError(f"{addr}: no answer within {timeout:g}s") from None
+    except OSError as exc:
+        raise LaunchError(f"{addr}: cannot connect ({exc.strerror or exc})") from None
+
+
+def _fmt(value: Any, spec: str = ".1f", unit: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:{spec}}{unit}"
+
+
+def _bytes(n: Any) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)
+
+
+def _gpu(g: dict) -> str:
+    return f"{g.get('index')}: {g.get('name')} {_bytes(g.get('mem_used'))}/{_bytes(g.get('mem_total'))}"
+
+
+def status_tables(snap: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The snapshot as (title, header, rows) tables: node, members, links, resources, transfers."""
+    m = snap.get("membership") or {}
+    view = snap.get("view") or {}
+    node = m.get("node") or snap.get("node", "?")
+    members: list[str] = list(view.get("members") or [])
+    down = {tuple(sorted(pair)) for pair in view.get("down_links") or []}
+    links: dict[str, dict] = snap.get("links") or {}
+    transfers: dict[str, dict] = snap.get("transfers") or {}
+
+    tables: list[tuple[str, list[str], list[list[str]]]] = []
+    tables.append((
+        f"node {node}",
+        ["addr", "phase", "quorate", "coordinator", "view epoch", "members"],
+        [[str(m.get("addr", "-")), str(m.get("phase", "-")), str(m.get("quorate", "-")),
+          str(m.get("coordinator", "-")), str(view.get("epoch", "-")), str(len(members))]],
+    ))
+    rows = []
+    for rank, member in enumerate(members):
+        role = []
+        if member == node:
+            role.append("this node")
+        if member == m.get("coordinator"):
+            role.append("coordinator")
+        bad = sorted(p for pair in down for p in pair if member in pair and p != member)
+        rows.append([str(rank), member, ", ".join(role), ", ".join(bad) or "-"])
+    tables.append((f"view {view.get('epoch', '-')}", ["rank", "member", "role", "links down to"], rows))
+    rows = []
+    for peer in sorted(set(links) | set(transfers)):
+        est = links.get(peer, {})
+        tr = transfers.get(peer, {})
+        rows.append([
+            peer, _fmt(est.get("rtt_ms"), ".2f"), _fmt(est.get("rtt_min_ms"), ".2f"), _fmt(est.get("bw_up_mbit"), ".1f"),
+            _fmt(est.get("bw_down_mbit"), ".1f"), _bytes(tr.get("sent_bytes")), _bytes(tr.get("recv_bytes")),
+            str(tr.get("count", "-")),
+        ])
+    tables.append(("links and transfers (from this node)",
+                   ["peer", "rtt ms", "min rtt ms", "up Mbit/s", "down Mbit/s", "sent", "received", "transfers"], rows))
+    res = snap.get("resources") or {}
+    gpus = res.get("gpus") or []
+    tables.append((
+        "resources",
+        ["cpus", "cpu %", "load 1m", "memory available", "memory total", "net sent", "net received", "gpus"],
+        [[str(res.get("cpu_count", "-")), _fmt(res.get("cpu_percent")), _fmt(res.get("load_avg_1m"), ".2f"),
+          _bytes(res.get("mem_available_bytes")), _bytes(res.get("mem_total_bytes")), _bytes(res.get("net_bytes_sent")),
+          _bytes(res.get("net_bytes_recv")),
+          ", ".join(_gpu(g) for g in gpus) or "none"]],
+    ))
+    return tables
+
+
+def render_plain(tables: list[tuple[str, list[str], list[list[str]]]]) -> str:
+    """Fixed-width text tables (when rich is not installed)."""
+    out = []
+    for title, header, rows in tables:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+        out.append(title)
+        out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+        out.append("  ".join("-" * w for w in widths))
+        out.extend("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+        if not rows:
+            out.append("(none)")
+        out.append("")
+    return "\n".join(out)
+
+
+def print_status(snap: dict, stream: IO[str] | None = None) -> None:
+    """Print the snapshot as tables (rich when installed, plain text otherwise)."""
+    stream = stream or sys.stdout
+    tables = status_tables(snap)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        stream.write(render_plain(tables))
+        return
+    tty = stream.isatty()
+    console = Console(file=stream, width=None if tty else 160, no_color=not tty, highlight=False)
+    for title, header, rows in tables:
+        table = Table(title=title, title_justify="left", show_edge=True)
+        for h in header:
+            table.add_column(h, overflow="fold")
+        for r in rows:
+            table.add_row(*r)
+        console.print(table)
+
+
+def status(argv: Sequence[str]) -> int:
+    """``chaos-run status --peer HOST:PORT [--json]``."""
+    args = _status_parser().parse_args(list(argv))
+    if args.timeout <= 0:
+        raise LaunchError("--timeout must be positive")
+    snap = fetch_status(args.peer, secret=_secret(args.secret_env), timeout=args.timeout)
+    if args.json:
+        json.dump(snap, sys.stdout, indent=2, sort_keys=True, default=str)
+        sys.stdout.write("\n")
+    else:
+        print_status(snap)
+    return 0
+
+
+# ---------------------------------------------------------------------- entry point
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"status": status, "leave": leave}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``chaos-run`` console script: dispatch, and turn user errors into one line and exit code 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # the agent logs refused handshakes and the like; the launcher reports in one line itself
+    logging.getLogger("chaos_lightning").addHandler(logging.NullHandler())
+    logging.getLogger("chaos_lightning").propagate = False
+    command = COMMANDS.get(argv[0]) if argv else None
+    try:
+        return command(argv[1:]) if command else launch(argv)
+    except LaunchError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
