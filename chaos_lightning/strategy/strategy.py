@@ -657,6 +657,8 @@ class ChaosStrategy(DDPStrategy):
             state = broadcast_tree(self._training_state(trainer) if self.global_rank == src else None, src, self.global_rank)
         except RuntimeError as exc:  # gloo: a peer reset the connection
             raise CollectiveFailed(f"state broadcast: {exc}") from exc
+        if self.global_rank != src:
+            _adopt_output_paths(trainer, state["paths"])
         if not receiving:
             return
         sampler = self.elastic_sampler
@@ -752,6 +754,10 @@ class ChaosStrategy(DDPStrategy):
             "sampler": self.elastic_sampler.state_dict(),
             "epoch": loop.epoch_progress.current.completed,
             "step": trainer.global_step,
+            "paths": {
+                "log_versions": [getattr(lg, "_version", None) for lg in trainer.loggers],
+                "checkpoint_dirs": [cb.dirpath for cb in trainer.checkpoint_callbacks],
+            },
         }
 
     def _load_training_state(self, trainer: Any, state: dict[str, Any], progress: bool) -> None:
@@ -766,6 +772,7 @@ class ChaosStrategy(DDPStrategy):
             if cb.state_key in callbacks and callbacks[cb.state_key]:
                 cb.load_state_dict(callbacks[cb.state_key])
         self.elastic_sampler.load_state_dict(state["sampler"])
+        _adopt_output_paths(trainer, state["paths"])
         if progress:
             _load_progress(trainer, state["epoch"], state["step"])
 
@@ -870,6 +877,27 @@ def _reset_val_dataloaders(trainer: Any) -> None:
     the current world (every member evaluates its share, ``sync_dist`` reduces
     over the current members)."""
     trainer.fit_loop.epoch_loop.val_loop._combined_loader = None
+
+
+def _adopt_output_paths(trainer: Any, paths: dict[str, Any]) -> None:
+    """Log version and checkpoint folders as the sender has them.
+
+    Lightning picks them at setup, when every node still believes it is rank
+    0 (there is no group before the join) and its broadcast of the checkpoint
+    folder is a no-op: two nodes sharing a root dir picked ``version_0`` and
+    ``version_1``.  Whoever is rank 0 later must write where the run writes.
+    """
+    versions, dirs = paths["log_versions"], paths["checkpoint_dirs"]
+    if len(versions) == len(trainer.loggers):
+        for logger, version in zip(trainer.loggers, versions):
+            if version is not None and hasattr(logger, "_version") and logger._version != version:
+                logger._version = version
+                if hasattr(logger, "_experiment"):
+                    logger._experiment = None  # reopened in the adopted folder when next used
+    if len(dirs) == len(trainer.checkpoint_callbacks):
+        for cb, dirpath in zip(trainer.checkpoint_callbacks, dirs):
+            if dirpath is not None:
+                cb.dirpath = dirpath
 
 
 def _load_progress(trainer: Any, epoch: int, global_step: int) -> None:
