@@ -614,7 +614,14 @@ def print_table(rows: list[dict]) -> None:
         console.print(line, highlight=False, markup=False)
 
 
-def _leftover_agents() -> list[str]:
+def _leftover_agents(wait: float = 15.0) -> list[str]:
+    """Agent threads still alive after up to ``wait`` s: a stopped agent's thread
+    may still be closing its connections (``Agent.stop`` joins it for 5 s; a
+    loaded CI machine once needed longer), a leaked one never ends."""
+    deadline = time.monotonic() + wait
+    for t in threading.enumerate():
+        if t.name == "chaos-agent":
+            t.join(max(0.0, deadline - time.monotonic()))
     return [t.name for t in threading.enumerate() if t.name == "chaos-agent" and t.is_alive()]
 
 

@@ -208,6 +208,8 @@ class Agent:
             loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5.0)
+            if self._thread.is_alive():
+                log.warning("%s: agent thread still closing after 5 s; not waiting longer", self.node_id)
         with self._cond:
             self._cond.notify_all()
 

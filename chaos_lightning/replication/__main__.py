@@ -77,6 +77,8 @@ def _serve(args: argparse.Namespace) -> int:
     host, port = server.start(args.bind, secret=load_secret())
     if args.throttle_mbit:
         server.slow_down(args.throttle_mbit * MB / 8)
+    if args.corrupt:
+        server.corrupt_next(args.corrupt)
     server.publish(snap)
     _emit(
         event="ready",
@@ -147,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--state-mb", type=float, default=50.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--throttle-mbit", type=float, help="fault injector: send at most this rate per joiner")
+    s.add_argument("--corrupt", type=int, default=0, help="fault injector: corrupt the next N shards sent")
     p = sub.add_parser("pull", help="pull the state from the given sources, print the result")
     p.add_argument("--source", action="append", required=True, help="host:port (repeat for several)")
     p.add_argument("--rate-mbit", type=float, action="append", help="each source's rate, in --source order")
