@@ -7,10 +7,25 @@ import os
 import pytest
 
 
-# -- etcd (baseline rendezvous) -------------------------------------------------
 def _ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
+
+# -- the network-namespace testbed ---------------------------------------------
+@pytest.fixture
+def need_netns():
+    """Skip without root/ip/tc on a workstation; fail under CI=true, where
+    .ci/run installs iproute2 and runs as root."""
+    from chaos_lightning.testbed import available
+
+    ok, why = available()
+    if not ok:
+        if _ci():
+            pytest.fail(f"namespace testbed unavailable under CI=true: {why}")
+        pytest.skip(f"namespace testbed unavailable: {why} (under CI=true this fails)")
+
+
+# -- etcd (baseline rendezvous) -------------------------------------------------
 
 @pytest.fixture
 def etcd_endpoint(tmp_path):
