@@ -136,3 +136,12 @@ def finish(nodes: Sequence[Node], timeout: float) -> list[Record]:
     for n in nodes:
         assert n.exit_code(30) == 0, n.log
     return done
+
+
+def run_to_end(nodes: Sequence[Node], timeout: float) -> list[Record]:
+    """:func:`finish` for nodes started for it; they are stopped (reaped) whatever happens."""
+    try:
+        return finish(nodes, timeout)
+    finally:
+        for n in nodes:
+            n.stop()

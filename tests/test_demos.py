@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from _procs import Node, Record, cluster, finish
+from _procs import Node, Record, cluster, finish, run_to_end
 from _procs import joiner as start_joiner
 
 WORKER = Path(__file__).with_name("_demo_worker.py")
@@ -46,11 +46,7 @@ def test_boring_model_fits_on_three_nodes_with_validation_and_checkpointing(tmp_
     CSV log."""
     epochs = 3
     nodes = start(K, tmp_path, "boring", epochs)
-    try:
-        done = finish(nodes, 75)
-    finally:
-        for n in nodes:
-            n.stop()
+    done = run_to_end(nodes, 75)
     assert_replicas_identical(done)
     steps = math.ceil(64 / K)
     for r in done:
@@ -71,11 +67,7 @@ def test_demo_model_fits_on_three_nodes(tmp_path: Path) -> None:
     fit completes on each and parameters and Adam state end identical."""
     epochs = 2
     nodes = start(K, tmp_path, "demo", epochs)
-    try:
-        done = finish(nodes, 75)
-    finally:
-        for n in nodes:
-            n.stop()
+    done = run_to_end(nodes, 75)
     assert_replicas_identical(done)
     for r in done:
         assert r["train_ended"] and not r["interrupted"] and r["epochs_completed"] == epochs, r

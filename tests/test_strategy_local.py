@@ -12,7 +12,9 @@ import chaos_lightning  # noqa: F401
 from chaos_lightning.strategy.strategy import ChaosStrategy
 
 
-class Tiny(pl.LightningModule):
+class TinyBody:
+    """A linear regressor, mixed into either package's ``LightningModule``."""
+
     def __init__(self):
         super().__init__()
         self.net = torch.nn.Linear(4, 1)
@@ -23,6 +25,10 @@ class Tiny(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Tiny(TinyBody, pl.LightningModule):
+    pass
 
 
 @pytest.mark.timeout(120)
@@ -108,17 +114,8 @@ def test_pytorch_lightning_trainer_gets_chaos_too(lone_node):
     its own base classes; "chaos" is registered there as well."""
     import pytorch_lightning as ptl
 
-    class PtlTiny(ptl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Linear(4, 1)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return torch.nn.functional.mse_loss(self.net(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+    class PtlTiny(TinyBody, ptl.LightningModule):
+        pass
 
     trainer = ptl.Trainer(strategy="chaos", max_epochs=1, **trainer_kwargs())
     assert isinstance(trainer.strategy, ptl.strategies.DDPStrategy)
