@@ -29,7 +29,15 @@ from typing import Callable
 
 import msgpack
 
-from chaos_lightning.agent.messages import BandwidthProbe, BandwidthReply, Envelope, StatusReply, StatusRequest
+from chaos_lightning.agent.messages import (
+    BandwidthProbe,
+    BandwidthReply,
+    Envelope,
+    LinkFault,
+    LinkFaultDone,
+    StatusReply,
+    StatusRequest,
+)
 from chaos_lightning.membership import events as ev
 from chaos_lightning.membership.config import Config
 from chaos_lightning.membership.machine import Membership, Output, Phase
@@ -468,6 +476,9 @@ class Agent:
                     self._apply(out)
                 elif isinstance(msg, StatusRequest):
                     await conn.send(StatusReply(msgpack.packb(self._snapshot())))
+                elif isinstance(msg, LinkFault):
+                    self._set_blocked(msg.peer_addr, msg.down)
+                    await conn.send(LinkFaultDone(tuple(sorted(self._blocked))))
                 elif isinstance(msg, BandwidthProbe):
                     t0 = time.perf_counter()
                     blob = await conn.recv()
@@ -545,4 +556,28 @@ def status(addr: str, *, secret: bytes | str | None = None, timeout: float = 5.0
     return asyncio.run(query_status(addr, secret=secret, timeout=timeout))
 
 
-__all__ = ["Agent", "query_status", "status", "split_hostport", "KIND_BLOB"]
+async def request_link_fault(
+    addr: str, peer_addr: str, down: bool, *, secret: bytes | str | None = None, timeout: float = 5.0
+) -> list[str]:
+    """Make the agent at ``addr`` cut (``down``) or restore its link to the
+    agent at ``peer_addr`` (:meth:`Agent.block`; apply it at both ends).
+    Authenticated like every connection: only holders of the cluster secret
+    can inject faults.  Returns the addresses cut at ``addr`` now."""
+    host, port = split_hostport(addr)
+    conn = await open_connection(host, port, secret=load_secret(secret), timeout=timeout)
+    try:
+        await conn.send(LinkFault(peer_addr, down))
+        reply = await asyncio.wait_for(conn.recv(), timeout)
+    finally:
+        await conn.aclose()
+    if not isinstance(reply, LinkFaultDone):
+        raise WireError(f"unexpected reply to a link fault request: {type(reply).__name__}")
+    return list(reply.blocked)
+
+
+def link_fault(addr: str, peer_addr: str, down: bool, *, secret: bytes | str | None = None, timeout: float = 5.0) -> list[str]:
+    """Blocking :func:`request_link_fault`."""
+    return asyncio.run(request_link_fault(addr, peer_addr, down, secret=secret, timeout=timeout))
+
+
+__all__ = ["Agent", "query_status", "status", "link_fault", "request_link_fault", "split_hostport", "KIND_BLOB"]

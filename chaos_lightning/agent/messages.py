@@ -5,7 +5,9 @@
 them).  The rest are request/response pairs served on their own connection:
 ``StatusRequest`` (the monitor's snapshot, for ``chaos-run status`` and
 tests) and ``BandwidthProbe`` (an active bandwidth measurement: a blob of
-``nbytes`` follows the request, the reply says when it was all read).
+``nbytes`` follows the request, the reply says when it was all read) and
+``LinkFault`` (the fault injector: cut or restore this agent's link to another
+member, for loopback scenarios where there is no cable to pull).
 """
 
 from __future__ import annotations
@@ -48,3 +50,19 @@ class BandwidthProbe:
 class BandwidthReply:
     #: seconds the receiver spent reading the blob
     recv_seconds: float
+
+
+@message("a.fault?")
+@dataclass(frozen=True)
+class LinkFault:
+    #: the agent address of the other end of the link
+    peer_addr: str
+    #: True cuts the link, False restores it
+    down: bool
+
+
+@message("a.fault")
+@dataclass(frozen=True)
+class LinkFaultDone:
+    #: addresses whose link is cut now
+    blocked: tuple[str, ...]
