@@ -204,6 +204,23 @@ def test_round_trip_of_a_model_and_adam_state_from_three_sources_is_bit_identica
     assert r.refetched_corrupt == r.refetched_lost == 0
 
 
+def test_progress_reports_every_accepted_shard_up_to_the_total(servers):
+    """``on_progress`` (the joiner's progress bar) sees bytes rise shard by
+    shard to the manifest's total, also when a corrupted shard is re-fetched
+    (counted once, when it is accepted)."""
+    meta, tensors = synthetic_state(4, seed=5)
+    snap = Snapshot(meta, tensors, shard_bytes=128 * KiB)
+    a, b = servers(snap, 2)
+    a.corrupt_next(2)
+    seen: list[tuple[int, int]] = []
+    r = pull(_addrs([a, b]), SECRET, timeout=30, on_progress=lambda got, total: seen.append((got, total)))
+    total = snap.manifest.total_bytes
+    assert len(seen) == len(snap.manifest.shards)
+    assert all(t == total for _, t in seen)
+    assert [g for g, _ in seen] == sorted(g for g, _ in seen) and seen[-1][0] == total
+    assert r.refetched_corrupt == 2 and _same(r.tensors, snap.tensors)
+
+
 def test_a_corrupted_shard_is_refetched(servers):
     meta, tensors = synthetic_state(8, seed=3)
     snap = Snapshot(meta, tensors, shard_bytes=256 * KiB)

@@ -488,6 +488,7 @@ class _Pull:
         max_corrupt: int,
         depth: int,
         on_manifest: Callable[[Manifest], None] | None,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> None:
         if not sources:
             raise ValueError("pull needs at least one source")
@@ -503,6 +504,8 @@ class _Pull:
         self.max_corrupt = max_corrupt
         self.depth = max(1, depth)
         self.on_manifest = on_manifest
+        self.on_progress = on_progress
+        self.received = 0  # bytes of accepted shards
         self.t0 = time.monotonic()
         self.orphans: deque[int] = deque()
         self.duplicated: set[int] = set()
@@ -737,6 +740,9 @@ class _Pull:
             return
         s.report.bytes += size
         s.report.shards += 1
+        self.received += size
+        if self.on_progress is not None:
+            self.on_progress(self.received, self.asm.manifest.total_bytes)
         s.report.finished_at = now - self.t0
         if self.asm.done:
             self._notify()
@@ -823,6 +829,7 @@ async def pull_async(
     max_corrupt: int = 3,
     depth: int = PIPELINE_DEPTH,
     on_manifest: Callable[[Manifest], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> PullResult:
     """Fetch the published snapshot from ``sources`` in parallel (module docstring).
 
@@ -832,7 +839,8 @@ async def pull_async(
     whole pull, ``connect_timeout`` each connect and handshake,
     ``stall_timeout`` the silence of a source with a request outstanding.
     ``max_bytes`` refuses a manifest announcing more state than that.
-    ``on_manifest`` is called once the manifest is in (e.g. to log progress).
+    ``on_manifest`` is called once the manifest is in (e.g. to log progress),
+    ``on_progress(received_bytes, total_bytes)`` after every accepted shard.
     Raises :class:`PullError` when no source can complete it.
     """
     p = _Pull(
@@ -846,6 +854,7 @@ async def pull_async(
         max_corrupt=max_corrupt,
         depth=depth,
         on_manifest=on_manifest,
+        on_progress=on_progress,
     )
     return await p.run(timeout)
 
