@@ -103,6 +103,23 @@ class View:
     def link_up(self, a: str, b: str) -> bool:
         return link(a, b) not in self._down
 
+    def connected(self) -> tuple[str, ...]:
+        """Members that can all reach each other directly, in rank order.
+
+        Greedy by rank: a member is kept if its links to every member kept
+        before it are up.  With no down link this is every member.  The data
+        plane trains on this set (a collective needs every pair connected);
+        a member left out stays a member and comes back when its link does.
+        Every member computes the same set from the same view.
+        """
+        if not self.down_links:
+            return self.ids
+        kept: list[str] = []
+        for m in self.members:
+            if all(self.link_up(m.id, k) for k in kept):
+                kept.append(m.id)
+        return tuple(kept)
+
     def with_changes(
         self,
         *,
