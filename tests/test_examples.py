@@ -67,8 +67,8 @@ def test_image_classifier_on_two_nodes(tmp_path: Path) -> None:
     """The CNN on 2,048 synthetic gratings, 3 epochs of 32 steps (global
     batch 64): identical summaries, falling losses, accuracy well above
     chance (1/8; about 0.9 by then).  Both nodes share one root dir, as two
-    nodes on one machine would: the run's log and checkpoint folder is rank
-    0's (``version_0``) for both, though each picked its own at setup."""
+    nodes on one machine would: there is one log and checkpoint folder,
+    ``version_0`` (no node writes one before it knows it is rank 0)."""
     epochs, train = 3, 2048
     done = run_pair(
         "image_classifier.py",
@@ -82,6 +82,8 @@ def test_image_classifier_on_two_nodes(tmp_path: Path) -> None:
     root = tmp_path / "root"
     assert {p.parent.parent.name for p in root.glob("**/last.ckpt")} == {"version_0"}
     assert {p.parent.name for p in root.glob("**/metrics.csv")} == {"version_0"}
+    assert {p.name for p in root.glob("*/version_*")} == {"version_0"}
+    assert list(root.glob("*/version_0/hparams.yaml"))
 
 
 @pytest.mark.slow

@@ -537,6 +537,17 @@ class Ledger:
     def counts(self, epoch: int) -> Counter[int]:
         return self._counts.get(epoch, Counter())
 
+    def epochs(self) -> list[int]:
+        """The epochs with a recorded step, in order."""
+        return sorted(self._counts)
+
+    def forget(self, since_epoch: int) -> None:
+        """Drop the records of ``since_epoch`` and later: a replica that fell
+        behind (declared failed, sidelined) and took the members' state can
+        no longer tell which of its own commits the others kept."""
+        for e in [e for e in self._counts if e >= since_epoch]:
+            del self._counts[e]
+
     def missing(self, epoch: int) -> list[int]:
         c = self.counts(epoch)
         return [i for i in range(self.num_samples) if c[i] == 0]

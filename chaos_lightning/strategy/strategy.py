@@ -55,6 +55,7 @@ import torch.distributed as dist
 from lightning.fabric.plugins.environments.cluster_environment import ClusterEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.ddp import DDPStrategy
+from lightning.pytorch.loggers.utilities import _log_hyperparams
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
@@ -68,11 +69,15 @@ from chaos_lightning.strategy.process_group import CollectiveError, CollectiveFa
 from chaos_lightning.wire import load_secret
 from chaos_lightning.strategy.sampler import ElasticBatchSampler, ElasticSampler, Ledger
 from chaos_lightning.strategy.state import UnsupportedState, broadcast_tree, pack_tree, unpack_tree
+from chaos_lightning.strategy.trace import Trace
 
 log = logging.getLogger("chaos_lightning.strategy")
 
 #: Member meta key holding the address of the node's shard server.
 REPL_META_KEY = "repl"
+#: rank_zero_only's rank before the join: any rank above 0 turns Lightning's
+#: rank-zero writers into no-ops (``rank_zero_experiment`` tests ``rank > 0``).
+_NOT_YET_RANKED = 1
 
 
 class ChaosEnvironment(ClusterEnvironment):
@@ -146,6 +151,7 @@ class ChaosStrategy(DDPStrategy):
         join_timeout: float = 120.0,
         collective_timeout: float = 30.0,
         switch_timeout: float = 5.0,
+        sideline_timeout: float = 600.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -178,6 +184,15 @@ class ChaosStrategy(DDPStrategy):
         self._join_timeout = join_timeout
         self._collective_timeout = collective_timeout
         self._switch_timeout = switch_timeout
+        self._sideline_timeout = sideline_timeout
+        # a member whose link to an older trainer is down trains no more
+        # until the link is back, then takes the state like a newcomer
+        self._sidelined_since: float | None = None
+        # sidelined, or declared failed (a SIGSTOP, a partition) and rejoined:
+        # what this replica holds is behind the members'
+        self._stale = False
+        self._orphaned = False  # came back stale to nobody to take the state from
+        self._trace = Trace.from_env()  # CHAOS_TRACE: this node's timeline as JSON lines
         self._pg = ElasticProcessGroup()
         self._rdv = None
         self._view: View | None = None
@@ -189,6 +204,7 @@ class ChaosStrategy(DDPStrategy):
         self._block_sync = False
         self._control = (0.0, 0.0, 0.0)  # summed: samples, epochs, leave flags
         self._step_failed = False
+        self._commits = 0  # steps committed since fit began (a joiner takes the members' count)
         self._received = False  # the last state sync loaded another member's state here
         self._gbuf: torch.Tensor | None = None  # flat gradients + control values, reused across steps
         # gradient accumulation: micro-batches of the current window already
@@ -231,51 +247,97 @@ class ChaosStrategy(DDPStrategy):
         # every node serves the state to joiners (replication layer); its
         # address travels in the member's meta
         host = self._rdv_args["bind"].rsplit(":", 1)[0]
+        _pin_gloo_interface(host.strip("[]"))
         self._server = ShardServer()
         served = self._server.start((host, 0), secret=self._secret)
         self._rdv = create_rendezvous(**self._rdv_args, meta={REPL_META_KEY: f"{served[0]}:{served[1]}"})
         self._rdv.subscribe(self._on_membership_event)
         self._install_signal_handler()
+        self._trace.node = self.node_id
+        if self._trace.enabled:
+            import psutil
+
+            self._trace.emit("start", proc_start=psutil.Process().create_time(), bind=self._rdv_args["bind"])
+        # Until the join nobody knows who rank 0 is.  Lightning's rank-zero
+        # writers (the logger's folder and hparams.yaml at setup) would run on
+        # every node, and nodes sharing a root dir would each make a version
+        # folder (measured: a stray version_1, and a founder that picked
+        # version_1 when the other node was first).  Hold them off; rank 0
+        # logs the hyperparameters once the view is known (start_training).
+        rank_zero_only.rank = _NOT_YET_RANKED
 
     def start_training(self, trainer: Any) -> None:
         """Join, wait for ``min_nodes``, form the group, take the state of
         whoever has trained (if anyone): called at train start."""
         t0 = time.monotonic()
         deadline = t0 + self._join_timeout
+        self._trace.emit("join_request")
         view = self._rdv.join(self._join_timeout)
-        while view.size < self._min_nodes:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"chaos: {view.size} of min_nodes={self._min_nodes} nodes after {self._join_timeout}s")
-            view = self._rdv.next_view(view.epoch, left) or view
+        if view.size < self._min_nodes:
+            with _progress(f"chaos: waiting for min_nodes={self._min_nodes}", total=self._min_nodes, unit="node") as bar:
+                while view.size < self._min_nodes:
+                    bar.n = view.size
+                    bar.refresh()
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(
+                            f"chaos: {view.size} of min_nodes={self._min_nodes} nodes after {self._join_timeout}s"
+                        )
+                    view = self._rdv.next_view(view.epoch, min(left, 1.0)) or view
         if self._restored_sampler_state is not None and self.elastic_sampler is not None:
             # resumed from a checkpoint (ckpt_path): its cursor, whatever the
             # world size that wrote it; the sync below spreads it
             self.elastic_sampler.load_state_dict(self._restored_sampler_state)
             self._restored_sampler_state = None
-        view = self._rebuild(trainer, view, lambda v: self.node_id in v and v.size >= self._min_nodes, 0, deadline)
+        view = self._rebuild(
+            trainer, view, lambda v: self.node_id in v.connected() and len(v.connected()) >= self._min_nodes, 0, deadline
+        )
         self.elastic_sampler.reconfigure(self.global_rank, self.world_size)
         _reset_epoch_length(trainer, self.elastic_sampler, new_epoch=True)
         _reset_val_dataloaders(trainer)
+        if self.global_rank == 0 and trainer.enable_autolog_hparams:
+            _log_hyperparams(trainer)  # what Lightning skipped at setup, where the run's folder is
         took = time.monotonic() - t0
         self.events.append({"epoch": view.epoch, "world": self.world_size, "stall_s": took, "joined": True})
+        self._trace_group(took, joined=True, failed_step=False)
         log.info("chaos: training in epoch %d with world %d", view.epoch, self.world_size)
         self._log_view(trainer, took)
 
     def _form_group(self, view: View | None, usable: Callable[[View], bool], deadline: float) -> View:
         """Build the group of the first usable view; members that picked
-        different views fail to meet (bounded) and retry on a newer one."""
-        while True:
-            if view is not None and usable(view):
-                try:
-                    self._build_group(view, view.ids)
-                    return view
-                except Exception as exc:
-                    log.info("chaos: group of epoch %d did not form (%s); waiting for a newer view", view.epoch, exc)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"chaos: no usable view after {self._join_timeout}s")
-            view = self._rdv.next_view(view.epoch if view is not None else 0, min(left, 5.0)) or view
+        different views fail to meet (bounded) and retry on a newer one.
+
+        A view that keeps this node as a member but not among its connected
+        members (a link of ours is down) sidelines it: no training, and a
+        longer wait (``sideline_timeout``) for the view that brings it back.
+        """
+        bar = None
+        try:
+            while True:
+                if view is not None and usable(view):
+                    try:
+                        self._build_group(view, view.connected())
+                        return view
+                    except Exception as exc:
+                        log.info("chaos: group of epoch %d did not form (%s); waiting for a newer view", view.epoch, exc)
+                if view is not None and self.node_id in view and self.node_id not in view.connected():
+                    if self._sidelined_since is None:
+                        self._sidelined_since = time.monotonic()
+                        self._stale = True
+                        log.warning("chaos: sidelined in epoch %d: down links %s", view.epoch, list(view.down_links))
+                        self._trace.emit("sidelined", epoch=view.epoch, down_links=[list(p) for p in view.down_links])
+                        bar = _progress("chaos: sidelined (a link is down), waiting for it")
+                        bar.__enter__()
+                    deadline = max(deadline, self._sidelined_since + self._sideline_timeout)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"chaos: no usable view after {self._join_timeout}s")
+                view = self._rdv.next_view(view.epoch if view is not None else 0, min(left, 1.0)) or view
+                if bar is not None:
+                    bar.refresh()
+        finally:
+            if bar is not None:
+                bar.__exit__(None, None, None)
 
     def _install_signal_handler(self) -> None:
         """Called at setup and again at train start, because Lightning's
@@ -303,11 +365,20 @@ class ChaosStrategy(DDPStrategy):
         # that confirmed a failure hears MemberFailed before the commit; the
         # others hear only the committed view without it (measured: one
         # survivor of a SIGSTOP then waited out the 30 s collective timeout).
+        if isinstance(event, ev.ViewChanged):
+            v = event.view
+            self._trace.emit("view_committed", epoch=v.epoch, members=list(v.ids), down_links=[list(p) for p in v.down_links])
         if not isinstance(event, (ev.MemberFailed, ev.ViewChanged, ev.Removed)):
             return
         with self._group_lock:
+            if isinstance(event, ev.Removed) and not event.graceful and self._trainers:
+                log.warning("chaos: this node was declared failed in epoch %d; rejoining", event.view.epoch)
+                self._trace.emit("removed", epoch=event.view.epoch)
+                self._stale = True
             trainers = set(self._trainers)
-            gone = {event.node} if isinstance(event, ev.MemberFailed) else trainers - set(event.view.ids)
+            # a down link between two trainers leaves one out of the next
+            # group: on real links the collective would hang on it
+            gone = {event.node} if isinstance(event, ev.MemberFailed) else trainers - set(event.view.connected())
             if gone & trainers:
                 self._abort.set()
 
@@ -540,6 +611,10 @@ class ChaosStrategy(DDPStrategy):
             for _ in range(self._window):  # one optimizer step trained the window's blocks
                 trained = sampler.commit_step()
                 self.ledger.record(sampler.epoch, trained)
+            self._commits += 1
+            self._trace.emit("step", step=trainer.global_step, samples=int(total), world=self.world_size)
+        else:
+            self._trace.emit("step_failed", step=trainer.global_step)
         due = failed or leaves > 0 or epochs != len(self._trainers) * self._view.epoch
         if not due:
             return
@@ -574,6 +649,7 @@ class ChaosStrategy(DDPStrategy):
         self._pg.close()
         self._rdv.leave(30.0)
         self._left = True
+        self._trace.emit("left", step=trainer.global_step)
         trainer.should_stop = True
         log.info("chaos: left the cluster at global step %d", trainer.global_step)
 
@@ -582,7 +658,7 @@ class ChaosStrategy(DDPStrategy):
         newer = failed if newer is None else newer
 
         def usable(v: View) -> bool:
-            if v.epoch < old_epoch or exclude & set(v.ids) or self.node_id not in v:
+            if v.epoch < old_epoch or exclude & set(v.ids) or self.node_id not in v.connected():
                 return False
             return v.epoch > old_epoch or not newer  # a broken group is never rebuilt as is
 
@@ -592,9 +668,23 @@ class ChaosStrategy(DDPStrategy):
         _reset_epoch_length(trainer, self.elastic_sampler)
         _reset_val_dataloaders(trainer)
         took = time.monotonic() - t0
+        if self._orphaned:
+            # back from the sideline, and no member left that trained on:
+            # training again from our stale state would repeat samples
+            log.error("chaos: no member holds the training state any more (they finished or failed); ending fit")
+            self._trace.emit("orphaned", epoch=view.epoch)
+            trainer.should_stop = True
+            return
         self.events.append({"epoch": view.epoch, "world": self.world_size, "stall_s": took, "failed_step": failed})
         log.info("chaos: switched to epoch %d, world %d, in %.3fs", view.epoch, self.world_size, took)
+        self._trace_group(took, joined=False, failed_step=failed)
         self._log_view(trainer, took)
+
+    def _trace_group(self, stall_s: float, *, joined: bool, failed_step: bool) -> None:
+        self._trace.emit(
+            "trainers", epoch=self._view.epoch, world=self.world_size, trainers=list(self._trainers), stall_s=stall_s,
+            joined=joined, failed_step=failed_step,
+        )
 
     def _log_view(self, trainer: Any, stall_s: float) -> None:
         """Every view this node trains in goes to the loggers (rank 0 of the view writes)."""
@@ -612,8 +702,17 @@ class ChaosStrategy(DDPStrategy):
         floor = -1
         while True:
             view = self._form_group(view, lambda v: usable(v) and v.epoch > floor, deadline)
+            if self._stale:
+                code = 0  # the others trained on without us: take the state like a newcomer
+                if self.ledger is not None and self.elastic_sampler is not None:
+                    # our commits since the members last heard from us may not be
+                    # theirs (a step we applied that they aborted): the epoch's
+                    # record is theirs from here on, not ours
+                    self.ledger.forget(self.elastic_sampler.epoch)
             try:
                 self._sync_state(trainer, code)
+                self._sidelined_since = None
+                self._stale = False
                 return view
             except CollectiveError as exc:
                 log.warning("chaos: state sync in epoch %d failed (%s); waiting for the next view", view.epoch, exc)
@@ -629,29 +728,45 @@ class ChaosStrategy(DDPStrategy):
 
         ``code``: 2 = trained and applied the last step, 1 = trained but
         aborted the last step (it committed elsewhere, maybe), 0 = no state
-        yet (a newcomer, or everyone at the very start).  Ranks with the
-        highest code hold the state; the others receive it.  When only
-        newcomers receive (a join), they pull it from up to ``max_sources``
-        holders in parallel (:meth:`_pull_state`, the replication layer).
-        Otherwise (the very start, or survivors of a step that completed on
-        some of them only) the lowest holder broadcasts: parameters and
-        buffers in place, then one state tree (:mod:`.state`).  Nothing is
-        sent when all codes are equal and nonzero.  Raises
+        yet (a newcomer, a member back from the sideline or from being
+        declared failed, or everyone at the very start).  With it goes the
+        count of steps this replica committed: a failure can strike while
+        some members have committed a step and others aborted it, and the
+        ones that committed may even abort the next (measured: a kill -9
+        left two survivors one step ahead of the third, all with code 1, and
+        their sample layouts disagreed from then on).  So the freshest
+        replicas are those with the most commits, then the highest code;
+        they hold the state and the others receive it.
+
+        When only code-0 ranks receive (a join), they pull it from up to
+        ``max_sources`` holders in parallel (:meth:`_pull_state`, the
+        replication layer).  Otherwise (the very start, or survivors of a
+        step that committed on some of them only) the lowest holder
+        broadcasts: parameters and buffers in place, then one state tree
+        (:mod:`.state`).  Nothing is sent when all are equally fresh.  Raises
         :class:`CollectiveError` if a member fails meanwhile.
         """
         self._received = False
-        codes = torch.zeros(self.world_size)
-        codes[self.global_rank] = float(code)
-        self._collective(codes)
-        codes_list = [int(c) for c in codes.tolist()]
-        best = max(codes_list)
-        if best > 0 and min(codes_list) == best:
+        info = torch.zeros(2 * self.world_size)
+        info[2 * self.global_rank] = float(code)
+        info[2 * self.global_rank + 1] = float(self._commits if code > 0 else -1)
+        self._collective(info)
+        values = [int(v) for v in info.tolist()]
+        keys = [(values[2 * r + 1], values[2 * r]) for r in range(self.world_size)]  # (commits, code)
+        best_key = max(keys)
+        best = best_key[1]
+        log.info("chaos: state sync (commits, code) per rank: %s", keys)
+        if best > 0 and min(keys) == best_key:
             return
-        if best > 0 and all(c in (0, best) for c in codes_list):
-            self._pull_state(trainer, codes_list, best)
+        if best == 0 and self._stale:
+            self._orphaned = True  # nobody here trained on: nothing to take (_switch ends fit)
             return
-        src = codes_list.index(best)
-        receiving = self.global_rank != src and code < best
+        if best > 0 and all(k == best_key or k[1] == 0 for k in keys):
+            self._pull_state(trainer, [r for r, k in enumerate(keys) if k == best_key])
+            return
+        src = keys.index(best_key)
+        mine = keys[self.global_rank]
+        receiving = self.global_rank != src and mine < best_key
         try:
             self._broadcast_module_state(src)
             state = broadcast_tree(self._training_state(trainer) if self.global_rank == src else None, src, self.global_rank)
@@ -662,16 +777,20 @@ class ChaosStrategy(DDPStrategy):
         if not receiving:
             return
         sampler = self.elastic_sampler
-        if code == 1 and best == 2:
+        if code == 1 and best_key[0] - mine[0] == 1:
             # the step we aborted did commit elsewhere: record its blocks (one
             # per micro-batch of the window, still laid out for the old world,
             # as on src when it committed)
             for j in range(self._window):
                 self.ledger.record(sampler.epoch, sampler.block(j))
         self._load_training_state(trainer, state, progress=code == 0)
+        if code > 0 and trainer.global_step != state["step"]:
+            # the holders tried one step more than we did (the one they
+            # aborted after committing ours): count steps as they do
+            _load_step(trainer, state["step"])
         self._received = True
 
-    def _pull_state(self, trainer: Any, codes: list[int], best: int) -> None:
+    def _pull_state(self, trainer: Any, holders: list[int]) -> None:
         """Holders publish a snapshot of the full state on their shard server
         and wait; newcomers pull it from several of them at once.
 
@@ -680,7 +799,6 @@ class ChaosStrategy(DDPStrategy):
         snapshot is served straight from the live tensors (no copy) and cannot
         change under the transfer.  The holders' idle time is the pull.
         """
-        holders = [r for r, c in enumerate(codes) if c == best]
         holding = self.global_rank in holders
         if holding:
             meta, tensors = pack_tree(self._full_state(trainer))
@@ -688,13 +806,13 @@ class ChaosStrategy(DDPStrategy):
             self._server.publish(snapshot)
             log.info(
                 "chaos: serving the state (%.1f MB, %d shards) to %d newcomer(s)",
-                snapshot.manifest.total_bytes / 1e6, len(snapshot.manifest.shards), len(codes) - len(holders),
+                snapshot.manifest.total_bytes / 1e6, len(snapshot.manifest.shards), self.world_size - len(holders),
             )
         try:
             self._collective(torch.ones(1))  # every snapshot is published
             ok = 1.0
             if not holding:
-                ok = 1.0 if self._pull_from([self._view.members[r] for r in holders], trainer) else 0.0
+                ok = 1.0 if self._pull_from([self._view.member(self._trainers[r]) for r in holders], trainer) else 0.0
             flags = torch.tensor([ok])
             # holders wait here for the pull: bounded by the join timeout,
             # ended at once if a member fails
@@ -711,21 +829,34 @@ class ChaosStrategy(DDPStrategy):
         monitor = getattr(getattr(self._rdv, "agent", None), "monitor", None)
         estimates = monitor.links.estimates() if monitor is not None else {}
         chosen, rates = choose_sources(candidates, estimates, self._max_sources)
-        try:
-            result = pull([c.addr for c in chosen], self._secret, rates=rates, timeout=self._join_timeout)
-        except PullError as exc:
-            log.error("chaos: could not pull the state from %s: %s", [c.node for c in chosen], exc)
-            return False
+        desc = f"chaos: pulling the state from {len(chosen)} member(s)"
+        with _progress(desc, unit="B", unit_scale=True, unit_divisor=1024) as bar:
+
+            def progress(received: int, total: int) -> None:
+                bar.total = total
+                bar.update(received - bar.n)
+
+            try:
+                result = pull(
+                    [c.addr for c in chosen], self._secret, rates=rates, timeout=self._join_timeout, on_progress=progress
+                )
+            except PullError as exc:
+                log.error("chaos: could not pull the state from %s: %s", [c.node for c in chosen], exc)
+                return False
         self._load_full_state(trainer, unpack_tree(result.meta, result.tensors))
         self._received = True
         self.last_pull = result
+        node_of = {c.addr: c.node for c in chosen}
         if monitor is not None:
-            node_of = {c.addr: c.node for c in chosen}
             for report in result.sources:
                 if report.bytes and report.seconds and report.addr in node_of:
                     monitor.record_transfer(node_of[report.addr], report.bytes, report.seconds, "down")
         log.info(
             "chaos: pulled %.1f MB from %d members in %.3fs", result.total_bytes / 1e6, len(chosen), result.seconds
+        )
+        self._trace.emit(
+            "pull", bytes=result.total_bytes, seconds=result.seconds,
+            sources=[{"node": node_of.get(r.addr, r.addr), "bytes": r.bytes, "seconds": r.seconds} for r in result.sources],
         )
         return True
 
@@ -754,6 +885,7 @@ class ChaosStrategy(DDPStrategy):
             "sampler": self.elastic_sampler.state_dict(),
             "epoch": loop.epoch_progress.current.completed,
             "step": trainer.global_step,
+            "commits": self._commits,
             "paths": {
                 "log_versions": [getattr(lg, "_version", None) for lg in trainer.loggers],
                 "checkpoint_dirs": [cb.dirpath for cb in trainer.checkpoint_callbacks],
@@ -772,13 +904,17 @@ class ChaosStrategy(DDPStrategy):
             if cb.state_key in callbacks and callbacks[cb.state_key]:
                 cb.load_state_dict(callbacks[cb.state_key])
         self.elastic_sampler.load_state_dict(state["sampler"])
+        self._commits = state["commits"]
         _adopt_output_paths(trainer, state["paths"])
         if progress:
             _load_progress(trainer, state["epoch"], state["step"])
 
     # ---------------------------------------------------------------- teardown
     def teardown(self) -> None:
+        module = self.lightning_module
+        step = module.trainer.global_step if module is not None and module._trainer is not None else None
         super().teardown()
+        self._trace.emit("done", step=step)
         if not self._left and self._rdv is not None:
             self._pg.close()
         if self._rdv is not None:
@@ -787,6 +923,7 @@ class ChaosStrategy(DDPStrategy):
         if self._server is not None:
             self._server.close()
             self._server = None
+        self._trace.close()
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
@@ -871,6 +1008,42 @@ def _reset_epoch_length(trainer: Any, sampler: ElasticSampler, new_epoch: bool =
         trainer.val_check_batch = max(1, int(fit_loop.max_batches * interval))
 
 
+def _pin_gloo_interface(host: str) -> None:
+    """Make gloo use the interface of the address we bind.
+
+    Gloo picks its address from the host name unless ``GLOO_SOCKET_IFNAME``
+    names an interface; inside a network namespace (or on a host whose name
+    resolves to loopback) the name gave an address the peers cannot reach
+    (measured on the testbed: "connectFullMesh failed ... Connection
+    refused", and no group ever formed).  A user's own setting wins.
+    """
+    import ipaddress
+
+    import psutil
+
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return  # a host name: leave it to gloo
+    if ip.is_loopback or ip.is_unspecified:
+        return
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%", 1)[0] == str(ip) for a in addrs):
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+            return
+
+
+def _progress(desc: str, **kwargs: Any) -> Any:
+    """A progress display on stderr for a wait or transfer that may take a
+    while: tqdm (Lightning's own dependency), shown only once it has lasted
+    two seconds, and gone when done."""
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, delay=2.0, leave=False, dynamic_ncols=True, mininterval=1.0, **kwargs)
+
+
 def _reset_val_dataloaders(trainer: Any) -> None:
     """Lightning builds the validation loader once, with the ``DistributedSampler``
     of the world at that time; drop it so the next validation builds one for
@@ -906,6 +1079,12 @@ def _load_progress(trainer: Any, epoch: int, global_step: int) -> None:
     fit_loop = trainer.fit_loop
     for tracker in (fit_loop.epoch_progress.current, fit_loop.epoch_progress.total):
         tracker.ready = tracker.started = tracker.processed = tracker.completed = epoch
+    _load_step(trainer, global_step)
+
+
+def _load_step(trainer: Any, global_step: int) -> None:
+    """Lightning's global step (the optimizer steps tried, failed ones included)."""
+    fit_loop = trainer.fit_loop
     step = fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total
     step.ready = step.completed = global_step
     fit_loop.epoch_loop._batches_that_stepped = global_step
