@@ -174,6 +174,8 @@ modes:
 other commands:
   chaos-run status --peer HOST:PORT [--json]   a live node's view, links, resources, transfers
   chaos-run leave --pid PID | --node HOST:PORT  graceful leave (SIGTERM) at the next step boundary
+  chaos-run scenario [TIMELINE] [--testbed]     a scripted churn run (joins, leaves, kills, link cuts)
+                                                with a report: metrics table, JSON and plot
 
 signals: SIGTERM to chaos-run (or to a node) makes the node(s) leave
 gracefully at the next step boundary; the others go on training.  Ctrl-C is
@@ -767,7 +769,14 @@ def status(argv: Sequence[str]) -> int:
 
 
 # ---------------------------------------------------------------------- entry point
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"status": status, "leave": leave}
+def scenario(argv: Sequence[str]) -> int:
+    """``chaos-run scenario [TIMELINE] [--testbed] [--run-dir DIR]``: a scripted churn run and its report."""
+    from chaos_lightning.scenario.__main__ import main as scenario_main
+
+    return scenario_main(list(argv), prog=f"{PROG} scenario")
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"status": status, "leave": leave, "scenario": scenario}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,7 @@
 # Idempotent: a second run installs nothing new and only re-runs the tests.
 # Steps: system packages (etcd for the baseline's tests, iproute2 for the
 # network-namespace testbed) only when missing; .venv with python3 if missing;
-# torch pinned first (see below); the package with its dev/etcd/bench extras;
+# torch pinned first (see below); the package with its dev/etcd/bench/scenario extras;
 # pytest.  "No tests collected" (pytest exit 5) counts as a failure: a test
 # command that silently runs nothing is how suites rot.
 set -euo pipefail
@@ -55,7 +55,7 @@ then
 fi
 
 # 4. The package itself (editable) with the extras the tests use.
-"$VPY" -m pip install -q -e '.[dev,etcd,bench]'
+"$VPY" -m pip install -q -e '.[dev,etcd,bench,scenario]'
 
 # 5. The tests.
 rc=0

@@ -1,0 +1,442 @@
+"""Play a timeline against real training processes and keep what happened.
+
+One process per node runs :mod:`chaos_lightning.scenario.workload`
+(``Trainer(strategy="chaos")``) with the peer rendezvous, on loopback or, with
+``testbed=True``, each in its own network namespace behind a shaped bridge
+(:class:`chaos_lightning.testbed.Testbed`).  The runner starts the initial
+nodes at once, takes the cluster's first committed step as time zero, and
+carries out each action at its time:
+
+=========  ===================================  ==================================
+action     loopback                             namespace testbed
+=========  ===================================  ==================================
+join       start a node, joining through the first live member (same)
+leave      SIGTERM (leave at the next step boundary)                    (same)
+kill       SIGKILL                                                      (same)
+stop       SIGSTOP, SIGCONT after the given seconds                     (same)
+cut        both agents drop each other's traffic   the pair's neighbour entries
+           (an authenticated fault request:        point to a MAC nobody has:
+           loopback has no cable to pull)           real silent loss, data too
+restore    the agents stop dropping                the neighbour entries return
+throttle   (refused: nothing to shape)             tbf on the node's link, both ways
+end        every node stops at one common global step ahead of all of them
+=========  ===================================  ==================================
+
+The run directory holds ``trace/<name>.jsonl`` (each node's strategy trace),
+``actions.jsonl`` (what the runner did, when), ``logs/<name>.log`` (each
+node's output), ``done/<name>.json`` (each finished node's digests and sample
+ledger), ``links.json`` (testbed link rates) and, after the report,
+``report.json`` and ``timeline.png``.
+
+Every wait is bounded, and every process (and namespace) is gone when
+:meth:`Runner.run` returns or raises, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from chaos_lightning.scenario.timeline import Action, Timeline, rate_bps
+
+#: the peer rendezvous port on the testbed (every node has its own address)
+TESTBED_PORT = 29500
+#: seconds for the initial nodes to import, form the cluster and commit a step
+START_TIMEOUT = 180.0
+#: seconds for every node to reach the common last step and exit after ``end``
+END_TIMEOUT = 90.0
+#: how far ahead of the fastest node the common last step is, in seconds of steps
+END_MARGIN_S = 2.0
+
+
+class ScenarioError(RuntimeError):
+    """The scenario could not be carried out (a node failed to start, a wait ran out)."""
+
+
+@dataclass
+class NodeProc:
+    name: str
+    index: int  # testbed node number; order of first start
+    addr: str  # agent address (CHAOS_BIND)
+    proc: subprocess.Popen
+    log: IO[bytes]
+    trace: Path
+    started: float  # wall time of the Popen
+    member_id: str | None = None
+    fate: str = "running"  # running, left, killed, stopped, exited
+    records: list[dict[str, Any]] = field(default_factory=list)
+    _offset: int = 0
+
+    def poll_trace(self) -> list[dict[str, Any]]:
+        """Records appended since the last call (a torn last line waits for its end)."""
+        try:
+            with open(self.trace, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self._offset += end
+        new = []
+        for line in data[:end].splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                new.append(rec)
+                if rec.get("ev") == "start" and self.member_id is None:
+                    self.member_id = str(rec.get("node"))
+        self.records.extend(new)
+        return new
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+class Runner:
+    """Carries out ``timeline`` in ``run_dir`` (created; must be empty or absent)."""
+
+    def __init__(
+        self, timeline: Timeline, run_dir: Path, *, testbed: bool = False, out: IO[str] | None = None,
+    ) -> None:
+        self.timeline = timeline
+        self.run_dir = Path(run_dir)
+        self.use_testbed = testbed
+        self.out = out or sys.stdout
+        self.nodes: dict[str, NodeProc] = {}
+        self.secret = secrets.token_hex(16)
+        self.t0: float | None = None  # wall time of the first committed step
+        self._started_mono = time.monotonic()
+        self._testbed: Any = None
+        self._conts: list[tuple[float, str]] = []  # (wall time, name) of pending SIGCONTs
+        self._actions: IO[str] | None = None
+        self._max_step = 0
+        self._step_times: list[float] = []  # wall times of recent new global steps
+        self._last_status = 0.0
+        self._ending = False  # after 'end', nodes exiting is the plan
+        if timeline.uses_links() and not testbed:
+            throttles = [a for a in timeline.actions if a.action == "throttle"]
+            if throttles or "link" in timeline.settings:
+                raise ScenarioError("'throttle' and 'set link' shape real links: run with the namespace testbed (--testbed)")
+
+    # ------------------------------------------------------------------ output
+    def say(self, text: str) -> None:
+        since = time.time() - self.t0 if self.t0 is not None else -(time.monotonic() - self._started_mono)
+        self.out.write(f"[{since:7.2f}s] {text}\n")
+        self.out.flush()
+
+    def _record(self, action: str, t: float | None = None, **fields: Any) -> None:
+        assert self._actions is not None
+        members = {n.name: n.member_id for n in self.nodes.values()}
+        rec = {"t": time.time() if t is None else t, "action": action, "members": members, **fields}
+        self._actions.write(json.dumps(rec) + "\n")
+        self._actions.flush()
+
+    # ------------------------------------------------------------------ processes
+    def _free_port(self) -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def _workload_argv(self, name: str) -> list[str]:
+        argv = [sys.executable, "-m", "chaos_lightning.scenario.workload", "--run-dir", str(self.run_dir), "--name", name]
+        for key in ("samples", "batch_size", "hidden", "step_sleep"):
+            if key in self.timeline.settings:
+                argv += [f"--{key.replace('_', '-')}", str(self.timeline.settings[key])]
+        return argv
+
+    def _start(self, name: str, peers: list[str], min_nodes: int) -> NodeProc:
+        index = len(self.nodes)
+        if self._testbed is not None:
+            addr = f"{self._testbed.addr(index)}:{TESTBED_PORT}"
+        else:
+            addr = f"127.0.0.1:{self._free_port()}"
+        trace = self.run_dir / "trace" / f"{name}.jsonl"
+        env = {
+            **os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CHAOS_BIND": addr, "CHAOS_PEERS": ",".join(peers),
+            "CHAOS_MIN_NODES": str(min_nodes), "CHAOS_SECRET": self.secret, "CHAOS_TRACE": str(trace),
+            "CHAOS_PRESET": str(self.timeline.settings.get("preset", "local")),
+        }
+        log = open(self.run_dir / "logs" / f"{name}.log", "wb")  # noqa: SIM115  (closed in close())
+        argv = self._workload_argv(name)
+        kwargs: dict[str, Any] = {"env": env, "stdout": log, "stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL}
+        started = time.time()
+        if self._testbed is not None:
+            proc = self._testbed.popen(index, argv, **kwargs)
+        else:
+            proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
+        node = NodeProc(name, index, addr, proc, log, trace, started)
+        self.nodes[name] = node
+        return node
+
+    def _live(self) -> list[NodeProc]:
+        return [n for n in self.nodes.values() if n.alive and n.fate in ("running", "stopped")]
+
+    def _signal(self, node: NodeProc, sig: int) -> None:
+        try:
+            os.kill(node.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    # ------------------------------------------------------------------ watching
+    def _poll(self) -> None:
+        """Read new trace records; note global progress and unexpected exits."""
+        now = time.time()
+        for node in self.nodes.values():
+            for rec in node.poll_trace():
+                if rec.get("ev") == "step":
+                    step = int(rec.get("step", 0))
+                    if step > self._max_step:
+                        self._max_step = step
+                        self._step_times.append(float(rec["t"]))
+                        del self._step_times[:-50]
+                    if self.t0 is None:
+                        self.t0 = float(rec["t"])
+                        self._last_status = now
+            if node.fate in ("running", "stopped") and not node.alive:
+                rc = node.proc.returncode
+                node.fate = "exited"
+                if self._ending:
+                    continue  # after 'end', exiting is the plan
+                self._record("exited", nodes=[node.name], returncode=rc)
+                if self.t0 is not None:
+                    self.say(f"{node.name} exited on its own with code {rc} (see {self.run_dir / 'logs' / (node.name + '.log')})")
+        for when, name in list(self._conts):
+            if now >= when:
+                self._conts.remove((when, name))
+                node = self.nodes[name]
+                if node.fate == "stopped":
+                    self._signal(node, signal.SIGCONT)
+                    node.fate = "running"
+                    self._record("cont", nodes=[name])
+                    self.say(f"SIGCONT {name}")
+        if self.t0 is not None and now - self._last_status >= 5.0:
+            self._last_status = now
+            world = self._world()
+            self.say(f"step {self._max_step}, world {world}, {self._rate():.0f} steps/s")
+
+    def _world(self) -> int | None:
+        latest = None
+        for node in self.nodes.values():
+            for rec in reversed(node.records):
+                if rec.get("ev") == "step":
+                    if latest is None or rec["t"] > latest["t"]:
+                        latest = rec
+                    break
+        return None if latest is None else int(latest.get("world", 0))
+
+    def _rate(self) -> float:
+        """Recent committed steps per second (0 before two steps)."""
+        ts = self._step_times[-20:]
+        return (len(ts) - 1) / (ts[-1] - ts[0]) if len(ts) > 1 and ts[-1] > ts[0] else 0.0
+
+    def _sleep_until(self, wall: float) -> None:
+        while True:
+            self._poll()
+            left = wall - time.time()
+            if left <= 0:
+                return
+            if not self._live():
+                raise ScenarioError("every node has exited; see the logs in " + str(self.run_dir / "logs"))
+            time.sleep(min(left, 0.05))
+
+    # ------------------------------------------------------------------ actions
+    def _via(self) -> list[str]:
+        for node in self.nodes.values():
+            if node.alive and node.fate == "running":
+                return [node.addr]
+        raise ScenarioError("no live member to join through")
+
+    def _carry_out(self, a: Action) -> None:
+        names = a.nodes
+        if a.action == "join":
+            peers = self._via()
+            node = self._start(a.args[0], peers, 1)
+            self.say(f"join {node.name} (through {peers[0]})")
+        elif a.action == "leave":
+            self._signal(self.nodes[a.args[0]], signal.SIGTERM)
+            self.nodes[a.args[0]].fate = "left"
+            self.say(f"leave {a.args[0]} (SIGTERM: at the next step boundary)")
+        elif a.action == "kill":
+            self._signal(self.nodes[a.args[0]], signal.SIGKILL)
+            self.nodes[a.args[0]].fate = "killed"
+            self.say(f"kill -9 {a.args[0]}")
+        elif a.action == "stop":
+            node = self.nodes[a.args[0]]
+            self._signal(node, signal.SIGSTOP)
+            node.fate = "stopped"
+            self._conts.append((time.time() + float(a.args[1]), node.name))
+            self.say(f"SIGSTOP {node.name} for {a.args[1]} s")
+        elif a.action in ("cut", "restore"):
+            x, y = (self.nodes[n] for n in a.args)
+            down = a.action == "cut"
+            if self._testbed is not None:
+                (self._testbed.cut_pair if down else self._testbed.restore_pair)(x.index, y.index)
+            else:
+                from chaos_lightning.agent import link_fault
+
+                for p, q in ((x, y), (y, x)):
+                    if p.alive:
+                        try:
+                            link_fault(p.addr, q.addr, down, secret=self.secret, timeout=5.0)
+                        except (OSError, TimeoutError) as exc:
+                            self.say(f"warning: {p.name} did not take the link fault ({exc})")
+            self.say(f"{'cut' if down else 'restore'} the link {x.name}-{y.name}")
+        elif a.action == "throttle":
+            node = self.nodes[a.args[0]]
+            self._testbed.shape(node.index, rate_bps(a.args[1]) / 1e6)
+            self.say(f"throttle {node.name} to {a.args[1]}")
+        fields: dict[str, Any] = {"nodes": list(names), "at": a.at, "line": a.line}
+        if a.action == "stop":
+            fields["seconds"] = float(a.args[1])
+        if a.action == "throttle":
+            fields["rate_bps"] = rate_bps(a.args[1])
+        self._record(a.action, **fields)
+
+    def _write_links(self) -> None:
+        """Every node's link rate at the start, bits/s both ways (``set link``),
+        for the transfer bound; throttles later are actions (``actions.jsonl``)."""
+        default = self.timeline.settings.get("link")
+        if default is None or self._testbed is None:
+            return
+        rate = rate_bps(str(default))
+        rates = {name: {"down_bps": rate, "up_bps": rate} for name in self.timeline.names}
+        (self.run_dir / "links.json").write_text(json.dumps({"nodes": rates}, indent=1))
+
+    def _end(self) -> None:
+        """Every live node stops at one global step ahead of all of them, then exits."""
+        self._poll()
+        margin = max(5, int(self._rate() * END_MARGIN_S) + 5)
+        stop_at = self._max_step + margin
+        self._ending = True
+        (self.run_dir / "stop").write_text(f"{stop_at}\n")
+        self._record("end", nodes=[], at=self.timeline.duration, line=self.timeline.actions[-1].line, stop_step=stop_at)
+        self.say(f"end: every node stops at global step {stop_at}")
+        for when, name in list(self._conts):  # nobody stays stopped past the end
+            self._conts.remove((when, name))
+            if self.nodes[name].fate == "stopped":
+                self._signal(self.nodes[name], signal.SIGCONT)
+                self.nodes[name].fate = "running"
+        deadline = time.monotonic() + END_TIMEOUT
+        while any(n.alive for n in self.nodes.values()) and time.monotonic() < deadline:
+            self._poll()
+            time.sleep(0.1)
+        stuck = [n.name for n in self.nodes.values() if n.alive]
+        if stuck:
+            raise ScenarioError(f"{', '.join(stuck)} still running {END_TIMEOUT:.0f} s after the end")
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> Path:
+        """Carry out the timeline; returns the run directory (raises :class:`ScenarioError`)."""
+        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise ScenarioError(f"run directory {self.run_dir} is not empty")
+        for sub in ("trace", "logs"):
+            (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        self._actions = open(self.run_dir / "actions.jsonl", "w")  # noqa: SIM115  (closed in close())
+        try:
+            if self.use_testbed:
+                from chaos_lightning.testbed import Testbed, available
+
+                ok, why = available()
+                if not ok:
+                    raise ScenarioError(f"the namespace testbed is not available here: {why}")
+                self._testbed = Testbed(len(self.timeline.names)).start()
+                if "link" in self.timeline.settings:
+                    for i in range(len(self.timeline.names)):
+                        self._testbed.shape(i, rate_bps(str(self.timeline.settings["link"])) / 1e6)
+            initial = self.timeline.initial
+            where = "network namespaces" if self._testbed is not None else "loopback"
+            self.say(f"starting {', '.join(initial)} on {where} (peer rendezvous, no etcd)")
+            first = self._start(initial[0], [], len(initial))
+            for name in initial[1:]:
+                self._start(name, [first.addr], len(initial))
+            self._record("start", nodes=list(initial), at=0.0, line=self.timeline.actions[0].line)
+            self._write_links()
+            deadline = time.monotonic() + START_TIMEOUT
+            while self.t0 is None:
+                self._poll()
+                if any(n.fate == "exited" for n in self.nodes.values()):
+                    bad = next(n for n in self.nodes.values() if n.fate == "exited")
+                    raise ScenarioError(f"{bad.name} exited before training started: see {self.run_dir / 'logs' / bad.name}.log")
+                if time.monotonic() > deadline:
+                    raise ScenarioError(f"training did not start within {START_TIMEOUT:.0f} s")
+                time.sleep(0.05)
+            self._record("training_started", t=self.t0)
+            self.say(f"training started with {len(initial)} nodes")
+            for a in self.timeline.actions[1:-1]:
+                self._sleep_until(self.t0 + a.at)
+                self._carry_out(a)
+            self._sleep_until(self.t0 + self.timeline.duration)
+            self._end()
+            return self.run_dir
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            if node.alive:
+                self._signal(node, signal.SIGCONT)
+                self._signal(node, signal.SIGKILL)
+            try:
+                node.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            node.log.close()
+        if self._testbed is not None:
+            self._testbed.close()
+            self._testbed = None
+        if self._actions is not None:
+            self._actions.close()
+            self._actions = None
+
+
+# ---------------------------------------------------------------------- checks
+def check_invariants(run_dir: Path) -> dict[str, Any]:
+    """What the finished nodes say: bit-identical replicas and exactly-once epochs.
+
+    Nodes training in one group record the same committed steps, so: no node
+    may have trained a sample twice in an epoch; every epoch before the last
+    must be an exact cover at some finished node (one that trained through
+    it); and every node that finished (did not leave) ends with the same
+    parameter and optimizer digests.
+    """
+    done = {}
+    for path in sorted((run_dir / "done").glob("*.json")):
+        try:
+            done[path.stem] = json.loads(path.read_text())
+        except ValueError:
+            continue
+    finished = {n: d for n, d in done.items() if not d.get("left")}
+    digests = {(d["params"], d["optim"]) for d in finished.values()}
+    epochs = sorted({int(e) for d in done.values() for e in d.get("epochs", {})})
+    duplicated = {n: e for n, d in done.items() for e, c in d.get("epochs", {}).items() if c["duplicated"] or c["strangers"]}
+    uncovered = []
+    for e in epochs[:-1]:
+        if not any(d["epochs"].get(str(e), {}).get("missing", 1) == 0 for d in finished.values()):
+            uncovered.append(e)
+    return {
+        "finished": sorted(finished),
+        "left": sorted(set(done) - set(finished)),
+        "identical_replicas": len(digests) == 1,
+        "final_step": sorted({d["global_step"] for d in finished.values()}),
+        "epochs": len(epochs),
+        "no_sample_twice": not duplicated,
+        "complete_epochs_exact": not uncovered,
+        "problems": (
+            ([f"replicas differ: {sorted(digests)}"] if len(digests) > 1 else [])
+            + ([f"samples trained twice: {duplicated}"] if duplicated else [])
+            + ([f"epochs not covered exactly once: {uncovered}"] if uncovered else [])
+            + ([] if finished else ["no node finished"])
+        ),
+    }

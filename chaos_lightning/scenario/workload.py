@@ -1,0 +1,145 @@
+"""The scenarios' training job: plain Lightning with ``strategy="chaos"``.
+
+``python -m chaos_lightning.scenario.workload --run-dir RUN --name n0 [options]``
+
+An MLP regression on synthetic data (seeded, no downloads), trained for as
+many epochs as the scenario lasts.  Each training step sleeps ``--step-sleep``
+seconds, standing in for the compute of a bigger model, so that a handful of
+nodes on a 2-core machine do not just fight over the CPU.  The strategy
+writes this node's trace (``CHAOS_TRACE``, set by the runner).
+
+Ending a run: all replicas must stop at the same global step, or the last
+collective would wait for those that stopped.  The runner writes a step
+number into ``RUN/stop``; every node stops when its global step reaches it
+(the runner picks one ahead of every node's step).
+
+On exit the node writes ``RUN/done/<name>.json``: its global step, a digest of
+its parameters and optimizer state (equal on every replica) and its sample
+ledger (how many times each sample was trained in each epoch, as far as this
+node saw the epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import chaos_lightning  # noqa: F401  (registers strategy="chaos")
+import lightning.pytorch as pl
+
+
+class Synthetic(Dataset):
+    """``n`` samples ``x ~ N(0, 1)^d`` with ``y = tanh(x W1) w2`` plus noise."""
+
+    def __init__(self, n: int, dim: int = 32) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, dim, generator=g)
+        w1, w2 = torch.randn(dim, 16, generator=g), torch.randn(16, 1, generator=g)
+        self.y = torch.tanh(self.x @ w1) @ w2 + 0.1 * torch.randn(n, 1, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+
+class MLP(pl.LightningModule):
+    def __init__(self, dim: int = 32, hidden: int = 256, step_sleep: float = 0.05, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+            torch.nn.Linear(hidden, 1),
+        )
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        time.sleep(self.hparams.step_sleep)
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+class StopAtStep(pl.Callback):
+    """Stops fit once the global step reaches the number in ``path`` (when it exists)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.at: int | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if self.at is None and self.path.exists():
+            text = self.path.read_text().strip()
+            if text.isdigit():
+                self.at = int(text)
+        if self.at is not None and trainer.global_step >= self.at:
+            trainer.should_stop = True
+
+
+def digest(tensors: list[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m chaos_lightning.scenario.workload", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--name", required=True, help="this node's name in the scenario")
+    p.add_argument("--samples", type=int, default=4096, help="training samples per epoch")
+    p.add_argument("--batch-size", type=int, default=16, help="per-node batch size")
+    p.add_argument("--hidden", type=int, default=256, help="hidden width (the state grows with its square)")
+    p.add_argument("--step-sleep", type=float, default=0.05, help="seconds of stand-in compute per step")
+    args = p.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("lightning").setLevel(logging.WARNING)
+    torch.set_num_threads(1)
+    pl.seed_everything(0, workers=False, verbose=False)
+    model = MLP(hidden=args.hidden, step_sleep=args.step_sleep)
+    trainer = pl.Trainer(
+        strategy="chaos", accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[StopAtStep(args.run_dir / "stop")],
+    )
+    loader = DataLoader(Synthetic(args.samples), batch_size=args.batch_size, shuffle=True)
+    trainer.fit(model, loader)
+
+    strategy = trainer.strategy
+    opt = trainer.optimizers[0]
+    ledger = strategy.ledger
+    summary = {
+        "name": args.name,
+        "pid": os.getpid(),
+        "global_step": trainer.global_step,
+        "left": strategy._left,
+        "params": digest(list(model.parameters())),
+        "optim": digest([v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]),
+        "samples_per_epoch": args.samples,
+        # per epoch: samples trained once, more than once, never (as this node saw it)
+        "epochs": {
+            str(e): {"once": sum(1 for n in ledger.counts(e).values() if n == 1), "duplicated": len(ledger.duplicates(e)),
+                     "missing": len(ledger.missing(e)), "strangers": len(ledger.strangers(e))}
+            for e in ledger.epochs()
+        } if ledger else {},
+    }
+    done = args.run_dir / "done"
+    done.mkdir(exist_ok=True)
+    (done / f"{args.name}.json").write_text(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
