@@ -54,6 +54,10 @@ TESTBED_PORT = 29500
 START_TIMEOUT = 180.0
 #: seconds for every node to reach the common last step and exit after ``end``
 END_TIMEOUT = 90.0
+#: seconds an action on a joined node waits for it to train (its start-up on a loaded machine)
+JOIN_TIMEOUT = 120.0
+#: seconds a joined node trains before an action on it
+SETTLE_S = 2.0
 #: how far ahead of the fastest node the common last step is, in seconds of steps
 END_MARGIN_S = 2.0
 
@@ -109,10 +113,12 @@ class Runner:
 
     def __init__(
         self, timeline: Timeline, run_dir: Path, *, testbed: bool = False, out: IO[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.timeline = timeline
         self.run_dir = Path(run_dir)
         self.use_testbed = testbed
+        self.extra_env = dict(env or {})  # for every node (benchmarks: CHAOS_BACKEND, CHAOS_MAX_SOURCES, ...)
         self.out = out or sys.stdout
         self.nodes: dict[str, NodeProc] = {}
         self.secret = secrets.token_hex(16)
@@ -125,6 +131,7 @@ class Runner:
         self._step_times: list[float] = []  # wall times of recent new global steps
         self._last_status = 0.0
         self._ending = False  # after 'end', nodes exiting is the plan
+        self._shift = 0.0  # seconds the timeline was pushed back, waiting for joiners to train
         if timeline.uses_links() and not testbed:
             throttles = [a for a in timeline.actions if a.action == "throttle"]
             if throttles or "link" in timeline.settings:
@@ -167,6 +174,7 @@ class Runner:
             **os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CHAOS_BIND": addr, "CHAOS_PEERS": ",".join(peers),
             "CHAOS_MIN_NODES": str(min_nodes), "CHAOS_SECRET": self.secret, "CHAOS_TRACE": str(trace),
             "CHAOS_PRESET": str(self.timeline.settings.get("preset", "local")),
+            **self.extra_env,
         }
         log = open(self.run_dir / "logs" / f"{name}.log", "wb")  # noqa: SIM115  (closed in close())
         argv = self._workload_argv(name)
@@ -252,6 +260,32 @@ class Runner:
             time.sleep(min(left, 0.05))
 
     # ------------------------------------------------------------------ actions
+    def _await_training(self, a: Action) -> None:
+        """An action on a node that joined waits until it trains (its first
+        committed step), however long its start-up took on this machine; the
+        rest of the timeline moves back by the wait (bounded)."""
+        waiting = [self.nodes[n] for n in a.nodes if n in self.nodes and n not in self.timeline.initial]
+        if a.action in ("join", "throttle") or not waiting:
+            return
+        t0 = time.time()
+        deadline = time.monotonic() + JOIN_TIMEOUT
+        while not all(any(r.get("ev") == "step" for r in n.records) or not n.alive for n in waiting):
+            if time.monotonic() > deadline:
+                raise ScenarioError(f"{', '.join(n.name for n in waiting)} not training {JOIN_TIMEOUT:.0f} s after "
+                                    f"'{a}' was due (see {self.run_dir / 'logs'})")
+            self._poll()
+            time.sleep(0.05)
+        # and has trained a little: the event after a join is measured against
+        # normal steps, not the join's own disruption
+        firsts = [next((r["t"] for r in n.records if r.get("ev") == "step"), 0.0) for n in waiting]
+        while time.time() < max(firsts) + SETTLE_S:
+            self._poll()
+            time.sleep(0.05)
+        waited = time.time() - t0
+        if waited > 0.2:
+            self._shift += waited
+            self.say(f"waited {waited:.1f} s for {', '.join(n.name for n in waiting)} to train before '{a}'")
+
     def _via(self) -> list[str]:
         for node in self.nodes.values():
             if node.alive and node.fate == "running":
@@ -357,7 +391,9 @@ class Runner:
                         self._testbed.shape(i, rate_bps(str(self.timeline.settings["link"])) / 1e6)
             initial = self.timeline.initial
             where = "network namespaces" if self._testbed is not None else "loopback"
-            self.say(f"starting {', '.join(initial)} on {where} (peer rendezvous, no etcd)")
+            backend = self.extra_env.get("CHAOS_BACKEND", "peer")
+            how = "peer rendezvous, no etcd" if backend == "peer" else f"{backend} rendezvous"
+            self.say(f"starting {', '.join(initial)} on {where} ({how})")
             first = self._start(initial[0], [], len(initial))
             for name in initial[1:]:
                 self._start(name, [first.addr], len(initial))
@@ -375,9 +411,10 @@ class Runner:
             self._record("training_started", t=self.t0)
             self.say(f"training started with {len(initial)} nodes")
             for a in self.timeline.actions[1:-1]:
-                self._sleep_until(self.t0 + a.at)
+                self._sleep_until(self.t0 + self._shift + a.at)
+                self._await_training(a)
                 self._carry_out(a)
-            self._sleep_until(self.t0 + self.timeline.duration)
+            self._sleep_until(self.t0 + self._shift + self.timeline.duration)
             self._end()
             return self.run_dir
         finally:

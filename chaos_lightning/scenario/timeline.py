@@ -15,7 +15,10 @@ A timeline is a text file, one action per line, ``#`` starting a comment::
     62         end                       # every node stops at one common step; the run ends
 
 Times are seconds since training started (the cluster's first committed
-step), so a slow machine shifts nothing but the start.  Names are free-form
+step), so a slow machine shifts nothing but the start.  An action on a node
+that joined waits until that node has trained for 2 s (its start-up takes seconds, more on
+a loaded machine), and the rest of the timeline moves back by the wait: a
+leave or kill always hits a training member.  Names are free-form
 words; a name is started once (by ``start`` or ``join``) and never reused.
 ``end`` is required and last.  Errors name the file and line.
 """

@@ -169,6 +169,7 @@ class ChaosStrategy(DDPStrategy):
             peers=peers,
             secret=secret,
             preset=preset or env.get("CHAOS_PRESET", "local"),
+            etcd_endpoints=env.get("CHAOS_ETCD_ENDPOINTS", "127.0.0.1:2379"),  # the etcd baseline only
         )
         self._min_nodes = int(min_nodes if min_nodes is not None else env.get("CHAOS_MIN_NODES", "1"))
         if global_batch_size is None and env.get("CHAOS_GLOBAL_BATCH_SIZE"):

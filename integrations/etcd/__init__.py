@@ -9,11 +9,20 @@ backend (``peer``) needs neither.
 
 from __future__ import annotations
 
-from chaos_lightning.integrations.etcd.rendezvous import (
-    DEFAULT_OP_TIMEOUT,
-    DEFAULT_PREFIX,
-    DEFAULT_TTL,
-    EtcdRendezvous,
-)
+from typing import Any
 
-__all__ = ["DEFAULT_OP_TIMEOUT", "DEFAULT_PREFIX", "DEFAULT_TTL", "EtcdRendezvous"]
+#: names of :mod:`.rendezvous`, imported on first use: importing etcd3 fixes
+#: protobuf's implementation for the process, and :mod:`.server` (a throwaway
+#: etcd for benchmarks and tests) needs none of it
+_LAZY = ("DEFAULT_OP_TIMEOUT", "DEFAULT_PREFIX", "DEFAULT_TTL", "EtcdRendezvous")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from chaos_lightning.integrations.etcd import rendezvous
+
+        return getattr(rendezvous, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)
