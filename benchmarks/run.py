@@ -302,7 +302,6 @@ EVENT_COLS = [
     ("kill", "first_step_s", "kill -> first step"),
     ("kill", "idle_sum_s", "idle sum, kill"),
     ("leave", "first_step_s", "leave -> first step"),
-    ("link-down", "first_step_s", "link down -> first step"),
 ]
 
 
@@ -436,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--quick", action="store_true", help="headline configuration only (about 10 minutes)")
     mode.add_argument("--full", action="store_true", help="the sweep (state 13 MB to 1 GB, 2-8 processes, testbed)")
+    mode.add_argument("--render", type=Path, metavar="RESULTS_JSON",
+                      help="only rebuild the markdown (and targets) from an earlier run's results.json")
     ap.add_argument("--out", type=Path, default=None, help="results directory (default docs/results/bench_<mode>)")
     ap.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md", help="generated report (default %(default)s)")
     ap.add_argument("--systems", default=",".join(SYSTEM_ORDER), help="comma-separated subset (default: all)")
@@ -443,6 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-steady", action="store_true", help="skip the steady-state ddp comparison")
     ap.add_argument("--no-testbed", action="store_true", help="skip the shaped-link transfer runs")
     args = ap.parse_args(argv)
+    if args.render:
+        doc = json.loads(args.render.read_text())
+        doc["targets"] = targets(doc["aggregates"], doc["extra"])
+        args.markdown.write_text(markdown(doc))
+        print(f"wrote {args.markdown}")
+        return 0
     plan = QUICK if args.quick else FULL
     chosen = set(args.systems.split(","))
     unknown = chosen - set(SYSTEM_ORDER)
