@@ -63,7 +63,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import signal
 import socket
 import statistics
@@ -71,6 +70,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from chaos_lightning.integrations.etcd.server import free_port  # ports below the ephemeral range
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -100,20 +101,6 @@ SAMPLES = 4096
 #: docs/baselines_torchft.md: comparable to chaos' ``local`` failure detector)
 LH_SETTINGS = {"min_replicas": 1, "quorum_tick_ms": 100, "join_timeout_ms": 10000, "heartbeat_timeout_ms": 1000}
 
-_PORTS = (20000, 32000)  # below the ephemeral range, as tests/etcd_server.free_port
-_rng = random.Random(os.getpid() ^ int(time.time()))
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    for _ in range(200):
-        port = _rng.randrange(*_PORTS)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {_PORTS} after 200 tries")
 
 
 class Stop(Exception):
