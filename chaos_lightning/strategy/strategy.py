@@ -613,7 +613,8 @@ class ChaosStrategy(DDPStrategy):
                 trained = sampler.commit_step()
                 self.ledger.record(sampler.epoch, trained)
             self._commits += 1
-            self._trace.emit("step", step=trainer.global_step, samples=int(total), world=self.world_size)
+            if self._trace.enabled:  # the per-step path: not even the arguments without a trace
+                self._trace.emit("step", step=trainer.global_step, samples=int(total), world=self.world_size)
         else:
             self._trace.emit("step_failed", step=trainer.global_step)
         due = failed or leaves > 0 or epochs != len(self._trainers) * self._view.epoch
