@@ -97,6 +97,7 @@ import statistics
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -622,7 +623,12 @@ def _leftover_agents(wait: float = 15.0) -> list[str]:
     for t in threading.enumerate():
         if t.name == "chaos-agent":
             t.join(max(0.0, deadline - time.monotonic()))
-    return [t.name for t in threading.enumerate() if t.name == "chaos-agent" and t.is_alive()]
+    alive = [t for t in threading.enumerate() if t.name == "chaos-agent" and t.is_alive()]
+    frames = sys._current_frames()
+    for t in alive:  # where it is stuck, for whoever reads the failure
+        stack = "".join(traceback.format_stack(frames[t.ident])) if t.ident in frames else "(no frame)\n"
+        print(f"agent thread {t.ident} still running after {wait:.0f} s, at:\n{stack}", file=sys.stderr)
+    return [t.name for t in alive]
 
 
 def main(argv: list[str] | None = None) -> int:

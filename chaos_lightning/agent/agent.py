@@ -75,6 +75,9 @@ class _Peer:
         self.down_until = 0.0  # after a failed connect, drop instead of redialing
 
 
+#: seconds the agent's tasks get to end after a stop before they are abandoned
+_SHUTDOWN_GRACE = 3.0
+
 class Agent:
     """A node's membership agent (see the module docstring).
 
@@ -203,7 +206,14 @@ class Agent:
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            # bounded: a task that swallows its cancellation must not keep
+            # the thread (and the process's exit) waiting (asyncio.wait,
+            # unlike wait_for, does not wait for the cancelled to finish)
+            _, pending = await asyncio.wait(tasks, timeout=_SHUTDOWN_GRACE)
+            if pending:
+                log.warning("%s: %d task(s) still running %.0f s after the stop; abandoned: %s", self.node_id,
+                            len(pending), _SHUTDOWN_GRACE, [t.get_coro() for t in pending])
 
     def stop(self) -> None:
         """Stop at once, without leaving (to the others this looks like a
