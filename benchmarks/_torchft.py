@@ -71,7 +71,7 @@ import sys
 import time
 from pathlib import Path
 
-from chaos_lightning.integrations.etcd.server import free_port  # ports below the ephemeral range
+from chaos_lightning.integrations.etcd.server import free_port, kill_and_reap  # shared process helpers
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -238,7 +238,7 @@ class Cluster:
         self.killed.add(rid)
         t = time.time()
         os.kill(self.procs[rid].pid, signal.SIGKILL)
-        _reap(self.procs[rid])
+        kill_and_reap(self.procs[rid])
         return t
 
     def close(self) -> None:
@@ -253,18 +253,9 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 pass
         for p in list(self.procs.values()) + ([self.lighthouse] if self.lighthouse else []):
-            _reap(p)
+            kill_and_reap(p)
         for f in self.logs:
             f.close()
-
-
-def _reap(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        p.kill()
-    try:
-        p.wait(timeout=10)
-    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL not honoured
-        pass
 
 
 def _normal(steps: list[dict], before_t1: float) -> float | None:

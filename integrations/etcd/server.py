@@ -63,7 +63,8 @@ def _healthy(client_url: str) -> bool:
         return False
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def kill_and_reap(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` if it still runs and reap it (bounded: 10 s)."""
     if proc.poll() is None:
         proc.kill()
     try:
@@ -116,6 +117,6 @@ def etcd_server(
             tail = log_path.read_text(errors="replace")[-2000:]
             problems.append(f"attempt {attempt}: exit={proc.poll()} after {timeout}s; log tail:\n{tail}")
         finally:
-            _stop(proc)
+            kill_and_reap(proc)
             shutil.rmtree(data_dir, ignore_errors=True)
     raise RuntimeError("etcd did not become healthy:\n" + "\n".join(problems))
