@@ -11,6 +11,12 @@ between the first and the last original member is cut and restored.  The
 cluster is back to ``nodes`` before each event, and events are spaced so
 that the previous one has settled.
 
+The single-source baseline needs no run of its own: ``CHAOS_MAX_SOURCES``
+matters only to the node that pulls, so with ``single_source`` each round of
+a ``chaos`` run also has a joiner (``s<r>``) started with
+``CHAOS_MAX_SOURCES=1``, whose join is recorded as ``chaos-1src`` (same
+members, same state; one start-up of the cluster less).
+
 Systems (DESIGN.md "Baselines"):
 
 - ``chaos``: the strategy, peer rendezvous, pull from up to 8 members;
@@ -44,7 +50,10 @@ SYSTEMS = ("chaos", "chaos-etcd", "chaos-1src")
 #: the settling time after its first step, for the step time and the
 #: pull to be back to normal
 _JOIN_GAP = {0: 2.0, 100: 3.0, 500: 6.0}
-_GAP = 3.5  # after a leave, kill, cut or restore
+#: seconds after a leave, kill, cut or restore: each settles within 1.5 s at
+#: 203 MB (event -> first step in the new view), and a following join's
+#: process start-up takes 5-9 s more before it asks to join
+_GAP = 2.5
 
 
 def state_mb(hidden: int, dim: int = 32) -> float:
@@ -53,8 +62,11 @@ def state_mb(hidden: int, dim: int = 32) -> float:
     return 12 * params / 1e6
 
 
-def timeline(nodes: int, hidden: int, reps: int, step_sleep: float, events: tuple[str, ...]) -> str:
-    """The scenario text: ``reps`` rounds of ``events`` (join, leave, kill, link)."""
+def timeline(nodes: int, hidden: int, reps: int, step_sleep: float, events: tuple[str, ...],
+             single_source: bool = False) -> str:
+    """The scenario text: ``reps`` rounds of ``events`` (join, leave, kill, link),
+    and with ``single_source`` a joiner ``s<r>`` per round (started with
+    ``CHAOS_MAX_SOURCES=1`` by :func:`measure`) that joins and leaves."""
     gap_join = next(g for mb, g in sorted(_JOIN_GAP.items(), reverse=True) if state_mb(hidden) >= mb)
     lines = [f"set hidden {hidden}", f"set step_sleep {step_sleep}", "0 start " + " ".join(f"n{i}" for i in range(nodes))]
     t = 2.0
@@ -63,6 +75,11 @@ def timeline(nodes: int, hidden: int, reps: int, step_sleep: float, events: tupl
             lines.append(f"{t:g} join j{r}")
             t += gap_join
             lines.append(f"{t:g} leave j{r}")
+            t += _GAP
+        if single_source:
+            lines.append(f"{t:g} join s{r}")
+            t += gap_join
+            lines.append(f"{t:g} leave s{r}")
             t += _GAP
         if "kill" in events:
             lines.append(f"{t:g} join k{r}")
@@ -82,21 +99,24 @@ def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def records(result: dict[str, Any], system: str, nodes: int, hidden: int) -> list[dict[str, Any]]:
-    """One record per event from a scenario report (the baselines' schema)."""
+def records(result: dict[str, Any], system: str, nodes: int, hidden: int,
+            systems: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One record per event from a scenario report (the baselines' schema);
+    ``systems`` names another system for the events of some nodes."""
     out = []
-    rounds: dict[str, int] = {}
+    rounds: dict[tuple[str, str], int] = {}
     for a in result.get("actions", []):
         action = a.get("action")
         event = {"join": "join", "leave": "leave", "kill": "kill", "cut": "link-down", "restore": "link-up"}.get(action)
         if event is None:
             continue
-        rep = rounds.get(event, 0)
-        rounds[event] = rep + 1
         name = (a.get("nodes") or [""])[0]
+        system_of = (systems or {}).get(name, system)
+        rep = rounds.get((system_of, event), 0)
+        rounds[(system_of, event)] = rep + 1
         idle = a.get("survivor_idle") or {}
         rec: dict[str, Any] = {
-            "system": system, "nodes": nodes, "state_mb": round(state_mb(hidden), 1), "hidden": hidden, "rep": rep,
+            "system": system_of, "nodes": nodes, "state_mb": round(state_mb(hidden), 1), "hidden": hidden, "rep": rep,
             "event": event, "scale_out_cold_s": None, "scale_out_warm_s": None,
             "view_everywhere_s": _num((a.get("view_everywhere") or {}).get("s")),
             "first_step_s": _num((a.get("first_step") or {}).get("s")),
@@ -119,18 +139,22 @@ def records(result: dict[str, Any], system: str, nodes: int, hidden: int) -> lis
 
 def measure(
     *, nodes: int, hidden: int, reps: int, step_sleep: float, workdir: Path, timeout: float, system: str = "chaos",
-    events: tuple[str, ...] = ("join", "leave", "kill", "link"), quiet: bool = True,
+    events: tuple[str, ...] = ("join", "leave", "kill", "link"), quiet: bool = True, single_source: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the scenario for ``system``; its event records, plus a ``run`` record
-    (invariants, totals).  ``timeout`` bounds the run (the runner's own waits
-    are bounded too)."""
+    (invariants, totals).  With ``single_source`` (``chaos`` only), also the
+    ``chaos-1src`` joins of the same run.  ``timeout`` bounds the run (the
+    runner's own waits are bounded too)."""
     if system not in SYSTEMS:
         raise ValueError(f"unknown system {system!r}: one of {SYSTEMS}")
+    if single_source and system != "chaos":
+        raise ValueError("single_source joins ride on a 'chaos' run")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if system == "chaos-etcd":
         events = tuple(e for e in events if e != "link")  # etcd sees no links: no link-down events
-    text = timeline(nodes, hidden, reps, step_sleep, events)
+    text = timeline(nodes, hidden, reps, step_sleep, events, single_source)
+    one_source = {f"s{r}": {"CHAOS_MAX_SOURCES": "1"} for r in range(reps)} if single_source else {}
     run_dir = workdir / f"{system}-n{nodes}-h{hidden}"
     env: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
@@ -141,9 +165,9 @@ def measure(
         if system == "chaos-1src":
             env = {"CHAOS_MAX_SOURCES": "1"}
         out = io.StringIO() if quiet else sys.stdout
-        Runner(parse(text, f"<{system} benchmark>"), run_dir, env=env, out=out).run()
+        Runner(parse(text, f"<{system} benchmark>"), run_dir, env=env, node_env=one_source, out=out).run()
     result = scenario_report.analyze(run_dir)
-    recs = records(result, system, nodes, hidden)
+    recs = records(result, system, nodes, hidden, {name: "chaos-1src" for name in one_source})
     inv = check_invariants(run_dir)
     recs.append({
         "system": system, "nodes": nodes, "state_mb": round(state_mb(hidden), 1), "hidden": hidden, "event": "run",
@@ -161,11 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--step-sleep", type=float, default=0.03)
     p.add_argument("--events", default="join,leave,kill,link")
+    p.add_argument("--single-source", action="store_true", help="with --system chaos: also single-source joiners")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="chaos-bench-") as tmp:
         recs = measure(nodes=args.nodes, hidden=args.hidden, reps=args.reps, step_sleep=args.step_sleep,
                        workdir=Path(tmp), timeout=600, system=args.system, events=tuple(args.events.split(",")),
-                       quiet=False)
+                       quiet=False, single_source=args.single_source)
     for r in recs:
         print(json.dumps(r))
     return 0

@@ -69,10 +69,13 @@ class Job:
     hidden: int
     reps: int = 3
     events: tuple[str, ...] = ("join", "leave", "kill", "link")
+    #: chaos only: the run also measures chaos-1src's joins (``_chaos.measure``)
+    single_source: bool = False
 
     @property
     def label(self) -> str:
-        return f"{self.system} n={self.nodes} state={_chaos.state_mb(self.hidden):.0f} MB"
+        also = " (+ chaos-1src joins)" if self.single_source else ""
+        return f"{self.system}{also} n={self.nodes} state={_chaos.state_mb(self.hidden):.0f} MB"
 
 
 @dataclass
@@ -90,8 +93,7 @@ BIG = 4096
 QUICK = Plan(
     "quick",
     [
-        Job("chaos", 4, BIG, events=("join", "leave", "kill")),
-        Job("chaos-1src", 4, BIG, events=("join",)),
+        Job("chaos", 4, BIG, events=("join", "leave", "kill"), single_source=True),
         Job("chaos-etcd", 4, BIG, events=("kill",)),
         Job("ckpt-restart", 4, BIG, events=("join", "kill")),
         Job("torchft", 4, BIG, events=("join", "kill")),
@@ -102,17 +104,25 @@ QUICK = Plan(
     scale_out={"sizes": [200.0], "counts": [4], "kinds": ["equal"], "base": 200.0},
     membership={"sim_sizes": [(8, 3)], "real_sizes": [(8, 3)]},
 )
+#: the sweep (about 50 minutes here): state size at 4 processes for every
+#: system (13 MB, 201 MB, 1 GB; join and kill, the events every system
+#: handles), cluster size for chaos (2, 4, 8 processes at 13 MB, every event),
+#: the etcd control plane at 4 and 8, and the shaped-link pulls with equal and
+#: unequal links up to 1 GB
+SMALL, GIANT = 1024, 9216
 FULL = Plan(
     "full",
     [
-        *(Job("chaos", n, 1024) for n in (2, 4, 8)),
-        *(Job(s, 4, h, events=("join", "kill") if s in ("ckpt-restart", "torchft") else ("join", "leave", "kill", "link"))
-          for h in (1024, BIG, 9216) for s in ("chaos", "chaos-1src", "ckpt-restart", "torchft")),
-        Job("chaos-etcd", 4, 1024, events=("join", "leave", "kill")),
-        Job("chaos-etcd", 8, 1024, events=("leave", "kill")),
+        *(Job("chaos", n, SMALL, events=("join", "leave", "kill") + (("link",) if n >= 3 else ()), single_source=n == 4)
+          for n in (2, 4, 8)),
+        *(Job(s, 4, h, events=("join", "kill"), single_source=s == "chaos")
+          for h in (BIG, GIANT) for s in ("chaos", "ckpt-restart", "torchft")),
+        *(Job(s, 4, SMALL, events=("join", "kill")) for s in ("ckpt-restart", "torchft")),
+        Job("chaos-etcd", 4, SMALL, events=("join", "leave", "kill")),
+        Job("chaos-etcd", 8, SMALL, events=("leave", "kill")),
     ],
     steady={"nodes": 3, "rounds": 4, "warmup": 20, "steps": 200},
-    scale_out={"sizes": [200.0, 1000.0], "counts": [1, 2, 4, 8], "kinds": ["equal", "unequal"], "base": 200.0},
+    scale_out={"sizes": [200.0, 1000.0], "counts": [1, 4, 8], "kinds": ["equal", "unequal"], "base": 200.0},
     membership={"sim_sizes": [(8, 5), (64, 5)], "real_sizes": [(8, 5)]},
 )
 
@@ -138,6 +148,8 @@ def run_job(job: Job, plan: Plan, workdir: Path, say: Callable[[str], None]) -> 
                                   workdir=workdir / job.system, timeout=900.0)
     if job.system in _chaos.SYSTEMS:
         kwargs["events"] = job.events
+    if job.single_source:
+        kwargs["single_source"] = True
     try:
         recs = _measure_fn(job.system)(**kwargs)
     except Exception as exc:  # one system failing must not lose the others' results
@@ -146,7 +158,8 @@ def run_job(job: Job, plan: Plan, workdir: Path, say: Callable[[str], None]) -> 
                  "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}]
     wanted = {"link": ("link-down", "link-up")}
     keep = {e for ev in job.events for e in wanted.get(ev, (ev,))} | {"run", "steady"}
-    recs = [r for r in recs if r.get("event") in keep or job.system not in _chaos.SYSTEMS]
+    recs = [r for r in recs if (r.get("event") in keep or job.system not in _chaos.SYSTEMS)
+            and (r.get("system") != "chaos-1src" or r.get("event") == "join")]  # its joiners leave only to make room
     for r in recs:
         r.setdefault("hidden", job.hidden)
         # the configured cluster size; a baseline may count the joiner it kills
@@ -455,7 +468,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = chosen - set(SYSTEM_ORDER)
     if unknown:
         ap.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEM_ORDER)}")
-    jobs = [j for j in plan.jobs if j.system in chosen]
+    # chaos-1src rides on the chaos jobs (its joiners in the same run)
+    jobs = [j for j in plan.jobs if j.system in chosen or (j.single_source and "chaos-1src" in chosen)]
+    for j in jobs:
+        j.single_source = j.single_source and "chaos-1src" in chosen
     if args.reps:
         for j in jobs:
             j.reps = args.reps
@@ -471,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="chaos-bench-") as tmp:
         for job in jobs:
             say(f"{job.label}: {job.reps} repetitions of {', '.join(job.events)}")
-            records += run_job(job, plan, Path(tmp), say)
+            records += [r for r in run_job(job, plan, Path(tmp), say)
+                        if r.get("system") in chosen or r.get("event") in ("run", "error")]
         if plan.steady and not args.no_steady:
             say("steady state: chaos against ddp")
             try:

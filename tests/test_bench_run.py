@@ -89,12 +89,16 @@ def test_aggregates_targets_and_markdown_from_known_records(tmp_path: Path) -> N
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_chaos_measure_returns_complete_records(tmp_path: Path) -> None:
-    recs = _chaos.measure(nodes=2, hidden=64, reps=1, step_sleep=0.02, workdir=tmp_path, timeout=150,
-                          events=("join", "leave"))
-    by = {r["event"]: r for r in recs}
-    assert by["run"]["invariants_ok"], by["run"]
-    join, leave = by["join"], by["leave"]
+    # 3.3 MB of state: 3 shards, so the ordinary joiner pulls from both members
+    # and the single-source one (same run, CHAOS_MAX_SOURCES=1) from one
+    recs = _chaos.measure(nodes=2, hidden=512, reps=1, step_sleep=0.02, workdir=tmp_path, timeout=150,
+                          events=("join", "leave"), single_source=True)
+    by = {(r["system"], r["event"]): r for r in recs}
+    assert by[("chaos", "run")]["invariants_ok"], by[("chaos", "run")]
+    join, leave, single = by[("chaos", "join")], by[("chaos", "leave")], by[("chaos-1src", "join")]
     assert 0 < join["scale_out_warm_s"] < join["scale_out_cold_s"], join
-    assert join["transfer_s"] > 0 and join["transfer_mb"] > 0 and join["sources"] >= 1, join  # one shard at this size
+    assert join["transfer_s"] > 0 and join["transfer_mb"] > 0 and join["sources"] == 2, join
+    assert single["transfer_mb"] == join["transfer_mb"] and single["sources"] == 1, single
+    assert 0 < single["scale_out_warm_s"] < single["scale_out_cold_s"], single
     assert leave["first_step_s"] is not None and leave["first_step_s"] > 0, leave
     assert leave["idle_sum_s"] is not None, leave

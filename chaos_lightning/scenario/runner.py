@@ -113,12 +113,13 @@ class Runner:
 
     def __init__(
         self, timeline: Timeline, run_dir: Path, *, testbed: bool = False, out: IO[str] | None = None,
-        env: dict[str, str] | None = None,
+        env: dict[str, str] | None = None, node_env: dict[str, dict[str, str]] | None = None,
     ) -> None:
         self.timeline = timeline
         self.run_dir = Path(run_dir)
         self.use_testbed = testbed
         self.extra_env = dict(env or {})  # for every node (benchmarks: CHAOS_BACKEND, CHAOS_MAX_SOURCES, ...)
+        self.node_env = {name: dict(e) for name, e in (node_env or {}).items()}  # for one node, by name, on top
         self.out = out or sys.stdout
         self.nodes: dict[str, NodeProc] = {}
         self.secret = secrets.token_hex(16)
@@ -174,7 +175,7 @@ class Runner:
             **os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CHAOS_BIND": addr, "CHAOS_PEERS": ",".join(peers),
             "CHAOS_MIN_NODES": str(min_nodes), "CHAOS_SECRET": self.secret, "CHAOS_TRACE": str(trace),
             "CHAOS_PRESET": str(self.timeline.settings.get("preset", "local")),
-            **self.extra_env,
+            **self.extra_env, **self.node_env.get(name, {}),
         }
         log = open(self.run_dir / "logs" / f"{name}.log", "wb")  # noqa: SIM115  (closed in close())
         argv = self._workload_argv(name)
