@@ -68,6 +68,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -293,8 +294,11 @@ def measure(*, nodes: int, hidden: int, reps: int, step_sleep: float, workdir: P
     """
     if nodes < 1 or reps < 1:
         raise ValueError("nodes and reps must be >= 1")
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    # a fresh folder of our own inside workdir: an earlier run's stop file
+    # there would end every replica at its first look (measured: the second
+    # configuration of a sweep sharing the folder failed at once)
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="torchft-", dir=workdir))
     deadline = time.time() + timeout
     cl = Cluster(workdir, hidden, step_sleep, groups=nodes + reps, deadline=deadline)
     tr = cl.trace
@@ -468,9 +472,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=None, help="keep the traces and logs here (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="write the records here")
     args = p.parse_args(argv)
-
-    import tempfile
-
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="torchft-bench-") as tmp:
         workdir = args.workdir or Path(tmp)

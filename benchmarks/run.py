@@ -320,19 +320,34 @@ EVENT_COLS = [
 ]
 
 
+def _sweep_nodes(agg: list[dict[str, Any]]) -> dict[int, int]:
+    """Per state size, the cluster size of its sweep (the baselines run there only)."""
+    return {mb: min((r["nodes"] for r in agg if r["state_mb"] == mb and r["system"] in ("ckpt-restart", "torchft")),
+                    default=4) for mb in {r["state_mb"] for r in agg}}
+
+
 def headline(agg: list[dict[str, Any]], mb: int, nodes: int) -> str:
     lines = [f"| system ({nodes} processes, {mb} MB of state) | " + " | ".join(c for _, _, c in EVENT_COLS) + " |",
              "| --- |" + " ---: |" * len(EVENT_COLS)]
     for system in SYSTEM_ORDER:
-        cells = []
-        for event, metric, _ in EVENT_COLS:
-            stat = _find(agg, system, event, metric, mb, nodes)
-            if stat is None and system == "chaos-etcd":  # its control-plane events run at the small state
-                stat = _find(agg, system, event, metric, nodes=nodes)
-            cells.append(_cell(stat))
+        at = mb
+        sizes = {r["state_mb"] for r in agg if r["system"] == system and r["nodes"] == nodes}
+        if mb not in sizes and system == "chaos-etcd" and sizes:  # the sweep runs the control plane at one size
+            at = min(sizes)
+        cells = [_cell(_find(agg, system, event, metric, at, nodes)) for event, metric, _ in EVENT_COLS]
         if any(c != "-" for c in cells):
-            lines.append(f"| {SYSTEM_LABEL[system]} | " + " | ".join(cells) + " |")
+            label = SYSTEM_LABEL[system] + ("" if at == mb else f" (at {at} MB)")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def sweep(agg: list[dict[str, Any]], big: int) -> list[str]:
+    """The headline table at every other state size that every baseline ran at (the --full sweep)."""
+    out = []
+    for mb, nodes in sorted(_sweep_nodes(agg).items()):
+        if mb != big and any(r["system"] in ("ckpt-restart", "torchft") and r["state_mb"] == mb for r in agg):
+            out += [f"### {mb} MB of state, {nodes} processes", "", headline(agg, mb, nodes), ""]
+    return ["## State sweep", "", *out] if out else []
 
 
 def detail(agg: list[dict[str, Any]]) -> str:
@@ -359,11 +374,14 @@ def markdown(doc: dict[str, Any]) -> str:
         "Every system in one run, on the same model and data (the scenario workload: an MLP with Adam on synthetic "
         "data, 16 samples per process and step); definitions in DESIGN.md \"How performance is measured\", "
         "method in [docs/benchmarks.md](docs/benchmarks.md). Cells: median [min-max] over the repetitions.",
+        *(["", f"Re-measured in a second run and merged (`--merge`): {', '.join(doc['merged']['remeasured'])}."]
+          if doc.get("merged") else []),
         "",
         "## Headline",
         "",
         headline(agg, big, 4),
         "",
+        *sweep(agg, big),
         "## Targets",
         "",
         "| target | measured | met |",
@@ -416,9 +434,7 @@ def plot(agg: list[dict[str, Any]], out: Path) -> list[str]:
     paths = []
     panels = [("join", "scale_out_cold_s", "scale-out, cold (s)"), ("join", "scale_out_warm_s", "scale-out, warm (s)"),
               ("join", "idle_sum_s", "survivors' idle, join (s)"), ("kill", "idle_sum_s", "survivors' idle, kill (s)")]
-    # per state size, the cluster size of its sweep (the baselines run there only)
-    nodes_at = {mb: min((r["nodes"] for r in agg if r["state_mb"] == mb and r["system"] in ("ckpt-restart", "torchft")),
-                        default=4) for mb in {r["state_mb"] for r in agg}}
+    nodes_at = _sweep_nodes(agg)
     sizes = sorted({r["state_mb"] for r in agg if r["event"] == "join" and r["nodes"] == nodes_at[r["state_mb"]]})
     systems = [s for s in SYSTEM_ORDER if any(r["system"] == s for r in agg)]
     if sizes and systems:
@@ -461,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="repetitions of every event (default 3)")
     ap.add_argument("--no-steady", action="store_true", help="skip the steady-state ddp comparison")
     ap.add_argument("--no-testbed", action="store_true", help="skip the shaped-link transfer runs")
+    ap.add_argument("--no-membership", action="store_true", help="skip the membership decision times")
+    ap.add_argument("--merge", type=Path, metavar="RESULTS_JSON",
+                    help="keep an earlier run's records of what this run does not measure (re-measure one system "
+                         "after a fix: --systems torchft --no-steady --no-membership --no-testbed --merge ...)")
     args = ap.parse_args(argv)
     if args.render:
         doc = json.loads(args.render.read_text())
@@ -502,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"{job.label}: {job.reps} repetitions of {', '.join(job.events)}")
             records += [r for r in run_job(job, plan, Path(tmp), say)
                         if r.get("system") in chosen or r.get("event") in ("run", "error")]
-        if plan.membership:
+        if plan.membership and not args.no_membership:
             say("membership decision times")
             try:
                 extra += run_membership(plan, say)
@@ -514,12 +534,23 @@ def main(argv: list[str] | None = None) -> int:
                 extra += run_scale_out(plan, say)
             except Exception as exc:
                 say(f"scale-out FAILED: {exc}")
+    plan_doc = {"name": plan.name, "jobs": [asdict(j) for j in jobs], "step_sleep": plan.step_sleep}
+    wall_s = time.monotonic() - t0
+    merged = None
+    if args.merge:
+        earlier = json.loads(args.merge.read_text())
+        ran = {j.system for j in jobs} | ({"chaos-1src"} if any(j.single_source for j in jobs) else set())
+        kinds = {e.get("system") for e in extra}  # steady, membership, testbed: measured again or not
+        records = [r for r in earlier["records"] if r.get("system") not in ran] + records
+        extra = [e for e in earlier["extra"] if e.get("system") not in kinds] + extra
+        merged = {"from": str(args.merge), "earlier_wall_s": earlier["wall_s"], "remeasured": sorted(ran | kinds)}
+        plan_doc, wall_s = earlier["plan"], earlier["wall_s"] + wall_s
     agg = aggregate(records)
     doc = {
-        "plan": {"name": plan.name, "jobs": [asdict(j) for j in jobs], "step_sleep": plan.step_sleep},
+        "plan": plan_doc,
         "machine": {"when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
-        "wall_s": time.monotonic() - t0,
+        "wall_s": wall_s, "merged": merged,
         "records": records, "extra": extra, "aggregates": agg,
     }
     doc["targets"] = targets(agg, extra)

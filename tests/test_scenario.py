@@ -167,6 +167,27 @@ def test_churn_scenario_on_loopback(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_two_nodes_leave_at_once(tmp_path: Path) -> None:
+    """Two SIGTERMs at the same moment: each step's all-reduce carries one
+    leave flag per rank, so every member knows who leaves at the boundary
+    where a flag first shows; both leave gracefully (exit 0) and the other
+    two train on in one smaller view."""
+    report, out = run_scenario(tmp_path, """\
+0   start   a b c d
+4   leave   b
+4   leave   c
+10  end
+""", timeout=160)
+    assert_invariants(report, finished=2)
+    for e in (a for a in report["actions"] if a["action"] == "leave"):
+        assert e["view_everywhere"]["s"] is not None and e["first_step"]["s"] is not None, e
+    assert report["totals"]["final_world"] == 2
+    for name in ("b", "c"):
+        assert '"ev": "left"' in (tmp_path / "run" / "trace" / f"{name}.jsonl").read_text(), name
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_scenario_on_the_namespace_testbed_with_a_real_link_cut(tmp_path: Path, need_netns: None) -> None:
     """Real links (100 Mbit/s each way) and a real cut: the pair's packets
