@@ -104,7 +104,7 @@ QUICK = Plan(
     scale_out={"sizes": [200.0], "counts": [4], "kinds": ["equal"], "base": 200.0},
     membership={"sim_sizes": [(8, 3)], "real_sizes": [(8, 3)]},
 )
-#: the sweep (about 50 minutes here): state size for every system (13 MB and
+#: the sweep (about 40 minutes here): state size for every system (13 MB and
 #: 201 MB at 4 processes, 1 GB at 3: five processes holding 1 GB of state, its
 #: gradients and their checkpoint or snapshot buffers would not fit in 24 GB;
 #: join and kill, the events every system handles), cluster size for chaos
