@@ -509,31 +509,28 @@ def main(argv: list[str] | None = None) -> int:
 
     records: list[dict[str, Any]] = []
     extra: list[dict[str, Any]] = []
+    def measured(what: str, fn: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """One of the extra measurements; its failure loses only its own rows."""
+        say(what)
+        try:
+            return fn()
+        except Exception as exc:
+            say(f"{what}: FAILED: {exc}")
+            return []
+
     with tempfile.TemporaryDirectory(prefix="chaos-bench-") as tmp:
         if plan.steady and not args.no_steady:
             # first, on a quiet machine: the ratio is the one figure here that
             # the previous job's exiting processes would skew
-            say("steady state: chaos against ddp")
-            try:
-                extra += run_steady(plan, Path(tmp) / "steady", say)
-            except Exception as exc:
-                say(f"steady state FAILED: {exc}")
+            extra += measured("steady state: chaos against ddp", lambda: run_steady(plan, Path(tmp) / "steady", say))
         for job in jobs:
             say(f"{job.label}: {job.reps} repetitions of {', '.join(job.events)}")
             records += [r for r in run_job(job, plan, Path(tmp), say)
                         if r.get("system") in chosen or r.get("event") in ("run", "error")]
         if plan.membership and not args.no_membership:
-            say("membership decision times")
-            try:
-                extra += run_membership(plan, say)
-            except Exception as exc:
-                say(f"membership FAILED: {exc}")
+            extra += measured("membership decision times", lambda: run_membership(plan, say))
         if plan.scale_out and not args.no_testbed:
-            say("state transfer on shaped links (namespace testbed)")
-            try:
-                extra += run_scale_out(plan, say)
-            except Exception as exc:
-                say(f"scale-out FAILED: {exc}")
+            extra += measured("state transfer on shaped links (namespace testbed)", lambda: run_scale_out(plan, say))
     plan_doc = {"name": plan.name, "jobs": [asdict(j) for j in jobs], "step_sleep": plan.step_sleep}
     wall_s = time.monotonic() - t0
     merged = None
