@@ -39,12 +39,18 @@ from chaos_lightning.agent.messages import (
     StatusRequest,
 )
 from chaos_lightning.membership import events as ev
-from chaos_lightning.membership.config import Config
+from chaos_lightning.membership.config import PRESETS, Config
 from chaos_lightning.membership.machine import Membership, Output, Phase
 from chaos_lightning.membership.view import Member, View
 from chaos_lightning.monitor import Monitor
 from chaos_lightning.monitor.links import estimate_bandwidth
 from chaos_lightning.wire import KIND_BLOB, ConnectionClosed, WireError, load_secret, open_connection, start_server
+from chaos_lightning.wire.addr import format_hostport, parse_hostport
+
+try:
+    from chaos_lightning.membership.config import DEFAULT_PRESET
+except ImportError:  # until membership/config.py (another change in flight) names it
+    DEFAULT_PRESET = "local"
 
 log = logging.getLogger("chaos_lightning.agent")
 
@@ -54,13 +60,6 @@ MAX_QUEUE = 1024
 #: active bandwidth probe size: above the monitor's 64 KiB floor, small enough
 #: to take well under a second on a 10 Mbit/s edge link
 DEFAULT_PROBE_BYTES = 1 << 20
-
-
-def split_hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"expected host:port, got {text!r}")
-    return host.strip("[]"), int(port)
 
 
 class _Peer:
@@ -82,7 +81,8 @@ class Agent:
     """A node's membership agent (see the module docstring).
 
     ``bind`` is ``host:port`` (port 0: the OS picks; read ``addr`` after
-    :meth:`start`).  ``node_id`` defaults to the bound address.  ``meta`` is
+    :meth:`start`).  ``node_id`` defaults to the bound address.  ``membership``
+    is the protocol's timing (``None``: the default preset).  ``meta`` is
     published in this node's :class:`Member` (e.g. its store endpoint).
     """
 
@@ -92,14 +92,13 @@ class Agent:
         bind: str = "127.0.0.1:0",
         node_id: str | None = None,
         secret: bytes | str | None = None,
-        preset: str = "local",
-        config: Config | None = None,
+        membership: Config | None = None,
         meta: dict[str, str] | None = None,
     ):
-        self._bind_host, self._bind_port = split_hostport(bind)
+        self._bind_host, self._bind_port = parse_hostport(bind, allow_port0=True)
         self._node_id = node_id
         self._secret = load_secret(secret)
-        self.config = config or Config.preset(preset)
+        self.config = membership if membership is not None else PRESETS[DEFAULT_PRESET]
         self._meta = dict(meta or {})
         self.addr = ""
         self.machine: Membership | None = None
@@ -167,7 +166,7 @@ class Agent:
             self._bind_host, self._bind_port, self._serve, secret=self._secret, log=log
         )
         sock = self._server.sockets[0].getsockname()
-        self.addr = f"{self._bind_host}:{sock[1]}"
+        self.addr = format_hostport(self._bind_host, sock[1])
         me = Member(
             self.node_id,
             self.addr,
@@ -430,7 +429,7 @@ class Agent:
         conn = None
         cfg = self.config
         try:
-            host, port = split_hostport(peer.addr)
+            host, port = parse_hostport(peer.addr)
             while True:
                 if not peer.queue:
                     peer.wakeup.clear()
@@ -519,7 +518,7 @@ class Agent:
         return snap
 
     async def _probe_bandwidth(self, peer_addr: str, nbytes: int, timeout: float) -> float:
-        host, port = split_hostport(peer_addr)
+        host, port = parse_hostport(peer_addr)
         conn = await open_connection(host, port, secret=self._secret, timeout=timeout)
         try:
             payload = bytes(nbytes)
@@ -549,7 +548,7 @@ class Agent:
 
 async def query_status(addr: str, *, secret: bytes | str | None = None, timeout: float = 5.0) -> dict:
     """Ask the agent at ``addr`` for its snapshot (``chaos-run status``)."""
-    host, port = split_hostport(addr)
+    host, port = parse_hostport(addr)
     conn = await open_connection(host, port, secret=load_secret(secret), timeout=timeout)
     try:
         await conn.send(StatusRequest())
@@ -573,7 +572,7 @@ async def request_link_fault(
     agent at ``peer_addr`` (:meth:`Agent.block`; apply it at both ends).
     Authenticated like every connection: only holders of the cluster secret
     can inject faults.  Returns the addresses cut at ``addr`` now."""
-    host, port = split_hostport(addr)
+    host, port = parse_hostport(addr)
     conn = await open_connection(host, port, secret=load_secret(secret), timeout=timeout)
     try:
         await conn.send(LinkFault(peer_addr, down))
@@ -590,4 +589,4 @@ def link_fault(addr: str, peer_addr: str, down: bool, *, secret: bytes | str | N
     return asyncio.run(request_link_fault(addr, peer_addr, down, secret=secret, timeout=timeout))
 
 
-__all__ = ["Agent", "query_status", "status", "link_fault", "request_link_fault", "split_hostport", "KIND_BLOB"]
+__all__ = ["Agent", "query_status", "status", "link_fault", "request_link_fault", "KIND_BLOB"]

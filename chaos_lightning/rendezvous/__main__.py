@@ -40,11 +40,6 @@ import time
 from dataclasses import fields, is_dataclass
 from typing import Any
 
-#: Default bound on joining/leaving, seconds (``CHAOS_JOIN_TIMEOUT``).  Generous:
-#: the demo may start all nodes at once on a loaded 2-core machine.
-JOIN_TIMEOUT = float(os.environ.get("CHAOS_JOIN_TIMEOUT", "30"))
-LEAVE_TIMEOUT = float(os.environ.get("CHAOS_LEAVE_TIMEOUT", "15"))
-
 _out_lock = threading.Lock()
 
 
@@ -95,43 +90,37 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _host_port(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return text
-
-
-def _peer_list(text: str) -> list[str]:
-    return [_host_port(p.strip()) for p in text.split(",") if p.strip()]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from chaos_lightning.rendezvous import BACKENDS
+    """The flags, resolved with the ``CHAOS_*`` environment into ``args.config``
+    (a :class:`~chaos_lightning.config.NodeConfig`); a bad value: one line, exit 2."""
+    from chaos_lightning.config import ConfigError, resolve_flags
 
     p = _Parser(prog="python -m chaos_lightning.rendezvous", description="Run one rendezvous node, print events as JSON lines.")
-    env = os.environ
-    p.add_argument("--backend", choices=BACKENDS, default=env.get("CHAOS_BACKEND", "peer"), help="(CHAOS_BACKEND)")
-    p.add_argument(
-        "--bind", type=_host_port, default=env.get("CHAOS_BIND", "127.0.0.1:0"),
-        help="HOST:PORT this node is named/listens by (CHAOS_BIND)",
-    )
-    p.add_argument(
-        "--peers", type=_peer_list, default=_peer_list(env.get("CHAOS_PEERS", "")),
-        help="comma-separated members to join through (peer; CHAOS_PEERS)",
-    )
+    p.add_argument("--backend", default=None, help="rendezvous backend: peer, etcd (CHAOS_BACKEND; default peer)")
+    p.add_argument("--bind", default=None, help="HOST:PORT this node is named/listens by (CHAOS_BIND; default 127.0.0.1:0)")
+    p.add_argument("--peers", default=None, help="comma-separated members to join through (peer; CHAOS_PEERS)")
     p.add_argument("--id", dest="node_id", default=None, help="node id (default: the bound HOST:PORT)")
-    p.add_argument(
-        "--preset", default=env.get("CHAOS_PRESET", "local"),
-        help="membership timing preset (peer): local, lan, edge (CHAOS_PRESET)",
-    )
-    p.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoints HOST:PORT[,...] (etcd)")
+    p.add_argument("--preset", default=None, help="membership timing preset (peer): local, lan, edge (CHAOS_PRESET)")
+    p.add_argument("--membership", default=None, metavar="FIELD=VALUE,...",
+                   help="membership settings overriding the preset's, e.g. probe_interval=0.3 (CHAOS_MEMBERSHIP)")
+    p.add_argument("--etcd", default=None, help="etcd endpoints HOST:PORT[,...] (etcd; CHAOS_ETCD_ENDPOINTS)")
     p.add_argument("--no-store", dest="host_store", action="store_false", help="do not host a process-group store")
-    p.add_argument("--join-timeout", type=float, default=JOIN_TIMEOUT)
-    p.add_argument("--leave-timeout", type=float, default=LEAVE_TIMEOUT)
+    p.add_argument("--join-timeout", default=None, help="seconds (CHAOS_JOIN_TIMEOUT; default 120)")
+    p.add_argument("--leave-timeout", default=None, help="seconds (CHAOS_LEAVE_TIMEOUT; default 15)")
     args = p.parse_args(argv)
-    if args.join_timeout <= 0 or args.leave_timeout <= 0:
-        p.error("timeouts must be positive")
+    try:
+        args.config = resolve_flags({
+            "CHAOS_BACKEND": ("--backend", args.backend),
+            "CHAOS_BIND": ("--bind", args.bind),
+            "CHAOS_PEERS": ("--peers", args.peers),
+            "CHAOS_PRESET": ("--preset", args.preset),
+            "CHAOS_MEMBERSHIP": ("--membership", args.membership),
+            "CHAOS_ETCD_ENDPOINTS": ("--etcd", args.etcd),
+            "CHAOS_JOIN_TIMEOUT": ("--join-timeout", args.join_timeout),
+            "CHAOS_LEAVE_TIMEOUT": ("--leave-timeout", args.leave_timeout),
+        })
+    except ConfigError as exc:
+        p.error(str(exc).removeprefix("chaos: "))
     return args
 
 
@@ -140,16 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     from chaos_lightning.membership.events import ViewChanged
     from chaos_lightning.rendezvous import RendezvousError, create
 
+    cfg = args.config
     try:
-        rdv = create(
-            args.backend,
-            bind=args.bind,
-            peers=args.peers,
-            node_id=args.node_id,
-            preset=args.preset,
-            etcd_endpoints=args.etcd,
-            host_store=args.host_store,
-        )
+        rdv = create(**cfg.rendezvous_kwargs(), node_id=args.node_id, host_store=args.host_store)
     except (ValueError, RendezvousError, OSError) as exc:
         emit({"event": "error", "t": time.time(), "message": f"create failed: {exc}"})
         return 1
@@ -188,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     # answered promptly (leave() also cancels a join in progress).
     def join() -> None:
         try:
-            commands.put(("joined", rdv.join(args.join_timeout)))
+            commands.put(("joined", rdv.join(cfg.join_timeout)))
         except Exception as exc:  # any failure must reach the main loop, not kill the thread silently
             commands.put(("join_failed", exc))
 
@@ -216,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             verb, _, addr = command.partition(" ")
             getattr(rdv.agent, verb)(addr.strip())
         elif command in ("leave", "sigterm"):
-            rdv.leave(args.leave_timeout)
+            rdv.leave(cfg.leave_timeout)
             emit({"event": "left", "t": time.time(), "node": node})
             break
         else:

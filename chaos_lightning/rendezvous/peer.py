@@ -12,9 +12,11 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from chaos_lightning.agent import Agent, split_hostport
+from chaos_lightning.agent import Agent
+from chaos_lightning.membership.config import Config
 from chaos_lightning.membership.view import View
 from chaos_lightning.rendezvous.base import Rendezvous, RendezvousClosed, RendezvousError
+from chaos_lightning.wire.addr import parse_hostport
 
 
 class PeerRendezvous(Rendezvous):
@@ -27,11 +29,11 @@ class PeerRendezvous(Rendezvous):
         peers: list[str] | tuple[str, ...] = (),
         node_id: str | None = None,
         secret: bytes | str | None = None,
-        preset: str = "local",
+        membership: Config | None = None,
         meta: dict[str, str] | None = None,
         host_store: bool = True,
     ):
-        host, _ = split_hostport(bind)
+        host, _ = parse_hostport(bind, allow_port0=True)
         self._store_host = None
         meta = dict(meta or {})
         if host_store:
@@ -41,7 +43,7 @@ class PeerRendezvous(Rendezvous):
             meta[STORE_META_KEY] = self._store_host.endpoint
         self._peers = [p for p in peers if p]
         # bind now, so node_id and addr are known before joining
-        self.agent = Agent(bind=bind, node_id=node_id, secret=secret, preset=preset, meta=meta).start(None)
+        self.agent = Agent(bind=bind, node_id=node_id, secret=secret, membership=membership, meta=meta).start(None)
         self._started = False
         self._lock = threading.Lock()
 
@@ -91,3 +93,20 @@ class PeerRendezvous(Rendezvous):
         self.agent.stop()
         if self._store_host is not None:
             self._store_host.close()
+
+
+def create(
+    *,
+    bind: str = "127.0.0.1:0",
+    peers: list[str] | tuple[str, ...] = (),
+    node_id: str | None = None,
+    secret: bytes | str | None = None,
+    membership: Config | None = None,
+    meta: dict[str, str] | None = None,
+    host_store: bool = True,
+    **_: object,
+) -> PeerRendezvous:
+    """The ``peer`` entry point of the ``chaos_lightning.rendezvous`` group (the etcd settings are not ours)."""
+    return PeerRendezvous(
+        bind=bind, peers=peers, node_id=node_id, secret=secret, membership=membership, meta=meta, host_store=host_store
+    )

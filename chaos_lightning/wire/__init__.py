@@ -6,7 +6,9 @@
 - :mod:`.schema` turns registered dataclasses into msgpack and back, checking
   every value against the annotations (never pickle from the network);
 - :mod:`.auth` runs the mutual HMAC challenge–response on every connection
-  with the shared cluster secret (``CHAOS_SECRET``);
+  with the shared cluster secret (given as bytes: this layer reads no
+  environment);
+- :mod:`.addr` is the one ``HOST:PORT`` parser every layer uses;
 - :mod:`.connection` puts the three together for the agent: ``open_connection``,
   ``start_server``, ``Connection``.
 
@@ -16,6 +18,7 @@ it into one log line and one closed connection.  Imports nothing above itself.
 
 from __future__ import annotations
 
+from chaos_lightning.wire.addr import AddressError, format_hostport, normalize_hostport, parse_hostport, parse_hostport_list
 from chaos_lightning.wire.auth import check_bind_allowed, client_handshake, load_secret, server_handshake
 from chaos_lightning.wire.connection import Connection, open_connection, start_server
 from chaos_lightning.wire.errors import (
@@ -45,6 +48,7 @@ from chaos_lightning.wire.frames import (
 from chaos_lightning.wire.schema import decode, encode, message
 
 __all__ = [
+    "AddressError",
     "AuthError",
     "BadMagic",
     "Connection",
@@ -68,10 +72,14 @@ __all__ = [
     "decode",
     "encode",
     "encode_frame",
+    "format_hostport",
     "frame_header",
     "load_secret",
     "message",
+    "normalize_hostport",
     "open_connection",
+    "parse_hostport",
+    "parse_hostport_list",
     "read_frame",
     "server_handshake",
     "start_server",

@@ -28,7 +28,6 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
-import os
 import secrets
 from dataclasses import dataclass
 
@@ -36,7 +35,8 @@ from chaos_lightning.wire import schema
 from chaos_lightning.wire.errors import AuthError, HandshakeTimeout, InsecureBind, UnsupportedVersion, WireError
 from chaos_lightning.wire.frames import KIND_MESSAGE, PROTOCOL_VERSION, encode_frame, read_frame
 
-#: Environment variable holding the cluster secret.
+#: The variable that holds the cluster secret, named in error messages only
+#: (this layer reads no environment: see :func:`load_secret`).
 SECRET_ENV = "CHAOS_SECRET"
 
 #: Handshake frames are under 200 bytes; a stranger gets no bigger buffer than this.
@@ -76,13 +76,13 @@ class Refused:
 
 
 def load_secret(value: str | bytes | None = None) -> bytes | None:
-    """The cluster secret: ``value``, else ``$CHAOS_SECRET``, else ``None``.
+    """The cluster secret as bytes: ``value`` UTF-8 encoded if text, ``None`` if unset.
 
-    A ``str`` is UTF-8 encoded.  An empty value counts as unset, so that
-    ``CHAOS_SECRET=`` cannot silently mean "the empty secret".
+    It never reads the environment: ``CHAOS_SECRET`` is read once, by
+    :class:`chaos_lightning.config.NodeConfig` or a CLI, and passed down.  An
+    empty value counts as unset here, so that an empty string cannot silently
+    mean "the empty secret" (``NodeConfig`` refuses it with an error).
     """
-    if value is None:
-        value = os.environ.get(SECRET_ENV)
     if not value:
         return None
     return value.encode("utf-8") if isinstance(value, str) else bytes(value)

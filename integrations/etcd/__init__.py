@@ -25,4 +25,30 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = list(_LAZY)
+def create(
+    *,
+    bind: str = "127.0.0.1:0",
+    node_id: str | None = None,
+    etcd_endpoints: str = "127.0.0.1:2379",
+    etcd_prefix: str | None = None,
+    etcd_ttl: float | None = None,
+    etcd_op_timeout: float | None = None,
+    meta: dict[str, str] | None = None,
+    host_store: bool = True,
+    **_: object,
+) -> Any:
+    """The ``etcd`` entry point of the ``chaos_lightning.rendezvous`` group.
+
+    Peers, secret and membership timing are the peer backend's: etcd decides
+    membership itself and its clients authenticate to etcd, not to each other.
+    ``None`` for a setting: :mod:`.rendezvous`'s default.
+    """
+    from chaos_lightning.integrations.etcd.rendezvous import EtcdRendezvous
+
+    return EtcdRendezvous(
+        bind=bind, node_id=node_id, endpoints=etcd_endpoints, meta=meta, host_store=host_store,
+        prefix=etcd_prefix, ttl=etcd_ttl, op_timeout=etcd_op_timeout,
+    )
+
+
+__all__ = [*_LAZY, "create"]

@@ -97,19 +97,20 @@ from chaos_lightning.membership.events import Removed, ViewChanged  # noqa: E402
 from chaos_lightning.membership.view import Member, View  # noqa: E402
 from chaos_lightning.rendezvous.base import Rendezvous, RendezvousClosed, RendezvousError  # noqa: E402
 from chaos_lightning.wire import schema  # noqa: E402
+from chaos_lightning.wire.addr import AddressError, parse_hostport  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-#: Lease TTL in seconds (``CHAOS_ETCD_TTL``).  2 s is the smallest TTL etcd
+#: Lease TTL in seconds (``CHAOS_ETCD_TTL``, read by chaos_lightning.config).  2 s is the smallest TTL etcd
 #: grants with its default 100 ms heartbeat / 1 s election timeout (it raises
 #: anything lower to 3/2 election timeout, rounded up), so it is the fastest
 #: failure detection this baseline can honestly offer.
-DEFAULT_TTL = float(os.environ.get("CHAOS_ETCD_TTL", "2"))
+DEFAULT_TTL = 2.0
 #: Bound on every single etcd call, in seconds (``CHAOS_ETCD_OP_TIMEOUT``).
 #: A local etcd answers in about a millisecond; 5 s rides out a leader election.
-DEFAULT_OP_TIMEOUT = float(os.environ.get("CHAOS_ETCD_OP_TIMEOUT", "5"))
+DEFAULT_OP_TIMEOUT = 5.0
 #: Key prefix (``CHAOS_ETCD_PREFIX``): clusters sharing one etcd use different ones.
-DEFAULT_PREFIX = os.environ.get("CHAOS_ETCD_PREFIX", "/chaos")
+DEFAULT_PREFIX = "/chaos"
 
 _ETCD_ERRORS = (etcd3.exceptions.Etcd3Exception, grpc.RpcError, ValueError)
 
@@ -117,15 +118,15 @@ _ETCD_ERRORS = (etcd3.exceptions.Etcd3Exception, grpc.RpcError, ValueError)
 _IDLE, _JOINING, _MEMBER, _LEAVING, _CLOSED = "idle", "joining", "member", "leaving", "closed"
 
 
-def _parse_host_port(text: str, what: str) -> tuple[str, int]:
+def _parse_host_port(text: str, what: str, *, allow_port0: bool = False) -> tuple[str, int]:
     text = text.strip()
-    for scheme in ("http://", "https://"):
+    for scheme in ("http://", "https://"):  # etcd's own spelling of an endpoint
         if text.startswith(scheme):
             text = text[len(scheme):]
-    host, sep, port = text.rstrip("/").rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"{what}: expected host:port, got {text!r}")
-    return host.strip("[]"), int(port)
+    try:
+        return parse_hostport(text.rstrip("/"), allow_port0=allow_port0)
+    except AddressError as exc:
+        raise ValueError(f"{what}: {exc}") from None
 
 
 class _RateLimitedLog:
@@ -165,7 +166,8 @@ class EtcdRendezvous(Rendezvous):
     ``endpoints`` is ``host:port[,host:port...]``; the first one that answers
     is used (etcd3 0.12 has no client-side failover, so a later endpoint is
     only tried when connecting).  ``ttl``, ``op_timeout`` and ``prefix``
-    default to ``CHAOS_ETCD_TTL``/``CHAOS_ETCD_OP_TIMEOUT``/``CHAOS_ETCD_PREFIX``.
+    default to :data:`DEFAULT_TTL`/:data:`DEFAULT_OP_TIMEOUT`/:data:`DEFAULT_PREFIX`
+    (``CHAOS_ETCD_*`` reach them through :class:`chaos_lightning.config.NodeConfig`).
     ``poll_interval`` is a safety net for a lost watch event: every node re-reads
     the keys at least that often.
 
@@ -189,7 +191,7 @@ class EtcdRendezvous(Rendezvous):
         op_timeout: float | None = None,
         poll_interval: float | None = None,
     ):
-        host, port = _parse_host_port(bind, "bind")
+        host, port = _parse_host_port(bind, "bind", allow_port0=True)
         self._endpoints = [_parse_host_port(e, "etcd endpoint") for e in endpoints.split(",") if e.strip()]
         if not self._endpoints:
             raise ValueError("no etcd endpoint given")
