@@ -107,3 +107,6 @@ EDGE = Config(
 )
 
 PRESETS: dict[str, Config] = {"local": LOCAL, "lan": LAN, "edge": EDGE}
+
+#: the preset used when nobody names one; import this rather than restating "local"
+DEFAULT_PRESET = "local"
