@@ -202,19 +202,21 @@ def resolve_flags(flags: Mapping[str, tuple[str, object]], env: Mapping[str, str
 def parse_membership_overrides(text: str, name: str = "CHAOS_MEMBERSHIP") -> dict[str, object]:
     """``"probe_interval=0.3,auto_rejoin=false"`` as typed field values of a membership ``Config``.
 
-    Each value takes the type of the field's default (float, int or bool);
+    Items are separated by ``,`` or ``;`` (the torchrun plugin needs ``;``:
+    torchrun splits its ``--rdzv-conf`` at commas).  Each value takes the
+    type of the field's default (float, int or bool);
     ``name`` is what an error names (the variable, or a CLI flag).
     """
     defaults = {f.name: getattr(PRESETS[DEFAULT_PRESET], f.name) for f in fields(Config)}
     out: dict[str, object] = {}
-    for item in text.split(","):
+    for item in text.replace(";", ",").split(","):
         item = item.strip()
         if not item:
             continue
         key, sep, raw = item.partition("=")
         key, raw = key.strip(), raw.strip()
         if not sep or not key or not raw:
-            raise ConfigError(name, "must be FIELD=VALUE[,FIELD=VALUE...]", text)
+            raise ConfigError(name, "must be FIELD=VALUE[,FIELD=VALUE...]", item)
         if key not in defaults:
             raise ConfigError(name, f"names no membership setting (known: {', '.join(sorted(defaults))})", key)
         out[key] = _typed(name, key, raw, defaults[key])

@@ -31,11 +31,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import ipaddress
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -47,6 +45,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, NoReturn
 
+from chaos_lightning.config import ConfigError, NodeConfig
+from chaos_lightning.wire.addr import AddressError, format_hostport, normalize_hostport, parse_hostport
+
 PROG = "chaos-run"
 #: exit code of every user error (argparse's convention)
 EXIT_USAGE = 2
@@ -56,7 +57,6 @@ DEFAULT_BASE_PORT = 29500
 DEFAULT_GRACE = 30.0
 #: signals forwarded to the children
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
 
 
 class LaunchError(Exception):
@@ -64,51 +64,15 @@ class LaunchError(Exception):
 
 
 # ---------------------------------------------------------------------- addresses
-def parse_hostport(text: str, *, allow_port0: bool = False) -> tuple[str, int]:
-    """Split and validate ``HOST:PORT`` (``[v6]:PORT`` for IPv6).
-
-    ``HOST`` must be an IP address or a syntactically valid host name; ``PORT``
-    1-65535 (0 too with ``allow_port0``: "any free port", for binding).
-    Raises :class:`LaunchError` with a one-line message.
-    """
-    raw = text.strip()
-    host, sep, port = raw.rpartition(":")
-    if not sep or not host or not port:
-        raise LaunchError(f"invalid address {text!r}: expected HOST:PORT")
-    if host.startswith("["):
-        if not host.endswith("]"):
-            raise LaunchError(f"invalid address {text!r}: unbalanced brackets")
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host.split("%", 1)[0])
-        except ValueError:
-            raise LaunchError(f"invalid address {text!r}: {host!r} is not an IPv6 address") from None
-    elif ":" in host:
-        raise LaunchError(f"invalid address {text!r}: write IPv6 addresses as [ADDR]:PORT")
-    else:
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            if re.fullmatch(r"[0-9.]+", host) or not _HOSTNAME.match(host):
-                raise LaunchError(f"invalid address {text!r}: {host!r} is neither an IP address nor a host name") from None
-    if not port.isdigit():
-        raise LaunchError(f"invalid address {text!r}: port {port!r} is not a number")
-    number = int(port)
-    if number > 65535 or (number == 0 and not allow_port0):
-        raise LaunchError(f"invalid address {text!r}: port must be 1-65535" + (" (or 0 to bind any)" if allow_port0 else ""))
-    return host, number
-
-
-def format_hostport(host: str, port: int) -> str:
-    """``HOST:PORT``, bracketing IPv6 addresses."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+# parsed by the one HOST:PORT parser (chaos_lightning.wire.addr); its
+# AddressError is a user error like LaunchError (main() prints it in one line)
 
 
 def _addr_arg(allow_port0: bool = False) -> Callable[[str], str]:
     def convert(text: str) -> str:
         try:
-            return format_hostport(*parse_hostport(text, allow_port0=allow_port0))
-        except LaunchError as exc:
+            return normalize_hostport(text, allow_port0=allow_port0)
+        except AddressError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     return convert
@@ -213,6 +177,9 @@ def _launch_parser() -> _Parser:
     where.add_argument("--secret-env", default="CHAOS_SECRET", metavar="VAR",
                        help="environment variable holding the cluster secret, passed as CHAOS_SECRET (default %(default)s)")
     where.add_argument("--preset", default=None, help="membership timing preset: local, lan, edge (CHAOS_PRESET)")
+    where.add_argument("--membership", default=None, metavar="FIELD=VALUE,...",
+                       help="membership settings overriding the preset's, e.g. probe_interval=0.3,suspicion_mult=3 "
+                       "(CHAOS_MEMBERSHIP)")
     where.add_argument("--backend", default=None, help="rendezvous backend: peer, etcd (CHAOS_BACKEND)")
     run = p.add_argument_group("process")
     run.add_argument("-m", "--module", action="store_true", help="run the script as a module (python -m SCRIPT)")
@@ -300,6 +267,8 @@ def plan(args: argparse.Namespace) -> list[NodeSpec]:
         common["CHAOS_SECRET"] = secret
     if args.preset:
         common["CHAOS_PRESET"] = args.preset
+    if args.membership:
+        common["CHAOS_MEMBERSHIP"] = args.membership
     if args.backend:
         common["CHAOS_BACKEND"] = args.backend
     if args.grace <= 0:
@@ -331,6 +300,8 @@ def plan(args: argparse.Namespace) -> list[NodeSpec]:
             env = {**common, "CHAOS_BIND": addr, "CHAOS_PEERS": ",".join(node_peers),
                    "CHAOS_MIN_NODES": str(min_nodes), "CHAOS_LAUNCH_INDEX": str(i)}
             specs.append(NodeSpec(i, env, argv))
+        for spec in specs:
+            _check_config(spec.env, args)
         return specs
 
     if peers is None:
@@ -353,7 +324,25 @@ def plan(args: argparse.Namespace) -> list[NodeSpec]:
     else:
         min_nodes = os.environ.get("CHAOS_MIN_NODES", "1")
     env = {**common, "CHAOS_BIND": bind, "CHAOS_PEERS": ",".join(peers), "CHAOS_MIN_NODES": min_nodes, "CHAOS_LAUNCH_INDEX": "0"}
+    _check_config(env, args)
     return [NodeSpec(0, env, argv)]
+
+
+def _check_config(env: dict[str, str], args: argparse.Namespace) -> NodeConfig:
+    """The configuration a child will resolve from the environment it gets, resolved
+    here first: a bad value is one line naming the flag (or variable) now, not a
+    traceback in every child after its imports."""
+    flags = {"CHAOS_PRESET": "--preset", "CHAOS_MEMBERSHIP": "--membership", "CHAOS_BACKEND": "--backend",
+             "CHAOS_BIND": "--bind", "CHAOS_MIN_NODES": "--min-nodes", "CHAOS_PEERS": "--join" if args.join else "--peers"}
+    given = {var: flag for var, flag in flags.items() if getattr(args, flag[2:].replace("-", "_"), None) is not None}
+    if args.nodes is not None:
+        given["CHAOS_BIND"] = "--host"
+    if args.secret_env != "CHAOS_SECRET":
+        given["CHAOS_SECRET"] = f"${args.secret_env}"
+    try:
+        return NodeConfig.resolve(env={**os.environ, **env})
+    except ConfigError as exc:
+        raise LaunchError(f"{given.get(exc.name, exc.name)} {exc.requirement}, got {exc.value!r}") from None
 
 
 def _pdeathsig_preexec(parent: int) -> Callable[[], None]:
@@ -788,8 +777,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = COMMANDS.get(argv[0]) if argv else None
     try:
         return command(argv[1:]) if command else launch(argv)
-    except LaunchError as exc:
+    except (LaunchError, AddressError) as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return EXIT_USAGE
+    except ConfigError as exc:
+        sys.stderr.write(f"{PROG}: error: {str(exc).removeprefix('chaos: ')}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")

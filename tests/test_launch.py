@@ -25,7 +25,7 @@ from typing import IO
 import pytest
 
 from chaos_lightning.agent import Agent
-from chaos_lightning.launch import LaunchError, parse_hostport
+from chaos_lightning.wire.addr import AddressError, parse_hostport
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "launch-test-secret"
@@ -187,8 +187,9 @@ def test_help() -> None:
 
 @pytest.mark.parametrize("text", ["127.0.0.1", "host:port", "1.2.3.4:99999", ":80", "a b:1", "1.2.3:80", "::1:80", "h:0"])
 def test_parse_hostport_rejects(text: str) -> None:
-    with pytest.raises(LaunchError):
+    with pytest.raises(AddressError) as err:
         parse_hostport(text)
+    assert str(err.value).startswith(f"invalid address {text!r}: ") and "\n" not in str(err.value)
 
 
 def test_parse_hostport_accepts() -> None:
@@ -258,7 +259,41 @@ def test_missing_script_and_busy_port(tiny: Path) -> None:
         s.listen()
         port = s.getsockname()[1]
         assert "in use" in one_line_error(chaos_run("--bind", f"127.0.0.1:{port}", str(tiny)))
-    assert "not loopback" in one_line_error(chaos_run("--bind", "0.0.0.0:0", str(tiny), env={"CHAOS_SECRET": ""}))
+    env = {k: v for k, v in os.environ.items() if k != "CHAOS_SECRET"}
+    result = subprocess.run([sys.executable, "-m", "chaos_lightning.launch", "--bind", "0.0.0.0:0", str(tiny)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert "not loopback" in one_line_error(result)
+    # an empty secret is refused, not taken for "no secret"
+    assert "CHAOS_SECRET must not be empty" in one_line_error(chaos_run(str(tiny), env={"CHAOS_SECRET": ""}))
+
+
+@pytest.mark.parametrize("args, env, words", [
+    (["--preset", "fast"], {}, "--preset must be a membership preset (local, lan, edge), got 'fast'"),
+    (["--membership", "probe_interval=soon"], {}, "--membership probe_interval must be a number > 0, got 'soon'"),
+    (["--membership", "warp=9"], {}, "--membership names no membership setting"),
+    (["--backend", "zookeeper"], {}, "--backend must be an installed rendezvous backend (etcd, peer), got 'zookeeper'"),
+    (["--min-nodes", "0"], {}, "--min-nodes must be at least 1"),
+    ([], {"CHAOS_MIN_NODES": "abc"}, "CHAOS_MIN_NODES must be an integer >= 1, got 'abc'"),
+    ([], {"CHAOS_JOIN_TIMEOUT": "-1"}, "CHAOS_JOIN_TIMEOUT must be a number of seconds > 0, got '-1'"),
+    ([], {"CHAOS_BIND": "127.0.0.1:99999"}, "port must be 0-65535"),
+])
+def test_bad_settings_are_one_line_naming_the_flag_or_variable(args: list[str], env: dict[str, str], words: str,
+                                                                tiny: Path) -> None:
+    result = chaos_run(*args, str(tiny), env=env)
+    assert result.returncode == 2
+    assert words in one_line_error(result)
+
+
+def test_preset_and_membership_overrides_reach_the_children(tiny: Path) -> None:
+    result = chaos_run("--preset", "lan", "--membership", "probe_interval=0.3,suspicion_mult=3", str(tiny))
+    assert result.returncode == 0, result.stderr
+    env = json.loads(result.stdout.splitlines()[0])["env"]
+    assert env["CHAOS_PRESET"] == "lan" and env["CHAOS_MEMBERSHIP"] == "probe_interval=0.3,suspicion_mult=3"
+    # what the child's strategy resolves from that environment
+    from chaos_lightning.config import NodeConfig
+    from chaos_lightning.membership.config import Config
+
+    assert NodeConfig.resolve(env=env).membership == Config.preset("lan", probe_interval=0.3, suspicion_mult=3.0)
 
 
 # ---------------------------------------------------------------------- launching

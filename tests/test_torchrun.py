@@ -137,7 +137,8 @@ def test_a_malformed_endpoint_is_one_clear_line(endpoint: str) -> None:
 @pytest.mark.parametrize("conf, words", [
     ({"is_host": "maybe"}, "is_host"),
     ({"preset": "fast"}, "local, lan, edge"),
-    ({"chaos_backend": "zookeeper"}, "peer, etcd"),
+    ({"chaos_backend": "zookeeper"}, "etcd, peer"),
+    ({"membership": "probe_interval=fast"}, "--rdzv-conf membership probe_interval must be a number"),
     ({"secret_env": "NO_SUCH_VARIABLE_HERE"}, "not set"),
     ({"frobnicate": "1"}, "unknown --rdzv-conf key(s) frobnicate"),
 ])

@@ -18,6 +18,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from chaos_lightning.membership.view import View
+from chaos_lightning.wire.addr import format_hostport, parse_hostport
 
 STORE_META_KEY = "store"
 
@@ -33,18 +34,11 @@ class StoreHost:
 
     @property
     def endpoint(self) -> str:
-        return f"{self.host}:{self.port}"
+        return format_hostport(self.host, self.port)
 
     def close(self) -> None:
         # TCPStore has no explicit close; dropping the last reference stops it.
         self._store = None  # type: ignore[assignment]
-
-
-def split_endpoint(endpoint: str) -> tuple[str, int]:
-    host, _, port = endpoint.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"expected host:port, got {endpoint!r}")
-    return host.strip("[]"), int(port)
 
 
 def epoch_store(view: View, timeout: timedelta = timedelta(seconds=30)) -> dist.Store:
@@ -55,6 +49,6 @@ def epoch_store(view: View, timeout: timedelta = timedelta(seconds=30)) -> dist.
     endpoint = host0.get(STORE_META_KEY)
     if not endpoint:
         raise ValueError(f"member {host0.id} published no {STORE_META_KEY!r} endpoint")
-    host, port = split_endpoint(endpoint)
+    host, port = parse_hostport(endpoint)
     client = dist.TCPStore(host, port, None, False, timeout, wait_for_workers=False)
     return dist.PrefixStore(f"chaos/epoch/{view.epoch}/", client)

@@ -30,7 +30,9 @@ this machine, no other agent on this machine has claimed the endpoint (an
 elect exactly one founder), and nobody answers on the endpoint yet.
 
 ``--rdzv-conf`` keys: ``is_host``, ``preset`` (membership timing preset),
-``chaos_backend`` (chaos rendezvous backend, ``peer`` by default; ``backend``
+``membership`` (preset fields overridden, as ``CHAOS_MEMBERSHIP``, but
+separated by ``;``: torchrun splits the conf at commas, so
+``--rdzv-conf "membership=probe_interval=0.3;suspicion_mult=3"``), ``chaos_backend`` (chaos rendezvous backend, ``peer`` by default; ``backend``
 itself cannot be a conf key, torchrun would pass it twice), ``secret_env``
 (the name of the variable holding the cluster secret: never the secret
 itself on the command line).  torch's generic timeouts (``timeout``,
@@ -69,6 +71,9 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousStoreInfo,
 )
 
+from chaos_lightning.config import ConfigError, NodeConfig, resolve_flags
+from chaos_lightning.wire.addr import AddressError, format_hostport, parse_hostport
+
 log = logging.getLogger("chaos_lightning.integrations.torchrun")
 
 #: the name torchrun knows this backend by (``--rdzv-backend chaos``)
@@ -76,7 +81,7 @@ BACKEND = "chaos"
 #: ``--rdzv-conf`` keys this backend reads (``chaos_backend``, not ``backend``:
 #: torchrun passes the conf as keyword arguments of ``RendezvousParameters``,
 #: whose own ``backend`` argument would clash: a TypeError before any plugin runs)
-CONF_KEYS = ("is_host", "preset", "chaos_backend", "secret_env")
+CONF_KEYS = ("is_host", "preset", "membership", "chaos_backend", "secret_env")
 #: torch's generic rendezvous options, accepted (torchrun always passes
 #: ``timeout``) and ignored: peers bound their own waits
 IGNORED_CONF_KEYS = ("timeout", "join_timeout", "last_call_timeout", "close_timeout", "read_timeout")
@@ -117,18 +122,15 @@ def _user_errors() -> Iterator[None]:
 # ---------------------------------------------------------------------- addresses
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT``) of ``--rdzv-endpoint``, validated; port 1-65535."""
-    from chaos_lightning.launch import LaunchError, parse_hostport
-
     if not (endpoint or "").strip():
         raise ChaosRendezvousError("chaos rendezvous: --rdzv-endpoint HOST:PORT is required (the cluster's founding address)")
     try:
         return parse_hostport(endpoint)
-    except LaunchError as exc:
+    except AddressError as exc:
         raise ChaosRendezvousError(f"chaos rendezvous: --rdzv-endpoint: {exc}") from None
 
 
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+_hostport = format_hostport
 
 
 def _resolve(host: str, port: int) -> list[tuple[int, tuple]]:
@@ -256,9 +258,6 @@ class ChaosRendezvousHandler(RendezvousHandler):
     """
 
     def __init__(self, params: RendezvousParameters) -> None:
-        from chaos_lightning.membership.config import PRESETS
-        from chaos_lightning.rendezvous import BACKENDS
-
         self.params = params
         self.host, self.port = parse_endpoint(params.endpoint)
         self.endpoint = _hostport(self.host, self.port)
@@ -274,27 +273,41 @@ class ChaosRendezvousHandler(RendezvousHandler):
                 f"chaos rendezvous: --rdzv-conf is_host={params.get('is_host')!r}: expected 1 or 0"
             ) from None
         self.preset: str | None = params.get("preset")
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ChaosRendezvousError(
-                f"chaos rendezvous: --rdzv-conf preset={self.preset!r}: choose one of {', '.join(PRESETS)}"
-            )
+        self.membership: str | None = params.get("membership")
         self.backend: str | None = params.get("chaos_backend")
-        if self.backend is not None and self.backend not in BACKENDS:
-            raise ChaosRendezvousError(
-                f"chaos rendezvous: --rdzv-conf chaos_backend={self.backend!r}: choose one of {', '.join(BACKENDS)}"
-            )
-        secret_env = params.get("secret_env")
+        self.secret_env: str | None = params.get("secret_env")
         self.secret: str | None = None
-        if secret_env is not None:
-            self.secret = os.environ.get(secret_env) or None
+        if self.secret_env is not None:
+            self.secret = os.environ.get(self.secret_env) or None
             if self.secret is None:
-                raise ChaosRendezvousError(f"chaos rendezvous: --rdzv-conf secret_env={secret_env}: ${secret_env} is not set")
+                raise ChaosRendezvousError(
+                    f"chaos rendezvous: --rdzv-conf secret_env={self.secret_env}: ${self.secret_env} is not set"
+                )
+        self.config(min_nodes=params.min_nodes)  # every value checked now, before any worker starts
         self.local_addr: str | None = params.local_addr
         self.founds: bool | None = None  # decided at the first round
         self.env: dict[str, str] = {}  # what the last round set in os.environ
         self.rounds = 0
         self._claim = EndpointClaim(self.host, self.port)
         self._closed = threading.Event()
+
+    def config(self, *, min_nodes: int, bind: str | None = None, peers: str | None = None) -> NodeConfig:
+        """The workers' configuration as they will resolve it (``NodeConfig`` over the
+        environment they inherit plus what this plugin sets); an error names the conf key."""
+        flags: dict[str, tuple[str, object]] = {
+            "CHAOS_PRESET": ("--rdzv-conf preset", self.preset),
+            "CHAOS_MEMBERSHIP": ("--rdzv-conf membership", self.membership),
+            "CHAOS_BACKEND": ("--rdzv-conf chaos_backend", self.backend),
+            "CHAOS_MIN_NODES": ("--nnodes", min_nodes),
+            "CHAOS_BIND": ("the bind address", bind),
+            "CHAOS_PEERS": ("--rdzv-endpoint", peers),
+        }
+        if self.secret_env is not None:
+            flags["CHAOS_SECRET"] = (f"${self.secret_env}", self.secret)
+        try:
+            return resolve_flags(flags)
+        except ConfigError as exc:
+            raise ChaosRendezvousError(f"chaos rendezvous: {str(exc).removeprefix('chaos: ')}") from None
 
     # -- RendezvousHandler
     def get_backend(self) -> str:
@@ -346,7 +359,7 @@ class ChaosRendezvousHandler(RendezvousHandler):
         log.info("chaos rendezvous round %d: %s", self.rounds, " ".join(
             f"{k}={v}" for k, v in sorted(self.env.items()) if k != "CHAOS_SECRET"))
         store = HashStore()  # the agent's own rank assignment and exit barrier, world 1
-        host = self.env["CHAOS_BIND"].rpartition(":")[0].strip("[]")
+        host = parse_hostport(self.env["CHAOS_BIND"], allow_port0=True)[0]
         return RendezvousInfo(store, 0, 1, RendezvousStoreInfo.build(0, store, local_addr=host))
 
     # -- the chaos side
@@ -376,9 +389,9 @@ class ChaosRendezvousHandler(RendezvousHandler):
         else:
             host = self.local_addr or route_host(self.host, self.port)
             bind, peers = _hostport(host.strip("[]"), 0), self.endpoint
-        bind_host = bind.rpartition(":")[0].strip("[]")
-        secret = self.secret or os.environ.get("CHAOS_SECRET") or None
-        if not is_loopback(bind_host) and secret is None:
+        cfg = self.config(min_nodes=self.params.min_nodes, bind=bind, peers=peers)
+        bind_host = cfg.bind_host
+        if not is_loopback(bind_host) and cfg.secret is None:
             raise ChaosRendezvousError(
                 f"chaos rendezvous: this node listens on {bind_host} (not loopback): set the cluster secret in "
                 "$CHAOS_SECRET or name its variable with --rdzv-conf secret_env=VAR"
@@ -386,6 +399,8 @@ class ChaosRendezvousHandler(RendezvousHandler):
         env = {"CHAOS_BIND": bind, "CHAOS_PEERS": peers, "CHAOS_MIN_NODES": str(self.params.min_nodes)}
         if self.preset:
             env["CHAOS_PRESET"] = self.preset
+        if self.membership:
+            env["CHAOS_MEMBERSHIP"] = self.membership
         if self.backend:
             env["CHAOS_BACKEND"] = self.backend
         if self.secret:
