@@ -384,7 +384,7 @@ class _RealCluster:
     def new_agent(self):
         from chaos_lightning.agent import Agent
 
-        agent = Agent(bind="127.0.0.1:0", secret=REAL_SECRET, preset=REAL_PRESET)
+        agent = Agent(bind="127.0.0.1:0", secret=REAL_SECRET, membership=Config.preset(REAL_PRESET))
         _count_messages(agent, self.counter)
         self.agents.append(agent)
         return agent

@@ -174,6 +174,15 @@ class NodeConfig:
         )
 
 
+def secret_from_env(env: Mapping[str, str] | None = None, var: str = SECRET_ENV) -> bytes | None:
+    """The cluster secret from ``var`` (``None`` when unset; :class:`ConfigError` when empty).
+
+    For the small CLIs that need the secret and nothing else of a node's
+    configuration (``python -m chaos_lightning.replication``).
+    """
+    return _Resolver(os.environ if env is None else env, {}).secret("secret", var)
+
+
 def resolve_flags(flags: Mapping[str, tuple[str, object]], env: Mapping[str, str] | None = None,
                   **given: Any) -> NodeConfig:
     """:meth:`NodeConfig.resolve` for a command line whose flags stand for variables.
@@ -411,4 +420,12 @@ def _address(name: str, value: object, *, allow_port0: bool) -> str:
         raise ConfigError(name, exc.reason, value.strip()) from None
 
 
-__all__ = ["ConfigError", "NodeConfig", "SECRET_ENV", "membership_config", "parse_membership_overrides", "resolve_flags"]
+__all__ = [
+    "ConfigError",
+    "NodeConfig",
+    "SECRET_ENV",
+    "membership_config",
+    "parse_membership_overrides",
+    "resolve_flags",
+    "secret_from_env",
+]

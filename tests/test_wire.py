@@ -356,15 +356,13 @@ def test_check_bind_allowed_refuses_non_loopback_without_a_secret():
         check_bind_allowed(host, None)
 
 
-def test_load_secret(monkeypatch):
+def test_load_secret_normalizes_and_never_reads_the_environment(monkeypatch):
     monkeypatch.setenv("CHAOS_SECRET", "from-env")
     assert load_secret("given") == b"given"
     assert load_secret(b"raw") == b"raw"
-    assert load_secret() == b"from-env"
-    monkeypatch.setenv("CHAOS_SECRET", "")
+    # the environment is chaos_lightning.config's to read, not the wire layer's
     assert load_secret() is None
-    monkeypatch.delenv("CHAOS_SECRET")
-    assert load_secret() is None
+    assert load_secret("") is None and load_secret(b"") is None
 
 
 # -- live server ----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 
 from chaos_lightning.replication.snapshot import Manifest, Snapshot
 from chaos_lightning.replication.transfer import PullError, ShardServer, pull
-from chaos_lightning.wire import load_secret
+from chaos_lightning.config import secret_from_env
 
 MB = 1_000_000
 
@@ -74,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    host, port = server.start(args.bind, secret=load_secret())
+    host, port = server.start(args.bind, secret=secret_from_env())
     if args.throttle_mbit:
         server.slow_down(args.throttle_mbit * MB / 8)
     if args.corrupt:
@@ -104,7 +104,7 @@ def _pull(args: argparse.Namespace) -> int:
     try:
         r = pull(
             args.source,
-            load_secret(),
+            secret_from_env(),
             rates=rates,
             timeout=args.timeout,
             stall_timeout=args.stall_timeout,
