@@ -43,6 +43,7 @@ variable                   setting                                      default
 ``CHAOS_SWITCH_TIMEOUT``   bound on a view switch's agreement, seconds  5
 ``CHAOS_SIDELINE_TIMEOUT`` seconds a sidelined member waits             600
 ``CHAOS_TRACE``            JSON-lines timeline file                     unset
+``CHAOS_RECORD_SAMPLES``   keep the ledger of trained samples (1/0)     0 (off)
 ``CHAOS_ETCD_*``           the etcd baseline: ``ENDPOINTS``,            ``127.0.0.1:2379``,
                            ``PREFIX``, ``TTL``, ``OP_TIMEOUT``          ``/chaos``, 2, 5
 =========================  ===========================================  ======================
@@ -120,6 +121,9 @@ class NodeConfig:
     sideline_timeout: float = 600.0
     #: file this node appends its timeline to (JSON lines), or None
     trace: str | None = None
+    #: keep the strategy's ledger of every trained sample (exactly-once checks;
+    #: memory grows with the samples trained, so off unless asked for)
+    record_samples: bool = False
     #: the etcd baseline: ``host:port[,host:port...]``, key prefix, lease TTL and per-call bound (s)
     etcd_endpoints: str = "127.0.0.1:2379"
     etcd_prefix: str = "/chaos"
@@ -154,6 +158,7 @@ class NodeConfig:
             switch_timeout=r.seconds("switch_timeout", "CHAOS_SWITCH_TIMEOUT", cls.switch_timeout),
             sideline_timeout=r.seconds("sideline_timeout", "CHAOS_SIDELINE_TIMEOUT", cls.sideline_timeout),
             trace=r.text("trace", "CHAOS_TRACE", None),
+            record_samples=r.boolean("record_samples", "CHAOS_RECORD_SAMPLES", cls.record_samples),
             etcd_endpoints=r.endpoints("etcd_endpoints", "CHAOS_ETCD_ENDPOINTS", cls.etcd_endpoints),
             etcd_prefix=r.prefix("etcd_prefix", "CHAOS_ETCD_PREFIX", cls.etcd_prefix),
             etcd_ttl=r.seconds("etcd_ttl", "CHAOS_ETCD_TTL", cls.etcd_ttl),
@@ -371,14 +376,15 @@ class _Resolver:
             return default
         if isinstance(value, bool):
             raise ConfigError(name, "must be an integer >= 1", value)
+        number = value
         if isinstance(value, str):
             try:
-                value = int(value, 10)
+                number = int(value, 10)
             except ValueError:
                 raise ConfigError(name, "must be an integer >= 1", value) from None
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(name, "must be an integer >= 1", value)
-        return value
+        if not isinstance(number, int) or number < 1:
+            raise ConfigError(name, "must be an integer >= 1", value)  # as written, not as parsed
+        return number
 
     def seconds(self, arg: str, var: str, default: float) -> float:
         name, value = self._pick(arg, var)
@@ -393,6 +399,19 @@ class _Resolver:
         if not math.isfinite(number) or number <= 0:
             raise ConfigError(name, "must be a number of seconds > 0", value)
         return number
+
+    def boolean(self, arg: str, var: str, default: bool) -> bool:
+        name, value = self._pick(arg, var)
+        if value is None:
+            return default
+        if isinstance(value, bool):
+            return value
+        low = str(value).lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(name, "must be 1 or 0 (true or false)", value)
 
     def text(self, arg: str, var: str, default: str | None) -> str | None:
         name, value = self._pick(arg, var)
