@@ -62,14 +62,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from chaos_lightning.membership.config import PRESETS, Config
+from chaos_lightning.membership.config import DEFAULT_PRESET, PRESETS, Config
 from chaos_lightning.replication.neighbors import DEFAULT_MAX_SOURCES
-from chaos_lightning.wire.addr import AddressError, normalize_hostport
-
-try:
-    from chaos_lightning.membership.config import DEFAULT_PRESET
-except ImportError:  # until membership/config.py (another change in flight) names it
-    DEFAULT_PRESET = "local"
+from chaos_lightning.wire.addr import AddressError, normalize_hostport, parse_hostport
 
 #: the variable holding the cluster secret (the launcher can read another: ``--secret-env``)
 SECRET_ENV = "CHAOS_SECRET"
@@ -168,7 +163,7 @@ class NodeConfig:
     @property
     def bind_host(self) -> str:
         """The host part of :attr:`bind`, without IPv6 brackets."""
-        return self.bind.rpartition(":")[0].strip("[]")
+        return parse_hostport(self.bind, allow_port0=True)[0]
 
     def rendezvous_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`chaos_lightning.rendezvous.create` this configuration fixes."""

@@ -39,18 +39,13 @@ from chaos_lightning.agent.messages import (
     StatusRequest,
 )
 from chaos_lightning.membership import events as ev
-from chaos_lightning.membership.config import PRESETS, Config
+from chaos_lightning.membership.config import DEFAULT_PRESET, PRESETS, Config
 from chaos_lightning.membership.machine import Membership, Output, Phase
 from chaos_lightning.membership.view import Member, View
 from chaos_lightning.monitor import Monitor
 from chaos_lightning.monitor.links import estimate_bandwidth
 from chaos_lightning.wire import KIND_BLOB, ConnectionClosed, WireError, load_secret, open_connection, start_server
 from chaos_lightning.wire.addr import format_hostport, parse_hostport
-
-try:
-    from chaos_lightning.membership.config import DEFAULT_PRESET
-except ImportError:  # until membership/config.py (another change in flight) names it
-    DEFAULT_PRESET = "local"
 
 log = logging.getLogger("chaos_lightning.agent")
 
