@@ -1,9 +1,11 @@
 """``chaos-run``: the launcher of chaos_lightning training scripts (torchrun-like).
 
-Role in the whole: the strategy (``Trainer(strategy="chaos")``) reads its
-configuration from ``CHAOS_*`` environment variables and is started as one
-process per device by the user.  This module is that user: it sets the
-environment, starts the script, forwards signals (SIGTERM = graceful leave at
+Role in the whole: the strategy (``Trainer(strategy="chaos")``) resolves its
+configuration from ``CHAOS_*`` environment variables
+(:class:`chaos_lightning.config.NodeConfig`) and is started as one process per
+device by the user.  This module is that user: it sets the environment
+(checked through the same ``NodeConfig`` first, so a bad flag or variable is
+one line here, not a traceback in every child), starts the script, forwards signals (SIGTERM = graceful leave at
 the next step boundary) and reaps what it started.  It also queries a live
 node (``status``) and asks a node to leave (``leave``).
 
@@ -305,8 +307,8 @@ def plan(args: argparse.Namespace) -> list[NodeSpec]:
         return specs
 
     if peers is None:
-        peers = _addr_list_arg(os.environ.get("CHAOS_PEERS", "")) if os.environ.get("CHAOS_PEERS") else []
-    bind = args.bind or os.environ.get("CHAOS_BIND")
+        peers = list(_from_env("CHAOS_PEERS").peers)
+    bind = args.bind or (_from_env("CHAOS_BIND").bind if (os.environ.get("CHAOS_BIND") or "").strip() else None)
     if bind:
         bind = format_hostport(*parse_hostport(bind, allow_port0=True))
     elif peers:
@@ -326,6 +328,14 @@ def plan(args: argparse.Namespace) -> list[NodeSpec]:
     env = {**common, "CHAOS_BIND": bind, "CHAOS_PEERS": ",".join(peers), "CHAOS_MIN_NODES": min_nodes, "CHAOS_LAUNCH_INDEX": "0"}
     _check_config(env, args)
     return [NodeSpec(0, env, argv)]
+
+
+def _from_env(var: str) -> NodeConfig:
+    """The one setting ``var`` of this environment, parsed as a child would (one line naming it if bad)."""
+    try:
+        return NodeConfig.resolve(env={var: os.environ.get(var, "")})
+    except ConfigError as exc:
+        raise LaunchError(str(exc).removeprefix("chaos: ")) from None
 
 
 def _check_config(env: dict[str, str], args: argparse.Namespace) -> NodeConfig:

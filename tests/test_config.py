@@ -41,7 +41,8 @@ def test_nothing_given_nothing_set_gives_the_documented_defaults() -> None:
 def test_an_argument_wins_over_the_environment_which_wins_over_the_default() -> None:
     env = {"CHAOS_MIN_NODES": "3", "CHAOS_BIND": "10.0.0.1:7000", "CHAOS_PEERS": "10.0.0.2:7000", "CHAOS_SECRET": "env"}
     from_env = NodeConfig.resolve(env=env)
-    assert (from_env.min_nodes, from_env.bind, from_env.peers, from_env.secret) == (3, "10.0.0.1:7000", ("10.0.0.2:7000",), b"env")
+    assert (from_env.min_nodes, from_env.bind, from_env.peers) == (3, "10.0.0.1:7000", ("10.0.0.2:7000",))
+    assert from_env.secret == b"env"
     given = NodeConfig.resolve(env=env, min_nodes=2, bind="127.0.0.1:0", peers=["127.0.0.1:1", " 127.0.0.1:2 "], secret="arg")
     assert (given.min_nodes, given.bind, given.peers, given.secret) == (2, "127.0.0.1:0", ("127.0.0.1:1", "127.0.0.1:2"), b"arg")
     # None means "not given", and an empty variable means "unset"
@@ -81,15 +82,20 @@ def test_a_backend_is_an_installed_entry_point() -> None:
     ({"CHAOS_BIND": "127.0.0.1:http"}, "chaos: CHAOS_BIND port 'http' is not a number, got '127.0.0.1:http'"),
     ({"CHAOS_BIND": "::1:80"}, "chaos: CHAOS_BIND must bracket an IPv6 address: [ADDR]:PORT, got '::1:80'"),
     ({"CHAOS_PEERS": "127.0.0.1:7000,127.0.0.1:0"}, "chaos: CHAOS_PEERS port must be 1-65535, got '127.0.0.1:0'"),
-    ({"CHAOS_PEERS": "bad host:1"}, "chaos: CHAOS_PEERS host 'bad host' is neither an IP address nor a host name, got 'bad host:1'"),
+    ({"CHAOS_PEERS": "bad host:1"},
+     "chaos: CHAOS_PEERS host 'bad host' is neither an IP address nor a host name, got 'bad host:1'"),
     ({"CHAOS_PRESET": "fast"}, "chaos: CHAOS_PRESET must be a membership preset (local, lan, edge), got 'fast'"),
-    ({"CHAOS_MEMBERSHIP": "probe_interval"}, "chaos: CHAOS_MEMBERSHIP must be FIELD=VALUE[,FIELD=VALUE...], got 'probe_interval'"),
+    ({"CHAOS_MEMBERSHIP": "probe_interval"},
+     "chaos: CHAOS_MEMBERSHIP must be FIELD=VALUE[,FIELD=VALUE...], got 'probe_interval'"),
     ({"CHAOS_MEMBERSHIP": "probe_interval=soon"}, "chaos: CHAOS_MEMBERSHIP probe_interval must be a number > 0, got 'soon'"),
-    ({"CHAOS_MEMBERSHIP": "indirect_probes=1.5"}, "chaos: CHAOS_MEMBERSHIP indirect_probes must be an integer > 0, got '1.5'"),
+    ({"CHAOS_MEMBERSHIP": "indirect_probes=1.5"},
+     "chaos: CHAOS_MEMBERSHIP indirect_probes must be an integer > 0, got '1.5'"),
     ({"CHAOS_MEMBERSHIP": "auto_rejoin=maybe"}, "chaos: CHAOS_MEMBERSHIP auto_rejoin must be true or false, got 'maybe'"),
     ({"CHAOS_MEMBERSHIP": "probe_interval=-1"}, "chaos: CHAOS_MEMBERSHIP probe_interval must be > 0, got '-1'"),
-    ({"CHAOS_SECRET": ""}, "chaos: CHAOS_SECRET must not be empty (unset it to run without a secret, loopback only), got ''"),
-    ({"CHAOS_BACKEND": "zookeeper"}, "chaos: CHAOS_BACKEND must be an installed rendezvous backend (etcd, peer), got 'zookeeper'"),
+    ({"CHAOS_SECRET": ""},
+     "chaos: CHAOS_SECRET must not be empty (unset it to run without a secret, loopback only), got ''"),
+    ({"CHAOS_BACKEND": "zookeeper"},
+     "chaos: CHAOS_BACKEND must be an installed rendezvous backend (etcd, peer), got 'zookeeper'"),
     ({"CHAOS_JOIN_TIMEOUT": "soon"}, "chaos: CHAOS_JOIN_TIMEOUT must be a number of seconds > 0, got 'soon'"),
     ({"CHAOS_LEAVE_TIMEOUT": "0"}, "chaos: CHAOS_LEAVE_TIMEOUT must be a number of seconds > 0, got '0'"),
     ({"CHAOS_COLLECTIVE_TIMEOUT": "nan"}, "chaos: CHAOS_COLLECTIVE_TIMEOUT must be a number of seconds > 0, got 'nan'"),

@@ -275,7 +275,8 @@ def test_missing_script_and_busy_port(tiny: Path) -> None:
     (["--min-nodes", "0"], {}, "--min-nodes must be at least 1"),
     ([], {"CHAOS_MIN_NODES": "abc"}, "CHAOS_MIN_NODES must be an integer >= 1, got 'abc'"),
     ([], {"CHAOS_JOIN_TIMEOUT": "-1"}, "CHAOS_JOIN_TIMEOUT must be a number of seconds > 0, got '-1'"),
-    ([], {"CHAOS_BIND": "127.0.0.1:99999"}, "port must be 0-65535"),
+    ([], {"CHAOS_BIND": "127.0.0.1:99999"}, "CHAOS_BIND port must be 0-65535, got '127.0.0.1:99999'"),
+    ([], {"CHAOS_PEERS": "bad"}, "CHAOS_PEERS must be HOST:PORT, got 'bad'"),
 ])
 def test_bad_settings_are_one_line_naming_the_flag_or_variable(args: list[str], env: dict[str, str], words: str,
                                                                 tiny: Path) -> None:

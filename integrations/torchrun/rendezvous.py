@@ -32,12 +32,15 @@ elect exactly one founder), and nobody answers on the endpoint yet.
 ``--rdzv-conf`` keys: ``is_host``, ``preset`` (membership timing preset),
 ``membership`` (preset fields overridden, as ``CHAOS_MEMBERSHIP``, but
 separated by ``;``: torchrun splits the conf at commas, so
-``--rdzv-conf "membership=probe_interval=0.3;suspicion_mult=3"``), ``chaos_backend`` (chaos rendezvous backend, ``peer`` by default; ``backend``
+``--rdzv-conf "membership=probe_interval=0.3;suspicion_mult=3"``),
+``chaos_backend`` (chaos rendezvous backend, ``peer`` by default; ``backend``
 itself cannot be a conf key, torchrun would pass it twice), ``secret_env``
 (the name of the variable holding the cluster secret: never the secret
 itself on the command line).  torch's generic timeouts (``timeout``,
 ``join_timeout``, ...) are accepted and ignored: the strategy's own bounded
-waits apply.  ``--nnodes MIN:MAX``: MIN becomes ``CHAOS_MIN_NODES``; MAX is not
+waits apply.  Every value is checked through
+:class:`chaos_lightning.config.NodeConfig` (over the environment the workers
+inherit) before any worker starts.  ``--nnodes MIN:MAX``: MIN becomes ``CHAOS_MIN_NODES``; MAX is not
 enforced (peers admit any joiner).  ``--nproc-per-node`` must be 1: only one
 process can bind the founding address (see docs/torchrun.md for the strategy
 rule that would lift this).
