@@ -18,23 +18,43 @@ phase (nobody can have accepted anything at a lower ballot).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 from chaos_lightning.membership.view import Member, View
 from chaos_lightning.wire.schema import message
 
-# Fact kinds.  A fact is a piece of knowledge spread by gossip until the view
-# reflects it.
-ALIVE = "alive"  # node refutes a suspicion with incarnation inc
-SUSPECT = "suspect"
-DEAD = "dead"  # suspicion confirmed: remove node from the next view
-JOIN = "join"  # member wants in
-LEAVE = "leave"  # node asked to leave
-LINK = "link"  # link node-other is up/down, version inc
+class FactKind(str, Enum):
+    """What a :class:`Fact` says.  A fact is a piece of knowledge spread by
+    gossip until the view reflects it.
+
+    A ``str`` enum so that the wire carries the same strings as before the
+    enum existed (the schema encodes a ``str`` subclass as a plain ``str``)
+    and a decoded fact, whose ``kind`` is a plain ``str``, compares and hashes
+    equal to the member.
+    """
+
+    ALIVE = "alive"  # node refutes a suspicion with incarnation inc
+    SUSPECT = "suspect"
+    DEAD = "dead"  # suspicion confirmed: remove node from the next view
+    JOIN = "join"  # member wants in
+    LEAVE = "leave"  # node asked to leave
+    LINK = "link"  # link node-other is up/down, version inc
+
+
+ALIVE = FactKind.ALIVE
+SUSPECT = FactKind.SUSPECT
+DEAD = FactKind.DEAD
+JOIN = FactKind.JOIN
+LEAVE = FactKind.LEAVE
+LINK = FactKind.LINK
+#: the kinds that speak about a member's liveness (one entry per node in the gossip queue)
+STATUS_KINDS = (ALIVE, SUSPECT, DEAD)
 
 
 @message("m.fact")
 @dataclass(frozen=True)
 class Fact:
+    #: a :class:`FactKind` (annotated ``str``: that is what the wire carries)
     kind: str
     node: str
     inc: int = 0

@@ -1,0 +1,182 @@
+"""Dissemination: how one node learns facts and spreads them.
+
+What this file owns:
+
+* :meth:`Dissemination.learn`, the one door through which any fact enters
+  the node, whether it was observed here (a probe's verdict, a join request,
+  our own leave) or heard from a peer; :meth:`absorb` filters what peers
+  piggyback (only gossip from our own epoch counts, join requests aside);
+* the fact table of requested changes: pending joins, pending leaves, and the
+  incarnation each departed node had (so stale join gossip cannot re-add a
+  node that just left); status and link facts are applied by the detector,
+  which owns those tables;
+* the retransmit queue (SWIM's infection-style dissemination): each new fact
+  rides on the next ``retransmits(n)`` messages, at most ``max_piggyback``
+  per message, round robin;
+* the refutation of a suspicion of ourselves, which is gossip too.
+
+What it never does: decide a view, probe, or send anything but the direct
+``Facts`` message to the coordinator (that a coordinator acts on a fact it
+never hears of would cost a gossip round).  It reads the current view, the
+node's id, phase and config from the
+:class:`~chaos_lightning.membership.machine.Membership` that composes it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from chaos_lightning.membership.messages import (
+    DEAD,
+    JOIN,
+    LEAVE,
+    LINK,
+    STATUS_KINDS,
+    Fact,
+    Facts,
+)
+from chaos_lightning.membership.view import Member, View, link
+
+if TYPE_CHECKING:  # the composing machine; imported for annotations only
+    from chaos_lightning.membership.machine import Membership, Output
+
+#: facts a coordinator acts on: the node that observed one sends it there directly
+_FOR_COORDINATOR = (DEAD, JOIN, LEAVE, LINK)
+
+
+def fact_key(f: Fact) -> tuple:
+    """The slot a fact occupies in the queue: a newer fact on the same subject
+    (another status of one node, another version of one link) replaces it."""
+    if f.kind in STATUS_KINDS:
+        return ("s", f.node)
+    if f.kind == LINK:
+        return ("k",) + link(f.node, f.other)
+    return (f.kind, f.node)
+
+
+class Dissemination:
+    """The facts one node knows and the queue that spreads them."""
+
+    def __init__(self, node: "Membership"):
+        self._m = node
+        # key -> [fact, transmits left]; handed out round robin: taken from the
+        # front, re-inserted at the back (O(1) per fact, even with hundreds queued)
+        self.queue: dict[tuple, list] = {}
+        self.joins: dict[str, Member] = {}
+        self.joins_since = 0.0  # when the oldest pending join arrived
+        self.leaves: dict[str, bool] = {}
+        # node -> incarnation it had when a view removed it: a JOIN fact for an
+        # incarnation at or below is stale gossip (the node left or was
+        # removed), not a request; without this an old join fact re-adds a
+        # node that just left, and the cluster flips between the two views.
+        # Survives a rejoin: the stale gossip is still around then.
+        self.departed: dict[str, int] = {}
+
+    def reset(self) -> None:
+        """Forget the pending changes of a cluster we were removed from."""
+        self.queue.clear()
+        self.joins.clear()
+        self.leaves.clear()
+
+    def stop(self) -> None:
+        """A view without us: nobody left to gossip to."""
+        self.queue.clear()
+
+    # ------------------------------------------------------------ learning
+    def learn(self, fact: Fact, now: float, out: "Output", *, from_self: bool = False) -> bool:
+        """Apply ``fact``; if it was news, gossip it (and, if we originated a
+        fact the coordinator acts on, send it there directly)."""
+        m = self._m
+        if not self._apply(fact, now, out):
+            return False
+        m.agreement.dirty = True
+        self.enqueue(fact)
+        if from_self and fact.kind in _FOR_COORDINATOR and m.coordinator() != m.id:
+            m._send_to_coordinator(Facts(m._epoch(), (fact,)), out)
+        return True
+
+    def absorb(self, src: str, epoch: int, facts: tuple[Fact, ...], now: float, out: "Output") -> None:
+        """Learn gossip, but only from a member of our own epoch: a node on
+        the far side of a healed partition still carries its verdicts on us
+        ("dead") from a view that no longer exists.  Join requests are the
+        exception; they are harmless and a joiner has no epoch."""
+        view = self._m.view
+        same = view is not None and epoch == view.epoch and src in view
+        for f in facts:
+            if same or f.kind == JOIN:
+                self.learn(f, now, out)
+
+    def _apply(self, f: Fact, now: float, out: "Output") -> bool:
+        m = self._m
+        view = m.view
+        if f.kind in STATUS_KINDS:
+            if f.node == m.id:
+                m._refute(f)
+                return False
+            return m.detector.apply_status(f, now, out)
+        if f.kind == JOIN:
+            x = f.member
+            if x is None or x.id != f.node or f.node in self.joins or (view is not None and f.node in view):
+                return False
+            if x.inc <= self.departed.get(x.id, -1):
+                return False
+            if not self.joins:
+                self.joins_since = now
+            self.joins[f.node] = x
+            if x.addr:
+                m._addrs.setdefault(x.id, x.addr)
+            return True
+        if f.kind == LEAVE:
+            if view is None or f.node not in view or f.node in self.leaves:
+                return False
+            self.leaves[f.node] = True
+            return True
+        if f.kind == LINK:
+            return m.detector.apply_link(f, out)
+        return False
+
+    # ------------------------------------------------------------ spreading
+    def enqueue(self, fact: Fact) -> None:
+        view = self._m.view
+        n = view.size if view else 1
+        self.queue[fact_key(fact)] = [fact, self._m.config.retransmits(n)]
+
+    def take(self, lead: tuple[Fact, ...] = ()) -> tuple[Fact, ...]:
+        """Facts to piggyback on one message: ``lead`` first, then up to
+        ``max_piggyback`` from the front of the queue, each sent to the back
+        until its retransmits are spent."""
+        items = self.queue
+        if not items:
+            return lead
+        limit = self._m.config.max_piggyback
+        chosen = []
+        for k in items:
+            chosen.append(k)
+            if len(chosen) >= limit:
+                break
+        facts = []
+        for k in chosen:
+            entry = items.pop(k)
+            facts.append(entry[0])
+            entry[1] -= 1
+            if entry[1] > 0:
+                items[k] = entry  # to the back of the queue
+        return lead + tuple(facts)
+
+    # ------------------------------------------------------------ views
+    def on_view(self, view: View, old: View | None) -> None:
+        """Forget what ``view`` settled, and stop gossiping it."""
+        status = self._m.detector.status
+        if old is not None:
+            for x in old.members:
+                if x.id not in view:
+                    self.departed[x.id] = max(x.inc, status[x.id].inc if x.id in status else 0)
+        for x in view.members:
+            self.departed.pop(x.id, None)
+        for nid in [n for n in self.joins if n in view]:
+            del self.joins[nid]
+        for nid in [n for n in self.leaves if n not in view]:
+            del self.leaves[nid]
+        for key in [k for k in self.queue if (k[0] == JOIN and k[1] in view) or (k[0] == LEAVE and k[1] not in view)]:
+            del self.queue[key]
+
