@@ -38,6 +38,16 @@ from chaos_lightning.membership.view import Member, View, link
 
 _TICK, _DELIVER, _CALL = 0, 1, 2
 
+#: ticks of one node at one virtual instant beyond which the run stops with
+#: :class:`Spin` instead of looping forever (a machine whose ``next_deadline``
+#: stays in the past would otherwise hang the simulator, and the test with it)
+SPIN_LIMIT = 10_000
+
+
+class Spin(RuntimeError):
+    """A node's ``next_deadline()`` did not advance: it asks to be ticked
+    again and again at the same virtual time (a livelock in the machine)."""
+
 
 @dataclass
 class Decision:
@@ -170,6 +180,7 @@ class Simulator:
 
     def _run(self, until: float, _unused: object) -> None:
         heap = self._heap
+        spin_at, spins = -1.0, 0
         while heap and heap[0][0] <= until:
             t, _, kind, payload = heapq.heappop(heap)
             self.now = t
@@ -178,6 +189,12 @@ class Simulator:
                 if self._tick_at.get(nid) != t or self.crashed.get(nid):
                     continue
                 del self._tick_at[nid]
+                if t == spin_at:
+                    spins += 1
+                    if spins > SPIN_LIMIT:
+                        raise Spin(f"{nid} ticked {spins} times at t={t:.6f}: next_deadline() does not advance")
+                else:
+                    spin_at, spins = t, 0
                 m = self.nodes[nid]
                 t0 = time.perf_counter()
                 out = m.tick(t)
