@@ -15,6 +15,7 @@ lazy: done now for a package already imported, otherwise right after it is
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.util
 import sys
@@ -22,20 +23,19 @@ import sys
 __version__ = "0.1.0"
 
 
+# The strategy module registers itself in its package's registry as its last
+# statement, so importing it is registering; a module still mid-import (it
+# imports Lightning, which can bring us here) finishes the job itself.
+
+
 def _register_lightning() -> None:
-    from lightning.pytorch.strategies import StrategyRegistry
-
-    from chaos_lightning.strategy.strategy import ChaosStrategy
-
-    ChaosStrategy.register_strategies(StrategyRegistry)
+    importlib.import_module("chaos_lightning.strategy.strategy")
 
 
 def _register_pytorch_lightning() -> None:
-    from pytorch_lightning.strategies import StrategyRegistry
-
     from chaos_lightning.strategy._flavour import pytorch_lightning_module
 
-    pytorch_lightning_module("strategy").ChaosStrategy.register_strategies(StrategyRegistry)
+    pytorch_lightning_module("strategy")
 
 
 #: Packages whose strategy registry gets "chaos", and how.

@@ -139,7 +139,7 @@ def main() -> None:
     trainer.fit(model, DataLoader(data, batch_size=BATCH, shuffle=True))
     say(
         event="done", pid=os.getpid(), strategy=type(trainer.strategy).__name__,
-        left=bool(getattr(trainer.strategy, "_left", False)), global_step=trainer.global_step,
+        left=bool(getattr(trainer.strategy, "left", False)), global_step=trainer.global_step,
         epochs_completed=trainer.current_epoch, final_loss=full_loss(model, data),
         params=digest(model.parameters()), switches=getattr(trainer.strategy, "events", []),
     )

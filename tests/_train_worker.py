@@ -140,7 +140,7 @@ def main() -> None:
         # fault injector: this node serves state to joiners at most this fast
         class SlowServe(pl.Callback):
             def setup(self, trainer, pl_module, stage):
-                trainer.strategy._server.slow_down(float(env["CHAOS_TEST_SERVE_BPS"]))
+                trainer.strategy.shard_server.slow_down(float(env["CHAOS_TEST_SERVE_BPS"]))
 
         trainer.callbacks.append(SlowServe())
     say(event="ready", pid=os.getpid())
@@ -153,7 +153,7 @@ def main() -> None:
     opt_tensors = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
     ledger = strategy.ledger
     say(
-        event="done", pid=os.getpid(), left=strategy._left, global_step=trainer.global_step,
+        event="done", pid=os.getpid(), left=strategy.left, global_step=trainer.global_step,
         params=digest(model.parameters()), optim=digest(opt_tensors),
         epochs={str(e): sorted(ledger.counts(e).items()) for e in range(epochs)} if ledger else {},
         switches=strategy.events, lr=opt.param_groups[0]["lr"],

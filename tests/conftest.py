@@ -6,6 +6,11 @@ import os
 
 import pytest
 
+# The strategy records which samples each step trained only when asked
+# (CHAOS_RECORD_SAMPLES); the tests check exactly-once from that record, in
+# this process and in every worker it starts (they inherit the environment).
+os.environ.setdefault("CHAOS_RECORD_SAMPLES", "1")
+
 
 def _ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")

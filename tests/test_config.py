@@ -170,6 +170,7 @@ README_VALUES: dict[str, tuple[str, str, object]] = {
     "CHAOS_MIN_NODES": ("4", "min_nodes", 4),
     "CHAOS_MAX_SOURCES": ("3", "max_sources", 3),
     "CHAOS_TRACE": ("/tmp/trace.jsonl", "trace", "/tmp/trace.jsonl"),
+    "CHAOS_RECORD_SAMPLES": ("1", "record_samples", True),
     "CHAOS_GLOBAL_BATCH_SIZE": ("96", "global_batch_size", 96),
     "CHAOS_JOIN_TIMEOUT": ("42", "join_timeout", 42.0),
     "CHAOS_LEAVE_TIMEOUT": ("4.5", "leave_timeout", 4.5),

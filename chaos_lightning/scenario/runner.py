@@ -174,6 +174,7 @@ class Runner:
         env = {
             **os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CHAOS_BIND": addr, "CHAOS_PEERS": ",".join(peers),
             "CHAOS_MIN_NODES": str(min_nodes), "CHAOS_SECRET": self.secret, "CHAOS_TRACE": str(trace),
+            "CHAOS_RECORD_SAMPLES": "1",  # the report's exactly-once check reads the ledger
             "CHAOS_PRESET": str(self.timeline.settings.get("preset", "local")),
             **self.extra_env, **self.node_env.get(name, {}),
         }

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "name": args.name,
         "pid": os.getpid(),
         "global_step": trainer.global_step,
-        "left": strategy._left,
+        "left": strategy.left,
         "params": digest(list(model.parameters())),
         "optim": digest([v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]),
         "samples_per_epoch": args.samples,

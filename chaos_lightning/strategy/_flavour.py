@@ -19,10 +19,15 @@ import importlib.util
 import sys
 from types import ModuleType
 
+#: Our modules that import Lightning, and so exist once per package.  The
+#: others (the pure decisions, the process group, the internals room, which
+#: duck-types the trainer) are shared by both.
+_FLAVOURED = ("strategy", "environment", "callbacks")
+
 _RENAMES = (
     ("lightning.pytorch", "pytorch_lightning"),
     ("lightning.fabric", "lightning_fabric"),
-    ("chaos_lightning.strategy.strategy", "chaos_lightning.strategy._pl_strategy"),
+    *((f"chaos_lightning.strategy.{name} ", f"chaos_lightning.strategy._pl_{name} ") for name in _FLAVOURED),
 )
 
 
@@ -36,6 +41,9 @@ def pytorch_lightning_module(name: str) -> ModuleType:
     assert spec is not None and spec.origin is not None
     with open(spec.origin, encoding="utf-8") as f:
         source = f.read()
+    for other in _FLAVOURED:  # build the flavoured modules this one imports first
+        if other != name and f"chaos_lightning.strategy.{other} import" in source:
+            pytorch_lightning_module(other)
     for old, new in _RENAMES:
         source = source.replace(old, new)
     module = ModuleType(target)

@@ -277,6 +277,20 @@ class ElasticProcessGroup:
                 tensor.copy_(buf)
         return tensor
 
+    def all_reduce_in_place(
+        self,
+        buffers: Sequence[torch.Tensor],
+        abort: AbortFlag = None,
+        timeout: float | timedelta | None = None,
+        op: Any = dist.ReduceOp.SUM,
+    ) -> None:
+        """All-reduce several buffers in place, launched together (every op in
+        flight before the first wait, so they cost one round trip, not one
+        each): the step's gradients in their own dtype beside the integer
+        control record.  Errors as :meth:`all_reduce` with ``in_place``: after
+        one, the caller must never read any of the buffers again."""
+        self._run(list(buffers), abort, timeout, op, what=f"all_reduce_in_place({len(buffers)} buffers)")
+
     def all_reduce_bucket(
         self,
         tensors: Sequence[torch.Tensor],

@@ -1,0 +1,105 @@
+"""Where a chaos node runs: its cluster environment, its gloo interface, its progress display.
+
+Role in the whole: the small pieces of process setup the strategy needs.
+:class:`ChaosEnvironment` tells Lightning the rank and world size of the
+committed view (they change at every switch; the processes are the user's,
+so there is no launcher); :func:`pin_gloo_interface` makes gloo talk on the
+interface of the address the node binds; :func:`progress` shows a wait or a
+transfer that takes a while.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lightning.fabric.plugins.environments.cluster_environment import ClusterEnvironment
+from typing_extensions import override
+
+
+class ChaosEnvironment(ClusterEnvironment):
+    """Rank and world size follow the committed view; processes are the user's."""
+
+    def __init__(self) -> None:
+        self._rank = 0
+        self._world = 1
+
+    @property
+    @override
+    def creates_processes_externally(self) -> bool:
+        return True
+
+    @property
+    @override
+    def main_address(self) -> str:
+        return "127.0.0.1"  # unused: process groups come from the rendezvous store
+
+    @property
+    @override
+    def main_port(self) -> int:
+        return 0
+
+    @staticmethod
+    @override
+    def detect() -> bool:
+        return False
+
+    @override
+    def world_size(self) -> int:
+        return self._world
+
+    @override
+    def set_world_size(self, size: int) -> None:
+        self._world = size
+
+    @override
+    def global_rank(self) -> int:
+        return self._rank
+
+    @override
+    def set_global_rank(self, rank: int) -> None:
+        self._rank = rank
+
+    @override
+    def local_rank(self) -> int:
+        return int(os.environ.get("LOCAL_RANK", 0))  # device index on this host
+
+    @override
+    def node_rank(self) -> int:
+        return self._rank
+
+
+def pin_gloo_interface(host: str) -> None:
+    """Make gloo use the interface of the address we bind.
+
+    Gloo picks its address from the host name unless ``GLOO_SOCKET_IFNAME``
+    names an interface; inside a network namespace (or on a host whose name
+    resolves to loopback) the name gave an address the peers cannot reach
+    (measured on the testbed: "connectFullMesh failed ... Connection
+    refused", and no group ever formed).  A user's own setting wins.
+    """
+    import ipaddress
+
+    import psutil
+
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return  # a host name: leave it to gloo
+    if ip.is_loopback or ip.is_unspecified:
+        return
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%", 1)[0] == str(ip) for a in addrs):
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+            return
+
+
+def progress(desc: str, **kwargs: Any) -> Any:
+    """A progress display on stderr for a wait or transfer that may take a
+    while: tqdm (Lightning's own dependency), shown only once it has lasted
+    two seconds, and gone when done."""
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, delay=2.0, leave=False, dynamic_ncols=True, mininterval=1.0, **kwargs)

@@ -1,0 +1,237 @@
+"""Making replicas identical after a group change: the state, its pull and its broadcast.
+
+Role in the whole: :mod:`.sync` decides (purely) who holds the freshest
+state and how it travels; this module carries the decision out on the
+current group.  What "the state" is lives here too (:func:`training_state`):
+everything a replica must share to continue bit-identically: parameters and
+buffers, optimizer, LR-scheduler and precision state, callback state, the
+sampler's cursor, the loop's epoch and step, the commit count, and the run's
+output folders.
+
+Two ways the state travels (the plan says which):
+
+* **pull** (a join): the holders publish a snapshot on their shard server
+  and wait at the step boundary; each newcomer pulls it from up to
+  ``max_sources`` of them at once (:mod:`chaos_lightning.replication`:
+  bandwidth-aware shards, re-fetch on a dead source or a bad checksum).  The
+  holders' idle time is the pull;
+* **broadcast** (the very start, or survivors of a step that committed on
+  some of them only): parameters and buffers in place, then one state tree.
+
+Every collective here is abortable: a member failing meanwhile raises
+:class:`~.process_group.CollectiveError`, and the strategy tries again on the
+next view.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from chaos_lightning.replication.neighbors import Source, choose_sources
+from chaos_lightning.replication.snapshot import Snapshot
+from chaos_lightning.replication.transfer import PullError, PullResult, ShardServer, pull
+from chaos_lightning.strategy import _lightning_internals as internals
+from chaos_lightning.strategy.environment import progress
+from chaos_lightning.strategy.process_group import CollectiveFailed
+from chaos_lightning.strategy.state import broadcast_tree, pack_tree, unpack_tree
+from chaos_lightning.strategy.sync import Claim, Freshness, SyncAction, SyncPlan, plan_sync
+
+if TYPE_CHECKING:  # the strategy imports us
+    from chaos_lightning.strategy.strategy import ChaosStrategy
+
+log = logging.getLogger("chaos_lightning.strategy")
+
+#: Member meta key holding the address of the node's shard server.
+REPL_META_KEY = "repl"
+
+
+def _module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return list(module.parameters()) + list(module.buffers())
+
+
+def training_state(strategy: ChaosStrategy, trainer: Any) -> dict[str, Any]:
+    """Everything but parameters and buffers that replicas must share."""
+    return {
+        "optimizers": [opt.state_dict() for opt in strategy.optimizers],
+        "schedulers": [cfg.scheduler.state_dict() for cfg in strategy.lr_scheduler_configs],
+        "precision": strategy.precision_plugin.state_dict(),
+        # the strategy's own callback keeps only the sampler, which travels below
+        "callbacks": {cb.state_key: cb.state_dict() for cb in trainer.callbacks if not getattr(cb, "chaos_owned", False)},
+        "sampler": strategy.elastic_sampler.state_dict(),
+        "epoch": trainer.fit_loop.epoch_progress.current.completed,
+        "step": trainer.global_step,
+        "commits": strategy.commits,
+        "paths": internals.output_paths(trainer),
+    }
+
+
+def load_training_state(strategy: ChaosStrategy, trainer: Any, state: dict[str, Any], *, progress_too: bool) -> None:
+    for opt, opt_state in zip(strategy.optimizers, state["optimizers"], strict=True):
+        opt.load_state_dict(opt_state)
+    for cfg, sched_state in zip(strategy.lr_scheduler_configs, state["schedulers"], strict=True):
+        cfg.scheduler.load_state_dict(sched_state)
+    if state["precision"]:
+        strategy.precision_plugin.load_state_dict(state["precision"])
+    callbacks = state["callbacks"]
+    for cb in trainer.callbacks:
+        if callbacks.get(cb.state_key):
+            cb.load_state_dict(callbacks[cb.state_key])
+    strategy.elastic_sampler.load_state_dict(state["sampler"])
+    strategy.commits = state["commits"]
+    internals.adopt_output_paths(trainer, state["paths"])
+    if progress_too:
+        internals.load_progress(trainer, state["epoch"], state["step"])
+
+
+class StateSync:
+    """This node's side of every state sync: its shard server and the last pull."""
+
+    def __init__(self, *, secret: bytes | None, max_sources: int, join_timeout: float) -> None:
+        self._secret = secret
+        self._max_sources = max_sources
+        self._join_timeout = join_timeout
+        self._server: ShardServer | None = None
+        self.last_pull: PullResult | None = None  # a joiner's state transfer, for logs and benchmarks
+        #: the last sync loaded another member's state here (kept when the
+        #: sync fails after that: this replica holds the members' state then)
+        self.received = False
+
+    @property
+    def server(self) -> ShardServer | None:
+        return self._server
+
+    def serve(self, host: str) -> str:
+        """Start the shard server every node runs; its ``host:port`` (for the member's meta)."""
+        self._server = ShardServer()
+        served = self._server.start((host, 0), secret=self._secret)
+        return f"{served[0]}:{served[1]}"
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    def sync(self, strategy: ChaosStrategy, trainer: Any, freshness: Freshness, *, stale: bool) -> SyncPlan:
+        """Claims in one collective, then the plan every rank derives from them, carried out."""
+        self.received = False
+        rank, world = strategy.global_rank, strategy.world_size
+        claims = torch.tensor(Claim.of(freshness, strategy.commits).encode(rank, world), dtype=torch.int64)
+        strategy.collective(claims)
+        plan = plan_sync(Claim.decode_all(claims.tolist()), rank, stale=stale)
+        log.info("chaos: state sync %s: %s", [(c.commits, int(c.freshness)) for c in Claim.decode_all(claims.tolist())],
+                 plan.action.value)
+        if plan.action is SyncAction.PULL:
+            self._pull_state(strategy, trainer, plan.holders)
+        elif plan.action is SyncAction.BROADCAST:
+            self._broadcast_state(strategy, trainer, plan, freshness)
+        return plan
+
+    # ---------------------------------------------------------------- broadcast
+    def _broadcast_state(self, strategy: ChaosStrategy, trainer: Any, plan: SyncPlan, freshness: Freshness) -> None:
+        rank = strategy.global_rank
+        try:
+            with torch.no_grad():
+                for t in _module_tensors(strategy.lightning_module):
+                    dist.broadcast(t.data, plan.source)
+            mine = training_state(strategy, trainer) if rank == plan.source else None
+            state = broadcast_tree(mine, plan.source, rank)
+        except RuntimeError as exc:  # gloo: a peer reset the connection
+            raise CollectiveFailed(f"state broadcast: {exc}") from exc
+        if rank != plan.source:
+            internals.adopt_output_paths(trainer, state["paths"])
+        if not plan.receive:
+            return
+        if plan.adopt_aborted_step and strategy.ledger is not None:
+            # the step we aborted did commit at the source: record its blocks
+            # (one per micro-batch of the window, still laid out for the old
+            # world, as at the source when it committed)
+            sampler = strategy.elastic_sampler
+            for j in range(strategy.window.last):
+                strategy.ledger.record(sampler.epoch, sampler.block(j))
+        load_training_state(strategy, trainer, state, progress_too=plan.load_progress)
+        if freshness > Freshness.NONE and trainer.global_step != state["step"]:
+            # the holders tried one step more than we did (the one they
+            # aborted after committing ours): count steps as they do
+            internals.load_step(trainer, state["step"])
+        self.received = True
+
+    # ---------------------------------------------------------------- pull
+    def _pull_state(self, strategy: ChaosStrategy, trainer: Any, holders: tuple[int, ...]) -> None:
+        """Holders publish a snapshot of the full state on their shard server
+        and wait; newcomers pull it from several of them at once.
+
+        The holders are replicas, so each can serve every shard; they are
+        paused at this step boundary until every newcomer reports, so the
+        snapshot is served straight from the live tensors (no copy) and cannot
+        change under the transfer.
+        """
+        holding = strategy.global_rank in holders
+        if holding:
+            module = strategy.lightning_module
+            meta, tensors = pack_tree(
+                {"module": [t.detach() for t in _module_tensors(module)], "training": training_state(strategy, trainer)}
+            )
+            snapshot = Snapshot(meta, tensors)
+            self._server.publish(snapshot)
+            log.info(
+                "chaos: serving the state (%.1f MB, %d shards) to %d newcomer(s)",
+                snapshot.manifest.total_bytes / 1e6, len(snapshot.manifest.shards), strategy.world_size - len(holders),
+            )
+        try:
+            strategy.collective(torch.ones(1))  # every snapshot is published
+            ok = 1.0
+            if not holding:
+                ok = 1.0 if self._pull_from(strategy, trainer, [strategy.member_at(r) for r in holders]) else 0.0
+            flags = torch.tensor([ok])
+            # holders wait here for the pull: bounded by the join timeout,
+            # ended at once if a member fails
+            strategy.collective(flags, timeout=self._join_timeout)
+        finally:
+            if holding:
+                self._server.retract()
+        if flags.item() < strategy.world_size:
+            raise CollectiveFailed("a newcomer could not pull the state")
+
+    def _pull_from(self, strategy: ChaosStrategy, trainer: Any, holders: list[Any]) -> bool:
+        candidates = [Source(m.id, dict(m.meta).get(REPL_META_KEY, "")) for m in holders]
+        candidates = [c for c in candidates if c.addr]
+        monitor = strategy.monitor
+        estimates = monitor.links.estimates() if monitor is not None else {}
+        chosen, rates = choose_sources(candidates, estimates, self._max_sources)
+        with progress(f"chaos: pulling the state from {len(chosen)} member(s)", unit="B", unit_scale=True,
+                      unit_divisor=1024) as bar:
+
+            def on_progress(received: int, total: int) -> None:
+                bar.total = total
+                bar.update(received - bar.n)
+
+            try:
+                result = pull(
+                    [c.addr for c in chosen], self._secret, rates=rates, timeout=self._join_timeout, on_progress=on_progress
+                )
+            except PullError as exc:
+                log.error("chaos: could not pull the state from %s: %s", [c.node for c in chosen], exc)
+                return False
+        state = unpack_tree(result.meta, result.tensors)
+        with torch.no_grad():
+            for dst, src in zip(_module_tensors(strategy.lightning_module), state["module"], strict=True):
+                dst.copy_(src)
+        load_training_state(strategy, trainer, state["training"], progress_too=True)
+        self.received = True
+        self.last_pull = result
+        node_of = {c.addr: c.node for c in chosen}
+        if monitor is not None:
+            for report in result.sources:
+                if report.bytes and report.seconds and report.addr in node_of:
+                    monitor.record_transfer(node_of[report.addr], report.bytes, report.seconds, "down")
+        log.info("chaos: pulled %.1f MB from %d members in %.3fs", result.total_bytes / 1e6, len(chosen), result.seconds)
+        strategy.trace.emit(
+            "pull", bytes=result.total_bytes, seconds=result.seconds,
+            sources=[{"node": node_of.get(r.addr, r.addr), "bytes": r.bytes, "seconds": r.seconds} for r in result.sources],
+        )
+        return True

@@ -1,0 +1,162 @@
+"""The per-step control record and the switch decision: pure, no I/O.
+
+Role in the whole: every training step ends in one gradient all-reduce (see
+:mod:`chaos_lightning.strategy.strategy`).  Beside the gradients each rank
+contributes a small *control record*: the samples it trained, the newest
+view epoch it knows, and whether it asks to leave.  Summed over the group
+this tells every rank, at the same step and with no extra round trip,
+whether the group must change; since every member decides from the same
+summed values, every member decides alike (the design's *lockstep switch*).
+
+What this module owns: the layout of the record (:class:`Control`), the
+decision at a step boundary (:func:`decide`), which views a switching member
+may train in (:func:`usable_for_switch`), and the gradient-accumulation
+window that says when a boundary is a real one (:class:`Window`).
+
+What it never does: touch torch.distributed, tensors, threads or clocks.  The
+strategy moves the record in a tensor; tests drive this module directly
+(``tests/test_switch_sync.py``), with randomized event sequences checked
+against lockstep, exactly-once and identical replicas.
+
+Why the record is integers, apart from the gradients: it once rode in the
+gradient buffer's own dtype, and a ``bf16-true`` model on 3 nodes with batch
+101 read back 304 samples for 303 (bfloat16 holds integers exactly only up
+to 256; an epoch number above 256 would be misread the same way).  An
+``int64`` record is exact whatever the parameters' dtype, and it is reduced
+in the same launch as the gradients (two buffers in flight at once), so the
+step still costs one round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+__all__ = ["Action", "Control", "Decision", "Window", "decide", "usable_for_switch"]
+
+
+@dataclass(frozen=True)
+class Control:
+    """The control record of a step, summed over the group.
+
+    ``samples``: samples trained by all ranks in the window (every rank
+    derives the expected total from the shared layout: a mismatch is a bug);
+    ``epoch_sum``: the sum of every rank's newest known view epoch (equal to
+    ``world * epoch`` exactly when everyone knows no newer view than the
+    group's); ``leavers``: the ranks that asked to leave, in rank order.
+    """
+
+    samples: int
+    epoch_sum: int
+    leavers: tuple[int, ...] = ()
+
+    #: slots before the per-rank leave flags
+    HEADER = 2
+
+    @staticmethod
+    def size(world: int) -> int:
+        """Integers in the record of a group of ``world`` ranks."""
+        return Control.HEADER + world
+
+    @staticmethod
+    def local(*, rank: int, world: int, samples: int, epoch: int, leaving: bool) -> list[int]:
+        """This rank's contribution, to be summed with everyone else's."""
+        values = [0] * Control.size(world)
+        values[0] = samples
+        values[1] = epoch
+        if leaving:
+            values[Control.HEADER + rank] = 1
+        return values
+
+    @classmethod
+    def decode(cls, summed: Sequence[int]) -> Control:
+        """The record from the summed values (each leave flag is 0 or 1 after the sum)."""
+        flags = summed[cls.HEADER :]
+        return cls(int(summed[0]), int(summed[1]), tuple(r for r, f in enumerate(flags) if f > 0))
+
+
+class Action(Enum):
+    STAY = "stay"  # nothing changed: train on
+    DEFER = "defer"  # a newer view at the epoch's last step: switch at the next step
+    LEAVE = "leave"  # this rank asked to leave and the group knows it
+    SWITCH = "switch"  # build the next group (without the leavers)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    #: ranks of the current group the next view must not hold (the leavers)
+    exclude: tuple[int, ...] = ()
+    #: the step failed: the next group must be of a strictly newer view
+    #: (the broken group is never rebuilt as it was)
+    newer: bool = False
+
+
+def decide(*, failed: bool, control: Control | None, world: int, view_epoch: int, rank: int, steps_remaining: int) -> Decision:
+    """What a member does at a step boundary.
+
+    ``failed``: this rank's all-reduce failed or was abandoned (then
+    ``control`` is unknown: nobody learned the others' values, and the
+    leave flags ride again on the next group's first step).  Otherwise every
+    rank of the group calls this with the same ``control``, ``world``,
+    ``view_epoch`` and ``steps_remaining`` and so gets the same answer (except
+    LEAVE for a leaver versus SWITCH for the others).
+    """
+    if failed or control is None:
+        return Decision(Action.SWITCH, newer=True)
+    if control.leavers:
+        return Decision(Action.LEAVE if rank in control.leavers else Action.SWITCH, exclude=control.leavers)
+    if control.epoch_sum == world * view_epoch:
+        return Decision(Action.STAY)
+    if steps_remaining == 0:
+        # A newer view (a join) at the epoch's last step: switch at the next
+        # epoch's first step instead.  A joiner handed an exhausted epoch
+        # would end fit at once ("No training batches"), and the members'
+        # end-of-epoch validation runs on the group it started on.  Shared
+        # values only, so every member decides alike; a failure hidden in
+        # that view fails the next step and switches then.
+        return Decision(Action.DEFER)
+    return Decision(Action.SWITCH)
+
+
+def usable_for_switch(
+    *, epoch: int, ids: frozenset[str] | set[str], connected: Sequence[str], me: str, old_epoch: int,
+    exclude: frozenset[str] | set[str], newer: bool,
+) -> bool:
+    """Whether a committed view may hold the next group of a switching member.
+
+    Never an older view, never one that still holds a leaver, never one where
+    this node is cut off from the others (a down link sidelines it instead),
+    and after a failed step never the broken group's own view.
+    """
+    if epoch < old_epoch or exclude & ids or me not in connected:
+        return False
+    return epoch > old_epoch or not newer
+
+
+@dataclass
+class Window:
+    """Gradient accumulation: which micro-batch of the window this is.
+
+    Lightning calls backward once per micro-batch and syncs (our all-reduce)
+    only at the window's last one; the step boundary after an unsynced
+    micro-batch is not a boundary: nothing to commit or decide.
+    """
+
+    micro: int = 0  # micro-batches of the current window already done
+    synced: bool = False  # the last backward was the window's all-reduce
+    last: int = 1  # micro-batches of the last synced window
+
+    def reduced(self) -> range:
+        """Called at the all-reduce: the window's micro-batch indices so far."""
+        self.synced = True
+        return range(self.micro + 1)
+
+    def boundary(self) -> int | None:
+        """At a step boundary: the window's size if it was synced, else None."""
+        if not self.synced:
+            self.micro += 1
+            return None
+        self.last, self.micro, self.synced = self.micro + 1, 0, False
+        return self.last
