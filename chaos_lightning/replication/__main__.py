@@ -29,6 +29,7 @@ import torch
 from chaos_lightning.replication.snapshot import Manifest, Snapshot
 from chaos_lightning.replication.transfer import PullError, ShardServer, pull
 from chaos_lightning.config import secret_from_env
+from chaos_lightning.wire.addr import format_hostport
 
 MB = 1_000_000
 
@@ -82,7 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
     server.publish(snap)
     _emit(
         event="ready",
-        addr=f"{host}:{port}",
+        addr=format_hostport(host, port),
         snapshot_id=snap.snapshot_id,
         digest=digest(meta, tensors),
         total_bytes=snap.manifest.total_bytes,

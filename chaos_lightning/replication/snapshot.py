@@ -97,8 +97,9 @@ MAX_SHARD_BYTES = 4 * MiB
 SHARDS_PER_SNAPSHOT = 8 * SHARDS_PER_SOURCE
 """Shards :func:`default_shard_bytes` aims for: 8 sources x 8 shards each."""
 
-#: Tensor dtypes a snapshot carries, by the names torch gives them (the same
-#: set and spelling as the state encoding of ``strategy/state.py``).
+#: Tensor dtypes a snapshot carries, by the names torch gives them.  The one
+#: table: the strategy's state encoding (``strategy/state.py``) imports it, so
+#: the names on the wire are the same in both.
 DTYPES: dict[str, torch.dtype] = {
     str(dt).removeprefix("torch."): dt
     for dt in (

@@ -56,7 +56,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import socket
 import threading
 import time
 from collections import deque
@@ -74,8 +73,9 @@ from chaos_lightning.wire import (
     SchemaError,
     TruncatedFrame,
     WireError,
-    client_handshake,
+    dial,
     encode_frame,
+    parse_hostport,
     read_frame,
     schema,
     start_server,
@@ -94,7 +94,6 @@ __all__ = [
     "ShardReply",
     "ShardServer",
     "SourceReport",
-    "parse_addr",
     "pull",
     "pull_async",
 ]
@@ -106,9 +105,6 @@ PIPELINE_DEPTH = 2
 request round trip (the next shard is already asked for while one streams);
 more would commit shards to a source before its speed is known and leave
 less to steal."""
-
-_STREAM_LIMIT = 1 << 20
-"""StreamReader buffer of the joiner's connections (as the wire layer's)."""
 
 _READ_CHUNK = 1 << 20
 """Largest read while a blob streams in; every read marks progress for the stall check."""
@@ -164,14 +160,11 @@ class _SourceFailed(Exception):
     """Internal: this source is unusable for the rest of the pull."""
 
 
-def parse_addr(addr: str | tuple[str, int]) -> tuple[str, int]:
-    """``(host, port)`` from ``"host:port"``, ``"[v6]:port"`` or a tuple."""
+def _hostport(addr: str | tuple[str, int], *, allow_port0: bool = False) -> tuple[str, int]:
+    """``(host, port)`` from a tuple, or from ``"host:port"``/``"[v6]:port"`` by the wire layer's parser."""
     if isinstance(addr, tuple):
         return str(addr[0]), int(addr[1])
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected host:port, got {addr!r}")
-    return host.strip("[]"), int(port)
+    return parse_hostport(addr, allow_port0=allow_port0)
 
 
 # --------------------------------------------------------------------------- #
@@ -226,7 +219,7 @@ class ShardServer:
         """
         if self._loop is not None:
             raise RuntimeError("ShardServer already started")
-        host, port = parse_addr(bind)
+        host, port = _hostport(bind, allow_port0=True)
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name=f"shard-server-{host}:{port}", daemon=True)
         thread.start()
@@ -452,7 +445,7 @@ class _Src:
 
     def __init__(self, index: int, addr: str | tuple[str, int]) -> None:
         self.index = index
-        self.host, self.port = parse_addr(addr)
+        self.host, self.port = _hostport(addr)
         self.report = SourceReport(format_addr((self.host, self.port)))
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
@@ -516,27 +509,12 @@ class _Pull:
 
     # -- connections ------------------------------------------------------------
     async def _connect(self, s: _Src) -> None:
-        addr = s.report.addr
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(s.host, s.port, limit=_STREAM_LIMIT), self.connect_timeout
-            )
-        except asyncio.TimeoutError:
-            s.report.error = f"connecting to {addr} timed out after {self.connect_timeout:g}s"
+            s.reader, s.writer = await dial(s.host, s.port, secret=self.secret, timeout=self.connect_timeout)
+        except (WireError, OSError) as exc:  # OSError covers TimeoutError; the message names the address
+            s.report.error = str(exc)
             return
-        except OSError as exc:
-            s.report.error = f"cannot connect to {addr}: {exc}"
-            return
-        sock = writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            await client_handshake(reader, writer, self.secret, self.connect_timeout)
-        except (WireError, OSError) as exc:
-            writer.transport.abort()
-            s.report.error = f"handshake with {addr} failed: {exc}"
-            return
-        s.reader, s.writer, s.alive = reader, writer, True
+        s.alive = True
 
     def _send(self, s: _Src, msg: object) -> None:
         assert s.writer is not None

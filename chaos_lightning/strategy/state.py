@@ -27,19 +27,14 @@ import msgpack
 import torch
 import torch.distributed as dist
 
+# The tensor dtypes a state may carry, by torch's names: the replication
+# layer's table, so a state and a snapshot carry the same set, spelt the same.
+from chaos_lightning.replication.snapshot import DTYPES
+
 __all__ = ["UnsupportedState", "broadcast_bytes", "broadcast_tree", "pack_tree", "unpack_tree"]
 
 _EXT_TENSOR = 1
 _EXT_TUPLE = 2
-
-# Tensor dtypes a state may carry (names as torch spells them).
-_DTYPES = {
-    str(dt).removeprefix("torch."): dt
-    for dt in (
-        torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-        torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
-    )
-}
 
 
 class UnsupportedState(TypeError):
@@ -55,7 +50,7 @@ def pack_tree(obj: Any) -> tuple[bytes, list[torch.Tensor]]:
             return v
         if torch.is_tensor(v):
             dtype = str(v.dtype).removeprefix("torch.")
-            if dtype not in _DTYPES:
+            if dtype not in DTYPES:
                 raise UnsupportedState(f"{path}: tensor dtype {v.dtype} is not carried")
             tensors.append(v)
             return msgpack.ExtType(_EXT_TENSOR, msgpack.packb([len(tensors) - 1, list(v.shape), dtype]))
@@ -80,9 +75,9 @@ def _unpack(meta: bytes, tensor_for: Any) -> Any:
     def ext_hook(code: int, data: bytes) -> Any:
         if code == _EXT_TENSOR:
             index, shape, dtype = msgpack.unpackb(data)
-            if dtype not in _DTYPES:
+            if dtype not in DTYPES:
                 raise ValueError(f"state announces an unknown tensor dtype {dtype!r}")
-            return tensor_for(int(index), [int(s) for s in shape], _DTYPES[dtype])
+            return tensor_for(int(index), [int(s) for s in shape], DTYPES[dtype])
         if code == _EXT_TUPLE:
             return tuple(msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False))
         raise ValueError(f"state holds an unknown extension record {code}")

@@ -10,7 +10,8 @@
   environment);
 - :mod:`.addr` is the one ``HOST:PORT`` parser every layer uses;
 - :mod:`.connection` puts the three together for the agent: ``open_connection``,
-  ``start_server``, ``Connection``.
+  ``start_server``, ``Connection``; ``dial`` (the streams without the
+  wrapper) for the replication pull.
 
 Everything a peer can get wrong raises a :class:`WireError`; the server turns
 it into one log line and one closed connection.  Imports nothing above itself.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from chaos_lightning.wire.addr import AddressError, format_hostport, normalize_hostport, parse_hostport, parse_hostport_list
 from chaos_lightning.wire.auth import check_bind_allowed, client_handshake, load_secret, server_handshake
-from chaos_lightning.wire.connection import Connection, open_connection, start_server
+from chaos_lightning.wire.connection import Connection, dial, open_connection, start_server
 from chaos_lightning.wire.errors import (
     AuthError,
     BadMagic,
@@ -70,6 +71,7 @@ __all__ = [
     "check_bind_allowed",
     "client_handshake",
     "decode",
+    "dial",
     "encode",
     "encode_frame",
     "format_hostport",

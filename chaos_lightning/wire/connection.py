@@ -5,6 +5,9 @@ This is the only module of the wire layer that opens sockets.  The agent uses
 peers; either way it gets a :class:`Connection` whose ``send``/``recv`` speak
 registered messages (:mod:`~chaos_lightning.wire.schema`) and raw blobs, and
 only after the HMAC handshake (:mod:`~chaos_lightning.wire.auth`) succeeded.
+:func:`dial` is the same client side without the wrapper: every client in
+the package dials through it (the replication pull reads its streams
+directly), so there is one connect-and-handshake path.
 
 The server side keeps the design's promise "bad input costs one log line and
 one connection, never the node": a failed handshake is logged as ``refused
@@ -171,20 +174,19 @@ def _with_addr(exc: OSError, prefix: str) -> OSError:
         return OSError(exc.errno, f"{prefix}: {exc}")
 
 
-async def open_connection(
-    host: str,
-    port: int,
-    *,
-    secret: bytes | None,
-    timeout: float,
-    max_frame: int = DEFAULT_MAX_FRAME,
-) -> Connection:
-    """Dial ``host:port`` and authenticate; connect and handshake each bounded by ``timeout``.
+async def dial(
+    host: str, port: int, *, secret: bytes | None, timeout: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Dial ``host:port`` and authenticate; the raw streams, ready for frames.
 
-    On failure the socket is closed and the error re-raised with the address in
-    its message: ``TimeoutError``, ``OSError`` (e.g. ``ConnectionRefusedError``)
-    or a :class:`WireError` (e.g. ``AuthError`` for a wrong secret), each of
-    the same type as the underlying error.
+    The one client side of the handshake: :func:`open_connection` wraps its
+    streams in a :class:`Connection`; the replication pull reads them directly
+    (it pipelines requests and streams multi-MiB blobs in chunks, marking
+    progress for its stall check).  Connect and handshake are each bounded by
+    ``timeout``.  On failure the socket is closed and the error re-raised with
+    the address in its message: ``TimeoutError``, ``OSError`` (e.g.
+    ``ConnectionRefusedError``) or a :class:`WireError` (e.g. ``AuthError``
+    for a wrong secret), each of the same type as the underlying error.
     """
     addr = format_addr((host, port))
     try:
@@ -203,7 +205,21 @@ async def open_connection(
         if isinstance(exc, OSError):
             raise _with_addr(exc, f"handshake with {addr} failed") from exc
         raise
-    return Connection(reader, writer, format_addr(writer.get_extra_info("peername")) or addr, max_frame)
+    return reader, writer
+
+
+async def open_connection(
+    host: str,
+    port: int,
+    *,
+    secret: bytes | None,
+    timeout: float,
+    max_frame: int = DEFAULT_MAX_FRAME,
+) -> Connection:
+    """Dial ``host:port`` and authenticate (:func:`dial`, same bounds and errors); a :class:`Connection`."""
+    reader, writer = await dial(host, port, secret=secret, timeout=timeout)
+    peer = format_addr(writer.get_extra_info("peername")) or format_addr((host, port))
+    return Connection(reader, writer, peer, max_frame)
 
 
 async def start_server(
