@@ -368,8 +368,10 @@ def test_one_node_join_exit_code_and_forwarding(tiny: Path) -> None:
     try:
         (rec,) = run.records(1)
         assert rec["tag"] == ""  # unprefixed: one node inherits the launcher's stdio
+        # what chaos-run sets, and conftest's CHAOS_RECORD_SAMPLES passed through
         assert rec["env"] == {"CHAOS_BIND": f"127.0.0.1:{port}", "CHAOS_PEERS": "", "CHAOS_MIN_NODES": "3",
-                              "CHAOS_SECRET": SECRET, "CHAOS_LAUNCH_INDEX": "0"}
+                              "CHAOS_SECRET": SECRET, "CHAOS_LAUNCH_INDEX": "0",
+                              "CHAOS_RECORD_SAMPLES": os.environ["CHAOS_RECORD_SAMPLES"]}
         # graceful leave by address: SIGTERM to the process listening there
         left = chaos_run("leave", "--node", f"127.0.0.1:{port}", "--wait", "10")
         assert left.returncode == 0, left.stderr

@@ -35,7 +35,7 @@ def run(seed: int) -> Simulator:
     n = rng.randint(3, 11)
     preset = rng.choice(["lan", "local"])
     sim = Simulator(seed=seed, config=Config.preset(preset), loss=rng.choice([0.0, 0.02]), jitter=0.002)
-    ids = sim.start_cluster(n)
+    sim.start_cluster(n)
     crashed: list[str] = []
     joined = 0
     cut: list[tuple[str, str]] = []

@@ -33,6 +33,7 @@ from chaos_lightning.integrations.torchrun import ChaosRendezvousError, ChaosRen
 from etcd_server import free_port
 
 WORKER = Path(__file__).with_name("_train_worker.py")
+RECORD = {"CHAOS_RECORD_SAMPLES": "1"}
 
 
 @pytest.fixture(autouse=True)
@@ -189,7 +190,8 @@ class Agent(Node):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2:3", "--nproc-per-node", "1",
              "--rdzv-backend", "chaos", "--rdzv-endpoint", endpoint, "--max-restarts", "0", str(WORKER), *argv],
-            cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+            # the ledger the exactly-once check reads (the fixture above clears CHAOS_*)
+            cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **RECORD},
             stdout=subprocess.PIPE, stderr=self._err, text=True, start_new_session=True,
         )
         self.records: list[Record] = []
@@ -242,8 +244,10 @@ def test_torchrun_two_nodes_a_third_joins_the_founder_is_killed_survivors_never_
         founders = [i for i, e in enumerate(envs) if e["CHAOS_PEERS"] == ""]
         assert len(founders) == 1, envs
         founder, other = agents[founders[0]], agents[1 - founders[0]]
-        assert envs[founders[0]] == {"CHAOS_BIND": endpoint, "CHAOS_PEERS": "", "CHAOS_MIN_NODES": "2"}
-        assert envs[1 - founders[0]] == {"CHAOS_BIND": "127.0.0.1:0", "CHAOS_PEERS": endpoint, "CHAOS_MIN_NODES": "2"}
+        # the handler's three, and the agent's own CHAOS_RECORD_SAMPLES passed through
+        assert envs[founders[0]] == {"CHAOS_BIND": endpoint, "CHAOS_PEERS": "", "CHAOS_MIN_NODES": "2", **RECORD}
+        assert envs[1 - founders[0]] == {
+            "CHAOS_BIND": "127.0.0.1:0", "CHAOS_PEERS": endpoint, "CHAOS_MIN_NODES": "2", **RECORD}
         other.wait(lambda r: r.get("event") == "step" and r["world"] == 2 and r["step"] >= 3, 60)
 
         late = Agent(endpoint, argv, tmp_path / "agent2.log")

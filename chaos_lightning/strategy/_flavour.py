@@ -22,7 +22,7 @@ from types import ModuleType
 #: Our modules that import Lightning, and so exist once per package.  The
 #: others (the pure decisions, the process group, the internals room, which
 #: duck-types the trainer) are shared by both.
-_FLAVOURED = ("strategy", "environment", "callbacks")
+_FLAVOURED = ("strategy", "environment", "boundary", "callbacks")
 
 _RENAMES = (
     ("lightning.pytorch", "pytorch_lightning"),

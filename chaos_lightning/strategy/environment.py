@@ -1,16 +1,20 @@
-"""Where a chaos node runs: its cluster environment, its gloo interface, its progress display.
+"""Where a chaos node runs: its cluster environment and its gloo interface.
 
 Role in the whole: the small pieces of process setup the strategy needs.
 :class:`ChaosEnvironment` tells Lightning the rank and world size of the
 committed view (they change at every switch; the processes are the user's,
 so there is no launcher); :func:`pin_gloo_interface` makes gloo talk on the
-interface of the address the node binds; :func:`progress` shows a wait or a
-transfer that takes a while.
+interface of the address the node binds; :func:`take_sigterm` turns SIGTERM
+into a graceful leave.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from lightning.fabric.plugins.environments.cluster_environment import ClusterEnvironment
@@ -96,10 +100,19 @@ def pin_gloo_interface(host: str) -> None:
             return
 
 
-def progress(desc: str, **kwargs: Any) -> Any:
-    """A progress display on stderr for a wait or transfer that may take a
-    while: tqdm (Lightning's own dependency), shown only once it has lasted
-    two seconds, and gone when done."""
-    from tqdm import tqdm
+def take_sigterm(leave: Callable[[], None]) -> None:
+    """SIGTERM calls ``leave`` (the node leaves at the next step boundary).
 
-    return tqdm(desc=desc, delay=2.0, leave=False, dynamic_ncols=True, mininterval=1.0, **kwargs)
+    The strategy calls this at setup and again at train start, because
+    Lightning's signal connector installs its own SIGTERM handler in between
+    and would chain ours behind one that ends fit with SIGTERMException.
+    Ours replaces it, not chained.  Only the main thread may set handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        logging.getLogger("chaos_lightning.strategy").info("chaos: SIGTERM, leaving at the next step boundary")
+        leave()
+
+    signal.signal(signal.SIGTERM, on_sigterm)

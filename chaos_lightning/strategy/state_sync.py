@@ -26,7 +26,6 @@ next view.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,7 +35,7 @@ from chaos_lightning.replication.neighbors import Source, choose_sources
 from chaos_lightning.replication.snapshot import Snapshot
 from chaos_lightning.replication.transfer import PullError, PullResult, ShardServer, pull
 from chaos_lightning.strategy import _lightning_internals as internals
-from chaos_lightning.strategy.environment import progress
+from chaos_lightning.strategy.trace import progress
 from chaos_lightning.strategy.process_group import CollectiveFailed
 from chaos_lightning.strategy.state import broadcast_tree, pack_tree, unpack_tree
 from chaos_lightning.strategy.sync import Claim, Freshness, SyncAction, SyncPlan, plan_sync

@@ -1,4 +1,5 @@
-"""A node's timeline as JSON lines, for scenario reports and benchmarks.
+"""What a node tells: its timeline as JSON lines (for scenario reports and
+benchmarks) and, for people, a progress display for a long wait.
 
 ``CHAOS_TRACE=path`` makes the strategy append one JSON object per line to
 ``path``: when the process started, its join request, every view it learned,
@@ -53,3 +54,12 @@ class Trace:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+
+
+def progress(desc: str, **kwargs: Any) -> Any:
+    """A progress display on stderr for a wait or transfer that may take a
+    while: tqdm (Lightning's own dependency), shown only once it has lasted
+    two seconds, and gone when done."""
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, delay=2.0, leave=False, dynamic_ncols=True, mininterval=1.0, **kwargs)

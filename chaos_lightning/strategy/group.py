@@ -1,0 +1,168 @@
+"""This node's place in the cluster: the rendezvous, the view it trains in, its process group.
+
+Role in the whole: the strategy trains in one *group* at a time, the
+connected members of a committed view, in the process group of that view's
+epoch (:class:`~.process_group.ElasticProcessGroup`, switched in place).
+This module forms that group, follows membership news on the agent's thread
+and turns news of a lost member into an abort of whatever collective waits
+on it, so no survivor waits out a gloo timeout.  It knows nothing of
+Lightning, models or samples: shared by both Lightning flavours.
+
+Threads: the agent thread calls :meth:`ElasticGroup._on_event` (flags only,
+under a lock); everything else runs on the training thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from chaos_lightning.config import NodeConfig
+from chaos_lightning.membership import events as ev
+from chaos_lightning.membership.view import View
+from chaos_lightning.rendezvous import create as create_rendezvous
+from chaos_lightning.strategy.trace import progress
+from chaos_lightning.strategy.process_group import ElasticProcessGroup
+from chaos_lightning.strategy.trace import Trace
+
+log = logging.getLogger("chaos_lightning.strategy")
+
+__all__ = ["ElasticGroup"]
+
+
+class ElasticGroup:
+    """The current group and how this node stands in the cluster.
+
+    ``stale``: what this replica holds is behind the members' (it was
+    sidelined, or declared failed and rejoined); the next state sync treats
+    it like a newcomer.  ``sidelined_since``: a link of ours to another
+    trainer is down, so the view keeps us as a member but not among its
+    connected members; we do not train until a view brings us back.
+    """
+
+    def __init__(self, config: NodeConfig, trace: Trace) -> None:
+        self.config = config
+        self.trace = trace
+        self.pg = ElasticProcessGroup()
+        self.rdv: Any = None
+        self.view: View | None = None
+        self.trainers: tuple[str, ...] = ()
+        self.abort = threading.Event()  # set: the current group's collectives end at once
+        self._lock = threading.Lock()  # trainers and abort, against the agent thread
+        self.sidelined_since: float | None = None
+        self.stale = False
+
+    def open(self, meta: dict[str, str]) -> None:
+        """Bind and start the agent (no join yet)."""
+        self.rdv = create_rendezvous(**self.config.rendezvous_kwargs(), meta=meta)
+        self.rdv.subscribe(self._on_event)
+
+    @property
+    def node_id(self) -> str:
+        return self.rdv.node_id if self.rdv is not None else ""
+
+    @property
+    def rank(self) -> int:
+        return self.trainers.index(self.node_id)
+
+    def member_at(self, rank: int) -> Any:
+        return self.view.member(self.trainers[rank])
+
+    def all_reduce(self, tensor: Any, timeout: float | None = None) -> Any:
+        """An abortable all-reduce on the current group."""
+        return self.pg.all_reduce(tensor, abort=self.abort, timeout=timeout or self.config.collective_timeout)
+
+    def settled(self) -> None:
+        """The replicas of the group are identical again: no longer stale or sidelined."""
+        self.sidelined_since = None
+        self.stale = False
+
+    def form(self, view: View | None, usable: Callable[[View], bool], deadline: float) -> View:
+        """Build the group of the first usable view; members that picked
+        different views fail to meet (bounded) and retry on a newer one.
+
+        A view that keeps this node as a member but not among its connected
+        members sidelines it: no training, and a longer wait
+        (``sideline_timeout``) for the view that brings it back.
+        """
+        bar = None
+        try:
+            while True:
+                if view is not None and usable(view):
+                    try:
+                        self._build(view, view.connected())
+                        return view
+                    except Exception as exc:
+                        log.info("chaos: group of epoch %d did not form (%s); waiting for a newer view", view.epoch, exc)
+                if view is not None and self.node_id in view and self.node_id not in view.connected():
+                    if self.sidelined_since is None:
+                        self.sidelined_since = time.monotonic()
+                        self.stale = True
+                        log.warning("chaos: sidelined in epoch %d: down links %s", view.epoch, list(view.down_links))
+                        self.trace.emit("sidelined", epoch=view.epoch, down_links=[list(p) for p in view.down_links])
+                        bar = progress("chaos: sidelined (a link is down), waiting for it")
+                        bar.__enter__()
+                    deadline = max(deadline, self.sidelined_since + self.config.sideline_timeout)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"chaos: no usable view after {self.config.join_timeout}s")
+                view = self.rdv.next_view(view.epoch if view is not None else 0, min(left, 1.0)) or view
+                if bar is not None:
+                    bar.refresh()
+        finally:
+            if bar is not None:
+                bar.__exit__(None, None, None)
+
+    def _build(self, view: View, trainers: tuple[str, ...]) -> None:
+        # the PG timeout also bounds every gloo op of the group, so it is the
+        # collective timeout, not a short init bound (a slow step would fail)
+        store = self.rdv.store(view, timeout=self.config.switch_timeout)
+        self.pg.switch(trainers.index(self.node_id), len(trainers), store, self.config.collective_timeout)
+        with self._lock:
+            self.abort.clear()
+            self.view, self.trainers = view, trainers
+            # news that arrived while the group formed (one of its members
+            # already gone) must still end its first collective
+            if set(trainers) - set(self.rdv.current_view().ids):
+                self.abort.set()
+
+    def _on_event(self, event: object) -> None:
+        # Agent thread: only flags.  Any news that a member we train with is
+        # gone ends a collective waiting on it (no gloo timeout).  The node
+        # that confirmed a failure hears MemberFailed before the commit; the
+        # others hear only the committed view without it (measured: one
+        # survivor of a SIGSTOP then waited out the 30 s collective timeout).
+        if isinstance(event, ev.ViewChanged):
+            v = event.view
+            self.trace.emit("view_committed", epoch=v.epoch, members=list(v.ids), down_links=[list(p) for p in v.down_links])
+        if not isinstance(event, (ev.MemberFailed, ev.ViewChanged, ev.Removed)):
+            return
+        with self._lock:
+            if isinstance(event, ev.Removed) and not event.graceful and self.trainers:
+                log.warning("chaos: this node was declared failed in epoch %d; rejoining", event.view.epoch)
+                self.trace.emit("removed", epoch=event.view.epoch)
+                self.stale = True
+            trainers = set(self.trainers)
+            # a down link between two trainers leaves one out of the next
+            # group: on real links the collective would hang on it
+            gone = {event.node} if isinstance(event, ev.MemberFailed) else trainers - set(event.view.connected())
+            if gone & trainers:
+                self.abort.set()
+
+    def leave(self) -> None:
+        """Leave gracefully: the view without us first (the members wait for
+        it, not for our group's teardown: measured 90 ms at 9 processes on 2
+        cores), then the group."""
+        self.rdv.leave(self.config.leave_timeout)
+        self.pg.close()
+
+    def close(self, *, left: bool) -> None:
+        if self.rdv is None:
+            return
+        if not left:
+            self.pg.close()
+        self.rdv.close()
+        self.rdv = None
