@@ -1,0 +1,75 @@
+"""The private Lightning attributes the strategy writes are where we write them.
+
+``chaos_lightning.strategy._lightning_internals`` is the one module that
+touches Lightning's private state; this pins it to the installed Lightning:
+the version is one it was tested against, every listed attribute exists on a
+real trainer in the middle of a real fit (a training batch and a validation
+run), and a missing one is named, not silently skipped.
+"""
+
+from __future__ import annotations
+
+import types
+
+import lightning
+import lightning.pytorch as pl
+import pytest
+import pytorch_lightning
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from chaos_lightning.strategy import _lightning_internals as internals
+
+
+@pytest.mark.parametrize("package", [lightning, pytorch_lightning], ids=lambda p: p.__name__)
+def test_the_installed_lightning_is_within_the_tested_range(package: types.ModuleType) -> None:
+    assert internals.version_tested(package.__version__), (package.__version__, internals.TESTED)
+
+
+def test_version_tested_bounds() -> None:
+    low, high = internals.TESTED
+    assert internals.version_tested(f"{low[0]}.{low[1]}.0") and internals.version_tested(f"{high[0]}.{high[1]}.9")
+    assert not internals.version_tested(f"{low[0]}.{low[1] - 1}.0")
+    assert not internals.version_tested(f"{high[0]}.{high[1] + 1}.0")
+    assert not internals.version_tested("nonsense")
+
+
+class Regressor(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(3, 1)
+        self.seen: dict[str, list[str]] = {}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.seen.setdefault("train batch", internals.missing(self.trainer))
+
+    def on_validation_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.seen.setdefault("validation", internals.missing(self.trainer))
+
+
+@pytest.mark.timeout(120)
+def test_every_listed_attribute_exists_mid_fit_and_a_missing_one_is_named() -> None:
+    data = TensorDataset(torch.randn(24, 3), torch.randn(24, 1))
+    model = Regressor()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=False, val_check_interval=0.5,
+    )
+    trainer.fit(model, DataLoader(data, batch_size=4), DataLoader(data, batch_size=8))
+    assert model.seen == {"train batch": [], "validation": []}
+
+    # a Lightning that renamed one of them: missing() says which
+    del trainer.fit_loop.epoch_loop._batches_that_stepped
+    assert internals.missing(trainer) == ["fit_loop.epoch_loop._batches_that_stepped"]
