@@ -8,7 +8,6 @@ argv: samples, epochs, seconds each step sleeps."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,6 +18,8 @@ import chaos_lightning  # noqa: F401  (registers strategy="chaos")
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+from _train_worker import digest
 
 
 def say(**kw) -> None:
@@ -44,13 +45,6 @@ class Classifier(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-
-
-def digest(tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def main() -> None:

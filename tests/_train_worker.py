@@ -105,9 +105,10 @@ class LedgerAt(pl.Callback):
 
 
 def digest(tensors) -> str:
+    """The tensors' exact bytes, any dtype (bfloat16 too: numpy has none, so as raw bytes)."""
     h = hashlib.sha256()
     for t in tensors:
-        h.update(t.detach().contiguous().numpy().tobytes())
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
