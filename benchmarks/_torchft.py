@@ -72,7 +72,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from chaos_lightning.integrations.etcd.server import free_port, kill_and_reap  # shared process helpers
+from chaos_lightning.testbed.procs import free_port, kill_and_reap
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable

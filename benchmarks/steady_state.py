@@ -81,7 +81,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -93,6 +92,8 @@ from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+
+from chaos_lightning.testbed.procs import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_fit_worker.py")
@@ -269,20 +270,6 @@ def clean_env(threads: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV and not k.startswith(FOREIGN_ENV_PREFIXES)}
     env.update(extra, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads))
     return env
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct loopback ports free right now (held together while chosen)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def loadavg() -> float:

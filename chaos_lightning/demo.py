@@ -20,23 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from chaos_lightning.rendezvous.local import Node, NodeTimeout
+from chaos_lightning.testbed.local import Node, NodeTimeout
+from chaos_lightning.testbed.procs import free_port
 
 #: generous bounds: process start-up on a loaded 2-core box takes ~1 s
 FORM_TIMEOUT = 30.0
 EVENT_TIMEOUT = 20.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Demo:
@@ -52,7 +46,7 @@ class Demo:
         print(f"[{time.monotonic() - self.t0:6.2f}s] {text}", flush=True)
 
     def start(self, name: str, via: str | None) -> Node:
-        port = _free_port()
+        port = free_port()
         args = ["--backend", "peer", "--bind", f"127.0.0.1:{port}", "--id", name, "--preset", self.preset, "--no-store"]
         if via:
             args += ["--peers", self.nodes[via].addr]

@@ -107,7 +107,7 @@ def cluster(
     """``k`` chaos nodes started at once (node 0 founds the cluster, the others
     join through it); training starts once all ``k`` are members.  ``argv``
     may depend on the node's index."""
-    from etcd_server import free_port
+    from chaos_lightning.testbed.procs import free_port
 
     addrs = [f"127.0.0.1:{free_port()}" for _ in range(k)]
     return [
@@ -122,7 +122,7 @@ def joiner(
     script: Path, argv: Sequence[str], via: Node, tmp: Path, name: str, env: Mapping[str, str] | None = None
 ) -> Node:
     """A node started later that joins the running fit through ``via``."""
-    from etcd_server import free_port
+    from chaos_lightning.testbed.procs import free_port
 
     return Node(script, argv, {
         "CHAOS_BIND": f"127.0.0.1:{free_port()}", "CHAOS_PEERS": via.env["CHAOS_BIND"], "CHAOS_MIN_NODES": "1",

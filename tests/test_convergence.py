@@ -32,7 +32,7 @@ import pytest
 
 from _procs import Node, cluster, finish
 from _procs import joiner as start_joiner
-from etcd_server import free_port
+from chaos_lightning.testbed.procs import free_port
 
 WORKER = Path(__file__).with_name("_convergence_worker.py")
 N, EPOCHS, K, SEED = 240, 20, 3, 0

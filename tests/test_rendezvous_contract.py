@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from etcd_server import free_port
+from chaos_lightning.testbed.procs import free_port
 
-from chaos_lightning.rendezvous.local import Node, Record
+from chaos_lightning.testbed.local import Node, Record
 
 REPO = Path(__file__).resolve().parents[1]
 

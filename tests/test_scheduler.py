@@ -16,13 +16,11 @@ import pytest
 
 from chaos_lightning.replication.scheduler import (
     MIN_SHARD_BYTES,
-    Joiner,
     Source,
     cut_shards,
     exact_plan,
     lower_bound,
     plan,
-    plan_many,
     shard_target,
 )
 
@@ -133,33 +131,6 @@ def test_joiner_downlink_is_the_bottleneck():
     assert sum(p.rates) <= downlink * (1 + 1e-9)
     assert p.lower_bound == pytest.approx(floor)
     assert floor * (1 - 1e-12) <= p.makespan <= 1.03 * floor
-
-
-def test_two_joiners_sharing_sources_never_overload_a_source():
-    rng = np.random.default_rng(4)
-    uplink = {f"n{i}": float(r) for i, r in enumerate(rng.uniform(20e6, 100e6, 6))}
-    # Joiner A reaches n0..n3, joiner B reaches n2..n5: n2 and n3 serve both.
-    a = Joiner(
-        "A",
-        rng.integers(MiB, 8 * MiB, 120).tolist(),
-        [Source(f"n{i}", uplink[f"n{i}"]) for i in range(4)],
-    )
-    b = Joiner(
-        "B",
-        rng.integers(MiB, 8 * MiB, 80).tolist(),
-        [Source(f"n{i}", uplink[f"n{i}"]) for i in range(2, 6)],
-    )
-    plans = plan_many([a, b])
-    assert set(plans) == {"A", "B"}
-    for j in (a, b):
-        _check_consistent(plans[j.name], list(j.shard_sizes))
-    for name, up in uplink.items():
-        total = sum(p.rate_of(name) for p in plans.values() if name in p.sources)
-        assert total <= up * (1 + 1e-9), name
-    # Sharing costs something but not much more than the pooled fluid bound.
-    pooled = (sum(a.shard_sizes) + sum(b.shard_sizes)) / sum(uplink.values())
-    span = max(p.makespan for p in plans.values())
-    assert pooled <= span <= 1.5 * pooled
 
 
 def test_busy_or_queued_source_gets_fewer_bytes():

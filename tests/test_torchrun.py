@@ -30,7 +30,7 @@ from torch.distributed.elastic.rendezvous import registry
 
 from _procs import REPO, Node, Record
 from chaos_lightning.integrations.torchrun import ChaosRendezvousError, ChaosRendezvousHandler, handler_creator
-from etcd_server import free_port
+from chaos_lightning.testbed.procs import free_port
 
 WORKER = Path(__file__).with_name("_train_worker.py")
 RECORD = {"CHAOS_RECORD_SAMPLES": "1"}

@@ -4,6 +4,9 @@ Role: the strategy knows which members hold the state (they are replicas, so
 any of them can serve every shard); this module picks up to ``cap`` of them
 by what the joiner's monitor knows about its links to them:
 
+0. members whose direct link to the joiner the agreed view marks down (the
+   monitor's :class:`~chaos_lightning.monitor.Topology`) come last, after every
+   reachable one: a pull from them would only time out;
 1. the measured downlink bandwidth from that member (bytes/s), highest first
    (the monitor learns it passively from transfers, or from an active probe);
 2. else the round-trip time, lowest first ("nearby": SWIM probes measure it
@@ -22,7 +25,7 @@ work from slow sources as it measures them).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from chaos_lightning.monitor.links import LinkEstimate
@@ -32,7 +35,7 @@ DEFAULT_MAX_SOURCES = 8
 
 
 @dataclass(frozen=True)
-class Source:
+class Holder:
     """A member that can serve the state: its node id and shard-server address."""
 
     node: str
@@ -40,18 +43,22 @@ class Source:
 
 
 def choose_sources(
-    candidates: Sequence[Source], estimates: dict[str, LinkEstimate], cap: int = DEFAULT_MAX_SOURCES
-) -> tuple[list[Source], list[float | None]]:
-    """Up to ``cap`` candidates, best link first, with their expected rates (bytes/s or None)."""
+    candidates: Sequence[Holder],
+    estimates: dict[str, LinkEstimate],
+    cap: int = DEFAULT_MAX_SOURCES,
+    cut: Collection[str] = (),
+) -> tuple[list[Holder], list[float | None]]:
+    """Up to ``cap`` candidates, best link first, with their expected rates
+    (bytes/s or None); the ``cut`` ones (link to the joiner down) last."""
     if cap < 1:
         raise ValueError(f"cap must be >= 1, got {cap}")
 
-    def key(item: tuple[int, Source]) -> tuple[float, float, int]:
+    def key(item: tuple[int, Holder]) -> tuple[bool, float, float, int]:
         order, src = item
         est = estimates.get(src.node)
         bw = est.bw_down if est is not None and est.bw_down else None
         rtt = est.rtt if est is not None and est.rtt is not None else None
-        return (-(bw or 0.0), rtt if rtt is not None else math.inf, order)
+        return (src.node in cut, -(bw or 0.0), rtt if rtt is not None else math.inf, order)
 
     chosen = [src for _, src in sorted(enumerate(candidates), key=key)[:cap]]
     rates: list[float | None] = []

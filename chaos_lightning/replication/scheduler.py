@@ -71,15 +71,18 @@ project's 2-core CPU machine, and the argmin is exact.  (A heap keyed by finish
 time at a reference size, re-keyed lazily, was measured 20x slower in Python.)
 
 :func:`exact_plan` solves small instances (<= 8 shards, <= 4 sources) exactly by
-branch and bound, for tests.  :func:`plan_many` plans several joiners that
-share sources (see its docstring).
+branch and bound, for tests.  Several joiners at one switch each plan alone:
+they share a source's uplink through TCP and the pull's re-planning on
+measured rates (docs/replication.md measures it), so a joint plan over all
+joiners was removed unused (it needed every joiner's link rates, which no
+joiner has).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
 from itertools import combinations
 
 import numpy as np
@@ -586,96 +589,6 @@ def exact_plan(
                 best_val, best_plan = p.makespan, p
     assert best_plan is not None
     return best_plan
-
-
-# --------------------------------------------------------------------------- #
-# Several joiners sharing sources
-# --------------------------------------------------------------------------- #
-
-
-@dataclass(frozen=True)
-class Joiner:
-    """One node pulling state: its shards, its paths to candidate sources, its downlink."""
-
-    name: Hashable
-    shard_sizes: Sequence[int]
-    sources: Sequence[Source]
-    """One entry per candidate source; ``bandwidth`` is the path's to this joiner."""
-    downlink: float = math.inf
-
-
-def plan_many(
-    joiners: Sequence[Joiner],
-    uplinks: Mapping[Hashable, float] | None = None,
-    *,
-    max_rounds: int = 8,
-    improve: bool = True,
-) -> dict[Hashable, ShardPlan]:
-    """Plan several joiners whose sources overlap, never overloading a source.
-
-    A source's available uplink ``U_s`` (``uplinks[name]``, by default the largest
-    ``available`` any joiner reports for it) is split into shares, one per joiner
-    it serves; joiner ``j`` sees the source at ``min(path available, share_sj)``.
-    The shares always sum to ``U_s``, so whatever the plans, no source sends
-    faster than its uplink.  Iteration:
-
-    1. start with equal shares;
-    2. plan every joiner alone with its shares (:func:`plan`);
-    3. re-share each source's uplink in proportion to the bytes each joiner
-       now takes from it (then all of a source's streams end together, at
-       ``sum bytes / U_s``), damped by averaging with the old share;
-    4. repeat until shares move by < 0.1% of ``U_s`` or ``max_rounds``; return
-       the round whose latest-finishing joiner finished earliest.
-
-    A joiner that stops using a source gets share 0 there and does not return
-    to it; the equal-share first round is kept if later rounds are worse.
-    """
-    names = [j.name for j in joiners]
-    if len(set(names)) != len(names):
-        raise ValueError("joiner names must be distinct")
-    U: dict[Hashable, float] = {}
-    for j in joiners:
-        for s in j.sources:
-            U[s.name] = max(U.get(s.name, 0.0), s.available)
-    if uplinks is not None:
-        U.update({k: float(v) for k, v in uplinks.items() if k in U})
-    served: dict[Hashable, list[Hashable]] = {}
-    for j in joiners:
-        for s in j.sources:
-            if s.available > 0:
-                served.setdefault(s.name, []).append(j.name)
-    share = {(s, jn): U[s] / len(js) for s, js in served.items() for jn in js}
-    best: dict[Hashable, ShardPlan] | None = None
-    best_span = math.inf
-    for _ in range(max(1, max_rounds)):
-        plans: dict[Hashable, ShardPlan] = {}
-        for j in joiners:
-            srcs = [
-                replace(
-                    s,
-                    bandwidth=min(s.available, share.get((s.name, j.name), 0.0)),
-                    busy_fraction=0.0,
-                )
-                for s in j.sources
-            ]
-            plans[j.name] = plan(j.shard_sizes, srcs, j.downlink, improve=improve)
-        span = max((p.makespan for p in plans.values()), default=0.0)
-        if span < best_span or best is None:
-            best, best_span = plans, span
-        moved = 0.0
-        for s, js in served.items():
-            taken = {jn: plans[jn].bytes_of(s) for jn in js}
-            tot = sum(taken.values())
-            if tot <= 0:
-                continue
-            for jn in js:
-                new = 0.5 * share[(s, jn)] + 0.5 * U[s] * taken[jn] / tot
-                moved = max(moved, abs(new - share[(s, jn)]) / U[s])
-                share[(s, jn)] = new
-        if moved < 1e-3:
-            break
-    assert best is not None
-    return best
 
 
 # --------------------------------------------------------------------------- #

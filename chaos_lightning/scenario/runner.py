@@ -38,7 +38,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from chaos_lightning.scenario.timeline import Action, Timeline, rate_bps
+from chaos_lightning.testbed.procs import free_port
 
 #: the peer rendezvous port on the testbed (every node has its own address)
 TESTBED_PORT = 29500
@@ -152,11 +152,6 @@ class Runner:
         self._actions.flush()
 
     # ------------------------------------------------------------------ processes
-    def _free_port(self) -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
     def _workload_argv(self, name: str) -> list[str]:
         argv = [sys.executable, "-m", "chaos_lightning.scenario.workload", "--run-dir", str(self.run_dir), "--name", name]
         for key in ("samples", "batch_size", "hidden", "step_sleep"):
@@ -169,7 +164,7 @@ class Runner:
         if self._testbed is not None:
             addr = f"{self._testbed.addr(index)}:{TESTBED_PORT}"
         else:
-            addr = f"127.0.0.1:{self._free_port()}"
+            addr = f"127.0.0.1:{free_port()}"
         trace = self.run_dir / "trace" / f"{name}.jsonl"
         env = {
             **os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CHAOS_BIND": addr, "CHAOS_PEERS": ",".join(peers),

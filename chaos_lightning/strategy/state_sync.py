@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from chaos_lightning.replication.neighbors import Source, choose_sources
+from chaos_lightning.replication.neighbors import Holder, choose_sources
 from chaos_lightning.replication.snapshot import Snapshot
 from chaos_lightning.replication.transfer import PullError, PullResult, ShardServer, pull
 from chaos_lightning.strategy import _lightning_internals as internals
@@ -41,12 +41,23 @@ from chaos_lightning.strategy.state import broadcast_tree, pack_tree, unpack_tre
 from chaos_lightning.strategy.sync import Claim, Freshness, SyncAction, SyncPlan, plan_sync
 
 if TYPE_CHECKING:  # the strategy imports us
+    from chaos_lightning.monitor import Monitor
     from chaos_lightning.strategy.strategy import ChaosStrategy
 
 log = logging.getLogger("chaos_lightning.strategy")
 
 #: Member meta key holding the address of the node's shard server.
 REPL_META_KEY = "repl"
+
+
+def _cut_from(monitor: Monitor | None, me: str) -> set[str]:
+    """Members whose direct link to ``me`` the latest committed view marks down."""
+    if monitor is None or monitor.view is None:
+        return set()
+    topology = monitor.topology()
+    if me not in topology:
+        return set()
+    return {n for n in topology.nodes if n != me and not topology.reachable(me, n)}
 
 
 def _module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -197,11 +208,11 @@ class StateSync:
             raise CollectiveFailed("a newcomer could not pull the state")
 
     def _pull_from(self, strategy: ChaosStrategy, trainer: Any, holders: list[Any]) -> bool:
-        candidates = [Source(m.id, dict(m.meta).get(REPL_META_KEY, "")) for m in holders]
+        candidates = [Holder(m.id, dict(m.meta).get(REPL_META_KEY, "")) for m in holders]
         candidates = [c for c in candidates if c.addr]
         monitor = strategy.monitor
         estimates = monitor.links.estimates() if monitor is not None else {}
-        chosen, rates = choose_sources(candidates, estimates, self._max_sources)
+        chosen, rates = choose_sources(candidates, estimates, self._max_sources, _cut_from(monitor, strategy.node_id))
         with progress(f"chaos: pulling the state from {len(chosen)} member(s)", unit="B", unit_scale=True,
                       unit_divisor=1024) as bar:
 

@@ -4,6 +4,10 @@ Not a layer of the runtime: replication tests and benchmarks use it to run
 nodes as processes behind one switch, with per-node bandwidth caps (tbf) and
 cuts (a node's port down, or silent loss between one pair).  Most tests need
 none of this and stay on loopback (DESIGN.md, "Testbed").
+
+Its other modules are the harnesses of the tests, the demo and the
+benchmarks, kept out of the layer folders: :mod:`.procs` (free ports, a
+bounded reap) and :mod:`.local` (rendezvous nodes as local processes).
 """
 
 from __future__ import annotations

@@ -14,14 +14,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 from typing import Iterator, Sequence
+
+from chaos_lightning.testbed.procs import free_port, kill_and_reap
 
 #: Bound on waiting for /health.  Measured 0.12-1.03 s (median 0.28 s) on a
 #: 2-core machine; 15 s leaves room for a loaded CI box.
@@ -33,44 +33,12 @@ def etcd_binary() -> str | None:
     return shutil.which("etcd") or next((p for p in ("/usr/bin/etcd", "/usr/local/bin/etcd") if os.access(p, os.X_OK)), None)
 
 
-#: Ports handed out for processes to bind later: below Linux's ephemeral
-#: range (32768-60999), which every ``bind(0)`` and every outgoing connection
-#: draws from.  A port taken from that range stayed free only until some
-#: other test's connection picked it in the seconds before our worker bound
-#: it ("address already in use", seen once in three runs).
-_PORTS = (20000, 32000)
-_rng = random.Random(os.getpid())
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now, outside the ephemeral range (see :data:`_PORTS`)."""
-    for _ in range(200):
-        port = _rng.randrange(*_PORTS)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {_PORTS} after 200 tries")
-
-
 def _healthy(client_url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{client_url}/health", timeout=1.0) as r:
             return json.loads(r.read().decode()).get("health") == "true"
     except (OSError, ValueError):
         return False
-
-
-def kill_and_reap(proc: subprocess.Popen) -> None:
-    """SIGKILL ``proc`` if it still runs and reap it (bounded: 10 s)."""
-    if proc.poll() is None:
-        proc.kill()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL not honoured
-        pass
 
 
 @contextlib.contextmanager

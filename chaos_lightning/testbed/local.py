@@ -1,5 +1,5 @@
 """Rendezvous nodes as local processes: the harness of the contract tests,
-the demo and the membership benchmark.
+the demo and the membership benchmark (a harness: not part of the runtime).
 
 A :class:`Node` runs ``python -m chaos_lightning.rendezvous ...`` (one real
 process, so a ``kill -9`` is a real crash), reads its JSON event lines on a
