@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from chaos_lightning.testbed.procs import kill_and_reap
+
 REPO = Path(__file__).resolve().parents[1]
 
 Record = dict[str, Any]
@@ -86,13 +88,9 @@ class Node:
 
     def stop(self) -> None:
         """Kill (if still running) and reap; idempotent."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            self.proc.wait(timeout=10)
-        finally:
-            if not self._err.closed:
-                self._err.close()
+        kill_and_reap(self.proc)
+        if not self._err.closed:
+            self._err.close()
 
 
 def cluster(

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from chaos_lightning.testbed.procs import kill_and_reap
+
 Record = dict[str, Any]
 
 
@@ -118,19 +120,15 @@ class Node:
         self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            self.proc.wait(timeout=10)
-        finally:
-            for stream in (self.proc.stdin, self.proc.stdout):
-                try:
-                    if stream is not None:
-                        stream.close()
-                except OSError:
-                    pass
-            self._err.close()
-            self._reader.join(timeout=5)
+        kill_and_reap(self.proc)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+        self._err.close()
+        self._reader.join(timeout=5)
 
     @property
     def name(self) -> str:
