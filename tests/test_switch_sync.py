@@ -116,15 +116,14 @@ def test_plan_sync_every_branch() -> None:
     # the very start: everyone without state, rank 0 broadcasts and nobody loads training state
     assert plan_sync(nobody, 1, stale=False) == SyncPlan(SyncAction.BROADCAST, source=0)
     join = [Claim.of(APPLIED, 4), Claim.of(NONE, 0), Claim.of(APPLIED, 4)]
-    assert plan_sync(join, 1, stale=False) == SyncPlan(SyncAction.PULL, holders=(0, 2))
-    assert plan_sync(join, 0, stale=False) == SyncPlan(SyncAction.PULL, holders=(0, 2))
+    assert plan_sync(join, 1, stale=False) == SyncPlan(SyncAction.PULL, holders=(0, 2), admits=True)
+    assert plan_sync(join, 0, stale=False) == SyncPlan(SyncAction.PULL, holders=(0, 2), admits=True)
     # a kill -9 after some ranks completed the step: those that did lead
     split = [Claim.of(ABORTED, 3), Claim.of(ABORTED, 4), Claim.of(NONE, 0)]
     assert plan_sync(split, 0, stale=False) == SyncPlan(SyncAction.BROADCAST, source=1, receive=True,
-                                                        adopt_aborted_step=True)
-    assert plan_sync(split, 1, stale=False) == SyncPlan(SyncAction.BROADCAST, source=1)
-    assert plan_sync(split, 2, stale=False) == SyncPlan(SyncAction.BROADCAST, source=1, receive=True,
-                                                        load_progress=True)
+                                                        adopt_aborted_step=True, admits=True)
+    assert plan_sync(split, 1, stale=False) == SyncPlan(SyncAction.BROADCAST, source=1, admits=True)
+    assert plan_sync(split, 2, stale=False) == SyncPlan(SyncAction.BROADCAST, source=1, receive=True, admits=True)
     behind = [Claim.of(APPLIED, 5), Claim.of(ABORTED, 5)]
     assert plan_sync(behind, 1, stale=False) == SyncPlan(SyncAction.BROADCAST, source=0, receive=True)
 
@@ -272,9 +271,13 @@ class Cluster:
         decoded = Claim.decode_all(summed([c.encode(r, world) for r, c in enumerate(claims)]))
         assert decoded == claims
         plans = [plan_sync(decoded, r, stale=rep.stale) for r, rep in enumerate(self.group)]
-        assert len({(p.action, p.holders, p.source) for p in plans}) == 1, f"ranks planned differently: {plans}"
+        assert len({(p.action, p.holders, p.source, p.admits) for p in plans}) == 1, f"ranks planned differently: {plans}"
         plan = plans[0]
         self.seen[plan.action.value] += 1
+        trained = {rep.freshness > NONE for rep in self.group}
+        assert plan.admits == (trained == {True, False}), "admits: someone with state meets someone without"
+        if plan.admits:
+            self.seen["admits"] += 1
         if plan.action is SyncAction.PULL:
             src = self.group[plan.holders[0]]
             assert all(self.group[h].same_state(src) for h in plan.holders), "holders are replicas"
@@ -347,3 +350,4 @@ def test_the_random_sequences_reach_every_decision_and_plan() -> None:
     wanted = {a.value for a in Action} | {a.value for a in SyncAction} - {SyncAction.ORPHANED.value}
     assert wanted <= set(seen), f"never reached: {wanted - set(seen)}"
     assert seen["adopt_aborted_step"] > 0
+    assert seen["admits"] > 0

@@ -18,8 +18,9 @@ function needing a package import finds the trainer's own package).
 
 from __future__ import annotations
 
+import copy
 import importlib
-from typing import Any
+from typing import Any, Callable
 
 #: Lightning versions (major, minor) whose internals this module was tested
 #: against, inclusive: 2.4 is the lowest ``pyproject.toml`` allows.
@@ -37,7 +38,11 @@ ATTRIBUTES = (
     "fit_loop.epoch_loop.batch_progress.is_last_batch",
     "fit_loop.epoch_loop._batches_that_stepped",
     "fit_loop.epoch_loop._broadcast_sigterm_tensor",
+    "fit_loop.epoch_loop._skip_next_val",
+    "fit_loop.epoch_loop.on_run_start",
+    "fit_loop.epoch_loop.scheduler_progress",
     "fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total",
+    "fit_loop.epoch_loop.manual_optimization.optim_step_progress.total",
     "fit_loop.epoch_loop.val_loop._combined_loader",
     "val_check_batch",
 )
@@ -93,13 +98,18 @@ def set_epoch_length(trainer: Any, remaining: int, *, new_epoch: bool) -> None:
     ready = epoch_loop.batch_progress.current.ready if (not new_epoch or epoch_loop.restarting) else 0
     if not new_epoch and fit_loop._data_fetcher is not None:
         iter(fit_loop._data_fetcher)  # drop batches planned under the old layout
-    fit_loop.max_batches = ready + remaining
     if not new_epoch:
         # The fetcher flagged the step it served as the epoch's last under the
         # old plan; Lightning ends the epoch on that flag alone.  A failed last
         # step puts its samples back, so the epoch goes on (measured: without
         # this, a failed last window lost its 16 samples from the epoch).
         epoch_loop.batch_progress.is_last_batch = remaining == 0
+    _apply_epoch_length(trainer, ready, remaining)
+
+
+def _apply_epoch_length(trainer: Any, ready: int, remaining: int) -> None:
+    fit_loop = trainer.fit_loop
+    fit_loop.max_batches = ready + remaining
     interval = trainer.val_check_interval
     if isinstance(interval, float) and trainer.val_check_batch is not None and trainer.val_check_batch != float("inf"):
         # a fraction of the epoch, as Lightning computes it at setup, but of
@@ -127,6 +137,9 @@ def output_paths(trainer: Any) -> dict[str, Any]:
     return {
         "log_versions": [getattr(lg, "_version", None) for lg in trainer.loggers],
         "checkpoint_dirs": [cb.dirpath for cb in trainer.checkpoint_callbacks],
+        # not in ModelCheckpoint's state_dict, but it decides whether a save
+        # (and its barrier) happens at a step: every member must agree
+        "checkpoint_steps": [getattr(cb, "_last_global_step_saved", None) for cb in trainer.checkpoint_callbacks],
     }
 
 
@@ -146,23 +159,132 @@ def adopt_output_paths(trainer: Any, paths: dict[str, Any]) -> None:
                 if hasattr(logger, "_experiment"):
                     logger._experiment = None  # reopened in the adopted folder when next used
     if len(dirs) == len(trainer.checkpoint_callbacks):
-        for cb, dirpath in zip(trainer.checkpoint_callbacks, dirs):
+        steps = paths.get("checkpoint_steps") or [None] * len(dirs)
+        for cb, dirpath, saved in zip(trainer.checkpoint_callbacks, dirs, steps):
             if dirpath is not None:
                 cb.dirpath = dirpath
+            if saved is not None and hasattr(cb, "_last_global_step_saved"):
+                cb._last_global_step_saved = saved
 
 
-def load_progress(trainer: Any, epoch: int, global_step: int) -> None:
-    """A newcomer continues the members' loop: same epoch, same global step.
-    (Its epoch is as long as the steps the members have left in it.)"""
+def loop_progress(trainer: Any) -> dict[str, Any]:
+    """The loop's counters as they will stand once the batch in progress ends.
+
+    A state sync runs at a step boundary (inside ``on_train_batch_end``, the
+    batch processed but not yet completed, the logger's batch counter not yet
+    advanced) or at train start (between batches).  The record is normalised
+    to "between batches", and :func:`load_loop_progress` undoes that for a
+    receiver that is itself inside a batch.  Every counter Lightning decides
+    by travels: the batch index within the epoch and in total (validation
+    every ``val_check_interval``), the optimizer steps of automatic and manual
+    optimization (``global_step``, ``max_steps``), scheduler steps, and the
+    batches that stepped (the loggers' step).
+    """
     fit_loop = trainer.fit_loop
+    loop = fit_loop.epoch_loop
+    batch = loop.batch_progress.state_dict()
+    in_batch = loop.batch_progress.current.processed > loop.batch_progress.current.completed
+    if in_batch:  # this batch completes right after the boundary's hooks
+        for part in ("total", "current"):
+            batch[part]["completed"] = batch[part]["processed"]
+    return {
+        "epoch": fit_loop.epoch_progress.current.completed,
+        "batch": batch,
+        "scheduler": loop.scheduler_progress.state_dict(),
+        "automatic": loop.automatic_optimization.optim_progress.state_dict(),
+        "manual": loop.manual_optimization.optim_step_progress.state_dict(),
+        "batches_that_stepped": loop._batches_that_stepped + int(in_batch),
+    }
+
+
+def load_loop_progress(trainer: Any, progress: dict[str, Any], *, remaining: Callable[[], int]) -> None:
+    """A newcomer continues the members' loop: same epoch, batch index,
+    optimizer and scheduler steps, logger step (see :func:`loop_progress`).
+
+    At train start (a newcomer), Lightning's epoch loop has yet to reset its
+    per-epoch counters for the epoch it is about to run, so those are put in
+    place right after that reset (a one-shot wrapper of the epoch loop's
+    ``on_run_start``), with the epoch's length and validation schedule
+    (``remaining()`` steps left, asked then: the sampler's layout for the
+    new world is made after this call) recomputed from them.  Inside a batch (a
+    stale member back at a step boundary), everything is set at once, less
+    what the end of this batch will add.
+    """
+    fit_loop = trainer.fit_loop
+    loop = fit_loop.epoch_loop
+    in_batch = loop.batch_progress.current.processed > loop.batch_progress.current.completed
+    epoch = progress["epoch"]
     for tracker in (fit_loop.epoch_progress.current, fit_loop.epoch_progress.total):
-        tracker.ready = tracker.started = tracker.processed = tracker.completed = epoch
-    load_step(trainer, global_step)
+        tracker.ready = tracker.started = epoch + int(in_batch)  # mid-epoch: started, not yet processed
+        tracker.processed = tracker.completed = epoch
+    loop.scheduler_progress.load_state_dict(progress["scheduler"])
+    loop.automatic_optimization.optim_progress.load_state_dict(progress["automatic"])
+    loop.manual_optimization.optim_step_progress.load_state_dict(progress["manual"])
+    loop._batches_that_stepped = progress["batches_that_stepped"] - int(in_batch)
+    loop.batch_progress.total.load_state_dict(progress["batch"]["total"])
+    current = progress["batch"]["current"]
+    if in_batch:
+        loop.batch_progress.current.load_state_dict(current)
+        for tracker in (loop.batch_progress.total, loop.batch_progress.current):
+            tracker.completed -= 1
+        return
+    original = loop.on_run_start
+
+    def on_run_start(data_fetcher: Any) -> None:
+        del loop.on_run_start  # one shot: the class's method again from here on
+        original(data_fetcher)
+        loop.batch_progress.current.load_state_dict(current)
+        _apply_epoch_length(trainer, loop.batch_progress.current.ready, remaining())
+
+    loop.on_run_start = on_run_start
 
 
-def load_step(trainer: Any, global_step: int) -> None:
-    """Lightning's global step (the optimizer steps tried, failed ones included)."""
+def skip_next_validation(trainer: Any) -> bool:
+    """Lightning's own flag: no validation right after the batch in progress
+    (asked at its end; the flag clears itself at the next check).  Whether
+    one was due."""
     fit_loop = trainer.fit_loop
-    step = fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total
-    step.ready = step.completed = global_step
-    fit_loop.epoch_loop._batches_that_stepped = global_step
+    due = bool(fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher))
+    fit_loop.epoch_loop._skip_next_val = True
+    return due
+
+
+def step_counters(trainer: Any) -> dict[str, Any]:
+    """The loop's step counts as they stand at a step boundary (or after a
+    switch): the optimizer steps of automatic and manual optimization and
+    the scheduler steps.  :func:`uncount_step` puts them back."""
+    loop = trainer.fit_loop.epoch_loop
+    return {
+        "automatic": loop.automatic_optimization.optim_progress.state_dict(),
+        "manual": loop.manual_optimization.optim_step_progress.state_dict(),
+        "scheduler": loop.scheduler_progress.state_dict(),
+    }
+
+
+def scheduler_states(trainer: Any) -> list[tuple[int, dict[str, Any]]]:
+    """The step-interval LR schedulers' state, taken when a step's all-reduce
+    fails: after anything that rescaled the learning rate for this batch,
+    before Lightning steps the schedulers for it."""
+    return [(i, copy.deepcopy(cfg.scheduler.state_dict()))
+            for i, cfg in enumerate(trainer.lr_scheduler_configs) if cfg.interval == "step"]
+
+
+def uncount_step(trainer: Any, counters: dict[str, Any], schedulers: list[tuple[int, dict[str, Any]]]) -> None:
+    """A step whose all-reduce failed applied no update, but Lightning counted
+    it (``global_step``, ``max_steps``, the step-interval schedulers, the
+    loggers' step).  Put the counts back (``counters`` from the last boundary,
+    ``schedulers`` from the failure) and hold off the loggers' batch
+    counter, which Lightning advances right after this batch's end hooks."""
+    loop = trainer.fit_loop.epoch_loop
+    loop.automatic_optimization.optim_progress.load_state_dict(copy.deepcopy(counters["automatic"]))
+    loop.manual_optimization.optim_step_progress.load_state_dict(copy.deepcopy(counters["manual"]))
+    loop.scheduler_progress.load_state_dict(copy.deepcopy(counters["scheduler"]))
+    configs = trainer.lr_scheduler_configs
+    for i, state in schedulers:
+        scheduler = configs[i].scheduler
+        scheduler.load_state_dict(state)
+        last = getattr(scheduler, "_last_lr", None)
+        if last is not None:  # the learning rate itself lives in the optimizer's groups
+            for group, lr in zip(scheduler.optimizer.param_groups, last):
+                group["lr"] = lr
+    loop._batches_that_stepped -= 1

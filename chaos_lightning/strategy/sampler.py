@@ -47,8 +47,10 @@ from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass
 from typing import Any
 
+import os
+
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 __all__ = [
     "ElasticBatchSampler",
@@ -570,3 +572,36 @@ class Ledger:
                 f"missing {missing[:10]} ({len(missing)}), trained more than once "
                 f"{dict(list(dups.items())[:10])} ({len(dups)}), outside {strangers[:10]}"
             )
+
+
+def elastic_dataloader(
+    dataloader: DataLoader, *, rank: int, world_size: int, global_batch_size: int | None
+) -> DataLoader:
+    """The user's training loader, drawing from an :class:`ElasticSampler`
+    (the same dataset, collate function, workers and pinning).
+
+    The per-rank batch is the loader's ``batch_size``, or, with
+    ``global_batch_size``, that many samples a step split over the current
+    world.  Shuffling follows the loader's sampler; the seed is the one
+    ``seed_everything`` set, as Lightning's own samplers read it.
+
+    An ``IterableDataset`` is refused: exactly-once needs to know every
+    sample of the epoch by index, to hand a departed rank's unfinished share
+    to the others; a stream has no index to resume from (docs/compatibility.md).
+    """
+    if isinstance(dataloader.dataset, IterableDataset):
+        raise ValueError(
+            "chaos: the training data is an IterableDataset; elastic exactly-once needs a map-style Dataset "
+            "(__len__ and __getitem__): wrap the stream's items in one, or shard it into indexed files"
+        )
+    if dataloader.batch_size is None:
+        raise ValueError("chaos: the training DataLoader needs a batch_size (the per-rank batch)")
+    sequential = isinstance(dataloader.sampler, torch.utils.data.SequentialSampler)
+    shuffle = bool(getattr(dataloader.sampler, "shuffle", not sequential))
+    seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+    sizes = {"global_batch_size": global_batch_size} if global_batch_size else {"batch_size": dataloader.batch_size}
+    sampler = ElasticSampler(dataloader.dataset, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, **sizes)
+    return DataLoader(
+        dataloader.dataset, batch_sampler=ElasticBatchSampler(sampler, pad_empty=True),
+        num_workers=dataloader.num_workers, collate_fn=dataloader.collate_fn, pin_memory=dataloader.pin_memory,
+    )

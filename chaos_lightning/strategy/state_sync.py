@@ -73,29 +73,30 @@ def training_state(strategy: ChaosStrategy, trainer: Any) -> dict[str, Any]:
         # the strategy's own callback keeps only the sampler, which travels below
         "callbacks": {cb.state_key: cb.state_dict() for cb in trainer.callbacks if not getattr(cb, "chaos_owned", False)},
         "sampler": strategy.elastic_sampler.state_dict(),
-        "epoch": trainer.fit_loop.epoch_progress.current.completed,
+        "loop": internals.loop_progress(trainer),
         "step": trainer.global_step,
         "commits": strategy.commits,
         "paths": internals.output_paths(trainer),
     }
 
 
-def load_training_state(strategy: ChaosStrategy, trainer: Any, state: dict[str, Any], *, progress_too: bool) -> None:
+def load_training_state(strategy: ChaosStrategy, trainer: Any, state: dict[str, Any]) -> None:
     for opt, opt_state in zip(strategy.optimizers, state["optimizers"], strict=True):
         opt.load_state_dict(opt_state)
     for cfg, sched_state in zip(strategy.lr_scheduler_configs, state["schedulers"], strict=True):
         cfg.scheduler.load_state_dict(sched_state)
     if state["precision"]:
         strategy.precision_plugin.load_state_dict(state["precision"])
+    # the run's folders first: ModelCheckpoint's state names its dirpath and
+    # is only restored in full (best score, top-k) where the dirpath matches
+    internals.adopt_output_paths(trainer, state["paths"])
     callbacks = state["callbacks"]
     for cb in trainer.callbacks:
         if callbacks.get(cb.state_key):
             cb.load_state_dict(callbacks[cb.state_key])
     strategy.elastic_sampler.load_state_dict(state["sampler"])
     strategy.commits = state["commits"]
-    internals.adopt_output_paths(trainer, state["paths"])
-    if progress_too:
-        internals.load_progress(trainer, state["epoch"], state["step"])
+    internals.load_loop_progress(trainer, state["loop"], remaining=strategy.elastic_sampler.steps_remaining)
 
 
 class StateSync:
@@ -110,6 +111,7 @@ class StateSync:
         #: the last sync loaded another member's state here (kept when the
         #: sync fails after that: this replica holds the members' state then)
         self.received = False
+        self.plan: SyncPlan | None = None  # the last sync's plan
 
     @property
     def server(self) -> ShardServer | None:
@@ -132,17 +134,17 @@ class StateSync:
         rank, world = strategy.global_rank, strategy.world_size
         claims = torch.tensor(Claim.of(freshness, strategy.commits).encode(rank, world), dtype=torch.int64)
         strategy.collective(claims)
-        plan = plan_sync(Claim.decode_all(claims.tolist()), rank, stale=stale)
+        plan = self.plan = plan_sync(Claim.decode_all(claims.tolist()), rank, stale=stale)
         log.info("chaos: state sync %s: %s", [(c.commits, int(c.freshness)) for c in Claim.decode_all(claims.tolist())],
                  plan.action.value)
         if plan.action is SyncAction.PULL:
             self._pull_state(strategy, trainer, plan.holders)
         elif plan.action is SyncAction.BROADCAST:
-            self._broadcast_state(strategy, trainer, plan, freshness)
+            self._broadcast_state(strategy, trainer, plan)
         return plan
 
     # ---------------------------------------------------------------- broadcast
-    def _broadcast_state(self, strategy: ChaosStrategy, trainer: Any, plan: SyncPlan, freshness: Freshness) -> None:
+    def _broadcast_state(self, strategy: ChaosStrategy, trainer: Any, plan: SyncPlan) -> None:
         rank = strategy.global_rank
         try:
             with torch.no_grad():
@@ -163,11 +165,9 @@ class StateSync:
             sampler = strategy.elastic_sampler
             for j in range(strategy.window.last):
                 strategy.ledger.record(sampler.epoch, sampler.block(j))
-        load_training_state(strategy, trainer, state, progress_too=plan.load_progress)
-        if freshness > Freshness.NONE and trainer.global_step != state["step"]:
-            # the holders tried one step more than we did (the one they
-            # aborted after committing ours): count steps as they do
-            internals.load_step(trainer, state["step"])
+        # the loop's counters too: a newcomer's are the members', and one that
+        # aborted the step the source committed counts that step as applied
+        load_training_state(strategy, trainer, state)
         self.received = True
 
     # ---------------------------------------------------------------- pull
@@ -231,7 +231,7 @@ class StateSync:
         with torch.no_grad():
             for dst, src in zip(_module_tensors(strategy.lightning_module), state["module"], strict=True):
                 dst.copy_(src)
-        load_training_state(strategy, trainer, state["training"], progress_too=True)
+        load_training_state(strategy, trainer, state["training"])
         self.received = True
         self.last_pull = result
         node_of = {c.addr: c.node for c in chosen}

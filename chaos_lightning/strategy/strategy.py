@@ -33,7 +33,6 @@ docs/architecture.md follows a join and a failed step through these modules.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -56,7 +55,7 @@ from chaos_lightning.strategy.environment import ChaosEnvironment, pin_gloo_inte
 from chaos_lightning.strategy.gradients import GradientBuffer
 from chaos_lightning.strategy.group import ElasticGroup
 from chaos_lightning.strategy.process_group import CollectiveError
-from chaos_lightning.strategy.sampler import ElasticBatchSampler, ElasticSampler, Ledger
+from chaos_lightning.strategy.sampler import ElasticBatchSampler, ElasticSampler, Ledger, elastic_dataloader
 from chaos_lightning.strategy.state_sync import REPL_META_KEY, StateSync
 from chaos_lightning.strategy.switch import Action, Control, Window, decide, usable_for_switch
 from chaos_lightning.strategy.sync import Freshness, SyncAction
@@ -123,6 +122,11 @@ class ChaosStrategy(DDPStrategy):
         self.left = False
         self._block_sync = False
         self._control: Control | None = None  # the last step's summed record; None after a failed step
+        #: False in the end-of-batch hooks of a step whose all-reduce failed: it
+        #: applied no update, and global_step, max_steps and schedulers skip it
+        self.step_applied = True
+        self._counted: dict[str, Any] | None = None  # the loop's step counts at the last boundary
+        self._lr_before: list[Any] | None = None  # step schedulers' state when this step failed
         self.commits = 0  # steps committed since fit began (a joiner takes the members' count)
         self.window = Window()  # gradient accumulation
         self._grads = GradientBuffer()
@@ -301,23 +305,11 @@ class ChaosStrategy(DDPStrategy):
             return dataloader
         if isinstance(dataloader.batch_sampler, ElasticBatchSampler):
             return dataloader
-        if dataloader.batch_size is None:
-            raise ValueError("chaos: the training DataLoader needs a batch_size (the per-rank batch)")
-        sequential = isinstance(dataloader.sampler, torch.utils.data.SequentialSampler)
-        shuffle = bool(getattr(dataloader.sampler, "shuffle", not sequential))
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # what seed_everything set, as Lightning's own samplers read it
-        # per-rank batch fixed (the DataLoader's), or the global batch fixed and split over the current world
-        gbs = self.config.global_batch_size
-        sizes = {"global_batch_size": gbs} if gbs else {"batch_size": dataloader.batch_size}
-        sampler = ElasticSampler(
-            dataloader.dataset, rank=self.global_rank, world_size=self.world_size, shuffle=shuffle, seed=seed, **sizes
-        )
-        self.elastic_sampler = sampler
+        loader = elastic_dataloader(dataloader, rank=self.global_rank, world_size=self.world_size,
+                                    global_batch_size=self.config.global_batch_size)
+        self.elastic_sampler = sampler = loader.batch_sampler.sampler
         self.ledger = Ledger(sampler.num_samples) if self.config.record_samples else None
-        return DataLoader(
-            dataloader.dataset, batch_sampler=ElasticBatchSampler(sampler, pad_empty=True),
-            num_workers=dataloader.num_workers, collate_fn=dataloader.collate_fn, pin_memory=dataloader.pin_memory,
-        )
+        return loader
 
     # ---------------------------------------------------------------- gradients
     @override
@@ -346,6 +338,8 @@ class ChaosStrategy(DDPStrategy):
         except CollectiveError as exc:
             log.warning("chaos: gradient all-reduce failed (%s); the step applies no update", exc)
             self._control = None
+            if self._lr_before is None:
+                self._lr_before = internals.scheduler_states(internals.trainer_of(self.lightning_module))
             self._grads.drop(params)
             return
         self._control = Control.decode(control.tolist())
@@ -366,6 +360,7 @@ class ChaosStrategy(DDPStrategy):
             return  # a micro-step of gradient accumulation: nothing synced yet
         control, self._control = self._control, None
         failed = control is None
+        self.step_applied = not failed
         if not failed:
             for _ in range(steps):  # one optimizer step trained the window's blocks
                 trained = sampler.commit_step()
@@ -374,8 +369,11 @@ class ChaosStrategy(DDPStrategy):
             self.commits += 1
             if self.trace.enabled:  # the per-step path: not even the arguments without a trace
                 self.trace.emit("step", step=trainer.global_step, samples=control.samples, world=self.world_size)
+            self._counted = internals.step_counters(trainer)
         else:
             self.trace.emit("step_failed", step=trainer.global_step)
+            internals.uncount_step(trainer, self._counted, self._lr_before or [])
+        self._lr_before = None
         decision = decide(
             failed=failed, control=control, world=len(self.group.trainers), view_epoch=self.group.view.epoch,
             rank=self.global_rank, steps_remaining=sampler.steps_remaining(),
@@ -398,6 +396,8 @@ class ChaosStrategy(DDPStrategy):
         freshness = Freshness.ABORTED if failed else Freshness.APPLIED
         self._rebuild(trainer, self.group.rdv.current_view(), usable, freshness, deadline)
         self._relayout(trainer, new_epoch=False)
+        if self._sync.plan.admits and internals.skip_next_validation(trainer):  # a newcomer starts at the next batch
+            log.warning("chaos: the validation due at step %d is skipped: a newcomer joined there", trainer.global_step)
         if self._orphaned:
             # back from the sideline, and no member left that trained on:
             # training again from our stale state would repeat samples
@@ -421,6 +421,7 @@ class ChaosStrategy(DDPStrategy):
 
     def _switched(self, trainer: Any, took: float, *, joined: bool, failed_step: bool) -> None:
         """Record, trace and log a group this node now trains in."""
+        self._counted = internals.step_counters(trainer)  # what a failed step is counted back to
         epoch, world = self.group.view.epoch, self.world_size
         self.events.append({"epoch": epoch, "world": world, "stall_s": took, **(
             {"joined": True} if joined else {"failed_step": failed_step})})

@@ -87,8 +87,11 @@ class SyncPlan:
     #: this rank aborted the step that committed at the source: record the
     #: window's samples as trained (the source trained them for everyone)
     adopt_aborted_step: bool = False
-    #: this rank had no state: it also takes the loop's epoch and step
-    load_progress: bool = False
+    #: some rank of the group had no state (a newcomer, or a stale member
+    #: back): it starts at the next batch, while the others stand at a step
+    #: boundary, so a validation due right after this boundary must not run
+    #: there (the newcomer would meet it with a training collective)
+    admits: bool = False
 
 
 def plan_sync(claims: Sequence[Claim], rank: int, *, stale: bool) -> SyncPlan:
@@ -101,8 +104,9 @@ def plan_sync(claims: Sequence[Claim], rank: int, *, stale: bool) -> SyncPlan:
         return SyncPlan(SyncAction.NOTHING)
     if best.freshness == Freshness.NONE and stale:
         return SyncPlan(SyncAction.ORPHANED)
+    admits = best.freshness > Freshness.NONE and any(c.freshness == Freshness.NONE for c in claims)
     if best.freshness > Freshness.NONE and all(c == best or c.freshness == Freshness.NONE for c in claims):
-        return SyncPlan(SyncAction.PULL, holders=tuple(r for r, c in enumerate(claims) if c == best))
+        return SyncPlan(SyncAction.PULL, holders=tuple(r for r, c in enumerate(claims) if c == best), admits=admits)
     source = claims.index(best)
     receive = rank != source and mine < best
     return SyncPlan(
@@ -110,5 +114,5 @@ def plan_sync(claims: Sequence[Claim], rank: int, *, stale: bool) -> SyncPlan:
         source=source,
         receive=receive,
         adopt_aborted_step=receive and mine.freshness == Freshness.ABORTED and best.commits - mine.commits == 1,
-        load_progress=receive and mine.freshness == Freshness.NONE,
+        admits=admits,
     )

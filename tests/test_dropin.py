@@ -1,0 +1,118 @@
+"""Ordinary Trainer features through a join, a leave and a ``kill -9``.
+
+Each feature is a small outside-style project (``_dropin_worker.py``) run
+as real processes: three founders; a fourth joins mid-fit; once it trains,
+one founder is SIGTERMed (a graceful leave); once the view without it
+commits, another is ``kill -9``ed.  The founder that stays and the joiner
+must end as replicas of each other (parameters, optimizer, ``global_step``,
+every optimizer's step count, the callbacks' state), every sample of every
+epoch trained exactly once, the leaver exit 0, and the feature's own
+invariant hold: validation at the same global steps on every member
+(``valmid``: issue 12 saw a join kill every process when the joiner's batch
+index ran behind and it validated at other steps), a manual-optimization
+joiner counting the members' steps (``manual``: the joiner's ``global_step``
+was 82 against 124).
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from _procs import Node, cluster, joiner
+
+WORKER = Path(__file__).with_name("_dropin_worker.py")
+SAMPLES, EPOCHS, SLEEP = 480, 4, 0.25  # 20 steps an epoch at world 3
+
+
+def churn(feature: str, tmp: Path) -> tuple[list[Node], list[dict]]:
+    """Run ``feature`` through join, leave, kill -9; the records of the founder
+    that stays and the joiner (``done``), after checking exit codes."""
+    root = tmp / "run"
+    argv = [feature, str(SAMPLES), str(EPOCHS), str(SLEEP), str(root)]
+    nodes = cluster(WORKER, argv, 3, tmp, prefix=feature)
+    try:
+        for node in nodes:
+            node.event("ready", 90)
+        first, leaver, victim = nodes
+        first.wait(lambda r: r["event"] == "step" and r["step"] >= 4, 120)
+        late = joiner(WORKER, argv, first, tmp, f"{feature}-joiner")
+        nodes.append(late)
+        late.wait(lambda r: r["event"] == "step", 120)
+        leaver.proc.send_signal(signal.SIGTERM)
+        first.wait(lambda r: r["event"] == "step" and r["world"] == 3, 60)
+        victim.proc.kill()
+        done = [first.event("done", 240), late.event("done", 240)]
+        assert leaver.event("done", 60)["left"] is True
+        for node in (first, late, leaver):
+            assert node.exit_code(30) == 0, node.log
+        assert victim.exit_code(10) == -signal.SIGKILL
+        for node in (first, late, leaver):
+            text = node.log.read_text()
+            assert "Traceback" not in text, node.log
+            assert "dirpath has changed" not in text, node.log
+        return nodes, done
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def check_replicas_and_exactly_once(done: list[dict]) -> None:
+    keys = ("params", "optim", "global_step", "optimizer_steps", "callbacks")
+    assert len({tuple(repr(r[k]) for k in keys) for r in done}) == 1, done
+    for epoch in range(EPOCHS):
+        counts = dict(done[0]["epochs"][str(epoch)])  # the founder saw every epoch
+        assert sorted(counts) == list(range(SAMPLES)) and set(counts.values()) == {1}, f"epoch {epoch}"
+
+
+def check_failed_steps_uncounted(node: Node, done: dict, steps_per_batch: int) -> None:
+    """A step whose all-reduce failed (the kill -9) is flagged to the user's
+    hook and counts nowhere: ``global_step`` is the applied batches' steps."""
+    applied = [r["applied"] for r in node.records if r["event"] == "step"]
+    assert done["global_step"] == steps_per_batch * sum(applied), (done["global_step"], applied.count(False))
+
+
+def steps_of(node: Node, event: str) -> list[int]:
+    return [r["step"] for r in node.records if r["event"] == event]
+
+
+@pytest.mark.timeout(360)
+def test_validation_mid_epoch_early_stopping_and_top_k_checkpoints_survive_churn(tmp_path):
+    nodes, done = churn("valmid", tmp_path)
+    first, late = nodes[0], nodes[3]
+    check_replicas_and_exactly_once(done)
+    check_failed_steps_uncounted(first, done[0], 1)
+    joined_at = steps_of(late, "step")[0]
+    member_vals = [s for s in steps_of(first, "val") if s >= joined_at]
+    assert member_vals, "validation ran after the join"
+    assert steps_of(late, "val") == member_vals, "validation at the same global steps"
+    assert [r["batch"] for r in late.records if r["event"] == "step"][:3] == [
+        r["batch"] for r in first.records if r["event"] == "step" and r["step"] >= joined_at
+    ][:3], "the joiner's batch index is the members'"
+    ckpt = done[0]["callbacks"]["checkpoint"]
+    assert len(ckpt["best_k"]) == 2 and ckpt["best_score"] is not None
+    saved = sorted(p.name for p in Path(ckpt["dirpath"]).glob("*.ckpt"))
+    assert set(ckpt["best_k"]) <= set(saved), (ckpt, saved)
+
+
+@pytest.mark.timeout(360)
+def test_manual_optimization_with_two_optimizers_counts_the_members_steps(tmp_path):
+    nodes, done = churn("manual", tmp_path)
+    check_replicas_and_exactly_once(done)
+    check_failed_steps_uncounted(nodes[0], done[0], 2)
+    steps = done[0]["optimizer_steps"]
+    assert done[0]["global_step"] == sum(steps) and steps[0] == steps[1] > 0, done[0]
+
+
+@pytest.mark.timeout(120)
+def test_an_iterable_dataset_is_refused_at_setup_with_one_line(tmp_path):
+    (node,) = cluster(WORKER, ["stream", "64", "1", "0", str(tmp_path / "run")], 1, tmp_path, prefix="stream")
+    try:
+        assert node.exit_code(90) != 0
+        text = node.log.read_text()
+        assert "chaos: the training data is an IterableDataset; elastic exactly-once needs a map-style Dataset" in text
+        assert "has no len()" not in text, "refused before torch trips over the stream"
+    finally:
+        node.stop()
