@@ -151,6 +151,7 @@ def main() -> None:
         model, data = Regressor(sleep), Numbers(n)
         trainer = pl.Trainer(
             **common, val_check_interval=0.5, num_sanity_val_steps=0, logger=CSVLogger(root, name="csv"),
+            log_every_n_steps=5,
             callbacks=[EarlyStopping("val_loss", patience=1000), ModelCheckpoint(monitor="val_loss", save_top_k=2)],
         )
         say(event="ready", pid=os.getpid())

@@ -2,8 +2,8 @@
 
 Each feature is a small outside-style project (``_dropin_worker.py``) run
 as real processes: three founders; a fourth joins mid-fit; once it trains,
-one founder is SIGTERMed (a graceful leave); once the view without it
-commits, another is ``kill -9``ed.  The founder that stays and the joiner
+the founder that is rank 0 is SIGTERMed (a graceful leave: rank 0 moves);
+once the view without it commits, another is ``kill -9``ed.  The founder that stays and the joiner
 must end as replicas of each other (parameters, optimizer, ``global_step``,
 every optimizer's step count, the callbacks' state), every sample of every
 epoch trained exactly once, the leaver exit 0, and the feature's own
@@ -16,6 +16,7 @@ was 82 against 124).
 
 from __future__ import annotations
 
+import csv
 import signal
 from pathlib import Path
 
@@ -36,8 +37,8 @@ def churn(feature: str, tmp: Path) -> tuple[list[Node], list[dict]]:
     try:
         for node in nodes:
             node.event("ready", 90)
-        first, leaver, victim = nodes
-        first.wait(lambda r: r["event"] == "step" and r["step"] >= 4, 120)
+        leaver, first, victim = nodes  # node 0 founds the cluster: rank 0 until it leaves
+        leaver.wait(lambda r: r["event"] == "step" and r["step"] >= 4, 120)
         late = joiner(WORKER, argv, first, tmp, f"{feature}-joiner")
         nodes.append(late)
         late.wait(lambda r: r["event"] == "step", 120)
@@ -81,7 +82,7 @@ def steps_of(node: Node, event: str) -> list[int]:
 @pytest.mark.timeout(360)
 def test_validation_mid_epoch_early_stopping_and_top_k_checkpoints_survive_churn(tmp_path):
     nodes, done = churn("valmid", tmp_path)
-    first, late = nodes[0], nodes[3]
+    first, late = nodes[1], nodes[3]
     check_replicas_and_exactly_once(done)
     check_failed_steps_uncounted(first, done[0], 1)
     joined_at = steps_of(late, "step")[0]
@@ -95,13 +96,21 @@ def test_validation_mid_epoch_early_stopping_and_top_k_checkpoints_survive_churn
     assert len(ckpt["best_k"]) == 2 and ckpt["best_score"] is not None
     saved = sorted(p.name for p in Path(ckpt["dirpath"]).glob("*.ckpt"))
     assert set(ckpt["best_k"]) <= set(saved), (ckpt, saved)
+    # one log history whoever is rank 0: one version folder, and its
+    # metrics.csv holds the first rank 0's steps and the last one's
+    versions = sorted(p.name for p in (tmp_path / "run" / "csv").iterdir())
+    assert versions == ["version_0"], versions
+    with open(tmp_path / "run" / "csv" / "version_0" / "metrics.csv", newline="") as f:
+        logged = sorted({int(row["step"]) for row in csv.DictReader(f)})
+    assert logged[0] < joined_at and logged[-1] >= done[0]["global_step"] - 10, logged
+    assert all(b - a <= 10 for a, b in zip(logged, logged[1:])), f"a gap in the history: {logged}"
 
 
 @pytest.mark.timeout(360)
 def test_manual_optimization_with_two_optimizers_counts_the_members_steps(tmp_path):
     nodes, done = churn("manual", tmp_path)
     check_replicas_and_exactly_once(done)
-    check_failed_steps_uncounted(nodes[0], done[0], 2)
+    check_failed_steps_uncounted(nodes[1], done[0], 2)
     steps = done[0]["optimizer_steps"]
     assert done[0]["global_step"] == sum(steps) and steps[0] == steps[1] > 0, done[0]
 

@@ -19,7 +19,10 @@ function needing a package import finds the trainer's own package).
 from __future__ import annotations
 
 import copy
+import csv
 import importlib
+import io
+import os
 from typing import Any, Callable
 
 #: Lightning versions (major, minor) whose internals this module was tested
@@ -195,6 +198,38 @@ def loop_progress(trainer: Any) -> dict[str, Any]:
         "manual": loop.manual_optimization.optim_step_progress.state_dict(),
         "batches_that_stepped": loop._batches_that_stepped + int(in_batch),
     }
+
+
+def continue_logs(trainer: Any) -> None:
+    """This node is the view's rank 0 now: continue the run's logs, not
+    start them again.
+
+    A ``CSVLogger`` opens its writer lazily on rank 0, and Lightning's writer
+    deletes a ``metrics.csv`` it finds in the log folder (measured: after a
+    new rank 0 took over, steps 0-50 were gone).  Here the writer is opened
+    at once, the file put back as it was, and the writer told the columns
+    already there, so it appends.  Other loggers continue by themselves in
+    the adopted version folder (:func:`adopt_output_paths`).
+    """
+    for logger in trainer.loggers:
+        if type(logger).__name__ != "CSVLogger" or getattr(logger, "_experiment", None) is not None:
+            continue
+        path = os.path.join(logger.log_dir, "metrics.csv")
+        if not os.path.isfile(path):
+            continue
+        with open(path, newline="") as f:
+            text = f.read()
+        writer = logger.experiment  # removes the file it finds
+        with open(path, "w", newline="") as f:
+            f.write(text)
+        writer.metrics_keys = sorted(next(csv.reader(io.StringIO(text)), []))
+
+
+def hand_over_logs(trainer: Any) -> None:
+    """A leaver writes what its loggers buffered before it leaves, while it
+    is still the one writing, so the next rank 0 continues after it."""
+    for logger in trainer.loggers:
+        logger.save()
 
 
 def load_loop_progress(trainer: Any, progress: dict[str, Any], *, remaining: Callable[[], int]) -> None:

@@ -24,6 +24,7 @@ from chaos_lightning.config import NodeConfig
 from chaos_lightning.membership import events as ev
 from chaos_lightning.membership.view import View
 from chaos_lightning.rendezvous import create as create_rendezvous
+from chaos_lightning.strategy.environment import sigterm_ends_wait
 from chaos_lightning.strategy.trace import progress
 from chaos_lightning.strategy.process_group import ElasticProcessGroup
 from chaos_lightning.strategy.trace import Trace
@@ -59,6 +60,27 @@ class ElasticGroup:
         """Bind and start the agent (no join yet)."""
         self.rdv = create_rendezvous(**self.config.rendezvous_kwargs(), meta=meta)
         self.rdv.subscribe(self._on_event)
+
+    def join(self, min_nodes: int, deadline: float) -> View:
+        """Ask to join, then wait for a view of at least ``min_nodes``;
+        SIGTERM ends either wait (:func:`sigterm_ends_wait`)."""
+        seeds = ", ".join(self.config.peers) or "none: founding the cluster"
+        log.info("chaos: waiting to join (seeds: %s; join timeout %gs)", seeds, self.config.join_timeout)
+        with sigterm_ends_wait("waiting to join"):
+            view = self.rdv.join(self.config.join_timeout)
+            if view.size >= min_nodes:
+                return view
+            with sigterm_ends_wait(f"waiting for min_nodes={min_nodes}"), progress(
+                f"chaos: waiting for min_nodes={min_nodes}", total=min_nodes, unit="node"
+            ) as bar:
+                while view.size < min_nodes:
+                    bar.n = view.size
+                    bar.refresh()
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"chaos: {view.size} of min_nodes={min_nodes} nodes after {self.config.join_timeout}s")
+                    view = self.rdv.next_view(view.epoch, min(left, 1.0)) or view
+        return view
 
     @property
     def node_id(self) -> str:

@@ -59,7 +59,7 @@ from chaos_lightning.strategy.sampler import ElasticBatchSampler, ElasticSampler
 from chaos_lightning.strategy.state_sync import REPL_META_KEY, StateSync
 from chaos_lightning.strategy.switch import Action, Control, Window, decide, usable_for_switch
 from chaos_lightning.strategy.sync import Freshness, SyncAction
-from chaos_lightning.strategy.trace import Trace, progress
+from chaos_lightning.strategy.trace import Trace
 
 log = logging.getLogger("chaos_lightning.strategy")
 
@@ -122,9 +122,7 @@ class ChaosStrategy(DDPStrategy):
         self.left = False
         self._block_sync = False
         self._control: Control | None = None  # the last step's summed record; None after a failed step
-        #: False in the end-of-batch hooks of a step whose all-reduce failed: it
-        #: applied no update, and global_step, max_steps and schedulers skip it
-        self.step_applied = True
+        self.step_applied = True  # False in the end hooks of a failed step: no update, counted nowhere
         self._counted: dict[str, Any] | None = None  # the loop's step counts at the last boundary
         self._lr_before: list[Any] | None = None  # step schedulers' state when this step failed
         self.commits = 0  # steps committed since fit began (a joiner takes the members' count)
@@ -223,17 +221,7 @@ class ChaosStrategy(DDPStrategy):
         cfg = self.config
         deadline = t0 + cfg.join_timeout
         self.trace.emit("join_request")
-        rdv = self.group.rdv
-        view = rdv.join(cfg.join_timeout)
-        if view.size < cfg.min_nodes:
-            with progress(f"chaos: waiting for min_nodes={cfg.min_nodes}", total=cfg.min_nodes, unit="node") as bar:
-                while view.size < cfg.min_nodes:
-                    bar.n = view.size
-                    bar.refresh()
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError(f"chaos: {view.size} of min_nodes={cfg.min_nodes} nodes after {cfg.join_timeout}s")
-                    view = rdv.next_view(view.epoch, min(left, 1.0)) or view
+        view = self.group.join(cfg.min_nodes, deadline)
         if self.restored_sampler_state is not None and self.elastic_sampler is not None:
             # resumed from a checkpoint (ckpt_path): its cursor, whatever the
             # world size that wrote it; the sync below spreads it
@@ -413,7 +401,10 @@ class ChaosStrategy(DDPStrategy):
         internals.reset_val_dataloaders(trainer)
 
     def _leave(self, trainer: Any) -> None:
+        internals.hand_over_logs(trainer)
         self.group.leave()
+        rank_zero_only.rank = _NOT_YET_RANKED  # the run's logs and checkpoints are the members' from here on
+        self.cluster_environment.set_global_rank(_NOT_YET_RANKED)
         self.left = True
         self.trace.emit("left", step=trainer.global_step)
         trainer.should_stop = True
@@ -432,6 +423,7 @@ class ChaosStrategy(DDPStrategy):
             failed_step=failed_step, group_init_s=switch.init_s if switch is not None else None,
         )
         if self.global_rank == 0:  # every view goes to the loggers, written by its rank 0
+            internals.continue_logs(trainer)
             metrics = {"chaos/world_size": float(world), "chaos/view_epoch": float(epoch), "chaos/stall_s": took}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, trainer.global_step)

@@ -1,0 +1,69 @@
+"""Waiting to join, as a user sees it: through a seed nobody answers at.
+
+Issue 12 measured 120 s of silence and a SIGTERM ignored during that wait
+(sent at 20 s, exit at 124 s).  Here: SIGTERM ends the wait within a second
+(exit 143, one line saying so), and ``CHAOS_JOIN_TIMEOUT`` bounds it.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from _procs import Node
+from chaos_lightning.testbed.procs import free_ports
+
+WORKER = Path(__file__).with_name("_dropin_worker.py")
+
+
+def lonely(tmp: Path, name: str, join_timeout: float) -> Node:
+    """A node whose only seed is a port nobody listens on."""
+    bind, dead = free_ports(2)
+    env = {"CHAOS_BIND": f"127.0.0.1:{bind}", "CHAOS_PEERS": f"127.0.0.1:{dead}",
+           "CHAOS_JOIN_TIMEOUT": str(join_timeout)}
+    return Node(WORKER, ["manual", "64", "1", "0", str(tmp / "run")], env, tmp / f"{name}.log")
+
+
+def wait_for_line(node: Node, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in node.log.read_text():
+        assert node.proc.poll() is None, f"exited {node.proc.returncode} before {text!r}: {node.log}"
+        assert time.monotonic() < deadline, f"no {text!r} within {timeout}s: {node.log}"
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_while_waiting_to_join_ends_the_process_within_a_second(tmp_path):
+    node = lonely(tmp_path, "waiting", join_timeout=90)
+    try:
+        node.event("ready", 60)
+        wait_for_line(node, "waiting to join", 60)
+        time.sleep(1.0)
+        sent = time.monotonic()
+        node.proc.send_signal(signal.SIGTERM)
+        code = node.exit_code(10)
+        took = time.monotonic() - sent
+        assert code == 128 + signal.SIGTERM, node.log
+        assert took < 3.0, f"exit {took:.1f}s after SIGTERM"
+        text = node.log.read_text()
+        assert "chaos: SIGTERM while waiting to join" in text, node.log
+        assert "Traceback" not in text, node.log
+    finally:
+        node.stop()
+
+
+@pytest.mark.timeout(120)
+def test_the_join_timeout_is_honoured_with_one_line(tmp_path):
+    node = lonely(tmp_path, "timeout", join_timeout=4)
+    try:
+        node.event("ready", 60)
+        start = time.monotonic()
+        code = node.exit_code(60)
+        assert code != 0
+        assert time.monotonic() - start < 30, "bounded by CHAOS_JOIN_TIMEOUT=4, not the default 120 s"
+        assert "within 4s" in node.log.read_text(), node.log
+    finally:
+        node.stop()
