@@ -10,8 +10,12 @@ module is pure computation: it takes sizes and rates and returns a
 
 Transfer model (what "finish time" means here)
 -----------------------------------------------
-* Source ``i`` can give this joiner ``avail_i = bandwidth_i * (1 - busy_fraction_i)``
-  bytes/s; the rest of its uplink is already used by other traffic.
+* Source ``i`` can give this joiner ``avail_i = bandwidth_i`` bytes/s, the
+  rate the joiner measured from it (or an equal share when unmeasured).
+  Other traffic at the source shows in that measurement, and the pull
+  re-plans on the rates it measures as shards arrive, so the model has no
+  separate "busy" or "queued" input (the first version had both, and no
+  caller could feed them).
 * It sends its shards one after another at a constant rate ``r_i``.  When the
   sources that send at least one shard could together exceed the joiner's
   downlink ``D``, every such source is slowed by the same factor:
@@ -21,9 +25,8 @@ Transfer model (what "finish time" means here)
   bottleneck tend to max-min fairness instead; the two differ only when flows
   have very unequal ceilings, and no work-conserving sharing beats
   ``bytes / D`` anyway.  Sources that send nothing get rate 0 in the plan.
-* ``finish_i = start_i + bytes_i / r_i`` with
-  ``start_i = latency_i + queued_bytes_i / avail_i`` (first-byte latency plus
-  the bytes already queued ahead of ours at that source).
+* ``finish_i = start_i + bytes_i / r_i`` with ``start_i = latency_i``, the
+  first-byte latency.
 * The plan's makespan is ``max finish_i`` over sources that send something.
 * The design's **transfer bound** (DESIGN.md, "How performance is measured") is
   ``lower_bound = total / min(D, sum avail_i) + min latency_i``: no schedule in
@@ -57,7 +60,7 @@ This is makespan minimisation on uniform ("related") machines, Q||Cmax
    visible): binary search on a deadline, best-fit decreasing into the
    per-source capacities it implies, then the same improvement; the better
    plan wins.  On 3,000 random instances of <= 8 shards x <= 4 sources (mixed
-   rates, latencies, busy sources, binding downlinks) the result equals the
+   rates, latencies, halved "busy" rates, binding downlinks) the result equals the
    exhaustive optimum in 95% of cases and is never worse than 1.07x of it.
 
 Speed: the greedy step is an argmin over sources of ``start_i + load_i/r_i +
@@ -116,31 +119,22 @@ class Source:
     """Bytes/s this source can push to this joiner (the path's bandwidth)."""
     latency: float = 0.0
     """Seconds until the first byte of its first shard arrives."""
-    busy_fraction: float = 0.0
-    """Fraction of ``bandwidth`` already used by other traffic, in [0, 1]."""
-    queued_bytes: float = 0.0
-    """Bytes already queued at this source ahead of the joiner's shards."""
 
     def __post_init__(self) -> None:
         if not (self.bandwidth >= 0 and math.isfinite(self.bandwidth)):
             raise ValueError(f"source {self.name!r}: bandwidth must be finite and >= 0")
-        if not 0.0 <= self.busy_fraction <= 1.0:
-            raise ValueError(f"source {self.name!r}: busy_fraction must be in [0, 1]")
-        if self.latency < 0 or self.queued_bytes < 0:
-            raise ValueError(
-                f"source {self.name!r}: latency and queued_bytes must be >= 0"
-            )
+        if not (self.latency >= 0 and math.isfinite(self.latency)):
+            raise ValueError(f"source {self.name!r}: latency must be finite and >= 0")
 
     @property
     def available(self) -> float:
-        """Bytes/s left for this joiner after the source's other traffic."""
-        return self.bandwidth * (1.0 - self.busy_fraction)
+        """Bytes/s this source can give the joiner."""
+        return self.bandwidth
 
     @property
     def start(self) -> float:
-        """When its first shard could start arriving: latency plus its queue."""
-        a = self.available
-        return self.latency + (self.queued_bytes / a if a > 0 else math.inf)
+        """When its first shard could start arriving."""
+        return self.latency
 
 
 @dataclass(frozen=True)
