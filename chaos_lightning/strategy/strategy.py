@@ -156,7 +156,9 @@ class ChaosStrategy(DDPStrategy):
     # ---------------------------------------------------------------- launch
     @override
     def _configure_launcher(self) -> None:
-        self._launcher = None  # the user starts one process per device
+        from chaos_lightning.strategy.devices import launcher_for
+
+        self._launcher = launcher_for(self)  # None: the user starts one process per device
 
     @property
     @override
