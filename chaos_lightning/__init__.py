@@ -5,8 +5,9 @@ Layers (imports point downward only): ``wire`` (framing, schema, auth),
 ``rendezvous``, ``replication``, ``strategy``.  See ``docs/``.
 
 ``import chaos_lightning`` registers ``"chaos"`` in Lightning's strategy
-registry (``lightning.pytorch``'s, and the standalone ``pytorch_lightning``'s),
-so ``Trainer(strategy="chaos")`` works with either.  Lightning has no entry
+registries (``lightning.pytorch``'s, the standalone ``pytorch_lightning``'s,
+and Fabric's), so ``Trainer(strategy="chaos")`` works with either and
+``Fabric(strategy="chaos")`` too.  Lightning has no entry
 point for strategies, and importing it costs seconds, so registration is
 lazy: done now for a package already imported, otherwise right after it is
 (an import hook that removes itself once both are done).  The control-plane tools
@@ -32,6 +33,10 @@ def _register_lightning() -> None:
     importlib.import_module("chaos_lightning.strategy.strategy")
 
 
+def _register_fabric() -> None:
+    importlib.import_module("chaos_lightning.strategy.fabric")
+
+
 def _register_pytorch_lightning() -> None:
     from chaos_lightning.strategy._flavour import pytorch_lightning_module
 
@@ -39,7 +44,11 @@ def _register_pytorch_lightning() -> None:
 
 
 #: Packages whose strategy registry gets "chaos", and how.
-_TARGETS = {"lightning.pytorch": _register_lightning, "pytorch_lightning": _register_pytorch_lightning}
+_TARGETS = {
+    "lightning.fabric": _register_fabric,
+    "lightning.pytorch": _register_lightning,
+    "pytorch_lightning": _register_pytorch_lightning,
+}
 
 
 class _RegisterAfterLightning(importlib.abc.MetaPathFinder):
@@ -80,6 +89,10 @@ def __getattr__(name: str):  # type: ignore[no-untyped-def]
         from chaos_lightning.strategy.strategy import ChaosStrategy
 
         return ChaosStrategy
+    if name == "ChaosFabricStrategy":
+        from chaos_lightning.strategy.fabric import ChaosFabricStrategy
+
+        return ChaosFabricStrategy
     if name == "ScaleLRWithWorld":
         from chaos_lightning.strategy.callbacks import ScaleLRWithWorld
 

@@ -68,6 +68,10 @@ from chaos_lightning.wire.addr import AddressError, normalize_hostport, parse_ho
 
 #: the variable holding the cluster secret (the launcher can read another: ``--secret-env``)
 SECRET_ENV = "CHAOS_SECRET"
+#: set by an outside launcher that starts several processes per node with
+#: one ``CHAOS_BIND`` (the torchrun plugin): each splits it by ``LOCAL_RANK``
+#: (:func:`chaos_lightning.strategy.devices.child_options`)
+SPLIT_BY_LOCAL_RANK_ENV = "CHAOS_SPLIT_BY_LOCAL_RANK"
 
 
 class ConfigError(ValueError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -143,3 +144,39 @@ def run_to_end(nodes: Sequence[Node], timeout: float) -> list[Record]:
     finally:
         for n in nodes:
             n.stop()
+
+
+def churn_cluster(script: Path, argv: Sequence[str], tmp: Path, prefix: str) -> tuple[list[Node], list[Record]]:
+    """Three founders; a fourth joins mid-fit; once it trains, the founder that
+    is rank 0 is SIGTERMed (a graceful leave: rank 0 moves); once the view
+    without it trains, another founder is ``kill -9``ed.  Returns the four
+    nodes (leaver, the founder that stays, victim, joiner) and the ``done``
+    records of the founder that stays and the joiner, after checking exit
+    codes and that no log holds a traceback.  The worker prints ``ready``,
+    ``step`` records with ``step`` and ``world``, and ``done`` with ``left``."""
+    nodes = cluster(script, argv, 3, tmp, prefix=prefix)
+    try:
+        for node in nodes:
+            node.event("ready", 90)
+        leaver, first, victim = nodes  # node 0 founds the cluster: rank 0 until it leaves
+        leaver.wait(lambda r: r["event"] == "step" and r["step"] >= 4, 120)
+        late = joiner(script, argv, first, tmp, f"{prefix}-joiner")
+        nodes.append(late)
+        late.wait(lambda r: r["event"] == "step", 120)
+        sent = time.monotonic()
+        leaver.proc.send_signal(signal.SIGTERM)
+        first.wait(lambda r: r["event"] == "step" and r["world"] == 3 and r["_t"] > sent, 60)
+        victim.proc.kill()
+        done = [first.event("done", 240), late.event("done", 240)]
+        assert leaver.event("done", 60)["left"] is True
+        for node in (first, late, leaver):
+            assert node.exit_code(30) == 0, node.log
+        assert victim.exit_code(10) == -signal.SIGKILL
+        for node in (first, late, leaver):
+            text = node.log.read_text()
+            assert "Traceback" not in text, node.log
+            assert "dirpath has changed" not in text, node.log
+        return nodes, done
+    finally:
+        for node in nodes:
+            node.stop()

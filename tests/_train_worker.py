@@ -75,7 +75,8 @@ class Regressor(pl.LightningModule):
 
 class Validated(Regressor):
     """Validation: every rank counts the samples it evaluated; ``sync_dist``
-    sums the counts over the current members."""
+    sums the counts over the current members; ``all_gather`` collects the
+    ranks (the last step's gather is reported)."""
 
     def on_validation_start(self):
         if not self.trainer.sanity_checking:
@@ -86,11 +87,13 @@ class Validated(Regressor):
         time.sleep(float(os.environ.get("CHAOS_TEST_VAL_SLEEP", 0)))
         self.log("val_count", float(len(x)), reduce_fx="sum", sync_dist=True, on_epoch=True, batch_size=1)
         self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y), sync_dist=True, batch_size=len(x))
+        self.ranks = self.all_gather(torch.tensor(float(self.global_rank))).flatten().tolist()
 
     def on_validation_epoch_end(self):
         metrics = self.trainer.callback_metrics
         if "val_count" in metrics and not self.trainer.sanity_checking:
-            say(event="val", epoch=self.current_epoch, world=self.trainer.world_size, count=float(metrics["val_count"]))
+            say(event="val", epoch=self.current_epoch, world=self.trainer.world_size, count=float(metrics["val_count"]),
+                ranks=self.ranks)
 
 
 class LedgerAt(pl.Callback):
@@ -131,7 +134,8 @@ def main() -> None:
         callbacks.append(ModelCheckpoint(env["CHAOS_TEST_CKPT_DIR"], "{step}", every_n_train_steps=every, save_top_k=-1))
         callbacks.append(LedgerAt(every))
     trainer = pl.Trainer(
-        strategy="chaos", accelerator="cpu", devices=1, max_epochs=epochs, logger=False, callbacks=callbacks,
+        strategy="chaos", accelerator="cpu", devices=int(env.get("CHAOS_TEST_DEVICES", 1)), max_epochs=epochs,
+        logger=False, callbacks=callbacks,
         enable_checkpointing=bool(env.get("CHAOS_TEST_CKPT_DIR")), enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0,
         accumulate_grad_batches=int(env.get("CHAOS_TEST_ACCUM", 1)),

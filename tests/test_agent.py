@@ -204,3 +204,44 @@ def test_listening_beyond_loopback_needs_a_secret(monkeypatch):
     monkeypatch.delenv("CHAOS_SECRET", raising=False)
     with pytest.raises(InsecureBind, match="CHAOS_SECRET"):
         Agent(bind="0.0.0.0:0").start()
+
+
+def test_a_join_whose_every_seed_refuses_says_so_in_one_line_at_once(caplog):
+    """Two seeds where nothing listens: within a second one warning names
+    both and why, once, while the join goes on trying (a seed may be
+    starting); the rendezvous' timeout error carries the same reasons."""
+    from chaos_lightning.testbed.procs import free_ports
+
+    seeds = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    caplog.set_level(logging.WARNING, logger="chaos_lightning.agent")
+    agent = Agent(secret=SECRET).start(seeds)
+    try:
+        deadline = time.monotonic() + 5
+        while not any("no seed answers" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.05)
+        took = 5 - (deadline - time.monotonic())
+        assert took < 2.0, f"reported after {took:.1f}s"
+        time.sleep(1.5)  # the join keeps dialling: still one line
+        lines = [r.getMessage() for r in caplog.records if "no seed answers" in r.getMessage()]
+        assert len(lines) == 1, lines
+        assert all(f"{s} (connection refused" in lines[0] for s in seeds), lines[0]
+        assert agent.wait_view(0, 0.1) is None
+        assert agent.seed_errors().count("connection refused") == 2
+    finally:
+        agent.stop()
+
+
+def test_a_seed_with_another_secret_is_named_as_refusing_the_handshake(cluster, caplog):
+    caplog.set_level(logging.WARNING, logger="chaos_lightning.agent")
+    agent = Agent(secret=b"another-secret").start([cluster[0].addr])
+    try:
+        deadline = time.monotonic() + 5
+        while not agent.seed_errors():
+            assert time.monotonic() < deadline, "no dial error recorded"
+            time.sleep(0.05)
+        assert cluster[0].addr in agent.seed_errors(), agent.seed_errors()
+        assert "wrong cluster secret" in agent.seed_errors(), agent.seed_errors()
+        assert all(agent.node_id not in a.view().ids for a in cluster)
+    finally:
+        agent.stop()

@@ -17,47 +17,18 @@ was 82 against 124).
 from __future__ import annotations
 
 import csv
-import signal
 from pathlib import Path
 
 import pytest
 
-from _procs import Node, cluster, joiner
+from _procs import Node, churn_cluster, cluster
 
 WORKER = Path(__file__).with_name("_dropin_worker.py")
 SAMPLES, EPOCHS, SLEEP = 480, 4, 0.25  # 20 steps an epoch at world 3
 
 
 def churn(feature: str, tmp: Path) -> tuple[list[Node], list[dict]]:
-    """Run ``feature`` through join, leave, kill -9; the records of the founder
-    that stays and the joiner (``done``), after checking exit codes."""
-    root = tmp / "run"
-    argv = [feature, str(SAMPLES), str(EPOCHS), str(SLEEP), str(root)]
-    nodes = cluster(WORKER, argv, 3, tmp, prefix=feature)
-    try:
-        for node in nodes:
-            node.event("ready", 90)
-        leaver, first, victim = nodes  # node 0 founds the cluster: rank 0 until it leaves
-        leaver.wait(lambda r: r["event"] == "step" and r["step"] >= 4, 120)
-        late = joiner(WORKER, argv, first, tmp, f"{feature}-joiner")
-        nodes.append(late)
-        late.wait(lambda r: r["event"] == "step", 120)
-        leaver.proc.send_signal(signal.SIGTERM)
-        first.wait(lambda r: r["event"] == "step" and r["world"] == 3, 60)
-        victim.proc.kill()
-        done = [first.event("done", 240), late.event("done", 240)]
-        assert leaver.event("done", 60)["left"] is True
-        for node in (first, late, leaver):
-            assert node.exit_code(30) == 0, node.log
-        assert victim.exit_code(10) == -signal.SIGKILL
-        for node in (first, late, leaver):
-            text = node.log.read_text()
-            assert "Traceback" not in text, node.log
-            assert "dirpath has changed" not in text, node.log
-        return nodes, done
-    finally:
-        for node in nodes:
-            node.stop()
+    return churn_cluster(WORKER, [feature, str(SAMPLES), str(EPOCHS), str(SLEEP), str(tmp / "run")], tmp, feature)
 
 
 def check_replicas_and_exactly_once(done: list[dict]) -> None:

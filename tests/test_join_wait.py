@@ -2,7 +2,8 @@
 
 Issue 12 measured 120 s of silence and a SIGTERM ignored during that wait
 (sent at 20 s, exit at 124 s).  Here: SIGTERM ends the wait within a second
-(exit 143, one line saying so), and ``CHAOS_JOIN_TIMEOUT`` bounds it.
+(exit 143, one line saying so), ``CHAOS_JOIN_TIMEOUT`` bounds it, and a
+seed that refuses the connection is named in one line at once.
 """
 
 from __future__ import annotations
@@ -64,6 +65,41 @@ def test_the_join_timeout_is_honoured_with_one_line(tmp_path):
         code = node.exit_code(60)
         assert code != 0
         assert time.monotonic() - start < 30, "bounded by CHAOS_JOIN_TIMEOUT=4, not the default 120 s"
-        assert "within 4s" in node.log.read_text(), node.log
+        text = node.log.read_text()
+        assert "within 4s" in text, node.log
+        # the dead seed is named at once, and again in the timeout's error, with why
+        assert text.count("no seed answers") == 1 and "connection refused" in text, node.log
     finally:
         node.stop()
+
+
+@pytest.mark.timeout(180)
+def test_a_node_admitted_after_the_last_step_takes_the_final_state_and_ends_at_once(tmp_path):
+    """Two members train one epoch and then validate slowly; a third node is
+    started once they validate, so the cluster admits it after the last
+    training step.  Without the end-of-fit handover it would wait for a group
+    that never forms, then find nobody and train from scratch alone.  With
+    it, the members form one last group, the newcomer takes the final state
+    marked as ended, trains nothing, and ends as their replica."""
+    from _procs import cluster, joiner
+
+    train = Path(__file__).with_name("_train_worker.py")
+    argv = ["64", "1", "0.02"]  # 64 samples, one epoch: 8 steps at world 2
+    env = {"CHAOS_TEST_VAL": "40", "CHAOS_TEST_VAL_SLEEP": "4"}  # 4 validation batches a member: 16 s
+    members = cluster(train, argv, 2, tmp_path, env=env, prefix="member")
+    nodes = list(members)
+    try:
+        members[0].wait(lambda r: r["event"] == "val_start" and r["epoch"] == 0, 120)
+        late = joiner(train, argv, members[1], tmp_path, "late", env)
+        nodes.append(late)
+        done = [n.event("done", 120) for n in nodes]
+        for n in nodes:
+            assert n.exit_code(30) == 0, n.log
+    finally:
+        for n in nodes:
+            n.stop()
+    assert len({(r["params"], r["optim"], r["global_step"]) for r in done}) == 1, done
+    assert done[0]["global_step"] == 8
+    assert not [r for r in late.records if r["event"] == "step"], "the newcomer trained nothing"
+    assert "chaos: joined as the fit ended (global step 8)" in late.log.read_text(), late.log
+    assert any("they took the final state" in m.log.read_text() for m in members), members[0].log

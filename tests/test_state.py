@@ -63,12 +63,15 @@ def test_malformed_metadata_is_a_clear_error():
         unpack_tree(bad, [torch.zeros(2)])
 
 
-def _rank(rank: int, path: str, out) -> None:
+def _rank(rank: int, path: str, out, received) -> None:
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
     try:
         got = broadcast_tree(sample_state() if rank == 0 else None, 0, rank)
         meta, tensors = pack_tree(got)
         out.put((rank, meta, [t.clone() for t in tensors]))
+        # the tensors travel as shared memory handed over by this process:
+        # it must outlive the parent's unpickling
+        received.wait(45)
     finally:
         dist.destroy_process_group()
 
@@ -78,13 +81,14 @@ def test_broadcast_tree_delivers_an_identical_state_to_the_other_rank(tmp_path):
     torch.manual_seed(0)
     expected = sample_state()
     ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, str(tmp_path / "store"), out)) for r in range(2)]
+    out, received = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_rank, args=(r, str(tmp_path / "store"), out, received)) for r in range(2)]
     for p in procs:
         p.start()
     try:
         results = dict((r, unpack_tree(m, t)) for r, m, t in (out.get(timeout=45) for _ in procs))
     finally:
+        received.set()
         for p in procs:
             p.join(timeout=15)
             if p.is_alive():

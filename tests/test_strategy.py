@@ -244,7 +244,7 @@ def test_a_node_killed_during_validation_does_not_stop_the_survivors(tmp_path):
             n.stop()
     assert_identical_and_exactly_once(results, epochs=epochs)
     later = [r for r in survivors[0].records if r["event"] == "val" and r["epoch"] >= 2]
-    assert later and all(r["world"] == 2 and r["count"] == float(val) for r in later), later
+    assert later and all(r["world"] == 2 and r["count"] == float(val) and r["ranks"] == [0.0, 1.0] for r in later), later
 
 
 @pytest.mark.timeout(240)

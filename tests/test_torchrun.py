@@ -163,8 +163,7 @@ def torchrun(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("args, words", [
     (["--rdzv-endpoint", "127.0.0.1:99999"], "port must be 1-65535"),
-    (["--nproc-per-node", "2"], "--nproc-per-node must be 1"),
-])
+])  # (--nproc-per-node N is supported: test_nproc_per_node_2_*)
 def test_torchrun_reports_user_errors_in_one_line(args: list[str], words: str) -> None:
     full = ["--nnodes", "1", "--rdzv-backend", "chaos", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", *args]
     result = torchrun(*full, str(WORKER), "8", "1", "0")
@@ -280,3 +279,42 @@ def test_torchrun_two_nodes_a_third_joins_the_founder_is_killed_survivors_never_
     finally:
         for a in agents:
             a.stop()
+
+
+@pytest.mark.timeout(180)
+def test_nproc_per_node_2_makes_two_members_that_split_the_node_address(tmp_path: Path) -> None:
+    """``--nnodes 1 --nproc-per-node 2``: both workers inherit one
+    ``CHAOS_BIND`` and split it by ``LOCAL_RANK`` (the founding endpoint and
+    the port after it); they are two members of one world and end identical,
+    with every sample trained once."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    n, epochs = 64, 2
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+         "--rdzv-backend", "chaos", "--rdzv-endpoint", endpoint, "--max-restarts", "0",
+         "--log-dir", str(tmp_path / "logs"), "--redirects", "3", str(WORKER),
+         str(n), str(epochs), "0.02"],
+        cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CHAOS_TEST_DEVICES": "2", **RECORD},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    assert proc.returncode == 0, out
+    import json
+
+    # --redirects 3: each worker's stdout and stderr in its own file
+    outs = sorted((tmp_path / "logs").rglob("stdout.log"))
+    assert len(outs) == 2, list((tmp_path / "logs").rglob("*"))
+    records = [json.loads(line) for f in outs for line in f.read_text().splitlines() if line.startswith("{")]
+    out += "".join(f.read_text() for f in sorted((tmp_path / "logs").rglob("stderr.log")))
+    done = [r for r in records if r["event"] == "done"]
+    assert len(done) == 2 and len({d["pid"] for d in done}) == 2, out[-3000:]
+    assert len({(d["params"], d["optim"], d["global_step"]) for d in done}) == 1, done
+    assert {r["world"] for r in records if r["event"] == "step"} == {2}
+    exactly_once(done[0], epochs, n)
+    host, port = endpoint.rsplit(":", 1)
+    assert f"{endpoint},{host}:{int(port) + 1}" in out or f"{host}:{int(port) + 1},{endpoint}" in out, out[-3000:]

@@ -46,6 +46,7 @@ from chaos_lightning.monitor import Monitor
 from chaos_lightning.monitor.links import estimate_bandwidth
 from chaos_lightning.wire import KIND_BLOB, ConnectionClosed, WireError, load_secret, open_connection, start_server
 from chaos_lightning.wire.addr import format_hostport, parse_hostport
+from chaos_lightning.wire.errors import AuthError
 
 log = logging.getLogger("chaos_lightning.agent")
 
@@ -55,6 +56,17 @@ MAX_QUEUE = 1024
 #: active bandwidth probe size: above the monitor's 64 KiB floor, small enough
 #: to take well under a second on a 10 Mbit/s edge link
 DEFAULT_PROBE_BYTES = 1 << 20
+
+
+def dial_error(exc: BaseException) -> str:
+    """A failed dial, as a user reads it."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused: nothing listens there"
+    if isinstance(exc, AuthError) and not isinstance(exc, TimeoutError):
+        return str(exc)  # says which (e.g. "server refused the connection: wrong cluster secret")
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    return f"{type(exc).__name__}: {exc}"
 
 
 class _Peer:
@@ -111,6 +123,9 @@ class Agent:
         self._subscribers: list[Callable[[object], None]] = []
         self._stopped = False
         self._blocked: dict[str, bool] = {}  # addresses whose link we cut
+        self._seeds: tuple[str, ...] = ()  # the contacts of the last join
+        self._seed_errors: dict[str, str] = {}  # seed -> why its last dial failed (while joining)
+        self._seeds_reported = False
         #: wall-clock seconds the machine spent per decision (Proposed events)
         self.decisions: list[tuple[float, float, str]] = []
 
@@ -184,6 +199,7 @@ class Agent:
     def _join(self, peers: list[str]) -> None:
         now = self._now()
         contacts = [p for p in peers if p and p != self.addr]
+        self._seeds, self._seed_errors, self._seeds_reported = tuple(contacts), {}, False
         if contacts:
             self._apply(self.machine.join(contacts, now))
         else:
@@ -415,6 +431,24 @@ class Agent:
         if peer.task is None or peer.task.done():
             peer.task = asyncio.ensure_future(self._sender(peer))
 
+    def _seed_failed(self, addr: str, exc: BaseException) -> None:
+        """While joining: remember why a seed could not be dialled; once every
+        seed has failed, say so in one line (the join goes on trying: a seed
+        may still be starting)."""
+        if addr not in self._seeds or self._phase is not Phase.JOINING:
+            return
+        self._seed_errors[addr] = dial_error(exc)
+        if not self._seeds_reported and set(self._seed_errors) >= set(self._seeds):
+            self._seeds_reported = True
+            log.warning(
+                "%s: no seed answers: %s; still trying until the join timeout (check CHAOS_PEERS and that a member "
+                "runs there; if the fit has ended there is nothing left to join)", self.node_id, self.seed_errors(),
+            )
+
+    def seed_errors(self) -> str:
+        """Why each seed of the current join could not be dialled, in one line ("" if none failed)."""
+        return ", ".join(f"{a} ({self._seed_errors[a]})" for a in self._seeds if a in self._seed_errors)
+
     def _hint(self, peer: _Peer) -> None:
         if peer.node and self.machine is not None:
             self._apply(self.machine.hint_unreachable(peer.node, self._now()))
@@ -444,6 +478,7 @@ class Agent:
                         )
                     except (OSError, WireError, TimeoutError) as exc:
                         log.debug("%s: cannot reach %s: %s", self.node_id, peer.addr, exc)
+                        self._seed_failed(peer.addr, exc)
                         peer.queue.clear()
                         peer.down_until = self._now() + cfg.probe_interval / 2
                         self._hint(peer)

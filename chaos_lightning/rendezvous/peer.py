@@ -65,7 +65,7 @@ class PeerRendezvous(Rendezvous):
         self._ensure_started()
         view = self.agent.wait_view(0, timeout)
         if view is None:
-            where = ", ".join(self._peers) or "(founding)"
+            where = self.agent.seed_errors() or ", ".join(self._peers) or "(founding)"
             raise RendezvousError(f"{self.node_id}: no view with this node within {timeout:g}s (peers: {where})")
         return view
 

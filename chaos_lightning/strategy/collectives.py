@@ -60,6 +60,28 @@ def barrier(pg: ElasticProcessGroup, abort: AbortFlag, timeout: float) -> None:
         log.warning("chaos: barrier failed (%s)", exc)
 
 
+def all_gather(pg: ElasticProcessGroup, tensor: torch.Tensor, abort: AbortFlag, timeout: float) -> torch.Tensor:
+    """Every rank's ``tensor`` stacked in rank order (``(world, *shape)``; the
+    same shape on every rank, as Lightning requires), as one abortable
+    all-reduce over a zeroed buffer in which each rank fills its own row.
+    If the group fails meanwhile: this rank's row alone (logged)."""
+    rows = torch.zeros((pg.world_size, *tensor.shape), dtype=tensor.dtype)
+    rows[pg.rank].copy_(tensor.detach())
+    try:
+        pg.all_reduce(rows, abort=abort, timeout=timeout)
+    except CollectiveError as exc:
+        log.warning("chaos: all_gather failed (%s); using this rank's value", exc)
+        return tensor.detach().unsqueeze(0)
+    return rows
+
+
+def ours(group: Any) -> bool:
+    """Whether a collective's ``group`` argument means the whole cluster:
+    ``None``, or ``torch.distributed.group.WORLD`` (what Fabric and
+    ``LightningModule.all_gather`` pass by default)."""
+    return group is None or (dist.is_available() and group is dist.group.WORLD)
+
+
 class NotCarried(Exception):
     """The object is not a small tensor-free tree: use Lightning's own broadcast."""
 

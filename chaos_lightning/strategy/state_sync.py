@@ -3,10 +3,11 @@
 Role in the whole: :mod:`.sync` decides (purely) who holds the freshest
 state and how it travels; this module carries the decision out on the
 current group.  What "the state" is lives here too (:func:`training_state`):
-everything a replica must share to continue bit-identically: parameters and
-buffers, optimizer, LR-scheduler and precision state, callback state, the
-sampler's cursor, the loop's epoch and step, the commit count, and the run's
-output folders.
+everything a replica must share to continue bit-identically: its tensors
+(parameters and buffers), the sampler's cursor, the commit count, and what
+the strategy adds (:class:`~.elastic.ElasticMember`: optimizer, scheduler and
+precision state; for Lightning also callback state, the loop's progress and
+the run's output folders).
 
 Two ways the state travels (the plan says which):
 
@@ -34,7 +35,6 @@ import torch.distributed as dist
 from chaos_lightning.replication.neighbors import Holder, choose_sources
 from chaos_lightning.replication.snapshot import Snapshot
 from chaos_lightning.replication.transfer import PullError, PullResult, ShardServer, pull
-from chaos_lightning.strategy import _lightning_internals as internals
 from chaos_lightning.strategy.trace import progress
 from chaos_lightning.strategy.process_group import CollectiveFailed
 from chaos_lightning.strategy.state import broadcast_tree, pack_tree, unpack_tree
@@ -42,7 +42,7 @@ from chaos_lightning.strategy.sync import Claim, Freshness, SyncAction, SyncPlan
 
 if TYPE_CHECKING:  # the strategy imports us
     from chaos_lightning.monitor import Monitor
-    from chaos_lightning.strategy.strategy import ChaosStrategy
+    from chaos_lightning.strategy.elastic import ElasticMember
 
 log = logging.getLogger("chaos_lightning.strategy")
 
@@ -60,43 +60,18 @@ def _cut_from(monitor: Monitor | None, me: str) -> set[str]:
     return {n for n in topology.nodes if n != me and not topology.reachable(me, n)}
 
 
-def _module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
-    return list(module.parameters()) + list(module.buffers())
-
-
-def training_state(strategy: ChaosStrategy, trainer: Any) -> dict[str, Any]:
+def training_state(member: ElasticMember) -> dict[str, Any]:
     """Everything but parameters and buffers that replicas must share."""
-    return {
-        "optimizers": [opt.state_dict() for opt in strategy.optimizers],
-        "schedulers": [cfg.scheduler.state_dict() for cfg in strategy.lr_scheduler_configs],
-        "precision": strategy.precision_plugin.state_dict(),
-        # the strategy's own callback keeps only the sampler, which travels below
-        "callbacks": {cb.state_key: cb.state_dict() for cb in trainer.callbacks if not getattr(cb, "chaos_owned", False)},
-        "sampler": strategy.elastic_sampler.state_dict(),
-        "loop": internals.loop_progress(trainer),
-        "step": trainer.global_step,
-        "commits": strategy.commits,
-        "paths": internals.output_paths(trainer),
-    }
+    return {"sampler": member.elastic_sampler.state_dict(), "commits": member.commits, "ended": member.ended,
+            "host": member.replica_state()}
 
 
-def load_training_state(strategy: ChaosStrategy, trainer: Any, state: dict[str, Any]) -> None:
-    for opt, opt_state in zip(strategy.optimizers, state["optimizers"], strict=True):
-        opt.load_state_dict(opt_state)
-    for cfg, sched_state in zip(strategy.lr_scheduler_configs, state["schedulers"], strict=True):
-        cfg.scheduler.load_state_dict(sched_state)
-    if state["precision"]:
-        strategy.precision_plugin.load_state_dict(state["precision"])
-    # the run's folders first: ModelCheckpoint's state names its dirpath and
-    # is only restored in full (best score, top-k) where the dirpath matches
-    internals.adopt_output_paths(trainer, state["paths"])
-    callbacks = state["callbacks"]
-    for cb in trainer.callbacks:
-        if callbacks.get(cb.state_key):
-            cb.load_state_dict(callbacks[cb.state_key])
-    strategy.elastic_sampler.load_state_dict(state["sampler"])
-    strategy.commits = state["commits"]
-    internals.load_loop_progress(trainer, state["loop"], remaining=strategy.elastic_sampler.steps_remaining)
+def load_training_state(member: ElasticMember, state: dict[str, Any]) -> None:
+    # the sampler first: the host's loop progress is measured against it
+    member.elastic_sampler.load_state_dict(state["sampler"])
+    member.commits = state["commits"]
+    member.ended = state["ended"]
+    member.load_replica_state(state["host"])
 
 
 class StateSync:
@@ -128,50 +103,50 @@ class StateSync:
             self._server.close()
             self._server = None
 
-    def sync(self, strategy: ChaosStrategy, trainer: Any, freshness: Freshness, *, stale: bool) -> SyncPlan:
+    def sync(self, member: ElasticMember, freshness: Freshness, *, stale: bool) -> SyncPlan:
         """Claims in one collective, then the plan every rank derives from them, carried out."""
         self.received = False
-        rank, world = strategy.global_rank, strategy.world_size
-        claims = torch.tensor(Claim.of(freshness, strategy.commits).encode(rank, world), dtype=torch.int64)
-        strategy.collective(claims)
+        rank, world = member.global_rank, member.world_size
+        claims = torch.tensor(Claim.of(freshness, member.commits).encode(rank, world), dtype=torch.int64)
+        member.collective(claims)
         plan = self.plan = plan_sync(Claim.decode_all(claims.tolist()), rank, stale=stale)
         log.info("chaos: state sync %s: %s", [(c.commits, int(c.freshness)) for c in Claim.decode_all(claims.tolist())],
                  plan.action.value)
         if plan.action is SyncAction.PULL:
-            self._pull_state(strategy, trainer, plan.holders)
+            self._pull_state(member, plan.holders)
         elif plan.action is SyncAction.BROADCAST:
-            self._broadcast_state(strategy, trainer, plan)
+            self._broadcast_state(member, plan)
         return plan
 
     # ---------------------------------------------------------------- broadcast
-    def _broadcast_state(self, strategy: ChaosStrategy, trainer: Any, plan: SyncPlan) -> None:
-        rank = strategy.global_rank
+    def _broadcast_state(self, member: ElasticMember, plan: SyncPlan) -> None:
+        rank = member.global_rank
         try:
             with torch.no_grad():
-                for t in _module_tensors(strategy.lightning_module):
+                for t in member.replica_tensors():
                     dist.broadcast(t.data, plan.source)
-            mine = training_state(strategy, trainer) if rank == plan.source else None
+            mine = training_state(member) if rank == plan.source else None
             state = broadcast_tree(mine, plan.source, rank)
         except RuntimeError as exc:  # gloo: a peer reset the connection
             raise CollectiveFailed(f"state broadcast: {exc}") from exc
         if rank != plan.source:
-            internals.adopt_output_paths(trainer, state["paths"])
+            member.adopt_shared(state["host"])
         if not plan.receive:
             return
-        if plan.adopt_aborted_step and strategy.ledger is not None:
+        if plan.adopt_aborted_step and member.ledger is not None:
             # the step we aborted did commit at the source: record its blocks
             # (one per micro-batch of the window, still laid out for the old
             # world, as at the source when it committed)
-            sampler = strategy.elastic_sampler
-            for j in range(strategy.window.last):
-                strategy.ledger.record(sampler.epoch, sampler.block(j))
+            sampler = member.elastic_sampler
+            for j in range(member.window.last):
+                member.ledger.record(sampler.epoch, sampler.block(j))
         # the loop's counters too: a newcomer's are the members', and one that
         # aborted the step the source committed counts that step as applied
-        load_training_state(strategy, trainer, state)
+        load_training_state(member, state)
         self.received = True
 
     # ---------------------------------------------------------------- pull
-    def _pull_state(self, strategy: ChaosStrategy, trainer: Any, holders: tuple[int, ...]) -> None:
+    def _pull_state(self, member: ElasticMember, holders: tuple[int, ...]) -> None:
         """Holders publish a snapshot of the full state on their shard server
         and wait; newcomers pull it from several of them at once.
 
@@ -180,39 +155,38 @@ class StateSync:
         snapshot is served straight from the live tensors (no copy) and cannot
         change under the transfer.
         """
-        holding = strategy.global_rank in holders
+        holding = member.global_rank in holders
         if holding:
-            module = strategy.lightning_module
             meta, tensors = pack_tree(
-                {"module": [t.detach() for t in _module_tensors(module)], "training": training_state(strategy, trainer)}
+                {"module": [t.detach() for t in member.replica_tensors()], "training": training_state(member)}
             )
             snapshot = Snapshot(meta, tensors)
             self._server.publish(snapshot)
             log.info(
                 "chaos: serving the state (%.1f MB, %d shards) to %d newcomer(s)",
-                snapshot.manifest.total_bytes / 1e6, len(snapshot.manifest.shards), strategy.world_size - len(holders),
+                snapshot.manifest.total_bytes / 1e6, len(snapshot.manifest.shards), member.world_size - len(holders),
             )
         try:
-            strategy.collective(torch.ones(1))  # every snapshot is published
+            member.collective(torch.ones(1))  # every snapshot is published
             ok = 1.0
             if not holding:
-                ok = 1.0 if self._pull_from(strategy, trainer, [strategy.member_at(r) for r in holders]) else 0.0
+                ok = 1.0 if self._pull_from(member, [member.member_at(r) for r in holders]) else 0.0
             flags = torch.tensor([ok])
             # holders wait here for the pull: bounded by the join timeout,
             # ended at once if a member fails
-            strategy.collective(flags, timeout=self._join_timeout)
+            member.collective(flags, timeout=self._join_timeout)
         finally:
             if holding:
                 self._server.retract()
-        if flags.item() < strategy.world_size:
+        if flags.item() < member.world_size:
             raise CollectiveFailed("a newcomer could not pull the state")
 
-    def _pull_from(self, strategy: ChaosStrategy, trainer: Any, holders: list[Any]) -> bool:
+    def _pull_from(self, member: ElasticMember, holders: list[Any]) -> bool:
         candidates = [Holder(m.id, dict(m.meta).get(REPL_META_KEY, "")) for m in holders]
         candidates = [c for c in candidates if c.addr]
-        monitor = strategy.monitor
+        monitor = member.monitor
         estimates = monitor.links.estimates() if monitor is not None else {}
-        chosen, rates = choose_sources(candidates, estimates, self._max_sources, _cut_from(monitor, strategy.node_id))
+        chosen, rates = choose_sources(candidates, estimates, self._max_sources, _cut_from(monitor, member.node_id))
         with progress(f"chaos: pulling the state from {len(chosen)} member(s)", unit="B", unit_scale=True,
                       unit_divisor=1024) as bar:
 
@@ -229,9 +203,9 @@ class StateSync:
                 return False
         state = unpack_tree(result.meta, result.tensors)
         with torch.no_grad():
-            for dst, src in zip(_module_tensors(strategy.lightning_module), state["module"], strict=True):
+            for dst, src in zip(member.replica_tensors(), state["module"], strict=True):
                 dst.copy_(src)
-        load_training_state(strategy, trainer, state["training"])
+        load_training_state(member, state["training"])
         self.received = True
         self.last_pull = result
         node_of = {c.addr: c.node for c in chosen}
@@ -240,7 +214,7 @@ class StateSync:
                 if report.bytes and report.seconds and report.addr in node_of:
                     monitor.record_transfer(node_of[report.addr], report.bytes, report.seconds, "down")
         log.info("chaos: pulled %.1f MB from %d members in %.3fs", result.total_bytes / 1e6, len(chosen), result.seconds)
-        strategy.trace.emit(
+        member.trace.emit(
             "pull", bytes=result.total_bytes, seconds=result.seconds,
             sources=[{"node": node_of.get(r.addr, r.addr), "bytes": r.bytes, "seconds": r.seconds} for r in result.sources],
         )

@@ -41,9 +41,13 @@ itself on the command line).  torch's generic timeouts (``timeout``,
 waits apply.  Every value is checked through
 :class:`chaos_lightning.config.NodeConfig` (over the environment the workers
 inherit) before any worker starts.  ``--nnodes MIN:MAX``: MIN becomes ``CHAOS_MIN_NODES``; MAX is not
-enforced (peers admit any joiner).  ``--nproc-per-node`` must be 1: only one
-process can bind the founding address (see docs/torchrun.md for the strategy
-rule that would lift this).
+enforced (peers admit any joiner).  ``--nproc-per-node N``: every worker
+is a member (``CHAOS_MIN_NODES`` is MIN x N); the workers share the node's
+``CHAOS_BIND`` and split it by ``LOCAL_RANK`` (``CHAOS_SPLIT_BY_LOCAL_RANK=1``:
+local rank k binds port + k, or a free port on a joining node, and joins
+through local rank 0 and the endpoint).  torchrun stops a node's whole
+worker group when one of its workers fails, so under torchrun a worker's
+death takes its node's other workers with it; the other nodes train on.
 
 A worker that fails is restarted by its own agent only (``--max-restarts``):
 on a joining node the new worker joins the running cluster as a new node; on
@@ -74,7 +78,7 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousStoreInfo,
 )
 
-from chaos_lightning.config import ConfigError, NodeConfig, resolve_flags
+from chaos_lightning.config import SPLIT_BY_LOCAL_RANK_ENV, ConfigError, NodeConfig, resolve_flags
 from chaos_lightning.wire.addr import AddressError, format_hostport, parse_hostport
 
 log = logging.getLogger("chaos_lightning.integrations.torchrun")
@@ -291,6 +295,7 @@ class ChaosRendezvousHandler(RendezvousHandler):
         self.founds: bool | None = None  # decided at the first round
         self.env: dict[str, str] = {}  # what the last round set in os.environ
         self.rounds = 0
+        self.nproc = 1  # --nproc-per-node, read at the round
         self._claim = EndpointClaim(self.host, self.port)
         self._closed = threading.Event()
 
@@ -342,11 +347,7 @@ class ChaosRendezvousHandler(RendezvousHandler):
     def _next_rendezvous(self) -> RendezvousInfo:
         if self.is_closed():
             raise RendezvousClosedError(f"chaos rendezvous {self.params.run_id!r} is closed")
-        nproc = _local_world_size()
-        if nproc is not None and nproc != 1:
-            raise ChaosRendezvousError(
-                f"chaos rendezvous: --nproc-per-node must be 1 (one chaos node per torchrun node), got {nproc}"
-            )
+        self.nproc = _local_world_size() or 1
         self.rounds += 1
         if self.founds is None:
             self.founds = self._decide_founder()
@@ -399,7 +400,10 @@ class ChaosRendezvousHandler(RendezvousHandler):
                 f"chaos rendezvous: this node listens on {bind_host} (not loopback): set the cluster secret in "
                 "$CHAOS_SECRET or name its variable with --rdzv-conf secret_env=VAR"
             )
-        env = {"CHAOS_BIND": bind, "CHAOS_PEERS": peers, "CHAOS_MIN_NODES": str(self.params.min_nodes)}
+        # every worker is a member: --nnodes counts agents, CHAOS_MIN_NODES members
+        env = {"CHAOS_BIND": bind, "CHAOS_PEERS": peers, "CHAOS_MIN_NODES": str(self.params.min_nodes * self.nproc)}
+        if self.nproc > 1:
+            env[SPLIT_BY_LOCAL_RANK_ENV] = "1"  # local rank k binds port + k and joins through local rank 0
         if self.preset:
             env["CHAOS_PRESET"] = self.preset
         if self.membership:

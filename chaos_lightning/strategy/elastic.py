@@ -1,0 +1,360 @@
+"""This process as a member of the cluster: what both flavours of strategy share.
+
+Role in the whole: ``Trainer(strategy="chaos")`` (:mod:`.strategy`) and
+``Fabric(strategy="chaos")`` (:mod:`.fabric`) train the same way: one member
+per process, no DDP wrapper, one launch per step that reduces the weighted
+gradients with the control record (:class:`.switch.Control`), and at the step
+boundary the same decision (:func:`.switch.decide`) on every member: train
+on, leave, or switch views and make the replicas identical again
+(:mod:`.state_sync`).  :class:`ElasticMember` holds that machinery; the two
+strategies differ only in where the step boundary is (Lightning's
+``on_train_batch_end``, Fabric's ``optimizer.step()``) and in what a replica
+is beyond its tensors, the sampler and the commit count:
+
+* :meth:`ElasticMember.replica_tensors`: parameters and buffers, in one
+  order on every member;
+* :meth:`ElasticMember.replica_state` / :meth:`~ElasticMember.load_replica_state`:
+  the rest of the state (optimizers, schedulers, precision; for Lightning the
+  callbacks, the loop's progress and the run's folders);
+* :meth:`ElasticMember.adopt_shared`: what a member that already holds the
+  state still takes from the source (Lightning: the run's folders).
+
+It is a mixin so the strategies keep the attributes users and tests read
+(``strategy.commits``, ``strategy.ledger``, ``strategy.step_applied``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from chaos_lightning.config import NodeConfig
+from chaos_lightning.membership.view import View
+from chaos_lightning.strategy import collectives
+from chaos_lightning.strategy.environment import pin_gloo_interface, take_sigterm
+from chaos_lightning.strategy.gradients import GradientBuffer
+from chaos_lightning.strategy.group import ElasticGroup
+from chaos_lightning.strategy.process_group import CollectiveError
+from chaos_lightning.strategy.sampler import ElasticSampler, Ledger
+from chaos_lightning.strategy.state_sync import REPL_META_KEY, StateSync
+from chaos_lightning.strategy.switch import Control, Decision, Window, decide, usable_for_switch
+from chaos_lightning.strategy.sync import Freshness, SyncAction
+from chaos_lightning.strategy.trace import Trace
+
+log = logging.getLogger("chaos_lightning.strategy")
+
+__all__ = ["ElasticMember"]
+
+
+class ElasticMember:
+    """The cluster side of a chaos strategy (see the module docstring)."""
+
+    # ---------------------------------------------------------------- what the host provides
+    def replica_tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def replica_state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_replica_state(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def adopt_shared(self, state: dict[str, Any]) -> None:
+        """A broadcast's state seen by a member that keeps its own replica."""
+
+    # and, from the Lightning strategy it mixes into: ``set_world_ranks()``
+    # (ranks from ``self.group`` after a group forms), ``global_rank``, ``world_size``
+
+    # ---------------------------------------------------------------- set up
+    def _init_member(self, config: NodeConfig) -> None:
+        self.config = config
+        self._sync = StateSync(secret=config.secret, max_sources=config.max_sources, join_timeout=config.join_timeout)
+        self.trace = Trace(config.trace)  # this node's timeline as JSON lines
+        self.group = ElasticGroup(config, self.trace)
+        self._orphaned = False  # came back stale to nobody to take the state from
+        self._leave_requested = False
+        self.left = False
+        #: the fit is over: set on the members by the end-of-fit handover, and
+        #: on a newcomer by the state it took there (its fit ends at once)
+        self.ended = False
+        self._control: Control | None = None  # the last step's summed record; None after a failed step
+        self.step_applied = True  # False in the end hooks of a failed step: no update, counted nowhere
+        self.commits = 0  # steps committed since fit began (a joiner takes the members' count)
+        self.window = Window()  # gradient accumulation
+        self._grads = GradientBuffer()
+        self.elastic_sampler: ElasticSampler | None = None
+        self.ledger: Ledger | None = None
+        self.events: list[dict[str, Any]] = []  # view changes with timings, for logs and tests
+
+    def rebind(self, bind: str) -> None:
+        """Listen at ``bind`` instead (before :meth:`_open_member`: the
+        launcher of ``devices=N`` fixes the first process's port)."""
+        self.config = dataclasses.replace(self.config, bind=bind)
+        self.group.config = self.config
+
+    def _open_member(self) -> None:
+        """Serve the state, bind and start the agent (no join yet); SIGTERM leaves."""
+        host = self.config.bind_host
+        pin_gloo_interface(host)
+        served = self._sync.serve(host)  # every node serves the state; its address rides in the member's meta
+        self.group.open({REPL_META_KEY: served})
+        take_sigterm(self.request_leave)
+        self.trace.node = self.node_id
+        if self.trace.enabled:
+            import psutil
+
+            self.trace.emit("start", proc_start=psutil.Process().create_time(), bind=self.config.bind)
+
+    def _adopt_sampler(self, sampler: ElasticSampler) -> None:
+        self.elastic_sampler = sampler
+        self.ledger = Ledger(sampler.num_samples) if self.config.record_samples else None
+
+    # ---------------------------------------------------------------- what the state sync reads
+    @property
+    def node_id(self) -> str:
+        return self.group.node_id
+
+    @property
+    def monitor(self) -> Any:
+        """The agent's cluster monitor (link estimates), if the backend has one."""
+        return getattr(getattr(self.group.rdv, "agent", None), "monitor", None)
+
+    @property
+    def shard_server(self) -> Any:
+        return self._sync.server
+
+    def member_at(self, rank: int) -> Any:
+        return self.group.member_at(rank)
+
+    def collective(self, tensor: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
+        """An abortable all-reduce on the current group."""
+        return self.group.all_reduce(tensor, timeout)
+
+    # ---------------------------------------------------------------- the user's collectives
+    def _user_reduce(self, tensor: Any, reduce_op: Any, fallback: Callable[[], Any]) -> Any:
+        """A metric reduction on the current group (abortable: this rank's
+        value if a member fails meanwhile); ``fallback`` for what we do not carry."""
+        name = collectives.reduce_op_name(reduce_op)
+        g = self.group
+        if not isinstance(tensor, torch.Tensor) or g.pg.group is None or name is None:
+            return fallback()
+        return collectives.reduce(g.pg, tensor, name, g.abort, self.config.collective_timeout)
+
+    def _user_gather(self, tensor: Any, sync_grads: bool, fallback: Callable[[], Any]) -> Any:
+        """``all_gather`` on the current group (abortable); ``fallback`` for
+        what we do not carry (non-tensors, ``sync_grads=True``)."""
+        g = self.group
+        if g.pg.group is None:
+            return tensor.unsqueeze(0) if isinstance(tensor, torch.Tensor) else fallback()
+        if not isinstance(tensor, torch.Tensor) or sync_grads:
+            return fallback()
+        return collectives.all_gather(g.pg, tensor, g.abort, self.config.collective_timeout)
+
+    def _user_barrier(self) -> None:
+        if self.group.pg.group is not None:
+            collectives.barrier(self.group.pg, self.group.abort, self.config.collective_timeout)
+
+    def _user_broadcast(self, obj: Any, src: int, fallback: Callable[[], Any]) -> Any:
+        """Small tensor-free objects go as msgpack over an abortable all-reduce
+        (no pickle); anything else takes ``fallback`` (Lightning's pickled path)."""
+        if self.group.pg.group is None:
+            return obj
+        try:
+            return collectives.broadcast_object(self.group.pg, obj, src, self.group.abort, self.config.collective_timeout)
+        except collectives.NotCarried:
+            return fallback()
+
+    # ---------------------------------------------------------------- joining
+    def _join_cluster(self, deadline: float) -> None:
+        """Join, wait for ``min_nodes``, form the group and take the state of
+        whoever has trained (if anyone)."""
+        cfg = self.config
+        self.trace.emit("join_request")
+        view = self.group.join(cfg.min_nodes, deadline)
+
+        def usable(v: View) -> bool:
+            return self.node_id in v.connected() and len(v.connected()) >= cfg.min_nodes
+
+        self._rebuild(view, usable, Freshness.NONE, deadline)
+
+    # ---------------------------------------------------------------- the step
+    def _reduce_gradients(self, params: list[torch.nn.Parameter], window: range) -> bool:
+        """Weight this rank's gradients by its share of the window's samples
+        and reduce them with the control record in one launch; False (and
+        no gradients) if the reduction failed."""
+        sampler = self.elastic_sampler
+        # The samples this rank's accumulated gradient covers (every micro-batch
+        # of the window) and all ranks' together: both follow from the shared
+        # layout, so the weight n / total is known before the reduction and
+        # the summed result is already the mean over the window's samples.
+        n = sum(len(sampler.batch_for(j)) for j in window)
+        total = sum(len(sampler.block(j)) for j in window)
+        flat = self._grads.gather(params, n / total if total > 0 else 0.0)
+        g = self.group
+        control = torch.tensor(
+            Control.local(rank=self.global_rank, world=len(g.trainers), samples=n, epoch=g.rdv.current_view().epoch,
+                          leaving=self._leave_requested),
+            dtype=torch.int64,
+        )
+        try:
+            # one launch, two buffers in flight: the step's one round trip
+            g.pg.all_reduce_in_place([flat, control], abort=g.abort, timeout=self.config.collective_timeout)
+        except CollectiveError as exc:
+            log.warning("chaos: gradient all-reduce failed (%s); the step applies no update", exc)
+            self._control = None
+            self._grads.drop(params)
+            return False
+        self._control = Control.decode(control.tolist())
+        if self._control.samples != total:
+            # every rank derives its share from the same layout; a mismatch is a bug
+            log.error("chaos: ranks trained %d samples, the layout says %d", self._control.samples, total)
+        self._grads.scatter(params, flat)
+        return True
+
+    def _settle_step(self, steps: int, global_step: int) -> Decision:
+        """At a step boundary after ``steps`` micro-batches: commit the step's
+        samples (or not, if its reduction failed) and decide what comes next."""
+        sampler = self.elastic_sampler
+        control, self._control = self._control, None
+        failed = control is None
+        self.step_applied = not failed
+        if not failed:
+            for _ in range(steps):  # one optimizer step trained the window's blocks
+                trained = sampler.commit_step()
+                if self.ledger is not None:
+                    self.ledger.record(sampler.epoch, trained)
+            self.commits += 1
+            if self.trace.enabled:  # the per-step path: not even the arguments without a trace
+                self.trace.emit("step", step=global_step, samples=control.samples, world=self.world_size)
+        else:
+            self.trace.emit("step_failed", step=global_step)
+        return decide(
+            failed=failed, control=control, world=len(self.group.trainers), view_epoch=self.group.view.epoch,
+            rank=self.global_rank, steps_remaining=sampler.steps_remaining(),
+        )
+
+    def _switch(self, decision: Decision) -> None:
+        """Form the group of a view newer than this one (``decision`` says
+        which ranks it must exclude) and make replicas identical in it."""
+        old_epoch, exclude, me = self.group.view.epoch, {self.group.trainers[r] for r in decision.exclude}, self.node_id
+
+        def usable(v: View) -> bool:
+            return usable_for_switch(
+                epoch=v.epoch, ids=set(v.ids), connected=v.connected(), me=me, old_epoch=old_epoch, exclude=exclude,
+                newer=decision.newer,
+            )
+
+        deadline = time.monotonic() + self.config.join_timeout
+        freshness = Freshness.APPLIED if self.step_applied else Freshness.ABORTED
+        self._rebuild(self.group.rdv.current_view(), usable, freshness, deadline)
+
+    @property
+    def admitted_newcomer(self) -> bool:
+        """The last state sync brought a newcomer (or a stale member) in."""
+        plan = self._sync.plan
+        return plan is not None and plan.admits
+
+    # ---------------------------------------------------------------- groups
+    def _rebuild(self, view: View | None, usable: Callable[[View], bool], freshness: Freshness,
+                 deadline: float) -> View:
+        """Form the group of the first usable view and make replicas identical
+        in it; if a member fails during the state sync (a joiner dies
+        mid-transfer, a source dies before the end), try again on a newer view."""
+        floor = -1
+        while True:
+            view = self.group.form(view, lambda v: usable(v) and v.epoch > floor, deadline)
+            self.set_world_ranks()
+            stale = self.group.stale
+            if stale:
+                freshness = Freshness.NONE  # the others trained on without us: take the state like a newcomer
+                if self.ledger is not None and self.elastic_sampler is not None:
+                    # our commits since the members last heard from us may not be
+                    # theirs (a step we applied that they aborted): the epoch's
+                    # record is theirs from here on, not ours
+                    self.ledger.forget(self.elastic_sampler.epoch)
+            try:
+                plan = self._sync.sync(self, freshness, stale=stale)
+            except CollectiveError as exc:
+                log.warning("chaos: state sync in epoch %d failed (%s); waiting for the next view", view.epoch, exc)
+                floor = view.epoch
+                if freshness is Freshness.NONE and self._sync.received:
+                    freshness = Freshness.APPLIED  # we hold the members' state now, whatever failed after
+                continue
+            self._orphaned = plan.action is SyncAction.ORPHANED
+            self.group.settled()
+            return view
+
+    def _record_switch(self, took: float, *, joined: bool, failed_step: bool) -> None:
+        """Record, trace and log a group this node now trains in."""
+        epoch, world = self.group.view.epoch, self.world_size
+        self.events.append({"epoch": epoch, "world": world, "stall_s": took, **(
+            {"joined": True} if joined else {"failed_step": failed_step})})
+        log.info("chaos: training in epoch %d with world %d (%.3fs)", epoch, world, took)
+        switch = self.group.pg.last_switch
+        self.trace.emit(
+            "trainers", epoch=epoch, world=world, trainers=list(self.group.trainers), stall_s=took, joined=joined,
+            failed_step=failed_step, group_init_s=switch.init_s if switch is not None else None,
+        )
+
+    # ---------------------------------------------------------------- the end
+    def _hand_over_at_end(self) -> None:
+        """The fit has ended here.  A node admitted to the cluster after the
+        last step's all-reduce would wait for a group that never forms (and
+        then find nobody and start from scratch alone).  One small all-reduce
+        gives every member the newest view any of them has seen; if it is
+        newer than the group's, the members form its group once more and the
+        newcomers take the final state, marked :attr:`ended`: their fit ends
+        at once, as replicas of the members'."""
+        g = self.group
+        if self.ended or self.left or self._orphaned or g.pg.group is None or g.view is None:
+            return
+        self.ended = True
+        newest = torch.tensor([g.rdv.current_view().epoch], dtype=torch.int64)
+        try:
+            g.pg.all_reduce(newest, abort=g.abort, timeout=self.config.collective_timeout, op=dist.ReduceOp.MAX)
+        except CollectiveError as exc:
+            log.info("chaos: the end-of-fit look for newcomers failed (%s); closing", exc)
+            return
+        epoch, me = int(newest.item()), self.node_id
+        if epoch <= g.view.epoch:
+            return
+        t0 = time.monotonic()
+        try:
+            self._rebuild(g.rdv.current_view(), lambda v: v.epoch >= epoch and me in v.connected(), Freshness.APPLIED,
+                          t0 + self.config.join_timeout)
+        except (CollectiveError, TimeoutError, RuntimeError) as exc:
+            log.warning("chaos: the end-of-fit handover to newcomers failed (%s); closing", exc)
+            return
+        if self.admitted_newcomer:
+            log.info("chaos: the fit ended as node(s) joined; they took the final state (%.3fs)", time.monotonic() - t0)
+
+    def _joined_at_the_end(self) -> bool:
+        """After the join: the state came from members whose fit had ended (logged)."""
+        if self.ended:
+            log.warning("chaos: joined as the fit ended (global step %d): nothing left to train; this node holds "
+                        "the final state", self.commits)
+            self.trace.emit("joined_ended", step=self.commits)
+        return self.ended
+
+    # ---------------------------------------------------------------- leaving
+    def request_leave(self) -> None:
+        """Leave gracefully at the next step boundary."""
+        self._leave_requested = True
+
+    def _leave_cluster(self, global_step: int) -> None:
+        self.group.leave()
+        self.left = True
+        self.trace.emit("left", step=global_step)
+        log.info("chaos: left the cluster at global step %d", global_step)
+
+    def _close_member(self, global_step: int | None) -> None:
+        self.trace.emit("done", step=global_step)
+        self.group.close(left=self.left)
+        self._sync.close()
+        self.trace.close()

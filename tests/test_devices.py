@@ -1,0 +1,77 @@
+"""``devices=N``: one ``python train.py`` per node starts the node's other processes.
+
+Each process is a member of its own (its ``LOCAL_RANK``, its port), so one
+process of a node can die and the rest of the cluster, that node's first
+process included, trains on.  Real processes on loopback: a single-device
+node founds the cluster, a ``devices=2`` node (Trainer and Fabric) joins
+with both its processes; once the three train together, the second
+process of the two-device node is ``kill -9``ed.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from _procs import Node, finish
+from chaos_lightning.testbed.procs import free_port
+
+HERE = Path(__file__).parent
+TRAINER, FABRIC = HERE / "_train_worker.py", HERE / "_fabric_worker.py"
+ARGV = {TRAINER: ["192", "3", "0.15"], FABRIC: ["192", "3", "0.15", "1"]}
+
+
+def two_nodes(script: Path, tmp: Path) -> tuple[Node, Node]:
+    founder = f"127.0.0.1:{free_port()}"
+    common = {"CHAOS_MIN_NODES": "3"}
+    one = Node(script, ARGV[script], {**common, "CHAOS_BIND": founder}, tmp / "one.log")
+    # port 0: the launcher picks a free one for the first process, the second binds its own
+    two = Node(script, ARGV[script], {**common, "CHAOS_BIND": "127.0.0.1:0", "CHAOS_PEERS": founder,
+                                      "CHAOS_TEST_DEVICES": "2"}, tmp / "two.log")
+    return one, two
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("script", [TRAINER, FABRIC], ids=["trainer", "fabric"])
+def test_a_two_device_node_starts_its_second_process_and_survives_losing_it(tmp_path, script):
+    one, two = two_nodes(script, tmp_path)
+    try:
+        first, second = (r["pid"] for r in (two.event("ready", 90), two.wait(
+            lambda r: r["event"] == "ready" and r["pid"] != two.proc.pid, 90)))
+        assert first == two.proc.pid, "the node's first process reports first"
+        # both of its processes train, in one world of three
+        for pid in (first, second):
+            two.wait(lambda r, pid=pid: r.get("pid", pid) == pid and r["event"] == "step" and r["world"] == 3, 120)
+        one.wait(lambda r: r["event"] == "step" and r["world"] == 3, 60)
+        import os
+
+        os.kill(second, signal.SIGKILL)
+        done = finish([one], 180) + [two.wait(lambda r: r["event"] == "done" and r["pid"] == first, 60)]
+        assert two.exit_code(60) == 0, two.log
+    finally:
+        one.stop()
+        two.stop()
+    keys = ("params", "optim", "global_step")
+    assert len({tuple(r[k] for k in keys) for r in done}) == 1, done
+    for epoch in range(3):
+        counts = dict(done[0]["epochs"][str(epoch)])
+        assert sorted(counts) == list(range(192)) and set(counts.values()) == {1}, f"epoch {epoch}"
+    text = two.log.read_text()
+    assert "devices=2: started local ranks 1-1" in text, two.log
+    assert not [r for r in two.records if r["event"] == "done" and r["pid"] == second]
+
+
+@pytest.mark.timeout(120)
+def test_devices_that_disagree_with_the_outside_launcher_are_refused_with_one_line(tmp_path):
+    """torchrun (or SLURM) started 2 processes on this node, the Trainer asks
+    for 1 device: Lightning would fail on an index; here one line says what to set."""
+    node = Node(TRAINER, ARGV[TRAINER], {"CHAOS_BIND": f"127.0.0.1:{free_port()}", "LOCAL_RANK": "1",
+                                         "LOCAL_WORLD_SIZE": "2"}, tmp_path / "mismatch.log")
+    try:
+        assert node.exit_code(90) != 0
+        text = node.log.read_text()
+        assert "chaos: devices=1, but this node's launcher started 2 process(es) (LOCAL_WORLD_SIZE=2)" in text, node.log
+    finally:
+        node.stop()

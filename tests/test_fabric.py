@@ -1,0 +1,111 @@
+"""``Fabric(strategy="chaos")``: a Fabric training loop through a join, a leave and a ``kill -9``.
+
+The project (``_fabric_worker.py``) is an ordinary Fabric loop: a scheduler
+given to ``fabric.setup``, gradient clipping, gradient accumulation, a
+validation loader, a metric reduced with ``fabric.all_reduce`` and the
+ranks gathered with ``fabric.all_gather``.  Run as
+real processes through the same churn as the Trainer matrix
+(``_procs.churn_cluster``): the founder that stays and the joiner end as
+replicas of each other (parameters, optimizer, scheduler, global step),
+every sample of every epoch is trained exactly once, a failed step counts
+nowhere, both validate the same epochs with the same reduced loss, and
+every gather holds one row per member in rank order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from _procs import churn_cluster, cluster
+
+WORKER = Path(__file__).with_name("_fabric_worker.py")
+SAMPLES, EPOCHS, SLEEP = 480, 4, 0.25  # 20 steps an epoch at world 3 (batch 8)
+
+
+def check(done: list[dict]) -> None:
+    keys = ("params", "optim", "scheduler", "global_step")
+    assert len({tuple(repr(r[k]) for k in keys) for r in done}) == 1, done
+    for epoch in range(EPOCHS):
+        counts = dict(done[0]["epochs"][str(epoch)])  # the founder saw every epoch
+        assert sorted(counts) == list(range(SAMPLES)) and set(counts.values()) == {1}, f"epoch {epoch}"
+
+
+@pytest.mark.timeout(360)
+@pytest.mark.parametrize("accumulate", [1, 2], ids=["step-per-batch", "accumulate-2"])
+def test_a_fabric_loop_survives_join_leave_and_kill(tmp_path, accumulate):
+    nodes, done = churn_cluster(WORKER, [str(SAMPLES), str(EPOCHS), str(SLEEP), str(accumulate)], tmp_path,
+                                f"fabric{accumulate}")
+    check(done)
+    first, late = nodes[1], nodes[3]
+    applied = [r["applied"] for r in first.records if r["event"] == "step"]
+    assert False in applied, "the kill -9 failed a step"
+    assert done[0]["global_step"] == sum(applied), "a failed step counts nowhere"
+    assert done[0]["scheduler"] == done[0]["global_step"], "the scheduler stepped once per applied step"
+    vals = {r["epoch"]: r["loss"] for r in first.records if r["event"] == "val"}
+    late_vals = {r["epoch"]: r["loss"] for r in late.records if r["event"] == "val"}
+    assert late_vals and set(late_vals) <= set(vals), (vals, late_vals)
+    assert all(late_vals[e] == vals[e] for e in late_vals), "the same reduced validation loss"
+    for node in (first, late):  # one row per member in rank order, or (a member died meanwhile) its own, logged
+        fell_back = "chaos: all_gather failed" in node.log.read_text()
+        for r in (r for r in node.records if r["event"] == "val"):
+            assert r["ranks"] == [float(i) for i in range(r["world"])] or (fell_back and r["ranks"] == [r["rank"]]), r
+    assert late.records[0]["event"] == "ready" and "joined in the cluster's epoch" not in late.log.read_text()
+
+
+@pytest.mark.timeout(120)
+def test_two_optimizers_are_refused_with_one_line(tmp_path):
+    script = tmp_path / "two.py"
+    script.write_text(
+        "import chaos_lightning, torch\n"
+        "from lightning.fabric import Fabric\n"
+        "fabric = Fabric(strategy='chaos', accelerator='cpu', devices=1)\n"
+        "fabric.launch()\n"
+        "a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)\n"
+        "fabric.setup(a, torch.optim.SGD(a.parameters(), 0.1))\n"
+        "fabric.setup(b, torch.optim.SGD(b.parameters(), 0.1))\n"
+    )
+    (node,) = cluster(script, [], 1, tmp_path, prefix="two")
+    try:
+        assert node.exit_code(90) != 0
+        assert "chaos (Fabric): one optimizer per training step" in node.log.read_text()
+    finally:
+        node.stop()
+
+
+@pytest.mark.timeout(120)
+def test_an_epoch_that_ends_inside_an_accumulation_window_is_refused_with_one_line(tmp_path):
+    """Three batches an epoch, a step every second one: the third is drawn
+    and never stepped.  Its samples would be neither trained nor handed to
+    the next epoch, so the loop stops there with the rule to follow; the
+    same loop stepping also at ``i + 1 == len(train)`` trains every epoch."""
+    script = tmp_path / "window.py"
+    script.write_text(
+        "import json, sys, chaos_lightning, torch\n"
+        "from lightning.fabric import Fabric\n"
+        "from torch.utils.data import DataLoader, TensorDataset\n"
+        "fabric = Fabric(strategy='chaos', accelerator='cpu', devices=1)\n"
+        "fabric.launch()\n"
+        "model = torch.nn.Linear(2, 1)\n"
+        "model, opt = fabric.setup(model, torch.optim.SGD(model.parameters(), 0.1))\n"
+        "train = fabric.setup_dataloaders(DataLoader(TensorDataset(torch.randn(24, 2), torch.randn(24, 1)), batch_size=8))\n"
+        "close_last = sys.argv[1] == 'close'\n"
+        "for epoch in fabric.strategy.epochs(2):\n"
+        "    for i, (x, y) in enumerate(train):\n"
+        "        fabric.backward(torch.nn.functional.mse_loss(model(x), y))\n"
+        "        if (i + 1) % 2 == 0 or (close_last and i + 1 == len(train)):\n"
+        "            opt.step(); opt.zero_grad()\n"
+        "print(json.dumps({'event': 'done', 'steps': fabric.strategy.global_step}), flush=True)\n"
+    )
+    (bad,) = cluster(script, ["open"], 1, tmp_path, prefix="open")
+    (good,) = cluster(script, ["close"], 1, tmp_path, prefix="close")
+    try:
+        assert bad.exit_code(90) != 0
+        text = bad.log.read_text()
+        assert "chaos (Fabric): the epoch ended with 1 batch(es) drawn since the last optimizer.step()" in text, bad.log
+        assert good.event("done", 90)["steps"] == 4, good.log  # two windows an epoch, two epochs
+        assert good.exit_code(30) == 0, good.log
+    finally:
+        bad.stop()
+        good.stop()
