@@ -17,6 +17,8 @@ Features:
 * ``manual``: manual optimization, two optimizers stepped in turn (a GAN's
   shape: generator and discriminator), ``max_steps`` counting both.
 * ``stream``: an ``IterableDataset``, which the strategy refuses at setup.
+* ``cli``: the ``valmid`` model and data through ``LightningCLI`` (its
+  ``config.yaml``), with a ``TensorBoardLogger`` and a ``CSVLogger``.
 """
 
 from __future__ import annotations
@@ -170,6 +172,18 @@ def main() -> None:
         trainer = pl.Trainer(**common, logger=False, enable_checkpointing=False)
         say(event="ready", pid=os.getpid())
         trainer.fit(model, DataLoader(Stream(), batch_size=8))
+    elif feature == "cli":
+        from lightning.pytorch.cli import LightningCLI
+
+        loggers = [{"class_path": f"lightning.pytorch.loggers.{kind}Logger", "init_args": {"save_dir": root, "name": name}}
+                   for kind, name in (("TensorBoard", "tb"), ("CSV", "csv"))]
+        say(event="ready", pid=os.getpid())
+        cli = LightningCLI(
+            Regressor, Numbers, seed_everything_default=0,
+            trainer_defaults={**common, "logger": loggers, "log_every_n_steps": 5, "enable_checkpointing": False},
+            args=["fit", f"--model.sleep={sleep}", f"--data.n={n}"],
+        )
+        model, trainer = cli.model, cli.trainer
     else:
         raise SystemExit(f"unknown feature {feature!r}")
     opts = trainer.optimizers

@@ -11,7 +11,8 @@ invariant hold: validation at the same global steps on every member
 (``valmid``: issue 12 saw a join kill every process when the joiner's batch
 index ran behind and it validated at other steps), a manual-optimization
 joiner counting the members' steps (``manual``: the joiner's ``global_step``
-was 82 against 124).
+was 82 against 124), LightningCLI writing one ``config.yaml`` and its
+loggers keeping one folder each (``cli``).
 """
 
 from __future__ import annotations
@@ -96,3 +97,25 @@ def test_an_iterable_dataset_is_refused_at_setup_with_one_line(tmp_path):
         assert "has no len()" not in text, "refused before torch trips over the stream"
     finally:
         node.stop()
+
+
+@pytest.mark.timeout(360)
+def test_lightning_cli_writes_one_config_and_the_loggers_keep_one_folder_through_churn(tmp_path):
+    """LightningCLI with a TensorBoard and a CSV logger: issue 12 saw every
+    process write its own ``config.yaml`` and TensorBoard split over two
+    version folders when rank 0 moved.  Here rank 0 moves (the leaver) and
+    a node joins: one ``config.yaml`` in the run's folder, one version
+    folder per logger, event files from both ranks 0 in the one folder."""
+    nodes, done = churn("cli", tmp_path)
+    check_replicas_and_exactly_once(done)
+    run = tmp_path / "run"
+    configs = sorted(str(p.relative_to(run)) for p in run.rglob("config.yaml"))
+    assert configs == ["tb/version_0/config.yaml"], configs
+    for name in ("tb", "csv"):
+        versions = sorted(p.name for p in (run / name).iterdir())
+        assert versions == ["version_0"], (name, versions)
+    events = list((run / "tb" / "version_0").glob("events.out.tfevents.*"))
+    assert len(events) >= 2, f"the first and the new rank 0 write into one folder: {events}"
+    with open(run / "csv" / "version_0" / "metrics.csv", newline="") as f:
+        logged = sorted({int(row["step"]) for row in csv.DictReader(f)})
+    assert logged[-1] >= done[0]["global_step"] - 10, logged

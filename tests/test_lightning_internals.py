@@ -9,6 +9,7 @@ run), and a missing one is named, not silently skipped.
 
 from __future__ import annotations
 
+import importlib
 import types
 
 import lightning
@@ -73,3 +74,17 @@ def test_every_listed_attribute_exists_mid_fit_and_a_missing_one_is_named() -> N
     # a Lightning that renamed one of them: missing() says which
     del trainer.fit_loop.epoch_loop._batches_that_stepped
     assert internals.missing(trainer) == ["fit_loop.epoch_loop._batches_that_stepped"]
+
+
+@pytest.mark.parametrize("cli_module", ["lightning.pytorch.cli", "pytorch_lightning.cli"])
+def test_save_config_callback_has_what_save_cli_config_uses(cli_module: str) -> None:
+    """:func:`internals.save_cli_config` replays ``SaveConfigCallback.setup``
+    without its broadcasts; the callback's fields it reads must be there
+    (jsonargparse is a dev dependency: no skip)."""
+    cli = importlib.import_module(cli_module)
+    cb = cli.SaveConfigCallback(cli.LightningArgumentParser(), cli.Namespace())
+    assert internals._is_save_config(cb)
+    for name in ("parser", "config", "config_filename", "overwrite", "multifile", "save_to_log_dir", "already_saved"):
+        assert hasattr(cb, name), name
+    assert callable(cb.save_config)
+    assert not internals._is_save_config(pl.callbacks.EarlyStopping("x"))

@@ -135,10 +135,67 @@ def log_hyperparams(trainer: Any) -> None:
     importlib.import_module(f"{package}.loggers.utilities")._log_hyperparams(trainer)
 
 
+def _is_save_config(callback: Any) -> bool:
+    """LightningCLI's ``SaveConfigCallback`` (or a subclass), from either
+    package, without importing the CLI (it needs jsonargparse)."""
+    return any(c.__name__ == "SaveConfigCallback" and c.__module__.endswith(".cli") for c in type(callback).__mro__)
+
+
+def defer_cli_config(trainer: Any) -> None:
+    """Hold LightningCLI's ``config.yaml`` until the join (see :func:`save_cli_config`).
+
+    ``SaveConfigCallback.setup`` writes it at setup on the process that
+    believes it is rank 0, and before the join every node does (measured:
+    every process wrote its own ``config.yaml``); its own collectives (a
+    broadcast of "the file exists") would meet the members' training
+    all-reduce in a node that joins mid-fit.  Its ``setup`` is replaced, for
+    this process only, by a no-op until the join.
+    """
+    for cb in trainer.callbacks:
+        if _is_save_config(cb) and "setup" not in vars(cb):
+            cb.setup = lambda *args, **kwargs: None
+
+
+def _log_dir(trainer: Any) -> str:
+    """``Trainer.log_dir`` without its broadcast (only one rank asks here)."""
+    if not trainer.loggers:
+        return trainer.default_root_dir
+    logger = trainer.loggers[0]
+    kind = type(logger).__name__
+    return logger.log_dir if kind in ("TensorBoardLogger", "CSVLogger") else logger.save_dir
+
+
+def save_cli_config(trainer: Any, *, rank0: bool) -> None:
+    """After the join: the view's rank 0 writes ``config.yaml`` into the run's
+    log folder (adopted from the members) unless it is there already (the
+    run's founders wrote it), and runs the callback's ``save_config``
+    extension; every node then counts it as saved.  What Lightning's setup
+    does, once per run instead of once per process, and without
+    collectives.  Lightning's refusal to overwrite a previous run's file is
+    not kept: the file found is this run's (the folder is the members')."""
+    for cb in trainer.callbacks:
+        if not _is_save_config(cb) or cb.already_saved:
+            continue
+        vars(cb).pop("setup", None)
+        if rank0:
+            if cb.save_to_log_dir:
+                log_dir = _log_dir(trainer)
+                path = os.path.join(log_dir, cb.config_filename)
+                if not os.path.isfile(path):
+                    os.makedirs(log_dir, exist_ok=True)
+                    cb.parser.save(cb.config, path, skip_none=False, overwrite=cb.overwrite, multifile=cb.multifile)
+            cb.save_config(trainer, trainer.lightning_module, "fit")
+        cb.already_saved = True
+
+
 def output_paths(trainer: Any) -> dict[str, Any]:
     """The run's log versions and checkpoint folders, to send with the state."""
     return {
-        "log_versions": [getattr(lg, "_version", None) for lg in trainer.loggers],
+        # resolved here (a logger picks its version when first asked): the
+        # sender's choice becomes everyone's, for the second logger of a
+        # list too (measured: a CSVLogger behind a TensorBoardLogger was
+        # first asked by the new rank 0, which picked version_1)
+        "log_versions": [lg.version if hasattr(lg, "_version") else None for lg in trainer.loggers],
         "checkpoint_dirs": [cb.dirpath for cb in trainer.checkpoint_callbacks],
         # not in ModelCheckpoint's state_dict, but it decides whether a save
         # (and its barrier) happens at a step: every member must agree

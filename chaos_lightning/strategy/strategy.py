@@ -185,6 +185,8 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
             # first, so a step is committed before any other callback's
             # on_train_batch_end (ModelCheckpoint must save the committed cursor)
             trainer.callbacks.insert(0, ChaosCallback(self))
+        if trainer is not None:
+            internals.defer_cli_config(trainer)  # LightningCLI's config.yaml: once, after the join
         super().setup_environment()
 
     @override
@@ -226,6 +228,7 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         self._relayout(trainer, new_epoch=True)
         if self.global_rank == 0 and trainer.enable_autolog_hparams:
             internals.log_hyperparams(trainer)  # what Lightning skipped at setup, where the run's folder is
+        internals.save_cli_config(trainer, rank0=self.global_rank == 0)  # held at setup: written once per run
         self._switched(trainer, time.monotonic() - t0, joined=True, failed_step=False)
 
     # ---------------------------------------------------------------- model
