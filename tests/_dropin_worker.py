@@ -19,6 +19,9 @@ Features:
 * ``stream``: an ``IterableDataset``, which the strategy refuses at setup.
 * ``cli``: the ``valmid`` model and data through ``LightningCLI`` (its
   ``config.yaml``), with a ``TensorBoardLogger`` and a ``CSVLogger``.
+* ``norm``: a network with ``BatchNorm1d`` (buffers every training forward
+  moves) under ``precision="bf16-mixed"``, a per-step ``LambdaLR`` schedule
+  and a ``LearningRateMonitor`` logging it to a ``CSVLogger``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from _train_worker import digest
+
+
+LR, DECAY = 1e-2, 0.99  # the norm feature's schedule: LR * DECAY ** applied_steps
 
 
 def say(**kw) -> None:
@@ -101,6 +107,27 @@ class Regressor(Reporting):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
+class Normalized(Reporting):
+    """BatchNorm's running statistics are buffers each rank's forward moves."""
+
+    def __init__(self, sleep: float) -> None:
+        super().__init__(sleep)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    def training_step(self, batch, batch_idx):
+        time.sleep(self.sleep)
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x).float(), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=LR)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: DECAY**step)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 class TwoPlayers(Reporting):
     """Manual optimization with two optimizers, the shape of a GAN step."""
 
@@ -158,6 +185,16 @@ def main() -> None:
         )
         say(event="ready", pid=os.getpid())
         trainer.fit(model, datamodule=data)
+    elif feature == "norm":
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
+        model = Normalized(sleep)
+        trainer = pl.Trainer(
+            **common, precision="bf16-mixed", logger=CSVLogger(root, name="csv"), log_every_n_steps=1,
+            enable_checkpointing=False, callbacks=[LearningRateMonitor(logging_interval="step")],
+        )
+        say(event="ready", pid=os.getpid())
+        trainer.fit(model, DataLoader(tensors(n, 0), batch_size=8, shuffle=True))
     elif feature == "manual":
         model = TwoPlayers(sleep)
         trainer = pl.Trainer(**common, logger=False, enable_checkpointing=False)
@@ -190,7 +227,7 @@ def main() -> None:
     ledger = trainer.strategy.ledger
     say(
         event="done", pid=os.getpid(), global_step=trainer.global_step, left=trainer.strategy.left,
-        params=digest(model.parameters()),
+        params=digest(model.parameters()), buffers=digest(model.buffers()),
         optim=digest(v for opt in opts for st in opt.state.values() for v in st.values() if torch.is_tensor(v)),
         optimizer_steps=[max((int(st["step"]) for st in opt.state.values()), default=0) for opt in opts],
         callbacks=callback_state(trainer),

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from _dropin_worker import DECAY, LR
 from _procs import Node, churn_cluster, cluster
 
 WORKER = Path(__file__).with_name("_dropin_worker.py")
@@ -33,7 +34,7 @@ def churn(feature: str, tmp: Path) -> tuple[list[Node], list[dict]]:
 
 
 def check_replicas_and_exactly_once(done: list[dict]) -> None:
-    keys = ("params", "optim", "global_step", "optimizer_steps", "callbacks")
+    keys = ("params", "buffers", "optim", "global_step", "optimizer_steps", "callbacks")
     assert len({tuple(repr(r[k]) for k in keys) for r in done}) == 1, done
     for epoch in range(EPOCHS):
         counts = dict(done[0]["epochs"][str(epoch)])  # the founder saw every epoch
@@ -119,3 +120,23 @@ def test_lightning_cli_writes_one_config_and_the_loggers_keep_one_folder_through
     with open(run / "csv" / "version_0" / "metrics.csv", newline="") as f:
         logged = sorted({int(row["step"]) for row in csv.DictReader(f)})
     assert logged[-1] >= done[0]["global_step"] - 10, logged
+
+
+@pytest.mark.timeout(360)
+def test_batchnorm_buffers_bf16_and_a_step_schedule_stay_in_lockstep_through_churn(tmp_path):
+    """BatchNorm's running statistics move in every rank's forward: they must
+    end identical on every replica (rank 0's each step, restored after the
+    failed step of the kill).  Under bf16-mixed, with a per-step schedule
+    that ``LearningRateMonitor`` logs: the logged learning rate at every
+    step is the schedule's at that many applied steps (a failed step counts
+    nowhere), whoever was rank 0 when it was written."""
+    nodes, done = churn("norm", tmp_path)
+    check_replicas_and_exactly_once(done)
+    check_failed_steps_uncounted(nodes[1], done[0], 1)
+    versions = sorted(p.name for p in (tmp_path / "run" / "csv").iterdir())
+    assert versions == ["version_0"], versions
+    with open(tmp_path / "run" / "csv" / "version_0" / "metrics.csv", newline="") as f:
+        rates = {int(row["step"]): float(row["lr-Adam"]) for row in csv.DictReader(f) if row.get("lr-Adam")}
+    assert len(rates) >= done[0]["global_step"] // 2, sorted(rates)
+    for step, lr in rates.items():
+        assert lr == pytest.approx(LR * DECAY**step, rel=1e-6), (step, lr)

@@ -12,7 +12,8 @@ strategies differ only in where the step boundary is (Lightning's
 is beyond its tensors, the sampler and the commit count:
 
 * :meth:`ElasticMember.replica_tensors`: parameters and buffers, in one
-  order on every member;
+  order on every member (:meth:`~ElasticMember.replica_buffers`: the
+  buffers alone, kept rank 0's at every step, :mod:`.buffers`);
 * :meth:`ElasticMember.replica_state` / :meth:`~ElasticMember.load_replica_state`:
   the rest of the state (optimizers, schedulers, precision; for Lightning the
   callbacks, the loop's progress and the run's folders);
@@ -37,6 +38,7 @@ import torch.distributed as dist
 from chaos_lightning.config import NodeConfig
 from chaos_lightning.membership.view import View
 from chaos_lightning.strategy import collectives
+from chaos_lightning.strategy.buffers import BufferSync
 from chaos_lightning.strategy.environment import pin_gloo_interface, take_sigterm
 from chaos_lightning.strategy.gradients import GradientBuffer
 from chaos_lightning.strategy.group import ElasticGroup
@@ -57,6 +59,9 @@ class ElasticMember:
 
     # ---------------------------------------------------------------- what the host provides
     def replica_tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def replica_buffers(self) -> list[torch.Tensor]:
         raise NotImplementedError
 
     def replica_state(self) -> dict[str, Any]:
@@ -88,6 +93,7 @@ class ElasticMember:
         self.commits = 0  # steps committed since fit began (a joiner takes the members' count)
         self.window = Window()  # gradient accumulation
         self._grads = GradientBuffer()
+        self._buffers = BufferSync()
         self.elastic_sampler: ElasticSampler | None = None
         self.ledger: Ledger | None = None
         self.events: list[dict[str, Any]] = []  # view changes with timings, for logs and tests
@@ -186,8 +192,9 @@ class ElasticMember:
     # ---------------------------------------------------------------- the step
     def _reduce_gradients(self, params: list[torch.nn.Parameter], window: range) -> bool:
         """Weight this rank's gradients by its share of the window's samples
-        and reduce them with the control record in one launch; False (and
-        no gradients) if the reduction failed."""
+        and reduce them with the control record and rank 0's buffers in one
+        launch; False (no gradients, the buffers of the last sync) if the
+        reduction failed."""
         sampler = self.elastic_sampler
         # The samples this rank's accumulated gradient covers (every micro-batch
         # of the window) and all ranks' together: both follow from the shared
@@ -202,19 +209,24 @@ class ElasticMember:
                           leaving=self._leave_requested),
             dtype=torch.int64,
         )
+        buffers = self.replica_buffers()
+        shared = self._buffers.outgoing(buffers, rank0=self.global_rank == 0)
         try:
-            # one launch, two buffers in flight: the step's one round trip
-            g.pg.all_reduce_in_place([flat, control], abort=g.abort, timeout=self.config.collective_timeout)
+            # one launch, every buffer in flight: the step's one round trip
+            g.pg.all_reduce_in_place([flat, control, *shared], abort=g.abort, timeout=self.config.collective_timeout)
         except CollectiveError as exc:
             log.warning("chaos: gradient all-reduce failed (%s); the step applies no update", exc)
             self._control = None
             self._grads.drop(params)
+            if buffers and not self._buffers.restore(buffers):
+                log.warning("chaos: no synced copy of the module buffers to restore after the failed step")
             return False
         self._control = Control.decode(control.tolist())
         if self._control.samples != total:
             # every rank derives its share from the same layout; a mismatch is a bug
             log.error("chaos: ranks trained %d samples, the layout says %d", self._control.samples, total)
         self._grads.scatter(params, flat)
+        self._buffers.incoming(buffers, shared)
         return True
 
     def _settle_step(self, steps: int, global_step: int) -> Decision:
@@ -287,6 +299,7 @@ class ElasticMember:
                     freshness = Freshness.APPLIED  # we hold the members' state now, whatever failed after
                 continue
             self._orphaned = plan.action is SyncAction.ORPHANED
+            self._buffers.snapshot(self.replica_buffers())  # identical everywhere now: what a failed step restores
             self.group.settled()
             return view
 

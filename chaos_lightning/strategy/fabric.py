@@ -169,6 +169,10 @@ class ChaosFabricStrategy(ElasticMember, DDPStrategy):
         return [t for m in self._modules for t in (*m.parameters(), *m.buffers())]
 
     @override
+    def replica_buffers(self) -> list[torch.Tensor]:
+        return [b for m in self._modules for b in m.buffers()]
+
+    @override
     def replica_state(self) -> dict[str, Any]:
         return {
             "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,

@@ -124,6 +124,10 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         return list(module.parameters()) + list(module.buffers())
 
     @override
+    def replica_buffers(self) -> list[torch.Tensor]:
+        return list(self.lightning_module.buffers())
+
+    @override
     def replica_state(self) -> dict[str, Any]:
         trainer = self._trainer()
         return {
