@@ -15,7 +15,9 @@ Features:
   (``val_check_interval=0.5``), ``EarlyStopping`` and a monitored top-2
   ``ModelCheckpoint`` on ``val_loss``, a ``CSVLogger`` under the shared root.
 * ``manual``: manual optimization, two optimizers stepped in turn (a GAN's
-  shape: generator and discriminator), ``max_steps`` counting both.
+  shape: generator and discriminator), ``max_steps`` counting both.  On
+  SIGUSR1 the process SIGKILLs itself right after its next ``opt_d.step()``:
+  between the batch's two gradient reductions.
 * ``stream``: an ``IterableDataset``, which the strategy refuses at setup.
 * ``cli``: the ``valmid`` model and data through ``LightningCLI`` (its
   ``config.yaml``), with a ``TensorBoardLogger`` and a ``CSVLogger``.
@@ -29,7 +31,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +47,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from _train_worker import digest
 
 
+DIE_AFTER_D = threading.Event()  # manual: set by SIGUSR1
 LR, DECAY = 1e-2, 0.99  # the norm feature's schedule: LR * DECAY ** applied_steps
 
 
@@ -146,6 +151,8 @@ class TwoPlayers(Reporting):
         opt_d.zero_grad()
         self.manual_backward(d_loss)
         opt_d.step()
+        if DIE_AFTER_D.is_set():
+            os.kill(os.getpid(), signal.SIGKILL)
         g_loss = -self.disc(fake).mean()
         opt_g.zero_grad()
         self.manual_backward(g_loss)
@@ -196,6 +203,7 @@ def main() -> None:
         say(event="ready", pid=os.getpid())
         trainer.fit(model, DataLoader(tensors(n, 0), batch_size=8, shuffle=True))
     elif feature == "manual":
+        signal.signal(signal.SIGUSR1, lambda *_: DIE_AFTER_D.set())
         model = TwoPlayers(sleep)
         trainer = pl.Trainer(**common, logger=False, enable_checkpointing=False)
         say(event="ready", pid=os.getpid())

@@ -146,10 +146,13 @@ def run_to_end(nodes: Sequence[Node], timeout: float) -> list[Record]:
             n.stop()
 
 
-def churn_cluster(script: Path, argv: Sequence[str], tmp: Path, prefix: str) -> tuple[list[Node], list[Record]]:
+def churn_cluster(
+    script: Path, argv: Sequence[str], tmp: Path, prefix: str, kill: Callable[[Node], None] | None = None
+) -> tuple[list[Node], list[Record]]:
     """Three founders; a fourth joins mid-fit; once it trains, the founder that
     is rank 0 is SIGTERMed (a graceful leave: rank 0 moves); once the view
-    without it trains, another founder is ``kill -9``ed.  Returns the four
+    without it trains, another founder is ``kill -9``ed (by ``kill``, if
+    given: a worker may SIGKILL itself at a point of its choosing).  Returns the four
     nodes (leaver, the founder that stays, victim, joiner) and the ``done``
     records of the founder that stays and the joiner, after checking exit
     codes and that no log holds a traceback.  The worker prints ``ready``,
@@ -166,7 +169,7 @@ def churn_cluster(script: Path, argv: Sequence[str], tmp: Path, prefix: str) -> 
         sent = time.monotonic()
         leaver.proc.send_signal(signal.SIGTERM)
         first.wait(lambda r: r["event"] == "step" and r["world"] == 3 and r["_t"] > sent, 60)
-        victim.proc.kill()
+        (kill or (lambda n: n.proc.kill()))(victim)
         done = [first.event("done", 240), late.event("done", 240)]
         assert leaver.event("done", 60)["left"] is True
         for node in (first, late, leaver):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import threading
 import time
 
 import msgpack
@@ -245,3 +246,30 @@ def test_a_seed_with_another_secret_is_named_as_refusing_the_handshake(cluster, 
         assert all(agent.node_id not in a.view().ids for a in cluster)
     finally:
         agent.stop()
+
+
+def test_the_stop_ends_a_task_that_swallowed_its_first_cancellation(caplog):
+    """On Python 3.10/3.11 ``asyncio.wait_for`` can lose a cancellation that
+    arrives as its inner await completes; the task then goes on into its next
+    await.  Seen: a sender back in its 30-s idle wait after the stop, destroyed
+    pending once the loop closed, and a traceback at exit.  The stop cancels
+    again until every task has ended."""
+    agent = Agent(secret=SECRET).start()
+    tasks: list[asyncio.Task] = []
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            pass  # swallowed, as wait_for's race does
+        await asyncio.sleep(30)
+
+    started = threading.Event()
+    agent._loop.call_soon_threadsafe(lambda: (tasks.append(agent._loop.create_task(stubborn())), started.set()))
+    assert started.wait(5)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="chaos_lightning.agent"):
+        agent.stop()
+    assert time.monotonic() - t0 < 2.0
+    assert tasks[0].done() and tasks[0].cancelled()
+    assert "abandoned" not in caplog.text

@@ -71,16 +71,25 @@ def test_a_failed_step_restores_the_buffers_of_the_last_sync():
     assert sync.restore(bufs)
     for got, want in zip(bufs, kept):
         assert torch.allclose(got.double(), want.double(), equal_nan=True, rtol=0, atol=0)
-    # a successful reduction's result becomes the copy a later failure restores
-    flats = sync.outgoing(bufs, rank0=True)
+    # a reduction that succeeded, in a batch that then failed (manual
+    # optimization's second reduction): the whole batch is undone
     with torch.no_grad():
         bufs[1].mul_(2)
-    sync.incoming(bufs, flats)
-    after = [b.clone() for b in bufs]
+    sync.incoming(bufs, sync.outgoing(bufs, rank0=True))
     with torch.no_grad():
         bufs[1].add_(5)
     assert sync.restore(bufs)
-    assert torch.equal(bufs[1], after[1])
+    assert torch.equal(bufs[1], kept[1])
+    # once its step commits, a sync's result is what a later failure restores
+    with torch.no_grad():
+        bufs[1].mul_(2)
+    sync.incoming(bufs, sync.outgoing(bufs, rank0=True))
+    sync.commit()
+    after = bufs[1].clone()
+    with torch.no_grad():
+        bufs[1].add_(5)
+    assert sync.restore(bufs)
+    assert torch.equal(bufs[1], after)
 
 
 def test_a_snapshot_of_other_buffers_is_not_restored():

@@ -18,6 +18,7 @@ loggers keeping one folder each (``cli``).
 from __future__ import annotations
 
 import csv
+import signal
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,8 @@ WORKER = Path(__file__).with_name("_dropin_worker.py")
 SAMPLES, EPOCHS, SLEEP = 480, 4, 0.25  # 20 steps an epoch at world 3
 
 
-def churn(feature: str, tmp: Path) -> tuple[list[Node], list[dict]]:
-    return churn_cluster(WORKER, [feature, str(SAMPLES), str(EPOCHS), str(SLEEP), str(tmp / "run")], tmp, feature)
+def churn(feature: str, tmp: Path, **kw) -> tuple[list[Node], list[dict]]:
+    return churn_cluster(WORKER, [feature, str(SAMPLES), str(EPOCHS), str(SLEEP), str(tmp / "run")], tmp, feature, **kw)
 
 
 def check_replicas_and_exactly_once(done: list[dict]) -> None:
@@ -81,11 +82,18 @@ def test_validation_mid_epoch_early_stopping_and_top_k_checkpoints_survive_churn
 
 @pytest.mark.timeout(360)
 def test_manual_optimization_with_two_optimizers_counts_the_members_steps(tmp_path):
-    nodes, done = churn("manual", tmp_path)
+    """Two optimizers, two gradient reductions a batch.  The victim dies
+    between them (it SIGKILLs itself right after ``opt_d.step()``): the
+    survivors' first reduction and ``opt_d`` step succeeded, the second
+    reduction fails, and ``opt_d``'s step must be undone, or the batch trained
+    again would step the discriminator twice (its step count one ahead)."""
+    nodes, done = churn("manual", tmp_path, kill=lambda n: n.proc.send_signal(signal.SIGUSR1))
     check_replicas_and_exactly_once(done)
     check_failed_steps_uncounted(nodes[1], done[0], 2)
     steps = done[0]["optimizer_steps"]
     assert done[0]["global_step"] == sum(steps) and steps[0] == steps[1] > 0, done[0]
+    undone = [n.log for n in (nodes[1], nodes[3]) if "undoing its 1 optimizer step(s)" in n.log.read_text()]
+    assert undone, "a survivor undid the first optimizer's step"
 
 
 @pytest.mark.timeout(120)

@@ -15,9 +15,11 @@ DDP users already have.
 
 A step whose reduction failed must leave no trace here either: its forward
 has already moved each rank's buffers by its own batch.  :meth:`restore`
-puts back the values of the last sync (kept from the last successful
-reduction, or taken after a state sync), so ranks that abort a step hold the
-same buffers again, as they hold the same parameters.
+puts back the values of the last committed step's sync (or of the last state
+sync), so ranks that abort a step hold the same buffers again, as they hold
+the same parameters.  Committed, not merely synced: a manual-optimization
+batch may reduce twice, and if the second fails the whole batch is undone,
+its first forward's statistics with it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class BufferSync:
 
     def __init__(self) -> None:
         self._synced: list[torch.Tensor] | None = None  # flats of the last sync, as :meth:`_groups` orders them
-        self._layout: tuple | None = None  # (dtype, shapes) per group, to check the snapshot still fits
+        self._layout: tuple | None = None  # (dtype, shapes) per group of ``_synced``
+        self._committed: tuple[list[torch.Tensor], tuple] | None = None  # what :meth:`restore` puts back
 
     @staticmethod
     def _groups(buffers: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -66,17 +69,23 @@ class BufferSync:
         self._copy_into(groups, flats)
         self._synced, self._layout = flats, self._layout_of(groups)
 
+    def commit(self) -> None:
+        """The step of the last sync committed: its buffers are what a later failure restores."""
+        if self._synced is not None:
+            self._committed = (self._synced, self._layout)
+
     def snapshot(self, buffers: list[torch.Tensor]) -> None:
-        """The current buffers are every replica's (after a state sync): keep them."""
+        """The current buffers are every replica's (after a state sync): keep them, committed."""
         groups = self._groups(buffers)
         self._synced, self._layout = [self._flat(g) for g in groups], self._layout_of(groups)
+        self.commit()
 
     def restore(self, buffers: list[torch.Tensor]) -> bool:
-        """The buffers of the last sync back in place (a failed step); False if none fits."""
+        """The buffers of the last committed step back in place (a failed step); False if none fits."""
         groups = self._groups(buffers)
-        if self._synced is None or self._layout != self._layout_of(groups):
-            return False
-        self._copy_into(groups, self._synced)
+        if self._committed is None or self._committed[1] != self._layout_of(groups):
+            return not buffers
+        self._copy_into(groups, self._committed[0])
         return True
 
     @staticmethod

@@ -237,6 +237,7 @@ class ElasticMember:
         failed = control is None
         self.step_applied = not failed
         if not failed:
+            self._buffers.commit()
             for _ in range(steps):  # one optimizer step trained the window's blocks
                 trained = sampler.commit_step()
                 if self.ledger is not None:

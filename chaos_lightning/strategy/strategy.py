@@ -113,6 +113,13 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         self._block_sync = False
         self._counted: dict[str, Any] | None = None  # the loop's step counts at the last boundary
         self._lr_before: list[Any] | None = None  # step schedulers' state when this step failed
+        # Manual optimization may reduce gradients more than once in a batch
+        # (a GAN: one manual_backward per optimizer).  If a later reduction
+        # fails, the optimizer steps taken after the earlier ones are undone
+        # from this journal, so the batch leaves no trace and is trained again.
+        self._journal: list[_Undo] = []
+        self._reductions = 0  # this batch's reductions so far
+        self._most_reductions = 0  # the most any batch made: a step after fewer may be followed by another
 
     # ---------------------------------------------------------------- what a replica is (ElasticMember)
     def _trainer(self) -> Any:
@@ -298,8 +305,33 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         if self._block_sync or self.elastic_sampler is None:
             return
         params = [p for p in self.lightning_module.parameters() if p.requires_grad]
-        if not self._reduce_gradients(params, self.window.reduced()) and self._lr_before is None:
+        self._reductions += 1
+        if self._reduce_gradients(params, self.window.reduced()):
+            return
+        if self._journal:
+            log.warning("chaos: a later gradient reduction of this batch failed: undoing its %d optimizer step(s)",
+                        len(self._journal))
+            for undo in reversed(self._journal):
+                undo.apply()
+            self._journal.clear()
+        if self._lr_before is None:
             self._lr_before = internals.scheduler_states(internals.trainer_of(self.lightning_module))
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        if self._may_be_followed():
+            self._journal.append(_Undo(optimizer))
+        return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+    def _may_be_followed(self) -> bool:
+        """A manual-optimization step that another reduction may follow in this
+        batch: every step of the first batch; later, any step after fewer
+        reductions than the most a batch has made.  Not after a failed
+        reduction (its gradients are gone: the step changes nothing)."""
+        module = self.lightning_module
+        if module is None or module.automatic_optimization or self._reductions == 0 or self._control is None:
+            return False
+        return self._most_reductions == 0 or self._reductions < self._most_reductions
 
     # ---------------------------------------------------------------- step boundary
     def on_step_boundary(self, trainer: Any) -> None:
@@ -311,6 +343,9 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         steps = self.window.boundary()
         if steps is None:
             return  # a micro-step of gradient accumulation: nothing synced yet
+        self._most_reductions = max(self._most_reductions, self._reductions)
+        self._reductions = 0
+        self._journal.clear()
         decision = self._settle_step(steps, trainer.global_step)
         if self.step_applied:
             self._counted = internals.step_counters(trainer)
@@ -376,6 +411,25 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
     def register_strategies(cls, strategy_registry: Any) -> None:
         if "chaos" not in strategy_registry:
             strategy_registry.register("chaos", cls, description="elastic, self-healing data parallel (chaos_lightning)")
+
+
+class _Undo:
+    """An optimizer's parameters and state before its step, to put back."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        import copy
+
+        self.optimizer = optimizer
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        with torch.no_grad():
+            self.values = [p.detach().clone() for p in self.params]
+        self.state = copy.deepcopy(optimizer.state_dict())
+
+    def apply(self) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.params, self.values, strict=True):
+                p.copy_(v)
+        self.optimizer.load_state_dict(self.state)
 
 
 def _register() -> None:
