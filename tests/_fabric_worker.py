@@ -14,7 +14,9 @@ each ``val`` (global step, the reduced loss, the gathered ranks), and ``done`` w
 compares across replicas: parameter, optimizer and scheduler digests, the
 global step, the sample ledger.
 
-argv: samples, epochs, seconds each step sleeps, accumulate (batches per step).
+argv: samples, epochs, seconds each step sleeps, accumulate (batches per step),
+and optionally a root dir for a ``CSVLogger`` that ``fabric.log_dict`` writes
+the loss to at every applied step (finalized at the end, as users do).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import time
 import chaos_lightning  # noqa: F401  (registers strategy="chaos" for Fabric)
 import torch
 from lightning.fabric import Fabric
+from lightning.fabric.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -47,7 +50,9 @@ def tensors(n: int, seed: int) -> TensorDataset:
 def main() -> None:
     n, epochs, sleep, accumulate = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    fabric = Fabric(strategy="chaos", accelerator="cpu", devices=int(os.environ.get("CHAOS_TEST_DEVICES", 1)))
+    loggers = [CSVLogger(sys.argv[5], name="csv", flush_logs_every_n_steps=5)] if len(sys.argv) > 5 else []
+    fabric = Fabric(strategy="chaos", accelerator="cpu", devices=int(os.environ.get("CHAOS_TEST_DEVICES", 1)),
+                    loggers=loggers)
     fabric.launch()
     fabric.seed_everything(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
@@ -73,6 +78,7 @@ def main() -> None:
             optimizer.zero_grad()
             if chaos.step_applied:
                 scheduler.step()
+                fabric.log_dict({"loss": float(loss)}, step=chaos.global_step)
             say(event="step", step=chaos.global_step, world=fabric.world_size, applied=chaos.step_applied, pid=os.getpid(),
                 epoch=epoch)
             time.sleep(sleep)
@@ -82,6 +88,8 @@ def main() -> None:
         ranks = fabric.all_gather(torch.tensor(float(fabric.global_rank)))
         say(event="val", step=chaos.global_step, epoch=epoch, loss=float(fabric.all_reduce(total, reduce_op="mean")),
             world=fabric.world_size, rank=fabric.global_rank, ranks=ranks.flatten().tolist())
+    for logger in fabric.loggers:
+        logger.finalize("success")
     ledger = chaos.ledger
     say(
         event="done", pid=os.getpid(), global_step=chaos.global_step, left=chaos.left,

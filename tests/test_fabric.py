@@ -14,6 +14,7 @@ every gather holds one row per member in rank order.
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,18 @@ def check(done: list[dict]) -> None:
 @pytest.mark.timeout(360)
 @pytest.mark.parametrize("accumulate", [1, 2], ids=["step-per-batch", "accumulate-2"])
 def test_a_fabric_loop_survives_join_leave_and_kill(tmp_path, accumulate):
-    nodes, done = churn_cluster(WORKER, [str(SAMPLES), str(EPOCHS), str(SLEEP), str(accumulate)], tmp_path,
-                                f"fabric{accumulate}")
+    nodes, done = churn_cluster(WORKER, [str(SAMPLES), str(EPOCHS), str(SLEEP), str(accumulate), str(tmp_path / "run")],
+                                tmp_path, f"fabric{accumulate}")
     check(done)
+    # the CSV log is one history whoever is rank 0 (the leaver was): one
+    # version folder, the first rank 0's steps and the last one's, no gap
+    # beyond the flush interval (a rank 0 killed loses what it buffered)
+    versions = sorted(p.name for p in (tmp_path / "run" / "csv").iterdir())
+    assert versions == ["version_0"], versions
+    with open(tmp_path / "run" / "csv" / "version_0" / "metrics.csv", newline="") as f:
+        logged = sorted({int(row["step"]) for row in csv.DictReader(f)})
+    assert logged[0] <= 5 and logged[-1] == done[0]["global_step"], logged
+    assert all(b - a <= 10 for a, b in zip(logged, logged[1:])), f"a gap in the history: {logged}"
     first, late = nodes[1], nodes[3]
     applied = [r["applied"] for r in first.records if r["event"] == "step"]
     assert False in applied, "the kill -9 failed a step"

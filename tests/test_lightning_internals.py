@@ -88,3 +88,23 @@ def test_save_config_callback_has_what_save_cli_config_uses(cli_module: str) -> 
         assert hasattr(cb, name), name
     assert callable(cb.save_config)
     assert not internals._is_save_config(pl.callbacks.EarlyStopping("x"))
+
+
+def test_fabric_loggers_finds_the_loggers_of_the_fabric_that_owns_the_strategy(monkeypatch, tmp_path) -> None:
+    """Fabric gives its strategy no reference to itself: the strategy finds
+    the loggers (whose version must travel with the state) among its referrers,
+    reading ``Fabric._strategy`` and ``Fabric._loggers``."""
+    import chaos_lightning  # noqa: F401  (registers strategy="chaos")
+    from lightning.fabric import Fabric
+    from lightning.fabric.loggers import CSVLogger
+
+    monkeypatch.setenv("CHAOS_BIND", "127.0.0.1:0")
+    loggers = [CSVLogger(str(tmp_path), name="a"), CSVLogger(str(tmp_path), name="b")]
+    fabric = Fabric(strategy="chaos", accelerator="cpu", devices=1, loggers=loggers)
+    other = Fabric(strategy="chaos", accelerator="cpu", devices=1)
+    assert internals.fabric_loggers(fabric.strategy) == loggers
+    assert internals.fabric_loggers(other.strategy) == []
+    versions = internals.logger_versions(loggers)
+    assert versions == [0, 0]
+    internals.adopt_logger_versions(loggers, [3, None])
+    assert internals.logger_versions(loggers) == [3, 0]

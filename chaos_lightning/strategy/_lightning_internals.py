@@ -195,7 +195,7 @@ def output_paths(trainer: Any) -> dict[str, Any]:
         # sender's choice becomes everyone's, for the second logger of a
         # list too (measured: a CSVLogger behind a TensorBoardLogger was
         # first asked by the new rank 0, which picked version_1)
-        "log_versions": [lg.version if hasattr(lg, "_version") else None for lg in trainer.loggers],
+        "log_versions": logger_versions(trainer.loggers),
         "checkpoint_dirs": [cb.dirpath for cb in trainer.checkpoint_callbacks],
         # not in ModelCheckpoint's state_dict, but it decides whether a save
         # (and its barrier) happens at a step: every member must agree
@@ -211,13 +211,8 @@ def adopt_output_paths(trainer: Any, paths: dict[str, Any]) -> None:
     folder is a no-op: two nodes sharing a root dir picked ``version_0`` and
     ``version_1``.  Whoever is rank 0 later must write where the run writes.
     """
-    versions, dirs = paths["log_versions"], paths["checkpoint_dirs"]
-    if len(versions) == len(trainer.loggers):
-        for logger, version in zip(trainer.loggers, versions):
-            if version is not None and hasattr(logger, "_version") and logger._version != version:
-                logger._version = version
-                if hasattr(logger, "_experiment"):
-                    logger._experiment = None  # reopened in the adopted folder when next used
+    dirs = paths["checkpoint_dirs"]
+    adopt_logger_versions(trainer.loggers, paths["log_versions"])
     if len(dirs) == len(trainer.checkpoint_callbacks):
         steps = paths.get("checkpoint_steps") or [None] * len(dirs)
         for cb, dirpath, saved in zip(trainer.checkpoint_callbacks, dirs, steps):
@@ -225,6 +220,39 @@ def adopt_output_paths(trainer: Any, paths: dict[str, Any]) -> None:
                 cb.dirpath = dirpath
             if saved is not None and hasattr(cb, "_last_global_step_saved"):
                 cb._last_global_step_saved = saved
+
+
+def logger_versions(loggers: list[Any]) -> list[Any]:
+    """Each logger's version, resolved (Trainer and Fabric loggers alike)."""
+    return [lg.version if hasattr(lg, "_version") else None for lg in loggers]
+
+
+def adopt_logger_versions(loggers: list[Any], versions: list[Any]) -> None:
+    """The sender's versions: a later rank 0 writes into the run's folders."""
+    if len(versions) != len(loggers):
+        return
+    for logger, version in zip(loggers, versions):
+        if version is not None and hasattr(logger, "_version") and logger._version != version:
+            logger._version = version
+            if hasattr(logger, "_experiment"):
+                logger._experiment = None  # reopened in the adopted folder when next used
+
+
+def fabric_loggers(strategy: Any) -> list[Any]:
+    """The loggers of the ``Fabric`` that owns ``strategy`` (Fabric hands its
+    strategy no reference to itself or its loggers: found among the
+    strategy's referrers, once, at the join).  Empty if there is none."""
+    import gc
+
+    from lightning.fabric import Fabric
+
+    for ref in gc.get_referrers(strategy):
+        # Python 3.11+ may report the instance, 3.10 its __dict__
+        if isinstance(ref, Fabric) and getattr(ref, "_strategy", None) is strategy:
+            return list(getattr(ref, "_loggers", []))
+        if isinstance(ref, dict) and ref.get("_strategy") is strategy and "_loggers" in ref:
+            return list(ref["_loggers"])
+    return []
 
 
 def loop_progress(trainer: Any) -> dict[str, Any]:
@@ -257,7 +285,7 @@ def loop_progress(trainer: Any) -> dict[str, Any]:
     }
 
 
-def continue_logs(trainer: Any) -> None:
+def continue_logs(loggers: list[Any]) -> None:
     """This node is the view's rank 0 now: continue the run's logs, not
     start them again.
 
@@ -268,7 +296,7 @@ def continue_logs(trainer: Any) -> None:
     already there, so it appends.  Other loggers continue by themselves in
     the adopted version folder (:func:`adopt_output_paths`).
     """
-    for logger in trainer.loggers:
+    for logger in loggers:
         if type(logger).__name__ != "CSVLogger" or getattr(logger, "_experiment", None) is not None:
             continue
         path = os.path.join(logger.log_dir, "metrics.csv")
@@ -282,10 +310,10 @@ def continue_logs(trainer: Any) -> None:
         writer.metrics_keys = sorted(next(csv.reader(io.StringIO(text)), []))
 
 
-def hand_over_logs(trainer: Any) -> None:
+def hand_over_logs(loggers: list[Any]) -> None:
     """A leaver writes what its loggers buffered before it leaves, while it
     is still the one writing, so the next rank 0 continues after it."""
-    for logger in trainer.loggers:
+    for logger in loggers:
         logger.save()
 
 

@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from chaos_lightning.config import NodeConfig
+from chaos_lightning.strategy import _lightning_internals as internals
 from chaos_lightning.strategy import collectives
 from chaos_lightning.strategy.devices import child_options, launcher_for
 from chaos_lightning.strategy.elastic import ElasticMember
@@ -162,6 +163,7 @@ class ChaosFabricStrategy(ElasticMember, DDPStrategy):
         self._closed = False
         self._epochs_used = False
         self._reduced: bool | None = None  # this step's gradients reduced early (for clipping): did it succeed
+        self._loggers: list[Any] | None = None  # the Fabric's loggers, found at the join
 
     # ---------------------------------------------------------------- what a replica is
     @override
@@ -178,6 +180,8 @@ class ChaosFabricStrategy(ElasticMember, DDPStrategy):
             "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,
             "precision": self.precision.state_dict(),
             "tracked": {name: obj.state_dict() for name, obj in self._tracked.items()},
+            # resolved by the sender: a later rank 0 writes into the run's version folder
+            "log_versions": internals.logger_versions(self._fabric_loggers()),
         }
 
     @override
@@ -191,6 +195,22 @@ class ChaosFabricStrategy(ElasticMember, DDPStrategy):
             raise RuntimeError(f"chaos: the members track no state named {sorted(missing)}; track the same objects on every node")
         for name, obj in self._tracked.items():
             obj.load_state_dict(state["tracked"][name])
+        self.adopt_shared(state)
+
+    @override
+    def adopt_shared(self, state: dict[str, Any]) -> None:
+        internals.adopt_logger_versions(self._fabric_loggers(), state.get("log_versions", []))
+
+    def _fabric_loggers(self) -> list[Any]:
+        if self._loggers is None:
+            self._loggers = internals.fabric_loggers(self)
+        return self._loggers
+
+    def _now_training(self, took: float, *, joined: bool, failed_step: bool) -> None:
+        """Record a group this node trains in; as its rank 0, continue the run's logs."""
+        self._record_switch(took, joined=joined, failed_step=failed_step)
+        if self.global_rank == 0:
+            internals.continue_logs(self._fabric_loggers())
 
     def track(self, name: str, obj: Any) -> None:
         """Make ``obj`` (anything with ``state_dict``/``load_state_dict``: an
@@ -303,7 +323,7 @@ class ChaosFabricStrategy(ElasticMember, DDPStrategy):
         self._joined = True
         self._done = self._joined_at_the_end()
         self.elastic_sampler.reconfigure(self.global_rank, self.world_size)
-        self._record_switch(time.monotonic() - t0, joined=True, failed_step=False)
+        self._now_training(time.monotonic() - t0, joined=True, failed_step=False)
         if self.elastic_sampler.epoch > 0 and not self._epochs_used:
             log.warning(
                 "chaos: joined in the cluster's epoch %d; loop over fabric.strategy.epochs(max_epochs) "
@@ -342,6 +362,7 @@ class ChaosFabricStrategy(ElasticMember, DDPStrategy):
         steps, self._pending, self._reduced = self._pending, 0, None
         decision = self._settle_step(steps, self.commits)
         if decision.action is Action.LEAVE:
+            internals.hand_over_logs(self._fabric_loggers())  # written while still the one writing
             self._leave_cluster(self.commits)
             self._done = True
             self.set_world_ranks()
@@ -363,7 +384,7 @@ class ChaosFabricStrategy(ElasticMember, DDPStrategy):
             self.trace.emit("orphaned", epoch=self.group.view.epoch)
             self._done = True
             return
-        self._record_switch(time.monotonic() - t0, joined=False, failed_step=failed)
+        self._now_training(time.monotonic() - t0, joined=False, failed_step=failed)
 
     # ---------------------------------------------------------------- collectives
     @override

@@ -378,7 +378,7 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         internals.reset_val_dataloaders(trainer)
 
     def _leave(self, trainer: Any) -> None:
-        internals.hand_over_logs(trainer)
+        internals.hand_over_logs(trainer.loggers)
         self._leave_cluster(trainer.global_step)
         rank_zero_only.rank = _NOT_YET_RANKED  # the run's logs and checkpoints are the members' from here on
         self.cluster_environment.set_global_rank(_NOT_YET_RANKED)
@@ -390,7 +390,7 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         self._record_switch(took, joined=joined, failed_step=failed_step)
         epoch, world = self.group.view.epoch, self.world_size
         if self.global_rank == 0:  # every view goes to the loggers, written by its rank 0
-            internals.continue_logs(trainer)
+            internals.continue_logs(trainer.loggers)
             metrics = {"chaos/world_size": float(world), "chaos/view_epoch": float(epoch), "chaos/stall_s": took}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, trainer.global_step)
