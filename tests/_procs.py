@@ -7,6 +7,7 @@ kills and reaps the process, so tests call it from ``finally``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -30,14 +31,20 @@ class Node:
     """One worker process; its JSON stdout lines become ``records`` (with ``_t``,
     the monotonic arrival time); stderr goes to ``log`` (named on failure)."""
 
-    def __init__(self, script: Path, argv: Sequence[str], env: Mapping[str, str], log: Path) -> None:
+    def __init__(
+        self, script: Path, argv: Sequence[str], env: Mapping[str, str], log: Path, *, own_group: bool = False
+    ) -> None:
+        """``own_group``: the process leads a new process group (a node whose
+        ``devices=N`` children a test signals as one, ``kill -SIG -PGID``);
+        :meth:`stop` then kills the whole group."""
         self.log = log
+        self.own_group = own_group
         self.env = dict(env)  # what the test set (not the inherited environment)
         self._err = open(log, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, str(script), *argv],
             cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-            stdout=subprocess.PIPE, stderr=self._err, text=True,
+            stdout=subprocess.PIPE, stderr=self._err, text=True, start_new_session=own_group,
         )
         self.records: list[Record] = []
         self._lines: queue.Queue[Record] = queue.Queue()
@@ -88,7 +95,10 @@ class Node:
         return self.proc.wait(timeout=timeout)
 
     def stop(self) -> None:
-        """Kill (if still running) and reap; idempotent."""
+        """Kill (if still running; its whole group if it leads one) and reap; idempotent."""
+        if self.own_group:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         kill_and_reap(self.proc)
         if not self._err.closed:
             self._err.close()

@@ -10,6 +10,7 @@ process of the two-device node is ``kill -9``ed.
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -29,8 +30,26 @@ def two_nodes(script: Path, tmp: Path) -> tuple[Node, Node]:
     one = Node(script, ARGV[script], {**common, "CHAOS_BIND": founder}, tmp / "one.log")
     # port 0: the launcher picks a free one for the first process, the second binds its own
     two = Node(script, ARGV[script], {**common, "CHAOS_BIND": "127.0.0.1:0", "CHAOS_PEERS": founder,
-                                      "CHAOS_TEST_DEVICES": "2"}, tmp / "two.log")
+                                      "CHAOS_TEST_DEVICES": "2"}, tmp / "two.log", own_group=True)
     return one, two
+
+
+def both_train(two: Node) -> tuple[int, int]:
+    """The pids of the two-device node's processes, once both train in a world of three."""
+    first, second = (r["pid"] for r in (two.event("ready", 90), two.wait(
+        lambda r: r["event"] == "ready" and r["pid"] != two.proc.pid, 90)))
+    assert first == two.proc.pid, "the node's first process reports first"
+    for pid in (first, second):
+        two.wait(lambda r, pid=pid: r.get("pid", pid) == pid and r["event"] == "step" and r["world"] == 3, 120)
+    return first, second
+
+
+def check_replicas(done: list[dict], samples: int = 192, epochs: int = 3) -> None:
+    keys = ("params", "optim", "global_step")
+    assert len({tuple(r[k] for k in keys) for r in done}) == 1, done
+    for epoch in range(epochs):
+        counts = dict(done[0]["epochs"][str(epoch)])
+        assert sorted(counts) == list(range(samples)) and set(counts.values()) == {1}, f"epoch {epoch}"
 
 
 @pytest.mark.timeout(300)
@@ -38,29 +57,43 @@ def two_nodes(script: Path, tmp: Path) -> tuple[Node, Node]:
 def test_a_two_device_node_starts_its_second_process_and_survives_losing_it(tmp_path, script):
     one, two = two_nodes(script, tmp_path)
     try:
-        first, second = (r["pid"] for r in (two.event("ready", 90), two.wait(
-            lambda r: r["event"] == "ready" and r["pid"] != two.proc.pid, 90)))
-        assert first == two.proc.pid, "the node's first process reports first"
-        # both of its processes train, in one world of three
-        for pid in (first, second):
-            two.wait(lambda r, pid=pid: r.get("pid", pid) == pid and r["event"] == "step" and r["world"] == 3, 120)
+        first, second = both_train(two)
         one.wait(lambda r: r["event"] == "step" and r["world"] == 3, 60)
-        import os
-
         os.kill(second, signal.SIGKILL)
         done = finish([one], 180) + [two.wait(lambda r: r["event"] == "done" and r["pid"] == first, 60)]
         assert two.exit_code(60) == 0, two.log
     finally:
         one.stop()
         two.stop()
-    keys = ("params", "optim", "global_step")
-    assert len({tuple(r[k] for k in keys) for r in done}) == 1, done
-    for epoch in range(3):
-        counts = dict(done[0]["epochs"][str(epoch)])
-        assert sorted(counts) == list(range(192)) and set(counts.values()) == {1}, f"epoch {epoch}"
+    check_replicas(done)
     text = two.log.read_text()
     assert "devices=2: started local ranks 1-1" in text, two.log
     assert not [r for r in two.records if r["event"] == "done" and r["pid"] == second]
+
+
+@pytest.mark.timeout(300)
+def test_a_whole_two_device_node_leaves_on_one_sigterm_to_its_process_group(tmp_path):
+    """``kill -TERM -PGID`` (a node shut down) makes both of its processes
+    leave at a step boundary and exit 0; the single-device node trains the
+    rest alone, every sample once.  (``kill -KILL -PGID`` here would take two
+    of the three members at once: the survivor is a minority of its view and
+    waits, the quorum rule issue 14 is about.)"""
+    one, two = two_nodes(TRAINER, tmp_path)
+    try:
+        first, second = both_train(two)
+        one.wait(lambda r: r["event"] == "step" and r["world"] == 3, 60)
+        os.killpg(two.proc.pid, signal.SIGTERM)
+        one.wait(lambda r: r["event"] == "step" and r["world"] == 1, 90)
+        (alone,) = finish([one], 180)
+        left = [two.wait(lambda r, pid=pid: r["event"] == "done" and r["pid"] == pid, 60) for pid in (first, second)]
+        assert all(r["left"] for r in left), left
+        assert two.exit_code(60) == 0, two.log
+        assert left[0]["global_step"] == left[1]["global_step"] <= alone["global_step"]
+    finally:
+        one.stop()
+        two.stop()
+    check_replicas([alone])
+    assert "Traceback" not in one.log.read_text(), one.log
 
 
 @pytest.mark.timeout(120)
