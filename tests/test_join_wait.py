@@ -103,3 +103,44 @@ def test_a_node_admitted_after_the_last_step_takes_the_final_state_and_ends_at_o
     assert not [r for r in late.records if r["event"] == "step"], "the newcomer trained nothing"
     assert "chaos: joined as the fit ended (global step 8)" in late.log.read_text(), late.log
     assert any("they took the final state" in m.log.read_text() for m in members), members[0].log
+
+
+@pytest.mark.timeout(240)
+def test_joiners_that_lose_every_member_holding_the_state_stop_with_a_clear_error(tmp_path):
+    """One member trains (a long step, a checkpoint every step); two nodes
+    join; once the cluster has admitted both, and before the member's step
+    ends and it serves them the state, the member is ``kill -9``ed.  The two
+    joiners are a majority of the view and form a group, but neither holds
+    trained state: issue 14 saw them take that for the very start (random
+    weights, step 0, a new sample ledger).  They must stop instead, saying
+    what the cluster had trained and where its last checkpoint is."""
+    from _procs import cluster, joiner
+
+    train = Path(__file__).with_name("_train_worker.py")
+    ckpt = tmp_path / "ckpt"
+    env = {"CHAOS_TEST_CKPT_DIR": str(ckpt), "CHAOS_TEST_CKPT_EVERY": "1"}
+    argv = ["64", "1", "6"]  # 16 steps at world 1, 6 s each: the joiners are admitted mid-step
+    (member,) = cluster(train, argv, 1, tmp_path, env=env, prefix="member")
+    nodes = [member]
+    try:
+        member.wait(lambda r: r["event"] == "step" and r["step"] >= 1, 120)
+        late = [joiner(train, argv, member, tmp_path, f"late{i}", env) for i in range(2)]
+        nodes += late
+        addrs = [n.env["CHAOS_BIND"] for n in nodes]
+        deadline = time.monotonic() + 90
+        # both admitted: the member's log names a view with all three
+        while not any(all(a in line for a in addrs) for line in member.log.read_text().splitlines() if "view epoch" in line):
+            assert time.monotonic() < deadline, member.log
+            assert member.proc.poll() is None, member.log
+            time.sleep(0.05)
+        member.proc.kill()
+        codes = [n.exit_code(120) for n in late]
+    finally:
+        for n in nodes:
+            n.stop()
+    for n, code in zip(late, codes):
+        text = n.log.read_text()
+        assert code != 0, n.log
+        assert "chaos: no member holding the training state is left (the cluster had trained to global step" in text, n.log
+        assert f"resume the run from its last checkpoint ({ckpt}" in text, n.log
+        assert not [r for r in n.records if r["event"] == "step"], "trained nothing from random weights"

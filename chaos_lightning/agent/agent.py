@@ -127,6 +127,11 @@ class Agent:
         self._seeds: tuple[str, ...] = ()  # the contacts of the last join
         self._seed_errors: dict[str, str] = {}  # seed -> why its last dial failed (while joining)
         self._seeds_reported = False
+        #: what the process above reports of its training, shown in the status:
+        #: a callable returning ``{"step": N, "ended": bool, "checkpoint": path
+        #: or None}`` (called on the agent's thread at each status request) or
+        #: None.  A joiner asks its view's members whether the cluster has trained.
+        self.training: Callable[[], dict | None] | None = None
         #: wall-clock seconds the machine spent per decision (Proposed events)
         self.decisions: list[tuple[float, float, str]] = []
 
@@ -557,6 +562,11 @@ class Agent:
             "coordinator": m.coordinator(),
             "incarnation": m._inc,
         }
+        try:
+            snap["training"] = self.training() if self.training is not None else None
+        except Exception as exc:  # noqa: BLE001 - the status must answer whatever the process above does
+            snap["training"] = None
+            log.debug("%s: no training report: %s", self.node_id, exc)
         return snap
 
     async def _probe_bandwidth(self, peer_addr: str, nbytes: int, timeout: float) -> float:

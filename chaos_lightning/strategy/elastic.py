@@ -73,6 +73,11 @@ class ElasticMember:
     def adopt_shared(self, state: dict[str, Any]) -> None:
         """A broadcast's state seen by a member that keeps its own replica."""
 
+    def last_checkpoint(self) -> str | None:
+        """Where the run's newest checkpoint is, if the host knows (for the
+        error a node gets when nobody holding the state is left)."""
+        return None
+
     # and, from the Lightning strategy it mixes into: ``set_world_ranks()``
     # (ranks from ``self.group`` after a group forms), ``global_rank``, ``world_size``
 
@@ -97,6 +102,10 @@ class ElasticMember:
         self.elastic_sampler: ElasticSampler | None = None
         self.ledger: Ledger | None = None
         self.events: list[dict[str, Any]] = []  # view changes with timings, for logs and tests
+        #: at the join: what the view's members said they had trained (their
+        #: agents' status), None if nothing; a joiner that finds nobody left
+        #: holding that state stops instead of starting again from scratch
+        self._cluster_trained: dict[str, Any] | None = None
 
     def rebind(self, bind: str) -> None:
         """Listen at ``bind`` instead (before :meth:`_open_member`: the
@@ -110,6 +119,9 @@ class ElasticMember:
         pin_gloo_interface(host)
         served = self._sync.serve(host)  # every node serves the state; its address rides in the member's meta
         self.group.open({REPL_META_KEY: served})
+        agent = getattr(self.group.rdv, "agent", None)
+        if agent is not None:
+            agent.training = self._training_report
         take_sigterm(self.request_leave)
         self.trace.node = self.node_id
         if self.trace.enabled:
@@ -183,11 +195,62 @@ class ElasticMember:
         cfg = self.config
         self.trace.emit("join_request")
         view = self.group.join(cfg.min_nodes, deadline)
+        self._cluster_trained = self._ask_what_was_trained(view)
 
         def usable(v: View) -> bool:
             return self.node_id in v.connected() and len(v.connected()) >= cfg.min_nodes
 
         self._rebuild(view, usable, Freshness.NONE, deadline)
+
+    def _ask_what_was_trained(self, view: View, most: int = 3) -> dict[str, Any] | None:
+        """The furthest training any of (up to ``most``) other members of
+        ``view`` reports through its agent's status; None if none has trained
+        (the very start) or none answers."""
+        from chaos_lightning.agent import status
+
+        if getattr(self.group.rdv, "agent", None) is None:
+            return None  # a backend with no agents (etcd)
+        best: dict[str, Any] | None = None
+        for node in [n for n in view.ids if n != self.node_id][:most]:
+            try:
+                report = status(view.member(node).addr, secret=self.config.secret, timeout=1.0).get("training")
+            except Exception as exc:  # noqa: BLE001 - a status that fails never blocks a join
+                log.debug("chaos: no status from %s: %s", node, exc)
+                continue
+            if isinstance(report, dict) and int(report.get("step", 0)) > 0:
+                if best is None or report["step"] > best["step"] or report.get("ended"):
+                    best = {**report, "node": node}
+        return best
+
+    def _training_report(self) -> dict[str, Any] | None:
+        """What a joiner asks the view's members (:meth:`_ask_what_was_trained`),
+        through the agent's status: called on the agent's thread, it only reads."""
+        if self.commits <= 0:
+            return None
+        return {"step": self.commits, "ended": self.ended, "checkpoint": self.last_checkpoint()}
+
+    def _joined_without_state(self) -> bool:
+        """After the join: this node holds no trained state though the
+        members it joined had trained (they all finished or failed before it
+        received theirs).  If they had finished, a warning and True (the fit
+        ends here, trained by them); else a clear error, not a fresh start."""
+        if not self._orphaned:
+            return False
+        seen = self._cluster_trained or {}
+        step, ckpt = seen.get("step"), seen.get("checkpoint")
+        if seen.get("ended"):
+            log.warning("chaos: joined as the fit ended (global step %s): nothing left to train, and the members "
+                        "exited before this node received their state%s", step, f"; checkpoint: {ckpt}" if ckpt else "")
+            self.trace.emit("joined_ended", step=step)
+            self.ended = True
+            return True
+        self.trace.emit("orphaned", epoch=self.group.view.epoch)
+        raise RuntimeError(
+            f"chaos: no member holding the training state is left (the cluster had trained to global step {step}; "
+            "its members failed before this node received the state). Not starting again from random weights: "
+            + (f"resume the run from its last checkpoint ({ckpt})" if ckpt else "resume the run from a checkpoint")
+            + " with ckpt_path=, or start a new run"
+        )
 
     # ---------------------------------------------------------------- the step
     def _reduce_gradients(self, params: list[torch.nn.Parameter], window: range) -> bool:
@@ -291,8 +354,11 @@ class ElasticMember:
                     # theirs (a step we applied that they aborted): the epoch's
                     # record is theirs from here on, not ours
                     self.ledger.forget(self.elastic_sampler.epoch)
+            # a joiner told by the members that they had trained, finding
+            # nobody with state in its group, must not take that for the start
+            orphan_if_alone = stale or (freshness is Freshness.NONE and self._cluster_trained is not None)
             try:
-                plan = self._sync.sync(self, freshness, stale=stale)
+                plan = self._sync.sync(self, freshness, stale=orphan_if_alone)
             except CollectiveError as exc:
                 log.warning("chaos: state sync in epoch %d failed (%s); waiting for the next view", view.epoch, exc)
                 floor = view.epoch
@@ -300,6 +366,8 @@ class ElasticMember:
                     freshness = Freshness.APPLIED  # we hold the members' state now, whatever failed after
                 continue
             self._orphaned = plan.action is SyncAction.ORPHANED
+            if not self._orphaned:
+                self._cluster_trained = None  # this replica holds the state now
             self._buffers.snapshot(self.replica_buffers())  # identical everywhere now: what a failed step restores
             self.group.settled()
             return view
@@ -328,7 +396,7 @@ class ElasticMember:
         g = self.group
         if self.ended or self.left or self._orphaned or g.pg.group is None or g.view is None:
             return
-        self.ended = True
+        self.ended = True  # a node admitted from here on learns from the status that the fit has ended
         newest = torch.tensor([g.rdv.current_view().epoch], dtype=torch.int64)
         try:
             g.pg.all_reduce(newest, abort=g.abort, timeout=self.config.collective_timeout, op=dist.ReduceOp.MAX)

@@ -321,6 +321,10 @@ class ChaosFabricStrategy(ElasticMember, DDPStrategy):
         t0 = time.monotonic()
         self._join_cluster(t0 + self.config.join_timeout)
         self._joined = True
+        if self._joined_without_state():  # raises unless the members had finished
+            self._done = True
+            _set_rank_zero(_NOT_YET_RANKED)  # nothing of the run is here: write nothing
+            return
         self._done = self._joined_at_the_end()
         self.elastic_sampler.reconfigure(self.global_rank, self.world_size)
         self._now_training(time.monotonic() - t0, joined=True, failed_step=False)

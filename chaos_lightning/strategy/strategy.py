@@ -170,6 +170,15 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
     def adopt_shared(self, state: dict[str, Any]) -> None:
         internals.adopt_output_paths(self._trainer(), state["paths"])
 
+    @override
+    def last_checkpoint(self) -> str | None:
+        trainer = self._trainer()
+        for cb in trainer.checkpoint_callbacks if trainer is not None else ():
+            path = getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")
+            if path:
+                return path
+        return None
+
     # ---------------------------------------------------------------- launch
     @override
     def _configure_launcher(self) -> None:
@@ -234,6 +243,12 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
             self.elastic_sampler.load_state_dict(self.restored_sampler_state)
             self.restored_sampler_state = None
         self._join_cluster(t0 + self.config.join_timeout)
+        if self._joined_without_state():  # raises unless the members had finished
+            # nothing of the run is here: no logs, no checkpoints, no training
+            rank_zero_only.rank = _NOT_YET_RANKED
+            self.cluster_environment.set_global_rank(_NOT_YET_RANKED)
+            trainer.should_stop = True
+            return
         if self._joined_at_the_end():
             trainer.should_stop = True
         self._relayout(trainer, new_epoch=True)
