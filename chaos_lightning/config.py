@@ -12,7 +12,8 @@ rendezvous backends and the replication layer take plain values and objects.
 Precedence, per setting: a value the caller gives (not ``None``) wins over the
 environment, which wins over the default.  An empty environment value counts
 as unset, except ``CHAOS_SECRET=``, which is refused: an empty secret would
-silently mean "no secret".
+silently mean "no secret".  A secret shorter than 16 bytes
+(``wire.auth.MIN_SECRET_BYTES``) is refused too, naming its length only.
 
 Errors are one line, a :class:`ConfigError` (a ``ValueError``) that names the
 variable (or the keyword argument) and quotes the bad value::
@@ -65,6 +66,7 @@ from typing import Any
 from chaos_lightning.membership.config import DEFAULT_PRESET, PRESETS, Config
 from chaos_lightning.replication.neighbors import DEFAULT_MAX_SOURCES
 from chaos_lightning.wire.addr import AddressError, normalize_hostport, parse_hostport
+from chaos_lightning.wire.auth import MIN_SECRET_BYTES
 
 #: the variable holding the cluster secret (the launcher can read another: ``--secret-env``)
 SECRET_ENV = "CHAOS_SECRET"
@@ -267,6 +269,13 @@ def membership_config(preset: str | Config | None = None, overrides: Mapping[str
     return replace(base, **overrides) if overrides else base  # type: ignore[arg-type]
 
 
+class _Hidden(str):
+    """A stand-in shown instead of a secret: its repr is its text, unquoted."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 # ---------------------------------------------------------------------- the resolver
 class _Resolver:
     """Reads one setting at a time: the given value, else the variable, else the default."""
@@ -353,6 +362,13 @@ class _Resolver:
         if not value:
             # never show a secret; an empty one is what there is to show
             raise ConfigError(name, "must not be empty (unset it to run without a secret, loopback only)", "")
+        if len(value) < MIN_SECRET_BYTES:
+            raise ConfigError(
+                name,
+                f"must be at least {MIN_SECRET_BYTES} bytes (e.g. python -c 'import secrets; "
+                "print(secrets.token_hex(16))')",
+                _Hidden(f"a secret of {len(value)} bytes"),
+            )
         return bytes(value)
 
     def membership(self, arg: str, preset_var: str, overrides_var: str) -> Config:

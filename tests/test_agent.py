@@ -58,16 +58,31 @@ def hostport(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def send_raw(addr: str, data: bytes, *, handshake: bytes | None | bool = False) -> bytes:
+def tag_frames(session, data: bytes) -> bytes:
+    """``data`` (whole frames) with each frame's tag appended, as a real peer sends them."""
+    out, pos = [], 0
+    while pos < len(data):
+        header = data[pos : pos + 8]
+        (length,) = struct.unpack("!I", header[4:])
+        payload = data[pos + 8 : pos + 8 + length]
+        out += [header, payload, session.seal(header, payload)]
+        pos += 8 + length
+    return b"".join(out)
+
+
+async def send_raw(addr: str, data: bytes, *, handshake: bytes | None | bool = False, tagged: bool = False) -> bytes:
     """Connect, optionally authenticate with ``handshake`` as the secret, send
-    ``data``, and return what the agent sent back before closing (bounded)."""
+    ``data`` (``tagged``: whole frames, each given its session tag), and
+    return what the agent sent back before closing (bounded)."""
     reader, writer = await asyncio.open_connection(*hostport(addr))
     try:
         if handshake is not False:
             try:
-                await client_handshake(reader, writer, handshake, 5.0)
+                session = await client_handshake(reader, writer, handshake, 5.0)
             except Exception as exc:  # refused: what the agent said is the point
                 return str(exc).encode()
+            if tagged:
+                data = tag_frames(session, data)
         writer.write(data)
         await writer.drain()
         try:
@@ -101,16 +116,18 @@ def test_garbage_wrong_secret_and_foreign_versions_are_refused_and_the_agent_kee
     async def attack() -> None:
         await send_raw(target, b"\x00random bytes\xff" * 20)  # before the handshake
         assert b"wrong cluster secret" in await send_raw(target, encode_frame(b"hello"), handshake=b"wrong secret")
-        await send_raw(target, v2)  # a client speaking protocol 2
+        await send_raw(target, v2)  # a client speaking the next protocol
         await send_raw(target, oversized, handshake=SECRET)
         await send_raw(target, truncated, handshake=SECRET)
-        await send_raw(target, not_msgpack, handshake=SECRET)
-        await send_raw(target, wrong_type, handshake=SECRET)
+        await send_raw(target, not_msgpack, handshake=SECRET, tagged=True)
+        await send_raw(target, wrong_type, handshake=SECRET, tagged=True)
+        await send_raw(target, wrong_type + b"\0" * 16, handshake=SECRET)  # a forged tag
 
     asyncio.run(attack())
     text = caplog.text
     assert "wrong cluster secret" in text
-    assert "protocol 2" in text
+    assert f"protocol {PROTOCOL_VERSION + 1}" in text
+    assert "failed its integrity check" in text
     assert "exceeds" in text or "too large" in text.lower()
     assert "truncated" in text.lower() or "closed" in text.lower()
     assert "unexpected message Member" in text
@@ -128,7 +145,8 @@ def test_garbage_wrong_secret_and_foreign_versions_are_refused_and_the_agent_kee
 @given(payload=st.binary(max_size=512), kind=st.integers(0, 3), authenticated=st.booleans())
 def test_hypothesis_frames_never_break_a_live_agent(shared_cluster, payload, kind, authenticated):
     frame = struct.pack("!2sBBI", MAGIC, PROTOCOL_VERSION, kind, len(payload)) + payload
-    asyncio.run(send_raw(shared_cluster[0].addr, frame, handshake=SECRET if authenticated else False))
+    asyncio.run(send_raw(shared_cluster[0].addr, frame, handshake=SECRET if authenticated else False,
+                         tagged=authenticated))
     assert shared_cluster[0].view().size == 3
 
 
@@ -154,7 +172,7 @@ def test_status_shows_view_links_and_resources(cluster):
 
 def test_status_with_a_wrong_secret_is_a_clear_error(cluster):
     with pytest.raises(Exception, match="secret"):
-        status(cluster[0].addr, secret=b"nope", timeout=3)
+        status(cluster[0].addr, secret=b"not-the-cluster-secret", timeout=3)
 
 
 def test_active_bandwidth_probe_measures_and_feeds_the_monitor(cluster):
@@ -235,7 +253,7 @@ def test_a_join_whose_every_seed_refuses_says_so_in_one_line_at_once(caplog):
 
 def test_a_seed_with_another_secret_is_named_as_refusing_the_handshake(cluster, caplog):
     caplog.set_level(logging.WARNING, logger="chaos_lightning.agent")
-    agent = Agent(secret=b"another-secret").start([cluster[0].addr])
+    agent = Agent(secret=b"another-cluster-secret").start([cluster[0].addr])
     try:
         deadline = time.monotonic() + 5
         while not agent.seed_errors():

@@ -39,12 +39,12 @@ def test_nothing_given_nothing_set_gives_the_documented_defaults() -> None:
 
 
 def test_an_argument_wins_over_the_environment_which_wins_over_the_default() -> None:
-    env = {"CHAOS_MIN_NODES": "3", "CHAOS_BIND": "10.0.0.1:7000", "CHAOS_PEERS": "10.0.0.2:7000", "CHAOS_SECRET": "env"}
+    env = {"CHAOS_MIN_NODES": "3", "CHAOS_BIND": "10.0.0.1:7000", "CHAOS_PEERS": "10.0.0.2:7000", "CHAOS_SECRET": "env-secret-0123456789"}
     from_env = NodeConfig.resolve(env=env)
     assert (from_env.min_nodes, from_env.bind, from_env.peers) == (3, "10.0.0.1:7000", ("10.0.0.2:7000",))
-    assert from_env.secret == b"env"
-    given = NodeConfig.resolve(env=env, min_nodes=2, bind="127.0.0.1:0", peers=["127.0.0.1:1", " 127.0.0.1:2 "], secret="arg")
-    assert (given.min_nodes, given.bind, given.peers, given.secret) == (2, "127.0.0.1:0", ("127.0.0.1:1", "127.0.0.1:2"), b"arg")
+    assert from_env.secret == b"env-secret-0123456789"
+    given = NodeConfig.resolve(env=env, min_nodes=2, bind="127.0.0.1:0", peers=["127.0.0.1:1", " 127.0.0.1:2 "], secret="arg-secret-0123456789")
+    assert (given.min_nodes, given.bind, given.peers, given.secret) == (2, "127.0.0.1:0", ("127.0.0.1:1", "127.0.0.1:2"), b"arg-secret-0123456789")
     # None means "not given", and an empty variable means "unset"
     assert NodeConfig.resolve(env={**env, "CHAOS_MIN_NODES": ""}, min_nodes=None).min_nodes == 1
 
@@ -147,21 +147,35 @@ def test_a_flag_that_stands_for_a_variable_is_named_in_its_error() -> None:
 
 
 def test_the_secret_alone_for_small_clis() -> None:
-    assert secret_from_env({"CHAOS_SECRET": "s"}) == b"s"
+    assert secret_from_env({"CHAOS_SECRET": "s" * 16}) == b"s" * 16
     assert secret_from_env({}) is None
-    assert secret_from_env({"OTHER": "t"}, "OTHER") == b"t"
+    assert secret_from_env({"OTHER": "t" * 16}, "OTHER") == b"t" * 16
     with pytest.raises(ConfigError, match="CHAOS_SECRET must not be empty"):
         secret_from_env({"CHAOS_SECRET": ""})
 
 
 def test_the_secret_is_never_shown() -> None:
-    assert "hunter2" not in repr(NodeConfig.resolve(env={"CHAOS_SECRET": "hunter2"}))
+    assert "hunter2-hunter2-hunter2" not in repr(NodeConfig.resolve(env={"CHAOS_SECRET": "hunter2-hunter2-hunter2"}))
+
+
+def test_a_short_secret_is_refused_by_its_length_never_shown() -> None:
+    """Issue 15: secrets under 16 bytes are refused at resolution, naming the
+    variable and the length only."""
+    with pytest.raises(ConfigError) as err:
+        NodeConfig.resolve(env={"CHAOS_SECRET": "hunter2"})
+    assert str(err.value).startswith("chaos: CHAOS_SECRET must be at least 16 bytes")
+    assert str(err.value).endswith("got a secret of 7 bytes") and "hunter2" not in str(err.value)
+    with pytest.raises(ConfigError, match="^chaos: secret must be at least 16 bytes"):
+        NodeConfig.resolve(env={}, secret=b"x" * 15)
+    with pytest.raises(ConfigError, match="CHAOS_SECRET must be at least 16 bytes"):
+        secret_from_env({"CHAOS_SECRET": "short"})
+    assert NodeConfig.resolve(env={}, secret=b"x" * 16).secret == b"x" * 16
 
 
 # ---------------------------------------------------------------------- the README's table
 #: a valid value for each variable README documents, and what NodeConfig must then hold
 README_VALUES: dict[str, tuple[str, str, object]] = {
-    "CHAOS_SECRET": ("s3cret", "secret", b"s3cret"),
+    "CHAOS_SECRET": ("s3cret-s3cret-s3cret", "secret", b"s3cret-s3cret-s3cret"),
     "CHAOS_PRESET": ("edge", "membership", PRESETS["edge"]),
     "CHAOS_MEMBERSHIP": ("probe_interval=0.3", "membership", Config.preset("local", probe_interval=0.3)),
     "CHAOS_BACKEND": ("etcd", "backend", "etcd"),

@@ -233,7 +233,7 @@ def test_status_table_and_json(cluster: list[Agent]) -> None:
 
 
 def test_status_wrong_secret(cluster: list[Agent]) -> None:
-    line = one_line_error(chaos_run("status", "--peer", cluster[0].addr, env={"CHAOS_SECRET": "not-the-secret"}))
+    line = one_line_error(chaos_run("status", "--peer", cluster[0].addr, env={"CHAOS_SECRET": "not-the-cluster-secret"}))
     assert "secret" in line
 
 

@@ -121,10 +121,10 @@ def test_a_live_endpoint_is_joined_and_is_host_overrides_the_guess() -> None:
 
 
 def test_the_secret_comes_from_the_named_variable() -> None:
-    os.environ["MY_CLUSTER_SECRET"] = "s3cret"
+    os.environ["MY_CLUSTER_SECRET"] = "s3cret-s3cret-s3cret"
     handler = ChaosRendezvousHandler(params(f"127.0.0.1:{free_port()}", secret_env="MY_CLUSTER_SECRET", is_host="0"))
     handler.next_rendezvous()
-    assert chaos_env()["CHAOS_SECRET"] == "s3cret"
+    assert chaos_env()["CHAOS_SECRET"] == "s3cret-s3cret-s3cret"
 
 
 @pytest.mark.parametrize("endpoint", ["", "127.0.0.1", "host:port", "127.0.0.1:99999", "127.0.0.1:0", "::1:80", "a b:1"])

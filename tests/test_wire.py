@@ -38,6 +38,7 @@ from chaos_lightning.wire.frames import (
     KIND_BLOB,
     KIND_MESSAGE,
     MAGIC,
+    PROTOCOL_VERSION as V,
     FrameDecoder,
     encode_frame,
     frame_header,
@@ -264,9 +265,10 @@ def test_frame_decoder_refusals():
     cases = [
         (b"GET / HTTP/1.1\r\n", BadMagic, "not a chaos_lightning peer"),
         (b"X", BadMagic, "bad frame magic"),  # refused from its first byte
-        (header.pack(MAGIC, 2, 0, 5), UnsupportedVersion, "peer speaks protocol 2, this agent speaks 1"),
-        (header.pack(MAGIC, 1, 9, 5), UnknownFrameKind, "unknown frame kind 9"),
-        (header.pack(MAGIC, 1, 0, 2**32 - 1), FrameTooLarge, "exceeds the limit"),
+        (header.pack(MAGIC, V + 1, 0, 5), UnsupportedVersion, f"peer speaks protocol {V + 1}, this agent speaks {V}"),
+        (header.pack(MAGIC, 1, 0, 5), UnsupportedVersion, f"peer speaks protocol 1, this agent speaks {V}"),
+        (header.pack(MAGIC, V, 9, 5), UnknownFrameKind, "unknown frame kind 9"),
+        (header.pack(MAGIC, V, 0, 2**32 - 1), FrameTooLarge, "exceeds the limit"),
     ]
     for data, error, text in cases:
         dec = FrameDecoder(max_size=1024)
@@ -283,7 +285,7 @@ def test_frame_decoder_detects_truncation_at_eof_and_returns_good_frames_first()
     with pytest.raises(TruncatedFrame, match="got 3 of 5 payload bytes"):
         dec.eof()
     dec = FrameDecoder()
-    dec.feed(b"CL\x01")
+    dec.feed(b"CL" + bytes([V]))
     with pytest.raises(TruncatedFrame, match="header"):
         dec.eof()
     dec = FrameDecoder()
@@ -329,13 +331,13 @@ def test_read_frame_errors():
         with pytest.raises(ConnectionClosed):
             await read_frame(reader_with(b""))
         with pytest.raises(TruncatedFrame, match="header"):
-            await read_frame(reader_with(b"CL\x01\x00"))
+            await read_frame(reader_with(b"CL" + bytes([V, 0])))
         with pytest.raises(TruncatedFrame, match="got 2 of 10 payload bytes"):
             await read_frame(reader_with(frame_header(10) + b"ab"))
         with pytest.raises(BadMagic):
             await read_frame(reader_with(b"zz"))
-        with pytest.raises(UnsupportedVersion, match="protocol 2"):
-            await read_frame(reader_with(b"CL\x02\x00\x00\x00\x00\x00"))
+        with pytest.raises(UnsupportedVersion, match=f"protocol {V + 1}"):
+            await read_frame(reader_with(b"CL" + bytes([V + 1]) + b"\x00\x00\x00\x00\x00"))
         with pytest.raises(FrameTooLarge):
             await read_frame(reader_with(frame_header(5000)), max_size=4096)
 
@@ -358,8 +360,8 @@ def test_check_bind_allowed_refuses_non_loopback_without_a_secret():
 
 def test_load_secret_normalizes_and_never_reads_the_environment(monkeypatch):
     monkeypatch.setenv("CHAOS_SECRET", "from-env")
-    assert load_secret("given") == b"given"
-    assert load_secret(b"raw") == b"raw"
+    assert load_secret("given-secret-0123") == b"given-secret-0123"
+    assert load_secret(b"raw-secret-456789") == b"raw-secret-456789"
     # the environment is chaos_lightning.config's to read, not the wire layer's
     assert load_secret() is None
     assert load_secret("") is None and load_secret(b"") is None
@@ -448,14 +450,14 @@ def test_live_server_refuses_bad_peers_and_keeps_serving_good_ones(caplog):
             writer.close()
             await wait_for_log(caplog, "connection closed mid-frame: got 10 of 100 payload bytes")
 
-            # A peer speaking protocol 2 is told which version we speak.
+            # A peer speaking protocol 1 (no frame tags) is told which version we speak.
             reader, writer = await raw_client(port)
-            writer.write(b"CL\x02\x00" + struct.pack("!I", 3) + b"abc")
+            writer.write(b"CL\x01\x00" + struct.pack("!I", 3) + b"abc")
             await writer.drain()
-            line = await wait_for_log(caplog, "peer speaks protocol 2, this agent speaks 1")
+            line = await wait_for_log(caplog, f"peer speaks protocol 1, this agent speaks {V}")
             assert line.startswith("refused connection from")
             kind, payload = await asyncio.wait_for(read_frame(reader), 5)
-            assert "speaks protocol 1" in decode(payload).reason
+            assert f"speaks protocol {V}" in decode(payload).reason
             writer.close()
 
             # After the handshake: an oversized header is dropped by the wrapper, no traceback.
@@ -469,8 +471,7 @@ def test_live_server_refuses_bad_peers_and_keeps_serving_good_ones(caplog):
 
             # ...and a schema violation after the handshake likewise.
             conn = await open_connection("127.0.0.1", port, secret=SECRET, timeout=5)
-            payload = msgpack.packb(["member", [1]])
-            conn._writer.write(frame_header(len(payload)) + payload)
+            await conn.send_frame(msgpack.packb(["member", [1]]))  # tagged, so it reaches the decoder
             line = await wait_for_log(caplog, "member.id: expected str, got int")
             assert line.startswith("dropped connection from")
             await conn.aclose()
@@ -512,9 +513,9 @@ def test_client_side_failures_name_the_address():
                 await open_connection("127.0.0.1", port, secret=None, timeout=0.3)
             assert isinstance(info.value, HandshakeTimeout) and time.monotonic() - t0 < 2
 
-        # A server speaking protocol 2.
+        # A server speaking a newer protocol.
         async def future(reader, writer):
-            writer.write(b"CL\x02\x00" + struct.pack("!I", 0))
+            writer.write(b"CL" + bytes([V + 1, 0]) + struct.pack("!I", 0))
             await writer.drain()
             await reader.read()
             writer.close()
@@ -522,7 +523,7 @@ def test_client_side_failures_name_the_address():
         newer = await asyncio.start_server(future, "127.0.0.1", 0)
         port = newer.sockets[0].getsockname()[1]
         async with newer:
-            with pytest.raises(UnsupportedVersion, match="peer speaks protocol 2, this agent speaks 1"):
+            with pytest.raises(UnsupportedVersion, match=f"peer speaks protocol {V + 1}, this agent speaks {V}"):
                 await open_connection("127.0.0.1", port, secret=None, timeout=2)
 
     asyncio.run(asyncio.wait_for(scenario(), 20))

@@ -1,5 +1,5 @@
 """agent: the membership machine on real sockets, in one background thread per process."""
 
-from chaos_lightning.agent.agent import Agent, link_fault, query_status, request_link_fault, status
+from chaos_lightning.agent.agent import Agent, enable_fault_injection, link_fault, query_status, request_link_fault, status
 
-__all__ = ["Agent", "link_fault", "query_status", "request_link_fault", "status"]
+__all__ = ["Agent", "enable_fault_injection", "link_fault", "query_status", "request_link_fault", "status"]

@@ -36,6 +36,7 @@ from chaos_lightning.agent.messages import (
     Envelope,
     LinkFault,
     LinkFaultDone,
+    LinkFaultRefused,
     StatusReply,
     StatusRequest,
 )
@@ -46,6 +47,7 @@ from chaos_lightning.membership.view import Member, View
 from chaos_lightning.monitor import Monitor
 from chaos_lightning.monitor.links import estimate_bandwidth
 from chaos_lightning.wire import KIND_BLOB, ConnectionClosed, WireError, load_secret, open_connection, start_server
+from chaos_lightning.wire.connection import quiet_accept_errors
 from chaos_lightning.wire.addr import format_hostport, parse_hostport
 from chaos_lightning.wire.errors import AuthError
 
@@ -68,6 +70,21 @@ def dial_error(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "no answer in time"
     return f"{type(exc).__name__}: {exc}"
+
+
+_fault_injection_default = False
+
+
+def enable_fault_injection(on: bool = True) -> None:
+    """Process-wide default of ``Agent(allow_fault_injection=None)``.
+
+    For test harnesses whose agents are built deep inside the strategy (the
+    scenario workload, started by the scenario runner on loopback, where a
+    link cut is a ``LinkFault`` request).  Never call it in production: any
+    holder of the cluster secret could then cut this node's links.
+    """
+    global _fault_injection_default
+    _fault_injection_default = bool(on)
 
 
 class _Peer:
@@ -102,8 +119,17 @@ class Agent:
         secret: bytes | str | None = None,
         membership: Config | None = None,
         meta: dict[str, str] | None = None,
+        allow_fault_injection: bool | None = None,
     ):
         self._bind_host, self._bind_port = parse_hostport(bind, allow_port0=True)
+        #: serve ``LinkFault`` requests from the network (tests and scenario
+        #: runs only; None: the process default, off unless
+        #: :func:`enable_fault_injection` was called).  Off, a request is
+        #: answered ``LinkFaultRefused`` and :func:`link_fault` raises
+        #: ``PermissionError``.  :meth:`block` (in-process) is always allowed.
+        self.allow_fault_injection = (
+            _fault_injection_default if allow_fault_injection is None else bool(allow_fault_injection)
+        )
         self._node_id = node_id
         self._secret = load_secret(secret)
         self.config = membership if membership is not None else PRESETS[DEFAULT_PRESET]
@@ -163,6 +189,7 @@ class Agent:
     def _run(self, peers: list[str], ready: threading.Event, failure: list[BaseException]) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
+        quiet_accept_errors(loop, log)
         try:
             loop.run_until_complete(self._boot(peers))
         except BaseException as exc:  # bind errors, insecure bind: report to start()
@@ -533,6 +560,14 @@ class Agent:
                 elif isinstance(msg, StatusRequest):
                     await conn.send(StatusReply(msgpack.packb(self._snapshot())))
                 elif isinstance(msg, LinkFault):
+                    if not self.allow_fault_injection:
+                        log.warning("%s: refused a link fault request from %s: fault injection is off",
+                                    self.node_id, conn.peer)
+                        await conn.send(LinkFaultRefused(
+                            f"fault injection is off on {self.node_id} (start the agent with "
+                            "allow_fault_injection=True: tests and scenario runs only)"
+                        ))
+                        return
                     self._set_blocked(msg.peer_addr, msg.down)
                     await conn.send(LinkFaultDone(tuple(sorted(self._blocked))))
                 elif isinstance(msg, BandwidthProbe):
@@ -622,8 +657,9 @@ async def request_link_fault(
 ) -> list[str]:
     """Make the agent at ``addr`` cut (``down``) or restore its link to the
     agent at ``peer_addr`` (:meth:`Agent.block`; apply it at both ends).
-    Authenticated like every connection: only holders of the cluster secret
-    can inject faults.  Returns the addresses cut at ``addr`` now."""
+    Authenticated like every connection, and served only by an agent started
+    with ``allow_fault_injection`` (else ``PermissionError``, an ``OSError``).
+    Returns the addresses cut at ``addr`` now."""
     host, port = parse_hostport(addr)
     conn = await open_connection(host, port, secret=load_secret(secret), timeout=timeout)
     try:
@@ -631,6 +667,8 @@ async def request_link_fault(
         reply = await asyncio.wait_for(conn.recv(), timeout)
     finally:
         await conn.aclose()
+    if isinstance(reply, LinkFaultRefused):
+        raise PermissionError(f"the agent at {addr} refused the link fault: {reply.reason}")
     if not isinstance(reply, LinkFaultDone):
         raise WireError(f"unexpected reply to a link fault request: {type(reply).__name__}")
     return list(reply.blocked)
@@ -641,4 +679,4 @@ def link_fault(addr: str, peer_addr: str, down: bool, *, secret: bytes | str | N
     return asyncio.run(request_link_fault(addr, peer_addr, down, secret=secret, timeout=timeout))
 
 
-__all__ = ["Agent", "query_status", "status", "link_fault", "request_link_fault", "KIND_BLOB"]
+__all__ = ["Agent", "enable_fault_injection", "query_status", "status", "link_fault", "request_link_fault", "KIND_BLOB"]

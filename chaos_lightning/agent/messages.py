@@ -7,7 +7,9 @@ them).  The rest are request/response pairs served on their own connection:
 tests) and ``BandwidthProbe`` (an active bandwidth measurement: a blob of
 ``nbytes`` follows the request, the reply says when it was all read) and
 ``LinkFault`` (the fault injector: cut or restore this agent's link to another
-member, for loopback scenarios where there is no cable to pull).
+member, for loopback scenarios where there is no cable to pull; answered by
+``LinkFaultRefused`` unless the agent was started with
+``allow_fault_injection``).
 """
 
 from __future__ import annotations
@@ -66,3 +68,10 @@ class LinkFault:
 class LinkFaultDone:
     #: addresses whose link is cut now
     blocked: tuple[str, ...]
+
+
+@message("a.fault!")
+@dataclass(frozen=True)
+class LinkFaultRefused:
+    #: why (fault injection is off on this agent)
+    reason: str

@@ -8,8 +8,10 @@ one of them, plans who sends which shard with the bandwidth-aware scheduler
 (:func:`~chaos_lightning.replication.scheduler.plan`), and fetches from all of
 them concurrently.
 
-Protocol (wire frames after the wire layer's HMAC handshake, one TCP
-connection per joiner and source)::
+Protocol (wire frames after the wire layer's HMAC handshake, each frame
+tagged with the session's HMAC -- a shard blob gets one tag over the whole
+frame, checked before the shard's CRC -- one TCP connection per joiner and
+source)::
 
     joiner -> source   GetManifest()                      -> Manifest | ReplError
     joiner -> source   GetShard(snapshot_id, index)       -> ShardReply + blob | ReplError
@@ -67,21 +69,15 @@ import torch
 from chaos_lightning.replication.scheduler import ShardPlan, Source, plan
 from chaos_lightning.replication.snapshot import Assembler, ChecksumMismatch, Manifest, Snapshot, UnknownShard
 from chaos_lightning.wire import (
-    DEFAULT_MAX_FRAME,
-    KIND_BLOB,
     KIND_MESSAGE,
     SchemaError,
-    TruncatedFrame,
     WireError,
     dial,
-    encode_frame,
     parse_hostport,
-    read_frame,
     schema,
     start_server,
 )
-from chaos_lightning.wire.connection import Connection, format_addr
-from chaos_lightning.wire.frames import HEADER_SIZE, parse_header
+from chaos_lightning.wire.connection import Connection, format_addr, quiet_accept_errors
 
 __all__ = [
     "GetManifest",
@@ -105,9 +101,6 @@ PIPELINE_DEPTH = 2
 request round trip (the next shard is already asked for while one streams);
 more would commit shards to a source before its speed is known and leave
 less to steal."""
-
-_READ_CHUNK = 1 << 20
-"""Largest read while a blob streams in; every read marks progress for the stall check."""
 
 _DUP_MARGIN = 0.5
 """Endgame: duplicate an in-flight shard only if this source would deliver it in
@@ -221,6 +214,7 @@ class ShardServer:
             raise RuntimeError("ShardServer already started")
         host, port = _hostport(bind, allow_port0=True)
         loop = asyncio.new_event_loop()
+        quiet_accept_errors(loop, _log)
         thread = threading.Thread(target=loop.run_forever, name=f"shard-server-{host}:{port}", daemon=True)
         thread.start()
         coro = start_server(host, port, self._handle, secret=secret, handshake_timeout=self.handshake_timeout)
@@ -447,8 +441,7 @@ class _Src:
         self.index = index
         self.host, self.port = _hostport(addr)
         self.report = SourceReport(format_addr((self.host, self.port)))
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self.conn: Connection | None = None
         self.alive = False
         self.queue: deque[int] = deque()
         self.inflight: deque[int] = deque()
@@ -461,8 +454,8 @@ class _Src:
         self.scratch: bytearray = bytearray()
 
     def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.transport.abort()
+        if self.conn is not None:
+            self.conn.abort()
 
 
 class _Pull:
@@ -510,19 +503,19 @@ class _Pull:
     # -- connections ------------------------------------------------------------
     async def _connect(self, s: _Src) -> None:
         try:
-            s.reader, s.writer = await dial(s.host, s.port, secret=self.secret, timeout=self.connect_timeout)
+            s.conn = await dial(s.host, s.port, secret=self.secret, timeout=self.connect_timeout)
         except (WireError, OSError) as exc:  # OSError covers TimeoutError; the message names the address
             s.report.error = str(exc)
             return
         s.alive = True
 
     def _send(self, s: _Src, msg: object) -> None:
-        assert s.writer is not None
-        s.writer.write(encode_frame(schema.encode(msg), KIND_MESSAGE))
+        assert s.conn is not None
+        s.conn.write_nowait(msg)  # tagged; pipelined, drained by the caller
 
     async def _read_message(self, s: _Src) -> object:
-        assert s.reader is not None
-        kind, payload = await read_frame(s.reader, DEFAULT_MAX_FRAME)
+        assert s.conn is not None
+        kind, payload = await s.conn.recv_frame()
         s.last_progress = time.monotonic()
         if kind != KIND_MESSAGE:
             raise _SourceFailed(f"{s.report.addr} sent a blob where a reply was due")
@@ -640,7 +633,7 @@ class _Pull:
 
     # -- per-source worker --------------------------------------------------------
     async def _worker(self, s: _Src) -> None:
-        assert self.asm is not None and s.writer is not None
+        assert self.asm is not None and s.conn is not None
         try:
             while not self.asm.done and s.alive:
                 issued = False
@@ -656,7 +649,7 @@ class _Pull:
                     self._send(s, GetShard(self.asm.manifest.snapshot_id, k))
                     issued = True
                 if issued:
-                    await s.writer.drain()
+                    await s.conn.drain()
                 if not s.inflight:
                     changed = self.changed
                     try:
@@ -673,7 +666,7 @@ class _Pull:
             self._fail(s, str(exc) or type(exc).__name__)
 
     async def _receive_one(self, s: _Src) -> None:
-        assert self.asm is not None and s.reader is not None
+        assert self.asm is not None and s.conn is not None
         k = s.inflight[0]
         size = self.sizes[k]
         reply = await self._read_message(s)
@@ -683,22 +676,18 @@ class _Pull:
             raise _SourceFailed(
                 f"{s.report.addr} sent shard {reply.index} ({reply.size} bytes) where shard {k} ({size} bytes) was due"
             )
-        kind, length = parse_header(await s.reader.readexactly(HEADER_SIZE), DEFAULT_MAX_FRAME)
-        if kind != KIND_BLOB or length != size:
-            raise _SourceFailed(f"{s.report.addr} announced shard {k} but sent a frame of kind {kind}, {length} bytes")
         if len(s.scratch) < size:
             s.scratch = bytearray(size)
         buf = memoryview(s.scratch)
-        got = 0
-        while got < size:
-            chunk = await s.reader.read(min(size - got, _READ_CHUNK))
-            if not chunk:
-                raise TruncatedFrame(f"{s.report.addr} closed the connection mid-shard: got {got} of {size} bytes")
-            buf[got : got + len(chunk)] = chunk
-            got += len(chunk)
+
+        def progress(got: int) -> None:
             s.current_got = got
             s.last_progress = time.monotonic()
-        now = s.last_progress
+
+        # streams in 1 MiB reads (each marks progress for the stall check);
+        # the frame's tag is checked over the whole blob before it is used
+        await s.conn.recv_blob_into(buf, size, progress)
+        now = s.last_progress = time.monotonic()
         s.inflight.popleft()
         s.current_got = 0
         s.report.seconds += now - max(s.last_arrival, s.requested_at.pop(k))
@@ -816,7 +805,11 @@ async def pull_async(
     ``downlink``: this joiner's bytes/s, for the plan.  ``timeout`` bounds the
     whole pull, ``connect_timeout`` each connect and handshake,
     ``stall_timeout`` the silence of a source with a request outstanding.
-    ``max_bytes`` refuses a manifest announcing more state than that.
+    ``max_bytes`` refuses a manifest announcing more state than that, before
+    a byte is allocated or a shard requested (each source's manifest is
+    checked; with none acceptable the pull fails with :class:`PullError`);
+    ``None`` trusts the manifest (tests, the CLI).  The strategy passes
+    :func:`chaos_lightning.strategy.state_sync.pull_bound` of its model.
     ``on_manifest`` is called once the manifest is in (e.g. to log progress),
     ``on_progress(received_bytes, total_bytes)`` after every accepted shard.
     Raises :class:`PullError` when no source can complete it.

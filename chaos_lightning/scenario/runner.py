@@ -157,6 +157,10 @@ class Runner:
         for key in ("samples", "batch_size", "hidden", "step_sleep"):
             if key in self.timeline.settings:
                 argv += [f"--{key.replace('_', '-')}", str(self.timeline.settings[key])]
+        if self._testbed is None:
+            # on loopback a link cut is a LinkFault request to the agent, which
+            # serves it only when told to (namespaces cut real veth links)
+            argv.append("--allow-fault-injection")
         return argv
 
     def _start(self, name: str, peers: list[str], min_nodes: int) -> NodeProc:

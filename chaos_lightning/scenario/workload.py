@@ -103,12 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="per-node batch size")
     p.add_argument("--hidden", type=int, default=256, help="hidden width (the state grows with its square)")
     p.add_argument("--step-sleep", type=float, default=0.05, help="seconds of stand-in compute per step")
+    p.add_argument("--allow-fault-injection", action="store_true",
+                   help="serve the runner's link-cut requests (loopback scenarios; off in production)")
     args = p.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("lightning").setLevel(logging.WARNING)
     torch.set_num_threads(1)
     pl.seed_everything(0, workers=False, verbose=False)
+    if args.allow_fault_injection:
+        from chaos_lightning.agent import enable_fault_injection
+
+        enable_fault_injection()  # the agent the strategy builds serves LinkFault
     model = MLP(hidden=args.hidden, step_sleep=args.step_sleep)
     trainer = pl.Trainer(
         strategy="chaos", accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,

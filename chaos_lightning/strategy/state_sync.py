@@ -74,6 +74,21 @@ def load_training_state(member: ElasticMember, state: dict[str, Any]) -> None:
     member.load_replica_state(state["host"])
 
 
+#: A joiner refuses a snapshot larger than ``PULL_SLACK`` times its own model's
+#: parameters and buffers plus ``PULL_EXTRA`` bytes, before allocating anything
+#: (a source's manifest must not decide how much memory the joiner reserves).
+#: 4x covers the replica once plus an optimizer keeping up to three tensors
+#: per parameter (Adam with amsgrad: exp_avg, exp_avg_sq, max_exp_avg_sq);
+#: 64 MiB covers the loop, scheduler, callback and sampler state.
+PULL_SLACK = 4
+PULL_EXTRA = 64 * 2**20
+
+
+def pull_bound(tensors: list[torch.Tensor]) -> int:
+    """The largest snapshot a joiner whose model holds ``tensors`` accepts (see :data:`PULL_SLACK`)."""
+    return PULL_SLACK * sum(t.numel() * t.element_size() for t in tensors) + PULL_EXTRA
+
+
 class StateSync:
     """This node's side of every state sync: its shard server and the last pull."""
 
@@ -196,7 +211,8 @@ class StateSync:
 
             try:
                 result = pull(
-                    [c.addr for c in chosen], self._secret, rates=rates, timeout=self._join_timeout, on_progress=on_progress
+                    [c.addr for c in chosen], self._secret, rates=rates, timeout=self._join_timeout,
+                    on_progress=on_progress, max_bytes=pull_bound(member.replica_tensors()),
                 )
             except PullError as exc:
                 log.error("chaos: could not pull the state from %s: %s", [c.node for c in chosen], exc)

@@ -6,12 +6,14 @@
 - :mod:`.schema` turns registered dataclasses into msgpack and back, checking
   every value against the annotations (never pickle from the network);
 - :mod:`.auth` runs the mutual HMAC challenge–response on every connection
-  with the shared cluster secret (given as bytes: this layer reads no
-  environment);
+  with the shared cluster secret (given as bytes, at least 16 of them: this
+  layer reads no environment) and derives the session's frame keys: every
+  frame after the handshake carries an HMAC tag with a per-direction
+  sequence number (injection, replay and reordering are refused);
 - :mod:`.addr` is the one ``HOST:PORT`` parser every layer uses;
-- :mod:`.connection` puts the three together for the agent: ``open_connection``,
-  ``start_server``, ``Connection``; ``dial`` (the streams without the
-  wrapper) for the replication pull.
+- :mod:`.connection` puts the three together: ``open_connection`` (alias
+  ``dial``), ``start_server``, ``Connection``, with bounded reads (idle and
+  per-frame timeouts) and a cap on connections awaiting authentication.
 
 Everything a peer can get wrong raises a :class:`WireError`; the server turns
 it into one log line and one closed connection.  Imports nothing above itself.
@@ -20,7 +22,15 @@ it into one log line and one closed connection.  Imports nothing above itself.
 from __future__ import annotations
 
 from chaos_lightning.wire.addr import AddressError, format_hostport, normalize_hostport, parse_hostport, parse_hostport_list
-from chaos_lightning.wire.auth import check_bind_allowed, client_handshake, load_secret, server_handshake
+from chaos_lightning.wire.auth import (
+    MIN_SECRET_BYTES,
+    Session,
+    check_bind_allowed,
+    check_secret,
+    client_handshake,
+    load_secret,
+    server_handshake,
+)
 from chaos_lightning.wire.connection import Connection, dial, open_connection, start_server
 from chaos_lightning.wire.errors import (
     AuthError,
@@ -29,10 +39,13 @@ from chaos_lightning.wire.errors import (
     FrameTooLarge,
     HandshakeTimeout,
     InsecureBind,
+    IntegrityError,
+    ReadTimeout,
     SchemaError,
     TruncatedFrame,
     UnknownFrameKind,
     UnsupportedVersion,
+    WeakSecret,
     WireError,
 )
 from chaos_lightning.wire.frames import (
@@ -59,6 +72,11 @@ __all__ = [
     "FrameTooLarge",
     "HandshakeTimeout",
     "InsecureBind",
+    "IntegrityError",
+    "MIN_SECRET_BYTES",
+    "ReadTimeout",
+    "Session",
+    "WeakSecret",
     "KIND_BLOB",
     "KIND_MESSAGE",
     "MAGIC",
@@ -69,6 +87,7 @@ __all__ = [
     "UnsupportedVersion",
     "WireError",
     "check_bind_allowed",
+    "check_secret",
     "client_handshake",
     "decode",
     "dial",

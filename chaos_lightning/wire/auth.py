@@ -13,9 +13,27 @@ sending it::
 
 Fresh nonces on both sides defeat replay; the "client"/"server" prefixes stop a
 peer from reflecting one side's proof back at it.  The secret is never on the
-wire, and the comparison is constant-time (``hmac.compare_digest``).  The
-handshake authenticates; it does not encrypt (run over a VPN or WireGuard when
-the network itself is hostile).
+wire, and the comparison is constant-time (``hmac.compare_digest``).
+
+Every frame after the handshake carries a tag (:class:`Session`): both sides
+derive two 32-byte frame keys, one per direction, with HKDF-SHA256 (RFC 5869,
+built from ``hmac``/``hashlib``) from the secret, salted with both nonces::
+
+    okm = HKDF(ikm=secret, salt=nonce_s | nonce_c, info="chaos_lightning/wire/v2 frame keys", 64)
+    key_c2s, key_s2c = okm[:32], okm[32:]
+    tag = HMAC-SHA256(key_dir, seq (u64 BE) | header (8 bytes) | payload)[:16]
+
+``seq`` counts the frames sent in that direction from 0 and is not sent: the
+receiver checks the tag against the number it expects, so a frame injected,
+replayed (from this or any other connection: fresh nonces, fresh keys),
+reordered, dropped or altered fails its check and ends the connection
+(:class:`~chaos_lightning.wire.errors.IntegrityError`).  One key per
+direction means a frame cannot be reflected back to its sender.  The tag is
+HMAC-SHA-256 truncated to 128 bits (as RFC 4868 does for IPsec).
+
+Not done: encryption.  Frames are integrity-protected, not confidential;
+adding a cipher means a dependency (the standard library has none) and is out
+of scope: run over a VPN or WireGuard when the state itself is secret.
 
 Without a secret, the same handshake runs with a fixed, public key: that
 proves nothing, so :func:`check_bind_allowed` only lets a secret-less node
@@ -32,7 +50,17 @@ import secrets
 from dataclasses import dataclass
 
 from chaos_lightning.wire import schema
-from chaos_lightning.wire.errors import AuthError, HandshakeTimeout, InsecureBind, UnsupportedVersion, WireError
+import struct
+
+from chaos_lightning.wire.errors import (
+    AuthError,
+    HandshakeTimeout,
+    InsecureBind,
+    IntegrityError,
+    UnsupportedVersion,
+    WeakSecret,
+    WireError,
+)
 from chaos_lightning.wire.frames import KIND_MESSAGE, PROTOCOL_VERSION, encode_frame, read_frame
 
 #: The variable that holds the cluster secret, named in error messages only
@@ -43,6 +71,15 @@ SECRET_ENV = "CHAOS_SECRET"
 HANDSHAKE_MAX_FRAME = 4096
 
 NONCE_SIZE = 32
+
+#: The shortest cluster secret accepted (:func:`load_secret`,
+#: ``chaos_lightning.config``): 16 bytes, 128 bits if random.
+MIN_SECRET_BYTES = 16
+
+#: Bytes of the tag after every frame's payload once the handshake is done.
+TAG_SIZE = 16
+
+_HKDF_INFO = b"chaos_lightning/wire/v2 frame keys"
 
 #: The key used when no secret is configured (loopback only): public on purpose.
 _NO_SECRET_KEY = b"chaos_lightning/no-secret/v1"
@@ -82,10 +119,26 @@ def load_secret(value: str | bytes | None = None) -> bytes | None:
     :class:`chaos_lightning.config.NodeConfig` or a CLI, and passed down.  An
     empty value counts as unset here, so that an empty string cannot silently
     mean "the empty secret" (``NodeConfig`` refuses it with an error).
+    A secret shorter than :data:`MIN_SECRET_BYTES` is refused
+    (:class:`~chaos_lightning.wire.errors.WeakSecret`, a ``ValueError``).
     """
     if not value:
         return None
-    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+    secret = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+    check_secret(secret)
+    return secret
+
+
+def check_secret(secret: bytes | None, name: str = SECRET_ENV) -> None:
+    """Raise :class:`WeakSecret` if ``secret`` is set and shorter than :data:`MIN_SECRET_BYTES`.
+
+    The message names the length, never the secret.
+    """
+    if secret is not None and len(secret) < MIN_SECRET_BYTES:
+        raise WeakSecret(
+            f"the cluster secret ({name}) is {len(secret)} bytes; at least {MIN_SECRET_BYTES} are required "
+            f"(e.g. python -c 'import secrets; print(secrets.token_hex(16))')"
+        )
 
 
 def is_loopback(host: str) -> bool:
@@ -124,6 +177,66 @@ def _mac(key: bytes, role: bytes, first: bytes, second: bytes) -> bytes:
     return hmac.new(key, role + first + second, hashlib.sha256).digest()
 
 
+def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
+    """HKDF (RFC 5869) with SHA-256: extract, then expand to ``length`` bytes."""
+    if length > 255 * 32:
+        raise ValueError("HKDF-SHA256 output is at most 8160 bytes")
+    prk = hmac.new(salt, ikm, hashlib.sha256).digest()
+    out, block, counter = b"", b"", 1
+    while len(out) < length:
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        out += block
+        counter += 1
+    return out[:length]
+
+
+_SEQ = struct.Struct("!Q")
+
+
+class Session:
+    """The frame keys and sequence numbers of one authenticated connection.
+
+    :meth:`seal` returns the tag of the next outgoing frame (and counts it);
+    :meth:`opener` starts the check of the next incoming frame from its
+    header (feed the payload to the returned HMAC, in pieces if it streams),
+    :meth:`verify` finishes it.  Not thread-safe; one event loop per connection.
+    """
+
+    def __init__(self, send_key: bytes, recv_key: bytes) -> None:
+        # keyed templates: copy() skips the key schedule on every frame
+        self._send = hmac.new(send_key, digestmod=hashlib.sha256)
+        self._recv = hmac.new(recv_key, digestmod=hashlib.sha256)
+        self.send_seq = 0
+        self.recv_seq = 0
+
+    @classmethod
+    def derive(cls, key: bytes, nonce_s: bytes, nonce_c: bytes, *, client: bool) -> Session:
+        okm = hkdf_sha256(key, nonce_s + nonce_c, _HKDF_INFO, 64)
+        c2s, s2c = okm[:32], okm[32:]
+        return cls(c2s, s2c) if client else cls(s2c, c2s)
+
+    def seal(self, header: bytes, payload: bytes | memoryview) -> bytes:
+        h = self._send.copy()
+        h.update(_SEQ.pack(self.send_seq))
+        h.update(header)
+        h.update(payload)
+        self.send_seq += 1
+        return h.digest()[:TAG_SIZE]
+
+    def opener(self, header: bytes) -> hmac.HMAC:
+        h = self._recv.copy()
+        h.update(_SEQ.pack(self.recv_seq))
+        h.update(header)
+        return h
+
+    def verify(self, h: hmac.HMAC, tag: bytes) -> None:
+        if not hmac.compare_digest(h.digest()[:TAG_SIZE], tag):
+            raise IntegrityError(
+                f"frame {self.recv_seq} failed its integrity check (injected, replayed, reordered or corrupted)"
+            )
+        self.recv_seq += 1
+
+
 async def _send(writer: asyncio.StreamWriter, msg: object) -> None:
     writer.write(encode_frame(schema.encode(msg), KIND_MESSAGE))
     await writer.drain()
@@ -144,25 +257,25 @@ def _check_nonce(nonce: bytes) -> None:
         raise AuthError(f"handshake nonce of {len(nonce)} bytes, expected {NONCE_SIZE}")
 
 
-async def _bounded(coro: object, timeout: float, side: str) -> None:
+async def _bounded(coro: object, timeout: float, side: str) -> Session:
     try:
-        await asyncio.wait_for(coro, timeout)  # type: ignore[arg-type]
+        return await asyncio.wait_for(coro, timeout)  # type: ignore[arg-type]
     except asyncio.TimeoutError:  # the builtin TimeoutError from 3.11 on
         raise HandshakeTimeout(f"{side} handshake timed out after {timeout:g}s") from None
 
 
 async def server_handshake(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes | None, timeout: float
-) -> None:
+) -> Session:
     """Authenticate the connecting peer and prove our own secret, within ``timeout`` seconds.
 
-    Raises :class:`AuthError` (wrong secret, malformed, timed out) or another
+    Returns the connection's :class:`Session` (frame keys).  Raises :class:`AuthError` (wrong secret, malformed, timed out) or another
     :class:`WireError`; on a refusal the peer is told why, when it can be.
     """
-    await _bounded(_server(reader, writer, _key(secret)), timeout, "server")
+    return await _bounded(_server(reader, writer, _key(secret)), timeout, "server")
 
 
-async def _server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes) -> None:
+async def _server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes) -> Session:
     nonce_s = secrets.token_bytes(NONCE_SIZE)
     await _send(writer, Hello(PROTOCOL_VERSION, nonce_s))
     try:
@@ -177,6 +290,7 @@ async def _server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ke
         await _refuse(writer, exc)
         raise
     await _send(writer, ServerProof(_mac(key, b"server", proof.nonce, nonce_s)))
+    return Session.derive(key, nonce_s, proof.nonce, client=False)
 
 
 async def _refuse(writer: asyncio.StreamWriter, exc: WireError) -> None:
@@ -193,12 +307,12 @@ async def _refuse(writer: asyncio.StreamWriter, exc: WireError) -> None:
 
 async def client_handshake(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes | None, timeout: float
-) -> None:
-    """Prove our secret to the server and check its proof, within ``timeout`` seconds."""
-    await _bounded(_client(reader, writer, _key(secret)), timeout, "client")
+) -> Session:
+    """Prove our secret to the server and check its proof, within ``timeout`` seconds; the :class:`Session`."""
+    return await _bounded(_client(reader, writer, _key(secret)), timeout, "client")
 
 
-async def _client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes) -> None:
+async def _client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes) -> Session:
     hello = await _recv(reader, Hello, Refused)
     if isinstance(hello, Refused):
         raise AuthError(f"server refused the connection: {hello.reason}")
@@ -215,3 +329,4 @@ async def _client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ke
     if not hmac.compare_digest(answer.mac, _mac(key, b"server", nonce_c, hello.nonce)):
         # The server accepted our proof without knowing the key: an impostor.
         raise AuthError("wrong cluster secret: the server could not prove it holds the cluster secret")
+    return Session.derive(key, hello.nonce, nonce_c, client=True)

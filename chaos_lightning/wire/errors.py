@@ -85,3 +85,26 @@ class ConnectionClosed(WireError):
     """The peer closed the connection cleanly, at a frame boundary."""
 
     default_message = "peer closed the connection"
+
+
+class IntegrityError(AuthError):
+    """A frame after the handshake failed its tag check: injected, replayed,
+    reordered, truncated or corrupted on the way.  The connection is closed."""
+
+    default_message = "frame failed its integrity check"
+
+
+class ReadTimeout(WireError, TimeoutError):
+    """An authenticated peer was silent too long: idle beyond the connection's
+    idle bound, or a frame's body did not follow its header in time."""
+
+    default_message = "peer too slow"
+
+
+class WeakSecret(AuthError, ValueError):
+    """A cluster secret shorter than :data:`chaos_lightning.wire.auth.MIN_SECRET_BYTES`.
+
+    A ``ValueError`` too: a configuration mistake, raised before any socket exists.
+    """
+
+    default_message = "the cluster secret is too short"

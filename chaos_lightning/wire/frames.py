@@ -6,6 +6,12 @@ Every frame is an 8-byte header followed by its payload::
     | "CL"  | version | kind | length (u32 BE)| payload (length)|
     +-------+---------+------+----------------+-----------------+
 
+After the handshake every frame is followed by a 16-byte tag (HMAC-SHA256
+over a per-direction sequence number, the header and the payload, see
+:class:`chaos_lightning.wire.auth.Session`); ``length`` counts the payload
+only.  Protocol 2 introduced the tag: a protocol-1 peer is refused at the
+handshake with a clear version error instead of failing tag checks.
+
 ``kind`` says what the payload is: :data:`KIND_MESSAGE` (one msgpack message,
 see :mod:`chaos_lightning.wire.schema`) or :data:`KIND_BLOB` (raw bytes, for
 bulk state shards, never interpreted by this layer).
@@ -36,7 +42,7 @@ from chaos_lightning.wire.errors import (
     WireError,
 )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = b"CL"
 
 #: A msgpack message (:mod:`chaos_lightning.wire.schema`).

@@ -1,0 +1,90 @@
+"""Cost of the wire layer's per-frame HMAC tag on bulk transfers (issue 15).
+
+Moves ``--total`` MiB as ``--blob`` MiB blob frames over one loopback
+connection (``send_blob`` -> ``recv_blob_into``, the replication pull's path),
+with the session's tag and without (the same ``Connection`` with no session),
+sender and receiver in two processes, alternating, best of ``--repeat``; prints MB/s of each and
+the ratio.  Usage::
+
+    python benchmarks/wire_mac.py [--total 256] [--blob 16] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import time
+
+from chaos_lightning.wire.auth import client_handshake, server_handshake
+from chaos_lightning.wire.connection import _STREAM_LIMIT, Connection
+
+SECRET = b"wire-mac-benchmark-secret"
+
+
+def receiver(port_q, total: int, blob: int, tagged: bool) -> None:
+    """The receiving side, in its own process (as a joiner is)."""
+
+    async def serve() -> None:
+        done = asyncio.get_running_loop().create_future()
+
+        async def on_connect(reader, writer) -> None:
+            session = await server_handshake(reader, writer, SECRET, 5.0)
+            conn = Connection(reader, writer, "client", session=session if tagged else None)
+            buf = bytearray(blob)
+            got = 0
+            while got < total:
+                got += await conn.recv_blob_into(buf, blob)
+            await conn.send_blob(b"k")
+            await conn.aclose()
+            done.set_result(None)
+
+        server = await asyncio.start_server(on_connect, "127.0.0.1", 0, limit=_STREAM_LIMIT)
+        port_q.put(server.sockets[0].getsockname()[1])
+        async with server:
+            await asyncio.wait_for(done, 120)
+
+    asyncio.run(serve())
+
+
+async def one_run(total: int, blob: int, tagged: bool) -> float:
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=receiver, args=(q, total, blob, tagged), daemon=True)
+    proc.start()
+    try:
+        port = await asyncio.get_running_loop().run_in_executor(None, q.get, True, 30)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=_STREAM_LIMIT)
+        session = await client_handshake(reader, writer, SECRET, 5.0)
+        conn = Connection(reader, writer, "server", session=session if tagged else None)
+        payload = memoryview(bytes(blob))
+        t0 = time.perf_counter()
+        for _ in range(total // blob):
+            await conn.send_blob(payload)
+        await asyncio.wait_for(conn.recv(), 60)
+        took = time.perf_counter() - t0
+        await conn.aclose()
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+    return total / took / 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--total", type=int, default=256, help="MiB per run")
+    p.add_argument("--blob", type=int, default=16, help="MiB per blob frame")
+    p.add_argument("--repeat", type=int, default=3)
+    a = p.parse_args()
+    total, blob = a.total * 2**20, a.blob * 2**20
+    best = {True: 0.0, False: 0.0}
+    for _ in range(a.repeat):
+        for tagged in (False, True):
+            best[tagged] = max(best[tagged], asyncio.run(one_run(total, blob, tagged)))
+    print(f"{a.total} MiB as {a.blob} MiB blobs, best of {a.repeat}: untagged {best[False]:.0f} MB/s, "
+          f"tagged {best[True]:.0f} MB/s ({best[True] / best[False]:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
