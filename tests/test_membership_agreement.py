@@ -81,7 +81,8 @@ def test_an_acceptor_promises_higher_ballots_only_and_reports_what_it_accepted()
     out = m.receive("a", "a", Accept(3, 0, "a", value), 1.2)
     assert sent(out, Nack) == [("a", Nack(3, 0, "a", 1, "b"))], "promised (1, b): a lower ballot is refused"
     # a newer view starts a new instance: nothing promised or accepted
-    m.receive("a", "a", Commit(View(3, value.members)), 1.3)
+    # (a Commit names its ballot and the majority of view 2 that accepted it)
+    m.receive("a", "a", Commit(View(3, value.members), 0, "a", ("a", "c", "d")), 1.3)
     assert m.agreement.promised == NO_BALLOT and m.agreement.accepted is None
 
 

@@ -68,7 +68,7 @@ def test_a_view_settles_pending_joins_and_a_departed_incarnation_cannot_rejoin_b
     j = Member("j", "j")
     m.gossip.learn(Fact(JOIN, "j", 0, member=j), 1.0, Output())
     m.gossip.learn(Fact(LEAVE, "c", 0), 1.0, Output())
-    m.receive("a", "a", Commit(View(3, (Member("a", "a"), Member("b", "b"), j))), 1.1)
+    m.receive("a", "a", Commit(View(3, (Member("a", "a"), Member("b", "b"), j)), 0, "a", ("a", "c")), 1.1)
     assert not m.gossip.joins and not m.gossip.leaves
     assert not [k for k in m.gossip.queue if k[0] in (JOIN, LEAVE)], "settled facts are no longer gossiped"
     assert m.gossip.departed == {"c": 0}

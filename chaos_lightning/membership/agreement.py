@@ -17,6 +17,31 @@ commit the next one (no split brain).
   ``proposal_timeout`` and the randomized backoff after a failed attempt, and
   the ``Commit`` to old and new members.
 
+Rules that keep it safe across faults (issue 15; each has a scenario in
+``tests/test_membership_safety.py``):
+
+* **A slot is (id, incarnation).**  A process votes only in the slot that
+  the view lists under its own incarnation.  A process restarted under the
+  same id (ids default to the bind address) starts with no acceptor state
+  and a new incarnation (the agent's boot timestamp), so it is a *new node*:
+  it is never synced into its old slot, never votes for it, and never takes
+  the round-0 fast path for an epoch it has no acceptor state for.  Its join
+  request makes every member treat the old slot as dead; a view without the
+  old slot commits (by a majority of the view that held it) before the new
+  incarnation is added.  Without this the restarted rank 0 re-used ballot
+  ``(0, itself)`` with amnesia and epoch 3 was committed twice.
+* **One value per ballot.**  An acceptor that accepted ``(b, v)`` refuses
+  ``(b, v')`` with ``v' != v`` (only another life of b's proposer can send it).
+* **Commits are checked, not trusted** (:meth:`Agreement.certifies`): a
+  member of view ``e`` installs only a view of epoch ``e + 1`` whose
+  certificate (ballot, majority of ``e``) agrees with what it accepted
+  itself; a node further behind walks the chain of certified commits one
+  epoch at a time (``ViewSync.commits``), or, when nobody keeps that chain
+  any more, gives its slot up and joins as a new incarnation.
+* **A handled deadline is never returned again**: after :meth:`tick` at
+  ``now``, :meth:`next_deadline` is later than ``now`` (the simulator checks
+  it after every tick).
+
 What it never does: observe failures or links, spread facts, or install a
 view itself (a committed value goes to :meth:`Membership._install`).  It
 reads the current view, the node's id, config, rng, quorum flag and pending
@@ -30,7 +55,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping
 
 from chaos_lightning.membership import events as ev
-from chaos_lightning.membership.messages import Accept, Accepted, Commit, Nack, Prepare, Promise, ViewSync
+from chaos_lightning.membership.messages import Accept, Accepted, Commit, Nack, Prepare, Promise
 from chaos_lightning.membership.view import Member, View
 
 if TYPE_CHECKING:  # the composing machine; imported for annotations only
@@ -200,6 +225,13 @@ class Agreement:
         prop = self.proposal
         if prop is not None and now >= prop.deadline:
             self._abandon(now)
+        elif self.next_proposal_at and now >= self.next_proposal_at:
+            # The retry (or join batch) time has come, and this tick is its
+            # handling: maybe_propose runs right after it and either proposes
+            # or sets a new, future time.  Either way a handled deadline is
+            # never returned again: a node that is no longer coordinator kept
+            # it and the driver spun on it (issue 15: 40,948 ticks/s).
+            self.next_proposal_at = 0.0
 
     def _abandon(self, now: float) -> None:
         """Give the proposal up; retry after a randomized backoff so two
@@ -251,13 +283,13 @@ class Agreement:
         value = prop.value
         old = m.view
         self.proposal = None
-        commit = Commit(value)
+        commit = Commit(value, prop.ballot[0], prop.ballot[1], tuple(prop.accepted))
         sent: dict[str, bool] = {m.id: True}
         for x in old.members + value.members:
             if x.id not in sent:
                 sent[x.id] = True
                 m._send(x.id, commit, out, addr=x.addr)
-        m._install(value, now, out)
+        m._install(value, now, out, commit)
 
     def on_nack(self, src: str, msg: Nack, now: float, out: "Output") -> None:
         self.max_round = max(self.max_round, msg.promised_round)
@@ -285,13 +317,61 @@ class Agreement:
             return
         ballot = (msg.round, msg.node)
         self.max_round = max(self.max_round, msg.round)
-        if ballot >= self.promised and msg.value.epoch == msg.epoch:
+        acc = self.accepted
+        # one value per ballot: a second value at the ballot we accepted can
+        # only come from another life of its proposer (ballot (0, x) reused
+        # by a restarted x), and accepting it would un-choose the first
+        same_ballot_other_value = acc is not None and acc[0] == ballot and acc[1] != msg.value
+        if ballot >= self.promised and msg.value.epoch == msg.epoch and not same_ballot_other_value:
             self.promised = ballot
             self.accepted = (ballot, msg.value)
             reply: object = Accepted(msg.epoch, msg.round, msg.node)
         else:
             reply = Nack(msg.epoch, msg.round, msg.node, self.promised[0], self.promised[1])
         self._reply(src, reply, now, out)
+
+    # ------------------------------------------------------------ learner
+    def certifies(self, c: Commit) -> bool:
+        """May this member of view ``e`` install ``c`` (a view of epoch
+        ``e + 1``)?  What is checked, and why it is enough:
+
+        1. the epoch is exactly ``e + 1``: a view is only ever learned from
+           its predecessor (a node further behind catches up one certified
+           epoch at a time through ``ViewSync``; a forged epoch 10^9 never
+           connects to our view and is dropped);
+        2. the ballot's proposer is a member of view ``e`` (round 0 only for
+           its rank 0) and ``quorum`` is a majority of view ``e``, without
+           repeats: only a majority of ``e`` can choose ``e + 1``;
+        3. it agrees with our own acceptor state: if we are named in the
+           quorum we accepted at that ballot or above; and if we accepted at
+           that ballot or above, it was this value (Paxos: once a value is
+           chosen at ballot b, every value accepted at b or higher is that
+           value).  A Commit contradicting what this node itself accepted is
+           never installed.
+
+        What it cannot check is a lie about other acceptors: the peers are
+        authenticated (HMAC on the cluster secret) and assumed to follow the
+        protocol (crash faults, stale, replayed or corrupt messages, not a
+        malicious insider holding the secret).  Under that model every
+        Commit that passes was produced by a proposer that saw ``quorum``
+        accept it, so installing it is what Paxos' learner would do."""
+        m = self._m
+        view = m.view
+        v = c.view
+        if view is None or v.epoch != view.epoch + 1:
+            return False
+        ballot = (c.round, c.node)
+        if c.round < 0 or c.node not in view or (c.round == 0 and view.members[0].id != c.node):
+            return False
+        q = c.quorum
+        if len(q) < view.quorum or len(set(q)) != len(q) or any(x not in view for x in q):
+            return False
+        acc = self.accepted
+        if acc is not None and acc[0] >= ballot and acc[1] != v:
+            return False
+        if m.id in q and (acc is None or acc[0] < ballot):
+            return False
+        return True
 
     def _reply(self, dest: str, msg: object, now: float, out: "Output") -> None:
         m = self._m
@@ -307,7 +387,7 @@ class Agreement:
             return False
         if epoch <= view.epoch:  # the proposer is behind: help it catch up
             if src != m.id:
-                m._send(src, ViewSync(view), out)
+                m._sync_reply(src, epoch - 1, out)
             return False
         if epoch > view.epoch + 1:  # we are behind
             m._ask_sync(src, now, out)

@@ -44,6 +44,11 @@ if TYPE_CHECKING:  # the composing machine; imported for annotations only
     from chaos_lightning.membership.machine import Membership, Output
 
 
+#: indirect probes relayed for others at once (each lives one probe period;
+#: a member relays about k per period, so this is never reached honestly)
+RELAYS = 256
+
+
 class Status(str, Enum):
     """What this node believes of a member.  A ``str`` enum: equal to the fact
     kind of the same name (``Status.DEAD == FactKind.DEAD == "dead"``)."""
@@ -361,8 +366,13 @@ class Detector:
         m = self._m
         m._absorb(src, msg.epoch, msg.gossip, now, out)
         m._check_epoch(src, msg.epoch, now, out)
-        if msg.target_addr:
-            m._addrs.setdefault(msg.target, msg.target_addr)
+        view = m.view
+        # relay only for members, and a bounded number at a time: each relay
+        # is kept a probe period, and forged senders must not grow the table
+        if view is None or src not in view or len(self._relays) >= RELAYS:
+            return
+        if msg.target_addr and not m._addr_of(msg.target):
+            m._note_addr(msg.target, msg.target_addr)
         self._seq += 1
         self._relays[self._seq] = (src, msg.seq, msg.target)
         self._relay_deadline[self._seq] = now + m.config.probe_interval
@@ -460,6 +470,10 @@ class Detector:
             del self.status[nid]
             self._failed_reported.pop(nid, None)
             self._link_fails.pop(nid, None)
+        # maps keyed by remote ids keep members only
+        for table in (self.rtt, self._my_suspicions, self._link_fails, self._failed_reported):
+            for nid in [n for n in table if n not in view]:
+                del table[nid]
         for pair in [p for p in self.links if p[0] not in view or p[1] not in view]:
             del self.links[pair]
         # Links: local knowledge wins where we have some (a newer report may

@@ -26,7 +26,10 @@ class Removed:
 
     ``graceful`` is True when this node asked to leave; otherwise it was
     declared failed (for instance it sat on the minority side of a partition)
-    and must join again to train.
+    and must join again to train.  It is also reported, with the last view
+    the node held, when the node gives its slot up because no peer can
+    prove how the cluster moved on from it (it fell further behind than the
+    commits peers keep); it then joins again as a new incarnation.
     """
 
     view: View

@@ -40,6 +40,9 @@ from chaos_lightning.membership.view import Member, View, link
 if TYPE_CHECKING:  # the composing machine; imported for annotations only
     from chaos_lightning.membership.machine import Membership, Output
 
+#: departed ids remembered (see ``Dissemination.departed``)
+DEPARTED = 1024
+
 #: facts a coordinator acts on: the node that observed one sends it there directly
 _FOR_COORDINATOR = (DEAD, JOIN, LEAVE, LINK)
 
@@ -116,10 +119,22 @@ class Dissemination:
             return m.detector.apply_status(f, now, out)
         if f.kind == JOIN:
             x = f.member
-            if x is None or x.id != f.node or f.node in self.joins or (view is not None and f.node in view):
+            if x is None or x.id != f.node:
                 return False
-            if x.inc <= self.departed.get(x.id, -1):
+            pending = self.joins.get(x.id)
+            if (pending is not None and pending.inc >= x.inc) or x.inc <= self.departed.get(x.id, -1):
                 return False
+            if view is not None and x.id in view:
+                slot = view.member(x.id)
+                if x.inc <= slot.inc:
+                    return False  # the member itself, or an earlier life of it
+                # A process restarted under a member's id (a higher
+                # incarnation) is a new node: the old process and its
+                # acceptor state are gone, so its slot is dead, and a view
+                # without it commits (by a majority of the old view) before
+                # the new one is added (next_view adds only ids not in the view).
+                st = m.detector.status.get(x.id)
+                m._learn(Fact(DEAD, x.id, max(slot.inc, st.inc if st else 0)), now, out, from_self=True)
             if not self.joins:
                 self.joins_since = now
             self.joins[f.node] = x
@@ -173,10 +188,18 @@ class Dissemination:
                     self.departed[x.id] = max(x.inc, status[x.id].inc if x.id in status else 0)
         for x in view.members:
             self.departed.pop(x.id, None)
-        for nid in [n for n in self.joins if n in view]:
+        # bounded: stale join gossip lives retransmits(n) messages (seconds);
+        # the oldest departures are long past it
+        while len(self.departed) > DEPARTED:
+            del self.departed[next(iter(self.departed))]
+
+        def admitted(x: Member | None) -> bool:  # a join this view settled
+            return x is not None and x.id in view and view.member(x.id).inc >= x.inc
+
+        for nid in [n for n, x in self.joins.items() if admitted(x)]:
             del self.joins[nid]
         for nid in [n for n in self.leaves if n not in view]:
             del self.leaves[nid]
-        for key in [k for k in self.queue if (k[0] == JOIN and k[1] in view) or (k[0] == LEAVE and k[1] not in view)]:
+        for key in [k for k, e in self.queue.items() if (k[0] == JOIN and admitted(e[0].member)) or (k[0] == LEAVE and k[1] not in view)]:
             del self.queue[key]
 

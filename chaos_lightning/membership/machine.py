@@ -81,12 +81,25 @@ from chaos_lightning.membership.messages import (
     PingReq,
     Prepare,
     Promise,
+    StaleIncarnation,
     SyncRequest,
     ViewSync,
 )
 from chaos_lightning.membership.view import Member, View
 
 __all__ = ["Membership", "Output", "Phase"]
+
+#: certified commits a node keeps to walk a peer that is behind through the
+#: epochs it missed (one ``Commit`` per epoch; a peer further behind than
+#: this gives its slot up and rejoins as a new incarnation)
+HISTORY = 32
+#: commits per ``ViewSync``: at 1,000 members a view is ~40 kB on the wire
+SYNC_CHAIN = 8
+#: addresses kept for senders that are neither members nor join candidates
+#: (enough to answer them; an LRU, so forged ids cannot grow it)
+STRANGERS = 256
+#: pending "sync asked" marks (each expires after one probe period)
+SYNC_MARKS = 256
 
 
 class Phase(Enum):
@@ -136,7 +149,13 @@ class Membership:
         self._contacts: list[str] = []
         self._contact_pos = 0
         self._retry_at = 0.0  # join / leave request retry
+        # node -> when we may ask it for a sync again; insertion order is
+        # expiry order, so expired and excess marks are dropped from the front
         self._sync_asked: dict[str, float] = {}
+        # addresses of senders outside the view and the pending joins, LRU
+        self._strangers: dict[str, str] = {}
+        # epoch -> the certified Commit that chose it, the last HISTORY epochs
+        self._history: dict[int, Commit] = {}
         d, g, a = self.detector, self.gossip, self.agreement
         self._handlers = {
             Ping: d.on_ping,
@@ -151,6 +170,7 @@ class Membership:
             ViewSync: self._on_view_sync,
             SyncRequest: self._on_sync_request,
             JoinRequest: self._on_join_request,
+            StaleIncarnation: self._on_stale_incarnation,
             Facts: lambda src, msg, now, out: g.absorb(src, msg.epoch, msg.facts, now, out),
         }
 
@@ -234,8 +254,15 @@ class Membership:
         """Handle one message from ``src`` (its address ``src_addr``)."""
         out = Output()
         if src_addr and src and src != self.id:
-            self._addrs[src] = src_addr
+            self._note_addr(src, src_addr)
         if self.phase in _INERT:
+            return out
+        if self.phase is Phase.JOINING and type(msg) in (Ping, PingReq, Ack):
+            # a joiner holds no slot: an ack from it would vouch for the slot
+            # of a previous process under the same id, which is gone.  A probe
+            # does say a view may list us (our Commit was lost): ask for it.
+            if src and src != self.id:
+                self._ask_sync(src, now, out)
             return out
         handler = self._handlers.get(type(msg))
         if handler is None:
@@ -270,11 +297,35 @@ class Membership:
         if self.view is None or self.phase not in _ACTIVE:
             return
         m = msg.member
-        self._addrs[m.id] = m.addr
+        self._note_addr(m.id, m.addr)
         if m.id in self.view:
-            out.messages.append((m.id, m.addr, ViewSync(self.view)))
+            slot = self.view.member(m.id).inc
+            if m.inc == slot:  # in already (its Commit was lost): tell it
+                self._sync_reply(m.id, 0, out, addr=m.addr)
+                return
+            if m.inc < slot:
+                return  # a request from an earlier life, delivered late
+            # a higher incarnation: a new process under a member's id.  It is
+            # a new node, never synced into the old slot (whose acceptor state
+            # died with the old process); gossip removes the old slot first.
+        fact = Fact(JOIN, m.id, 0, member=m)
+        if m.inc <= self.gossip.departed.get(m.id, -1):
+            # admitted and removed without ever hearing of it: tell it to
+            # come back as a new incarnation (stale join gossip stays refused)
+            self._send(m.id, StaleIncarnation(self.gossip.departed[m.id]), out, addr=m.addr)
             return
-        self._learn(Fact(JOIN, m.id, 0, member=m), now, out, from_self=True)
+        if not self._learn(fact, now, out, from_self=True):
+            # known already, yet the joiner is still asking: the coordinator
+            # may never have heard (a lost Facts, a coordinator that changed);
+            # each retry of the joiner is forwarded once
+            self._send_to_coordinator(Facts(self._epoch(), (fact,)), out)
+
+    def _on_stale_incarnation(self, src: str, msg: StaleIncarnation, now: float, out: Output) -> None:
+        if self.phase is Phase.JOINING and self.view is None and self.me.inc <= msg.inc:
+            self._inc = max(self._inc, msg.inc) + 1
+            self.me = replace(self.me, inc=self._inc)
+            self._retry_at = now
+            self._tick_join(now, out)
 
     # ------------------------------------------------------------ facts
     def _learn(self, fact: Fact, now: float, out: Output, *, from_self: bool = False) -> bool:
@@ -300,42 +351,141 @@ class Membership:
 
     # ------------------------------------------------------------ catching up
     def _on_commit(self, src: str, msg: Commit, now: float, out: Output) -> None:
-        if self.view is None or msg.view.epoch > self.view.epoch:
-            self._install(msg.view, now, out)
+        """Install a chosen view, if this node can tell it is one.
+
+        A joiner (no view) installs a view that lists it under its own
+        incarnation: it holds no acceptor state to check against, and that
+        view is its admission.  A member of view ``e`` installs only a
+        Commit of epoch ``e + 1`` that :meth:`Agreement.certifies`; anything
+        further ahead, or refused, makes it ask ``src`` for the certified
+        chain instead (``SyncRequest`` -> ``ViewSync``)."""
+        view = self.view
+        if view is None or self.phase is Phase.JOINING:
+            if self._holds_slot(msg.view):
+                self._install(msg.view, now, out, msg if msg.round >= 0 else None)
+            return
+        if msg.view.epoch <= view.epoch:
+            return
+        if self.agreement.certifies(msg):
+            self._install(msg.view, now, out, msg)
+        else:
+            self._ask_sync(src, now, out)
 
     def _on_view_sync(self, src: str, msg: ViewSync, now: float, out: Output) -> None:
-        self._on_commit(src, Commit(msg.view), now, out)
+        view = self.view
+        if view is None or self.phase is Phase.JOINING:
+            cert = next((c for c in msg.commits if c.view == msg.view), None)
+            self._on_commit(src, cert or Commit(msg.view), now, out)
+            return
+        if msg.view.epoch <= view.epoch:
+            return
+        moved = connected = False
+        for c in sorted(msg.commits, key=lambda c: c.view.epoch):
+            if self.view is None or self.phase not in _ACTIVE:
+                return  # a commit removed us: we are joining again
+            if c.view.epoch <= self.view.epoch:
+                continue
+            if c.view.epoch != self.view.epoch + 1:
+                break
+            connected = True
+            if not self.agreement.certifies(c):
+                break
+            self._install(c.view, now, out, c)
+            moved = True
+        if self.view is None or self.phase not in _ACTIVE or self.view.epoch >= msg.view.epoch:
+            return
+        if moved:
+            self._ask_sync(src, now, out, force=True)  # the next stretch of the chain
+        elif not connected:
+            # The sender no longer keeps the commits after our epoch: nobody
+            # can prove to us how the cluster moved on.  Rather than install
+            # an unverifiable view, give our slot up and join again as a new
+            # incarnation (the old slot is removed by a majority first).
+            self._give_up_slot(now, out)
 
     def _on_sync_request(self, src: str, msg: SyncRequest, now: float, out: Output) -> None:
         if self.view is not None and self.view.epoch > msg.epoch and self.phase in _ACTIVE:
-            self._send(src, ViewSync(self.view), out)
+            self._sync_reply(src, msg.epoch, out)
+
+    def _sync_reply(self, dest: str, their_epoch: int, out: Output, addr: str = "") -> None:
+        """Our view, with the certified commits from ``their_epoch + 1`` on."""
+        chain = []
+        e = their_epoch + 1
+        while e in self._history and len(chain) < SYNC_CHAIN:
+            chain.append(self._history[e])
+            e += 1
+        assert self.view is not None
+        self._send(dest, ViewSync(self.view, tuple(chain)), out, addr=addr)
+
+    def _give_up_slot(self, now: float, out: Output) -> None:
+        assert self.view is not None
+        view = self.view
+        out.events.append(ev.Removed(view, False))
+        self.gossip.stop()
+        self.detector.stop()
+        self._rejoin(view, now, out)
+
+    def _holds_slot(self, view: View) -> bool:
+        """Does ``view`` list this process (its id *and* its incarnation)?  A
+        slot under an older incarnation belongs to a previous process under
+        our id, whose acceptor state is lost: never ours to vote with."""
+        return self.id in view and view.member(self.id).inc == self.me.inc
 
     def _check_epoch(self, src: str, epoch: int, now: float, out: Output) -> None:
         if self.view is not None and epoch > self.view.epoch:
             self._ask_sync(src, now, out)
 
-    def _ask_sync(self, src: str, now: float, out: Output) -> None:
-        if now < self._sync_asked.get(src, 0.0):
+    def _ask_sync(self, src: str, now: float, out: Output, *, force: bool = False) -> None:
+        asked = self._sync_asked
+        if not force and now < asked.get(src, 0.0):
             return
-        self._sync_asked[src] = now + self.config.probe_interval
+        asked.pop(src, None)
+        asked[src] = now + self.config.probe_interval
+        while asked and (len(asked) > SYNC_MARKS or next(iter(asked.values())) <= now):
+            del asked[next(iter(asked))]
         self._send(src, SyncRequest(self.view.epoch if self.view else 0), out)
 
+    # ------------------------------------------------------------ addresses
+    def _note_addr(self, node: str, addr: str) -> None:
+        """Remember where ``node`` is.  Members and join candidates go to the
+        address book, which each view prunes; anyone else (a node at another
+        epoch, a stranger) to a small LRU, so 20,000 forged sender ids cost
+        at most ``STRANGERS`` entries (issue 15: +20 MB, kept, before)."""
+        if not addr:
+            return
+        if (self.view is not None and node in self.view) or node in self.gossip.joins:
+            self._addrs[node] = addr
+            return
+        strangers = self._strangers
+        strangers.pop(node, None)
+        strangers[node] = addr
+        if len(strangers) > STRANGERS:
+            del strangers[next(iter(strangers))]
+
     # ------------------------------------------------------------ install
-    def _install(self, view: View, now: float, out: Output) -> None:
-        if self.phase is Phase.JOINING and self.id not in view:
+    def _install(self, view: View, now: float, out: Output, cert: Commit | None = None) -> None:
+        if self.phase is Phase.JOINING and not self._holds_slot(view):
             return  # e.g. a commit meant for the cluster that removed us: keep asking
         old = self.view
         self.view = view
         self.agreement.on_view(view)
-        for m in view.members:
-            if m.addr:
-                self._addrs[m.id] = m.addr
+        if cert is not None:
+            self._history[view.epoch] = cert
+            while len(self._history) > HISTORY:
+                del self._history[next(iter(self._history))]
+        # the address book: members and pending joins only
+        book = {m.id: m.addr for m in view.members if m.addr}
+        for nid in self.gossip.joins:
+            a = self._addrs.get(nid)
+            if a and nid not in book:
+                book[nid] = a
+        self._addrs = book
         # the order matters: departures are recorded with the incarnation the
         # detector knew, before it forgets the departed
         self.gossip.on_view(view, old)
         self.detector.on_view(view, old, now, out)
 
-        if self.id in view:
+        if self._holds_slot(view):
             if self.phase is Phase.JOINING:
                 self.phase = Phase.MEMBER
                 self.detector.start(now)
@@ -343,7 +493,7 @@ class Membership:
             self._update_quorum(out)
             return
         # a view without us
-        if old is not None and self.id not in old and self.phase is Phase.JOINING:
+        if old is not None and not self._holds_slot(old) and self.phase is Phase.JOINING:
             return  # a joiner learning an older/unrelated view: keep asking
         graceful = self.phase is Phase.LEAVING
         out.events.append(ev.Removed(view, graceful))
@@ -352,8 +502,14 @@ class Membership:
         if graceful or not self.config.auto_rejoin:
             self.phase = Phase.LEFT if graceful else Phase.REMOVED
             return
+        self._rejoin(view, now, out)
+
+    def _rejoin(self, view: View, now: float, out: Output) -> None:
         self._reset_for_rejoin()
-        contacts = [m.addr or m.id for m in view.members]
+        contacts = [m.addr or m.id for m in view.members if m.id != self.id]
+        if not contacts:
+            self.phase = Phase.REMOVED
+            return
         self.phase = Phase.JOINING
         self._contacts = contacts
         self._contact_pos = self.rng.randrange(len(contacts)) if contacts else 0
@@ -368,6 +524,7 @@ class Membership:
         self.detector.reset()
         self.gossip.reset()
         self.agreement.reset()
+        self._history.clear()
         self.quorate = True
 
     def _update_quorum(self, out: Output) -> None:
@@ -385,7 +542,7 @@ class Membership:
         return self.view.epoch if self.view else 0
 
     def _addr_of(self, node: str) -> str:
-        return self._addrs.get(node, "")
+        return self._addrs.get(node) or self._strangers.get(node, "")
 
     def _send(self, node: str, msg: object, out: Output, addr: str = "") -> None:
         out.messages.append((node, addr or self._addr_of(node), msg))

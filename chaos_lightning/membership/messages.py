@@ -142,13 +142,33 @@ class Nack:
 @message("m.commit")
 @dataclass(frozen=True)
 class Commit:
+    """``view`` is chosen.  The rest is its certificate, checked by every
+    member of the previous view before it installs ``view`` (see
+    :meth:`~chaos_lightning.membership.agreement.Agreement.certifies`): the
+    ballot ``(round, node)`` at which ``quorum`` — a majority of view
+    ``view.epoch - 1`` — accepted it.  A bare ``Commit(view)`` (round -1)
+    certifies nothing; only a joiner, which has no acceptor state to check
+    against, installs it (when it lists the joiner's own incarnation)."""
+
     view: View
+    round: int = -1
+    node: str = ""
+    quorum: tuple[str, ...] = ()
 
 
 @message("m.join")
 @dataclass(frozen=True)
 class JoinRequest:
     member: Member
+
+
+@message("m.stale")
+@dataclass(frozen=True)
+class StaleIncarnation:
+    """Answer to a ``JoinRequest`` from an incarnation that a view already
+    removed (the joiner never heard it was admitted): join again above ``inc``."""
+
+    inc: int
 
 
 @message("m.facts")
@@ -167,9 +187,16 @@ class SyncRequest:
 @message("m.sync")
 @dataclass(frozen=True)
 class ViewSync:
+    """The sender's current ``view``, and the certified commits that lead to
+    it from the epoch the receiver holds (consecutive, oldest first, as many
+    as the sender keeps).  A member installs only commits it can certify one
+    epoch at a time; ``view`` alone is trusted by a joiner only."""
+
     view: View
+    commits: tuple[Commit, ...] = ()
 
 
 Message = (
     Ping | Ack | PingReq | Prepare | Promise | Accept | Accepted | Nack | Commit | JoinRequest | Facts | SyncRequest | ViewSync
+    | StaleIncarnation
 )
