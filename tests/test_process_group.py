@@ -56,7 +56,7 @@ def _worker_main(node_id: str) -> None:
         ElasticProcessGroup,
     )
 
-    host = StoreHost()
+    host = StoreHost(secret=None)  # loopback: no secret needed
     lock = threading.Lock()
 
     def emit(**kw: object) -> None:
@@ -88,7 +88,7 @@ def _worker_main(node_id: str) -> None:
             view = View(msg["epoch"], members)
             rank = view.ids.index(node_id)
             abort.clear()  # the new epoch's flag
-            t = epg.switch(rank, len(members), epoch_store(view, timedelta(seconds=10)), msg["timeout"])
+            t = epg.switch(rank, len(members), epoch_store(view, timedelta(seconds=10), secret=None), msg["timeout"])
             emit(ev="switched", epoch=view.epoch, rank=rank, world=epg.world_size, abandoned=t.abandoned,
                  teardown_ms=1e3 * t.teardown_s, init_ms=1e3 * t.init_s)
         elif op == "allreduce":

@@ -59,7 +59,7 @@ def create(
     ``node_id`` defaults to the bound ``host:port``; ``membership`` is the
     peer protocol's timing (``None``: the default preset); the ``etcd_*``
     settings are the etcd baseline's (``None``: its defaults).  ``host_store``
-    starts this node's process-group ``TCPStore`` (needs torch); the
+    starts this node's process-group store host (needs torch); the
     membership benchmarks turn it off.  Values are taken as given: resolving
     them from the environment is :class:`chaos_lightning.config.NodeConfig`'s job.
     """

@@ -12,9 +12,10 @@ and a store to build that view's process group".  Two backends implement it:
 Both hand out the same :class:`~chaos_lightning.membership.view.View` type and
 are checked by one contract-test suite (``tests/test_rendezvous_contract.py``).
 
-Process-group stores: every node hosts a ``TCPStore`` server from the start
-(:class:`~chaos_lightning.rendezvous.store.StoreHost`) and publishes its port in
-its member ``meta`` (key ``"store"``).  The store of epoch ``e`` is the store of
+Process-group stores: every node hosts a store server from the start
+(:class:`~chaos_lightning.rendezvous.store.StoreHost`, behind the cluster
+secret like every port) and publishes its address in its member ``meta``
+(key ``"store"``).  The store of epoch ``e`` is the store of
 the view's rank-0 member, under the prefix ``chaos/epoch/<e>/``, so each epoch's
 process group starts from fresh keys (gloo's keys repeat across re-inits).
 """
@@ -48,6 +49,9 @@ class Rendezvous(abc.ABC):
 
     #: the backend's name, as in ``CHAOS_BACKEND``
     backend: str = ""
+    #: the cluster secret the process-group stores are dialled with (``None``:
+    #: loopback only); a backend sets it from the secret it was given
+    store_secret: bytes | None = None
 
     @property
     @abc.abstractmethod
@@ -94,7 +98,7 @@ class Rendezvous(abc.ABC):
         """A store to build the process group of ``view``'s epoch with."""
         from chaos_lightning.rendezvous.store import epoch_store
 
-        return epoch_store(view, timeout=timedelta(seconds=timeout))
+        return epoch_store(view, timeout=timedelta(seconds=timeout), secret=self.store_secret)
 
     def __enter__(self) -> "Rendezvous":
         return self

@@ -17,6 +17,7 @@ from chaos_lightning.membership.config import Config
 from chaos_lightning.membership.view import View
 from chaos_lightning.rendezvous.base import Rendezvous, RendezvousClosed, RendezvousError
 from chaos_lightning.wire.addr import parse_hostport
+from chaos_lightning.wire.auth import load_secret
 
 
 class PeerRendezvous(Rendezvous):
@@ -34,12 +35,13 @@ class PeerRendezvous(Rendezvous):
         host_store: bool = True,
     ):
         host, _ = parse_hostport(bind, allow_port0=True)
+        self.store_secret = load_secret(secret)
         self._store_host = None
         meta = dict(meta or {})
         if host_store:
             from chaos_lightning.rendezvous.store import STORE_META_KEY, StoreHost
 
-            self._store_host = StoreHost(host)
+            self._store_host = StoreHost(host, secret=self.store_secret)
             meta[STORE_META_KEY] = self._store_host.endpoint
         self._peers = [p for p in peers if p]
         # bind now, so node_id and addr are known before joining

@@ -189,7 +189,7 @@ class ElasticProcessGroup:
     ) -> SwitchTiming:
         """Replace the default group with a new one of ``world_size`` ranks.
 
-        ``store`` must be fresh for this epoch (use ``epoch_store(view)``:
+        ``store`` must be fresh for this epoch (use ``epoch_store(view, secret=...)``:
         every epoch's group is named "0", so its store keys repeat).  The
         previous group is detached (:func:`._gloo_detach.detach_world`), healthy
         or not, and dropped later on a helper thread: destroying a healthy group

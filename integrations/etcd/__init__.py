@@ -35,18 +35,20 @@ def create(
     etcd_op_timeout: float | None = None,
     meta: dict[str, str] | None = None,
     host_store: bool = True,
+    secret: bytes | str | None = None,
     **_: object,
 ) -> Any:
     """The ``etcd`` entry point of the ``chaos_lightning.rendezvous`` group.
 
-    Peers, secret and membership timing are the peer backend's: etcd decides
+    Peers and membership timing are the peer backend's: etcd decides
     membership itself and its clients authenticate to etcd, not to each other.
+    ``secret`` guards this node's process-group store, as on every backend.
     ``None`` for a setting: :mod:`.rendezvous`'s default.
     """
     from chaos_lightning.integrations.etcd.rendezvous import EtcdRendezvous
 
     return EtcdRendezvous(
-        bind=bind, node_id=node_id, endpoints=etcd_endpoints, meta=meta, host_store=host_store,
+        bind=bind, node_id=node_id, endpoints=etcd_endpoints, meta=meta, host_store=host_store, secret=secret,
         prefix=etcd_prefix, ttl=etcd_ttl, op_timeout=etcd_op_timeout,
     )
 

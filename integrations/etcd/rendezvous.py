@@ -98,6 +98,7 @@ from chaos_lightning.membership.view import Member, View  # noqa: E402
 from chaos_lightning.rendezvous.base import Rendezvous, RendezvousClosed, RendezvousError  # noqa: E402
 from chaos_lightning.wire import schema  # noqa: E402
 from chaos_lightning.wire.addr import AddressError, parse_hostport  # noqa: E402
+from chaos_lightning.wire.auth import load_secret  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,7 @@ class EtcdRendezvous(Rendezvous):
         meta: dict[str, str] | None = None,
         host_store: bool = True,
         *,
+        secret: bytes | str | None = None,
         prefix: str | None = None,
         ttl: float | None = None,
         op_timeout: float | None = None,
@@ -204,11 +206,14 @@ class EtcdRendezvous(Rendezvous):
         self._view_key = f"{self._prefix}/view"
 
         meta = dict(meta or {})
+        # etcd decides membership, but the process-group store is ours: it
+        # answers only holders of the cluster secret, as on the peer backend
+        self.store_secret = load_secret(secret)
         self._store_host = None
         if host_store:
             from chaos_lightning.rendezvous.store import STORE_META_KEY, StoreHost
 
-            self._store_host = StoreHost(host)
+            self._store_host = StoreHost(host, secret=self.store_secret)
             meta[STORE_META_KEY] = self._store_host.endpoint
         if port:
             addr = f"{host}:{port}"
