@@ -11,18 +11,20 @@ argv: feature, samples, epochs, seconds each step sleeps, the shared root dir.
 
 Features:
 
-* ``valmid``: a ``LightningDataModule``, validation twice an epoch
+* ``valmid``: under ``precision="bf16-mixed"``, a ``LightningDataModule``, validation twice an epoch
   (``val_check_interval=0.5``), ``EarlyStopping`` and a monitored top-2
   ``ModelCheckpoint`` on ``val_loss``, a ``CSVLogger`` under the shared root.
 * ``manual``: manual optimization, two optimizers stepped in turn (a GAN's
-  shape: generator and discriminator), ``max_steps`` counting both.  On
+  shape: generator and discriminator), ``max_steps`` counting both (no
+  scaler: one that skips an overflowing step would make the optimizers'
+  own step counts differ from Lightning's, churn or not).  On
   SIGUSR1 the process SIGKILLs itself right after its next ``opt_d.step()``:
   between the batch's two gradient reductions.
 * ``stream``: an ``IterableDataset``, which the strategy refuses at setup.
 * ``cli``: the ``valmid`` model and data through ``LightningCLI`` (its
   ``config.yaml``), with a ``TensorBoardLogger`` and a ``CSVLogger``.
 * ``norm``: a network with ``BatchNorm1d`` (buffers every training forward
-  moves) under ``precision="bf16-mixed"``, a per-step ``LambdaLR`` schedule
+  moves) under fp16 AMP with a ``GradScaler``, a per-step ``LambdaLR`` schedule
   and a ``LearningRateMonitor`` logging it to a ``CSVLogger``.
 """
 
@@ -163,6 +165,15 @@ class TwoPlayers(Reporting):
         return torch.optim.Adam(self.gen.parameters(), lr=1e-3), torch.optim.Adam(self.disc.parameters(), lr=1e-3)
 
 
+def fp16() -> list:
+    """fp16 AMP with a gradient scaler, on the CPU: Lightning maps
+    ``precision="16-mixed"`` to bf16 there (no scaler), so the plugin is
+    given as a GPU user gets it from ``"16-mixed"``."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    return [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
+
+
 def callback_state(trainer: pl.Trainer) -> dict:
     out = {}
     for cb in trainer.callbacks:
@@ -186,7 +197,7 @@ def main() -> None:
     if feature == "valmid":
         model, data = Regressor(sleep), Numbers(n)
         trainer = pl.Trainer(
-            **common, val_check_interval=0.5, num_sanity_val_steps=0, logger=CSVLogger(root, name="csv"),
+            **common, precision="bf16-mixed", val_check_interval=0.5, num_sanity_val_steps=0, logger=CSVLogger(root, name="csv"),
             log_every_n_steps=5,
             callbacks=[EarlyStopping("val_loss", patience=1000), ModelCheckpoint(monitor="val_loss", save_top_k=2)],
         )
@@ -197,7 +208,7 @@ def main() -> None:
 
         model = Normalized(sleep)
         trainer = pl.Trainer(
-            **common, precision="bf16-mixed", logger=CSVLogger(root, name="csv"), log_every_n_steps=1,
+            **common, plugins=fp16(), logger=CSVLogger(root, name="csv"), log_every_n_steps=1,
             enable_checkpointing=False, callbacks=[LearningRateMonitor(logging_interval="step")],
         )
         say(event="ready", pid=os.getpid())
@@ -239,6 +250,7 @@ def main() -> None:
         optim=digest(v for opt in opts for st in opt.state.values() for v in st.values() if torch.is_tensor(v)),
         optimizer_steps=[max((int(st["step"]) for st in opt.state.values()), default=0) for opt in opts],
         callbacks=callback_state(trainer),
+        scaler=getattr(trainer.precision_plugin, "scaler", None) and trainer.precision_plugin.scaler.state_dict(),
         epochs={str(e): sorted(ledger.counts(e).items()) for e in range(epochs)},
     )
 

@@ -35,7 +35,7 @@ def churn(feature: str, tmp: Path, **kw) -> tuple[list[Node], list[dict]]:
 
 
 def check_replicas_and_exactly_once(done: list[dict]) -> None:
-    keys = ("params", "buffers", "optim", "global_step", "optimizer_steps", "callbacks")
+    keys = ("params", "buffers", "optim", "global_step", "optimizer_steps", "callbacks", "scaler")
     assert len({tuple(repr(r[k]) for k in keys) for r in done}) == 1, done
     for epoch in range(EPOCHS):
         counts = dict(done[0]["epochs"][str(epoch)])  # the founder saw every epoch
@@ -131,16 +131,19 @@ def test_lightning_cli_writes_one_config_and_the_loggers_keep_one_folder_through
 
 
 @pytest.mark.timeout(360)
-def test_batchnorm_buffers_bf16_and_a_step_schedule_stay_in_lockstep_through_churn(tmp_path):
+def test_batchnorm_buffers_an_fp16_scaler_and_a_step_schedule_stay_in_lockstep_through_churn(tmp_path):
     """BatchNorm's running statistics move in every rank's forward: they must
     end identical on every replica (rank 0's each step, restored after the
-    failed step of the kill).  Under bf16-mixed, with a per-step schedule
+    failed step of the kill).  Under fp16 AMP with a gradient scaler (a
+    failed step must not reach it with no gradient: its AssertionError would
+    end the job), whose scale must end equal too.  With a per-step schedule
     that ``LearningRateMonitor`` logs: the logged learning rate at every
     step is the schedule's at that many applied steps (a failed step counts
     nowhere), whoever was rank 0 when it was written."""
     nodes, done = churn("norm", tmp_path)
     check_replicas_and_exactly_once(done)
     check_failed_steps_uncounted(nodes[1], done[0], 1)
+    assert done[0]["scaler"]["scale"] > 0, done[0]
     versions = sorted(p.name for p in (tmp_path / "run" / "csv").iterdir())
     assert versions == ["version_0"], versions
     with open(tmp_path / "run" / "csv" / "version_0" / "metrics.csv", newline="") as f:

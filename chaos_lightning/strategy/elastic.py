@@ -73,6 +73,11 @@ class ElasticMember:
     def adopt_shared(self, state: dict[str, Any]) -> None:
         """A broadcast's state seen by a member that keeps its own replica."""
 
+    def grad_scaler(self) -> Any:
+        """The gradient scaler that will step this step's optimizer, if any
+        (fp16 AMP): a failed reduction then leaves non-finite gradients."""
+        return None
+
     def last_checkpoint(self) -> str | None:
         """Where the run's newest checkpoint is, if the host knows (for the
         error a node gets when nobody holding the state is left)."""
@@ -280,7 +285,7 @@ class ElasticMember:
         except CollectiveError as exc:
             log.warning("chaos: gradient all-reduce failed (%s); the step applies no update", exc)
             self._control = None
-            self._grads.drop(params)
+            self._grads.drop(params, nonfinite=self.grad_scaler() is not None)
             if buffers and not self._buffers.restore(buffers):
                 log.warning("chaos: no synced copy of the module buffers to restore after the failed step")
             return False

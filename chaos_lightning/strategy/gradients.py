@@ -51,10 +51,25 @@ class GradientBuffer:
                 p.grad = flat[offset : offset + k].view_as(p).to(p.dtype)  # a view when dtypes match
                 offset += k
 
-    def drop(self, params: list[torch.nn.Parameter]) -> None:
+    def drop(self, params: list[torch.nn.Parameter], *, nonfinite: bool = False) -> None:
         """The reduction failed: no gradient, so the optimizer skips every
         parameter (it skips those whose grad is None; raising instead would
-        break Lightning's closure), and the buffer is never reused."""
+        break Lightning's closure), and the buffer is never reused.
+
+        ``nonfinite``: a gradient scaler will step (fp16 AMP).  It refuses an
+        optimizer with no gradient at all (``AssertionError: No inf checks
+        were recorded for this optimizer``), so each gradient is a NaN
+        instead, which the scaler reads as an overflow: it skips the step.
+        The scale it then backs off is put back at the step boundary."""
         self._buf = None
+        if nonfinite and params:
+            ref = params[0]
+            flat = torch.full((sum(p.numel() for p in params),), float("nan"), dtype=ref.dtype, device=ref.device)
+            offset = 0
+            for p in params:
+                k = p.numel()
+                p.grad = flat[offset : offset + k].view_as(p)
+                offset += k
+            return
         for p in params:
             p.grad = None

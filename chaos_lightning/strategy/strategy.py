@@ -113,6 +113,7 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         self._block_sync = False
         self._counted: dict[str, Any] | None = None  # the loop's step counts at the last boundary
         self._lr_before: list[Any] | None = None  # step schedulers' state when this step failed
+        self._scaler_before: dict[str, Any] | None = None  # the gradient scaler's state when this step failed
         # Manual optimization may reduce gradients more than once in a batch
         # (a GAN: one manual_backward per optimizer).  If a later reduction
         # fails, the optimizer steps taken after the earlier ones are undone
@@ -169,6 +170,10 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
     @override
     def adopt_shared(self, state: dict[str, Any]) -> None:
         internals.adopt_output_paths(self._trainer(), state["paths"])
+
+    @override
+    def grad_scaler(self) -> Any:
+        return getattr(self.precision_plugin, "scaler", None)
 
     @override
     def last_checkpoint(self) -> str | None:
@@ -328,14 +333,20 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
                         len(self._journal))
             for undo in reversed(self._journal):
                 undo.apply()
+            if self._journal[0].scaler_state is not None:
+                self._scaler_before = self._journal[0].scaler_state  # as the batch began
             self._journal.clear()
         if self._lr_before is None:
             self._lr_before = internals.scheduler_states(internals.trainer_of(self.lightning_module))
+        scaler = self.grad_scaler()
+        if scaler is not None and self._scaler_before is None:
+            self._scaler_before = scaler.state_dict()  # the skipped step's back-off is undone at the boundary
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         if self._may_be_followed():
-            self._journal.append(_Undo(optimizer))
+            scaler = self.grad_scaler()
+            self._journal.append(_Undo(optimizer, scaler.state_dict() if scaler is not None else None))
         return super().optimizer_step(optimizer, closure, model, **kwargs)
 
     def _may_be_followed(self) -> bool:
@@ -366,7 +377,9 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
             self._counted = internals.step_counters(trainer)
         else:
             internals.uncount_step(trainer, self._counted, self._lr_before or [])
-        self._lr_before = None
+            if self._scaler_before is not None:
+                self.grad_scaler().load_state_dict(self._scaler_before)
+        self._lr_before = self._scaler_before = None
         if decision.action in (Action.STAY, Action.DEFER):
             return
         if decision.action is Action.LEAVE:
@@ -431,10 +444,11 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
 class _Undo:
     """An optimizer's parameters and state before its step, to put back."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler_state: dict[str, Any] | None) -> None:
         import copy
 
         self.optimizer = optimizer
+        self.scaler_state = scaler_state  # the gradient scaler's, put back at the step boundary
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         with torch.no_grad():
             self.values = [p.detach().clone() for p in self.params]
