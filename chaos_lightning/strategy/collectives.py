@@ -8,9 +8,17 @@ as the gradient all-reduce: a member that fails meanwhile makes them return
 the local value (logged) instead of raising in the middle of validation, and
 the broken group makes the next training step fail and switch views.
 
-Objects travel as msgpack (:mod:`.state`), never pickle; a result of
-``None`` from :func:`broadcast_object` means "not ours to carry" (tensors,
-unsupported types), and the caller falls back to Lightning's own path.
+Objects travel as msgpack (:mod:`.state`), never pickle (issue 15: Lightning's
+own ``broadcast`` is ``broadcast_object_list``, which unpickles whatever the
+source rank sent, and gloo's data channel has no authentication): ``None``,
+``bool``, ``int``, ``float``, ``str``, ``bytes`` and lists, tuples and dicts
+(``str``/``int`` keys) of those, tuples arriving as tuples.  That covers what
+Lightning 2.x broadcasts: ModelCheckpoint's ``dirpath`` (``str``/``None``)
+and its ``skip_time`` flag, ``Trainer.log_dir`` (``str``/``None``), Timer's
+``should_stop``, LightningCLI's SaveConfigCallback flags, the LR finder's path,
+flag and results dict.  Anything else (a tensor, a ``Path``, a numpy scalar,
+a user's class) is refused on every rank with :class:`BroadcastRefused`,
+naming the type; there is no pickled fallback.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+import msgpack
 
 from chaos_lightning.strategy.process_group import AbortFlag, CollectiveError, ElasticProcessGroup
 from chaos_lightning.strategy.state import UnsupportedState, pack_tree, unpack_tree
@@ -82,35 +92,83 @@ def ours(group: Any) -> bool:
     return group is None or (dist.is_available() and group is dist.group.WORLD)
 
 
-class NotCarried(Exception):
-    """The object is not a small tensor-free tree: use Lightning's own broadcast."""
+#: The largest broadcast object, packed: Lightning's are a path or a flag (and
+#: the LR finder's results, a few kB); a receiver allocates no more than this
+#: whatever size arrives.
+MAX_BROADCAST_BYTES = 16 * 2**20
+
+_VALUE, _REFUSED = 0, 1
+
+
+class BroadcastRefused(TypeError):
+    """A broadcast whose object does not travel as msgpack (raised on every rank),
+    or whose bytes from the source do not decode."""
+
+
+def refused(type_name: str, why: str) -> str:
+    return (f"chaos: broadcast of {type_name} refused: {why}; only msgpack-able values cross the network (None, "
+            "bool, int, float, str, bytes, and lists, tuples and dicts of those), never pickle: send a str path, "
+            "a number or a flag instead, or reduce tensors with all_reduce/all_gather")
+
+
+def pack_object(obj: Any) -> bytes:
+    """``obj`` as msgpack (see the module docstring), or :class:`BroadcastRefused`."""
+    try:
+        meta, tensors = pack_tree(obj)
+    except UnsupportedState as exc:
+        raise BroadcastRefused(refused(type(obj).__name__, str(exc).replace("state", "the object", 1))) from None
+    if tensors:
+        raise BroadcastRefused(refused(type(obj).__name__, f"it holds {len(tensors)} tensor(s)"))
+    if len(meta) > MAX_BROADCAST_BYTES:
+        raise BroadcastRefused(refused(type(obj).__name__, f"{len(meta)} bytes packed, over {MAX_BROADCAST_BYTES}"))
+    return meta
+
+
+def unpack_object(data: bytes) -> Any:
+    """The inverse of :func:`pack_object`, for bytes from the network: no
+    pickle, no tensors, anything malformed is :class:`BroadcastRefused`."""
+    try:
+        return unpack_tree(data, [])
+    except Exception as exc:  # noqa: BLE001 - any malformed input is one clear error
+        raise BroadcastRefused(f"chaos: a broadcast's bytes from the source rank do not decode ({exc}); refused "
+                               "(only msgpack-able values cross the network, never pickle)") from None
 
 
 def broadcast_object(pg: ElasticProcessGroup, obj: Any, src: int, abort: AbortFlag, timeout: float) -> Any:
     """``src``'s object on every rank, as msgpack over two abortable all-reduces
     (its size, then its bytes: gloo's broadcast cannot be abandoned).
 
-    Raises :class:`NotCarried` on every rank when ``src``'s object is not
-    ours to carry; keeps this rank's object if the group fails meanwhile.
+    When ``src``'s object is not msgpack-able, ``src`` sends the refusal
+    instead and every rank raises the same :class:`BroadcastRefused`; keeps
+    this rank's object if the group fails meanwhile.
     """
     mine = pg.rank == src
     data = b""
     if mine:
         try:
-            data, tensors = pack_tree(obj)
-            data = data if not tensors else b""
-        except UnsupportedState:
-            data = b""
+            data = msgpack.packb([_VALUE, pack_object(obj)])
+        except BroadcastRefused as exc:
+            data = msgpack.packb([_REFUSED, str(exc)])
     try:
         size = torch.tensor([len(data) if mine else 0], dtype=torch.int64)
         pg.all_reduce(size, abort=abort, timeout=timeout)
-        if int(size.item()) == 0:
-            raise NotCarried
-        buf = torch.zeros(int(size.item()), dtype=torch.uint8)
+        n = int(size.item())
+        if not 0 < n <= MAX_BROADCAST_BYTES + 64:
+            raise BroadcastRefused(f"chaos: a broadcast announced {n} bytes (at most {MAX_BROADCAST_BYTES}); refused")
+        buf = torch.zeros(n, dtype=torch.uint8)
         if mine:
             buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         pg.all_reduce(buf, abort=abort, timeout=timeout)
     except CollectiveError as exc:
         log.warning("chaos: broadcast failed (%s); keeping this rank's value", exc)
         return obj
-    return unpack_tree(bytes(buf.numpy().tobytes()), [])
+    try:
+        tag, body = msgpack.unpackb(bytes(buf.numpy().tobytes()), raw=False)
+    except Exception as exc:  # noqa: BLE001 - malformed bytes from the network
+        raise BroadcastRefused(f"chaos: a broadcast's bytes from the source rank do not decode ({exc}); "
+                               "refused (only msgpack-able values cross the network, never pickle)") from None
+    if tag == _REFUSED and isinstance(body, str):
+        raise BroadcastRefused(body)
+    if tag != _VALUE or not isinstance(body, bytes):
+        raise BroadcastRefused("chaos: a broadcast's bytes from the source rank are not a value; refused")
+    return unpack_object(body)

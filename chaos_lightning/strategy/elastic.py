@@ -183,15 +183,16 @@ class ElasticMember:
         if self.group.pg.group is not None:
             collectives.barrier(self.group.pg, self.group.abort, self.config.collective_timeout)
 
-    def _user_broadcast(self, obj: Any, src: int, fallback: Callable[[], Any]) -> Any:
-        """Small tensor-free objects go as msgpack over an abortable all-reduce
-        (no pickle); anything else takes ``fallback`` (Lightning's pickled path)."""
+    def _user_broadcast(self, obj: Any, src: int) -> Any:
+        """msgpack-able objects go as msgpack over an abortable all-reduce; anything
+        else raises ``BroadcastRefused`` on every rank: never Lightning's pickled
+        path (see :mod:`.collectives`).  Alone, nothing crosses the network, but
+        the object is checked all the same, so a fit that works alone does not
+        start failing when a second node joins."""
         if self.group.pg.group is None:
+            collectives.pack_object(obj)
             return obj
-        try:
-            return collectives.broadcast_object(self.group.pg, obj, src, self.group.abort, self.config.collective_timeout)
-        except collectives.NotCarried:
-            return fallback()
+        return collectives.broadcast_object(self.group.pg, obj, src, self.group.abort, self.config.collective_timeout)
 
     # ---------------------------------------------------------------- joining
     def _join_cluster(self, deadline: float) -> None:

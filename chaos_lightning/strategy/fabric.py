@@ -412,10 +412,7 @@ class ChaosFabricStrategy(ElasticMember, DDPStrategy):
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        def refuse() -> Any:
-            raise TypeError("chaos (Fabric): broadcast carries small tensor-free objects (msgpack), not this one")
-
-        return self._user_broadcast(obj, src, refuse)
+        return self._user_broadcast(obj, src)  # msgpack only (BroadcastRefused, a TypeError, otherwise)
 
     # ---------------------------------------------------------------- the end
     def close(self) -> None:
