@@ -155,6 +155,52 @@ def test_a_missing_rank_ends_gloo_init_with_torchs_store_timeout_error(host):
     assert time.monotonic() - t0 < 5
 
 
+def test_old_epochs_keys_are_pruned_so_a_long_run_never_fills_the_store(host, client):
+    """Issue 15: the host kept every epoch's keys; with a 64 MiB cap a long run
+    with many view switches would fill it and fail a group's init ("store
+    full").  Here the cap is 64 KiB and 400 view switches write three ranks'
+    addresses each (about 190 KiB in all): the store holds only the last
+    KEEP_EPOCHS epochs, keys outside ``chaos/epoch/`` are untouched, a
+    straggler's write into a pruned epoch is taken and pruned again at the next
+    epoch, and a gloo group still forms after it all."""
+    import torch.distributed as dist
+
+    from chaos_lightning.rendezvous.store import KEEP_EPOCHS
+
+    client.set("user/key", b"kept")
+    addr = b"x" * 100  # about what gloo stores per rank
+    epochs = 400
+    for e in range(1, epochs + 1):
+        p = dist.PrefixStore(f"chaos/epoch/{e}/", client)
+        for r in range(3):
+            p.set(f"rank_{r}", addr)
+        p.add("barrier", 3)
+        if e == epochs - 10:  # a straggler of an epoch long gone still writes
+            dist.PrefixStore("chaos/epoch/3/", client).set("rank_9", addr)
+    assert epochs * 4 * (len(addr) + 64) > 3 * host._table.max_bytes  # would not have fitted
+    t = host._table
+    assert sorted(t._epochs) == list(range(epochs - KEEP_EPOCHS + 1, epochs + 1))
+    assert client.num_keys() == 1 + 4 * KEEP_EPOCHS
+    assert client.get("user/key") == b"kept"
+    assert client.get(f"chaos/epoch/{epochs}//rank_2") == addr
+    assert not client.check([f"chaos/epoch/{epochs - KEEP_EPOCHS}//rank_0"])
+    assert not client.check(["chaos/epoch/3//rank_9"])
+    assert t.nbytes == sum(t._size(k, v) for k, v in t.data.items())  # the accounting holds
+    assert t.pruned_keys == 4 * (epochs - KEEP_EPOCHS) + 1
+    # a deleted key leaves the epoch index as well
+    assert client.delete_key(f"chaos/epoch/{epochs}//barrier")
+    assert f"chaos/epoch/{epochs}//barrier" not in t._epochs[epochs]
+    # and the next group forms on this store
+    store = dist.PrefixStore(f"chaos/epoch/{epochs + 1}/", client)
+    try:
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=10))
+        assert dist.get_world_size() == 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert sorted(t._epochs)[0] == epochs + 1 - KEEP_EPOCHS + 1
+
+
 # --------------------------------------------------------------------------- secret
 def test_no_or_wrong_secret_reads_and_writes_nothing(host, client, caplog):
     import torch.distributed as dist

@@ -33,6 +33,8 @@ rank), at most ``max_bytes`` held in all (64 MiB), keys of at most 4 KiB, at
 most 4,096 keys per request and 1,024 pending waits per connection.  Breaking
 one is answered with a clear error (the client raises ``DistStoreError``
 with it), one log line, and the connection closed; nothing stored changes.
+Old epochs' keys are dropped as newer ones arrive (:data:`KEEP_EPOCHS`), so
+a long run's view switches never fill the host.
 Garbage, truncated frames and a wrong or missing secret are refused by the
 wire layer with one log line each.  A quiet connection is closed by the
 wire layer's idle bound, except when a wait was pending as its last frame
@@ -111,6 +113,25 @@ ENTRY_OVERHEAD = 64
 #: The longest wait a client may ask for (torch's "no timeout" included): every wait is bounded.
 MAX_WAIT_MS = 24 * 3600 * 1000
 
+#: Keys are grouped by epoch under this prefix (see :func:`epoch_store`).
+EPOCH_PREFIX = "chaos/epoch/"
+#: When the first key of epoch ``e`` arrives, the keys of every epoch
+#: ``<= e - KEEP_EPOCHS`` are dropped (so this epoch and the KEEP_EPOCHS - 1
+#: before it stay).  Why that is safe: process groups are formed in epoch
+#: order; a member that writes epoch ``e``'s keys has finished with (formed
+#: or abandoned) its groups of earlier epochs, and torch reads a group's keys
+#: only while the group forms (gloo's addresses, the init barrier).  The only
+#: reader an old epoch's keys can still have is a straggler (stopped, slow)
+#: still forming a group several views out of date: that group can no longer
+#: form anyway, since its other members have moved on, so its wait times out
+#: (DistStoreError, as when a rank is missing) and it regroups on the newest
+#: view, as it would have without the pruning.  Four rather than two leaves
+#: room for views committed back to back while one group forms (a join
+#: followed at once by a failure).  Without it a long run's keys, a few
+#: hundred bytes per rank per view switch, would grow to ``max_bytes`` and
+#: make a later group's init fail with "store full".
+KEEP_EPOCHS = 4
+
 #: Extra time a client waits for a reply beyond the timeout the host enforces.
 _REPLY_GRACE_S = 2.0
 #: A client's idle connection is closed after this long (reopened on the next request).
@@ -161,6 +182,19 @@ class _Table:
         self.data: dict[str, bytes] = {}
         self.nbytes = 0
         self._waiters: dict[str, set[_Waiter]] = {}
+        #: epoch -> its keys held (keys under ``EPOCH_PREFIX<e>/`` only)
+        self._epochs: dict[int, set[str]] = {}
+        self.newest_epoch = -1
+        self.pruned_keys = 0  # counted for tests and the log
+
+    @staticmethod
+    def _epoch_of(key: str) -> int | None:
+        if not key.startswith(EPOCH_PREFIX):
+            return None
+        digits, sep, _ = key[len(EPOCH_PREFIX):].partition("/")
+        if not sep or not digits.isdigit() or len(digits) > 19:
+            return None
+        return int(digits)
 
     @staticmethod
     def _size(key: str, value: bytes) -> int:
@@ -175,15 +209,42 @@ class _Table:
         if total > self.max_bytes:
             raise _Refusal(f"store full: storing key {key[:100]!r} would hold {total} bytes, "
                            f"over the limit of {self.max_bytes}")
+        # a key of an epoch already pruned (a straggler's) is still stored, not
+        # refused: a process whose node later joins a cluster founded anew counts
+        # epochs from 1 again, and its host must go on serving them
+        epoch = self._epoch_of(key)
         self.data[key] = value
         self.nbytes = total
+        if epoch is not None:
+            self._epochs.setdefault(epoch, set()).add(key)
+            if epoch > self.newest_epoch:
+                self.newest_epoch = epoch
+                self._prune(epoch - KEEP_EPOCHS)
         self._wake(key)
 
-    def delete(self, key: str) -> bool:
+    def _prune(self, upto: int) -> None:
+        """Drop the keys of every epoch ``<= upto`` (see KEEP_EPOCHS)."""
+        old = [e for e in self._epochs if e <= upto]
+        n = 0
+        for e in old:
+            for k in self._epochs.pop(e):
+                n += self.delete(k, _index=False)
+        if n:
+            self.pruned_keys += n
+            log.debug("store: dropped %d key(s) of epochs <= %d (now at epoch %d)", n, upto, self.newest_epoch)
+
+    def delete(self, key: str, _index: bool = True) -> bool:
         old = self.data.pop(key, None)
         if old is None:
             return False
         self.nbytes -= self._size(key, old)
+        if _index:
+            epoch = self._epoch_of(key)
+            keys = self._epochs.get(epoch) if epoch is not None else None
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._epochs[epoch]
         return True
 
     def _wake(self, key: str) -> None:
