@@ -108,3 +108,39 @@ def test_fabric_loggers_finds_the_loggers_of_the_fabric_that_owns_the_strategy(m
     assert versions == [0, 0]
     internals.adopt_logger_versions(loggers, [3, None])
     assert internals.logger_versions(loggers) == [3, 0]
+
+
+def _rows(path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_new_rank_0_continues_the_csv_history_whatever_instant_the_last_one_died(tmp_path, monkeypatch) -> None:
+    """The history of ``metrics.csv`` survives a change of rank 0 at any
+    instant: a fresh writer does not delete it, a writer from an earlier turn
+    learns the columns added since, a file held aside by a rank 0 that died
+    mid-takeover is put back, and a new column rewrites the file atomically."""
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", 0, raising=False)  # this process writes, as a rank 0
+    first = CSVLogger(tmp_path, name="csv", version=0)
+    first.log_metrics({"loss": 1.0}, step=4)
+    first.save()
+    path = tmp_path / "csv" / "version_0" / "metrics.csv"
+    # a rank 0 that died after holding the file aside, before putting it back
+    path.rename(str(path) + ".chaos-held")
+    second = CSVLogger(tmp_path, name="csv", version=0)
+    internals.continue_logs([second])
+    assert path.is_file() and not (tmp_path / "csv" / "version_0" / "metrics.csv.chaos-held").exists()
+    second.log_metrics({"loss": 0.5, "lr": 0.1}, step=9)  # a new column: the file is rewritten
+    second.save()
+    assert [(r["step"], r["loss"], r["lr"]) for r in _rows(path)] == [("4", "1.0", ""), ("9", "0.5", "0.1")]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.csv"], "no temporary file left"
+    # the first node is rank 0 again: its writer of the earlier turn learns the new column
+    internals.continue_logs([first])
+    first.log_metrics({"loss": 0.25, "lr": 0.05}, step=14)
+    first.save()
+    assert [r["step"] for r in _rows(path)] == ["4", "9", "14"] and _rows(path)[-1]["lr"] == "0.05"

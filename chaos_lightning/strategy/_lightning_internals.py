@@ -292,22 +292,67 @@ def continue_logs(loggers: list[Any]) -> None:
     A ``CSVLogger`` opens its writer lazily on rank 0, and Lightning's writer
     deletes a ``metrics.csv`` it finds in the log folder (measured: after a
     new rank 0 took over, steps 0-50 were gone).  Here the writer is opened
-    at once, the file put back as it was, and the writer told the columns
-    already there, so it appends.  Other loggers continue by themselves in
-    the adopted version folder (:func:`adopt_output_paths`).
+    at once with the file held aside (so there is nothing for it to delete),
+    the file put back, and the writer told the columns already there, so it
+    appends.  A writer this node opened in an earlier turn as rank 0 is told
+    the columns too (others may have added some since).  Every step is
+    crash-safe: a rank 0 killed at any instant leaves the history either in
+    ``metrics.csv`` or in the held file, which the next rank 0 puts back
+    (measured before: a rank 0 killed right after taking over left a
+    ``metrics.csv`` that began at the kill's step).  Other loggers continue by
+    themselves in the adopted version folder (:func:`adopt_output_paths`).
     """
     for logger in loggers:
-        if type(logger).__name__ != "CSVLogger" or getattr(logger, "_experiment", None) is not None:
+        if type(logger).__name__ != "CSVLogger":
             continue
         path = os.path.join(logger.log_dir, "metrics.csv")
-        if not os.path.isfile(path):
-            continue
+        held = path + ".chaos-held"
+        if os.path.isfile(held) and not os.path.isfile(path):
+            os.replace(held, path)  # a rank 0 died while holding it: the history is back
+        if getattr(logger, "_experiment", None) is None:
+            present = os.path.isfile(path)
+            if present:
+                os.replace(path, held)
+            writer = logger.experiment  # finds no metrics.csv to remove
+            if present:
+                os.replace(held, path)
+        else:
+            writer = logger.experiment
+        header: list[str] = []
+        if os.path.isfile(path):
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), [])
+        writer.metrics_keys = sorted(header)
+    _make_csv_rewrites_atomic()
+
+
+def _make_csv_rewrites_atomic() -> None:
+    """Lightning's CSV writer rewrites ``metrics.csv`` in place when a new
+    column appears (truncate, then write every row): a rank 0 killed in
+    between would leave the run's history truncated.  Written to a temporary
+    file and renamed over it instead (``os.replace`` is atomic on POSIX), the
+    file is always either the old history or the new one."""
+    from lightning.fabric.loggers.csv_logs import _ExperimentWriter
+
+    original = _ExperimentWriter._rewrite_with_new_header
+    if getattr(original, "_chaos_atomic", False):
+        return
+
+    def rewrite(self: Any, fieldnames: list[str]) -> None:
+        path = self.metrics_file_path
+        if "file" not in getattr(self._fs, "protocol", ("file",)):
+            return original(self, fieldnames)  # a remote store: Lightning's own way
         with open(path, newline="") as f:
-            text = f.read()
-        writer = logger.experiment  # removes the file it finds
-        with open(path, "w", newline="") as f:
-            f.write(text)
-        writer.metrics_keys = sorted(next(csv.reader(io.StringIO(text)), []))
+            rows = list(csv.DictReader(f))
+        tmp = path + ".chaos-tmp"
+        with open(tmp, "w", newline="") as f:
+            out = csv.DictWriter(f, fieldnames=fieldnames)
+            out.writeheader()
+            out.writerows(rows)
+        os.replace(tmp, path)
+
+    rewrite._chaos_atomic = True  # type: ignore[attr-defined]
+    _ExperimentWriter._rewrite_with_new_header = rewrite
 
 
 def hand_over_logs(loggers: list[Any]) -> None:
