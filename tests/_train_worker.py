@@ -11,7 +11,12 @@ k steps (and report the ledger at step k, event "ledger_at");
 ``CHAOS_TEST_RESUME=path`` fits from that checkpoint; ``CHAOS_TEST_ACCUM=k``
 and ``CHAOS_TEST_CLIP=v`` set gradient accumulation and clipping;
 ``CHAOS_TEST_HIDDEN=h`` widens the model (a bigger state to transfer) and
-``CHAOS_TEST_SERVE_BPS=r`` makes this node serve joiners at most r bytes/s."""
+``CHAOS_TEST_SERVE_BPS=r`` makes this node serve joiners at most r bytes/s;
+``CHAOS_TEST_PAUSE=s:t`` makes this node sleep t seconds in a user callback
+after global step s (a slow checkpoint write: the agent thread keeps
+answering, so nobody evicts it; event "paused" when it resumes);
+``CHAOS_TEST_NO_SERVE=1`` closes this node's shard server once training
+starts (a joiner's pull from it fails: connection refused)."""
 
 from __future__ import annotations
 
@@ -148,6 +153,28 @@ def main() -> None:
                 trainer.strategy.shard_server.slow_down(float(env["CHAOS_TEST_SERVE_BPS"]))
 
         trainer.callbacks.append(SlowServe())
+    if env.get("CHAOS_TEST_PAUSE"):
+        at, seconds = env["CHAOS_TEST_PAUSE"].split(":")
+
+        class Pause(pl.Callback):
+            done = False
+
+            def on_train_batch_end(self, trainer, *args):
+                if not self.done and trainer.global_step >= int(at):
+                    self.done = True
+                    t0 = time.monotonic()
+                    time.sleep(float(seconds))
+                    say(event="paused", step=trainer.global_step, seconds=time.monotonic() - t0)
+
+        trainer.callbacks.append(Pause())
+    if env.get("CHAOS_TEST_NO_SERVE"):
+        # fault injector: nothing listens at this node's shard address any more
+        class NoServe(pl.Callback):
+            def on_train_start(self, trainer, pl_module):
+                trainer.strategy.shard_server.close()
+                say(event="no_serve")
+
+        trainer.callbacks.append(NoServe())
     say(event="ready", pid=os.getpid())
     loaders = {"train_dataloaders": DataLoader(Indexed(n), batch_size=4, shuffle=True)}
     if val:

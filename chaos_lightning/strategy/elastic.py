@@ -44,7 +44,7 @@ from chaos_lightning.strategy.gradients import GradientBuffer
 from chaos_lightning.strategy.group import ElasticGroup
 from chaos_lightning.strategy.process_group import CollectiveError
 from chaos_lightning.strategy.sampler import ElasticSampler, Ledger
-from chaos_lightning.strategy.state_sync import REPL_META_KEY, StateSync
+from chaos_lightning.strategy.state_sync import REPL_META_KEY, NewcomerFailed, PullFailed, StateSync
 from chaos_lightning.strategy.switch import Control, Decision, Window, decide, usable_for_switch
 from chaos_lightning.strategy.sync import Freshness, SyncAction
 from chaos_lightning.strategy.trace import Trace
@@ -327,9 +327,11 @@ class ElasticMember:
         old_epoch, exclude, me = self.group.view.epoch, {self.group.trainers[r] for r in decision.exclude}, self.node_id
 
         def usable(v: View) -> bool:
+            # news: the membership layer said a member of the group failed (it
+            # set the abort flag), so the view without it is the one to form
             return usable_for_switch(
                 epoch=v.epoch, ids=set(v.ids), connected=v.connected(), me=me, old_epoch=old_epoch, exclude=exclude,
-                newer=decision.newer,
+                newer=decision.newer, news=self.group.abort.is_set(),
             )
 
         deadline = time.monotonic() + self.config.join_timeout
@@ -365,9 +367,24 @@ class ElasticMember:
             orphan_if_alone = stale or (freshness is Freshness.NONE and self._cluster_trained is not None)
             try:
                 plan = self._sync.sync(self, freshness, stale=orphan_if_alone)
+            except PullFailed as exc:
+                # every holder refused or was unreachable, a bounded number of
+                # times: leave, so the members train on in the view without us
+                # (they wait for it), and say why
+                self.trace.emit("pull_failed", epoch=view.epoch)
+                self._leave_cluster(self.commits)
+                raise RuntimeError(
+                    f"chaos: this node could not join: {exc} (see the log lines above for each source's error); "
+                    "it left the cluster, whose members train on without it"
+                ) from exc
             except CollectiveError as exc:
-                log.warning("chaos: state sync in epoch %d failed (%s); waiting for the next view", view.epoch, exc)
-                floor = view.epoch
+                # a newcomer that could not pull leaves (or is removed), and a
+                # member reported failed is removed: wait for that view.  A
+                # failure with no membership change may regroup the same view.
+                waits = isinstance(exc, NewcomerFailed) or self.group.abort.is_set()
+                log.warning("chaos: state sync in epoch %d failed (%s); %s", view.epoch, exc,
+                            "waiting for the next view" if waits else "regrouping or waiting for the next view")
+                floor = view.epoch if waits else view.epoch - 1
                 if freshness is Freshness.NONE and self._sync.received:
                     freshness = Freshness.APPLIED  # we hold the members' state now, whatever failed after
                 continue

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch.distributed as dist
+
 from chaos_lightning.config import NodeConfig
 from chaos_lightning.membership import events as ev
 from chaos_lightning.membership.view import View
@@ -32,6 +34,9 @@ from chaos_lightning.strategy.trace import Trace
 log = logging.getLogger("chaos_lightning.strategy")
 
 __all__ = ["ElasticGroup"]
+
+#: seconds between two looks at a regroup barrier (:meth:`ElasticGroup._regroup`)
+REGROUP_POLL_S = 0.02
 
 
 class ElasticGroup:
@@ -55,6 +60,11 @@ class ElasticGroup:
         self._lock = threading.Lock()  # trainers and abort, against the agent thread
         self.sidelined_since: float | None = None
         self.stale = False
+        #: (view epoch, generation) of the last group built or tried: building
+        #: the same epoch again is a regroup (:meth:`_regroup`)
+        self._attempt: tuple[int, int] | None = None
+        #: generation of the current group within its view (0: the view's first)
+        self.generation = 0
 
     def open(self, meta: dict[str, str]) -> None:
         """Bind and start the agent (no join yet)."""
@@ -115,7 +125,7 @@ class ElasticGroup:
             while True:
                 if view is not None and usable(view):
                     try:
-                        self._build(view, view.connected())
+                        self._build(view, view.connected(), deadline)
                         return view
                     except Exception as exc:
                         log.info("chaos: group of epoch %d did not form (%s); waiting for a newer view", view.epoch, exc)
@@ -138,18 +148,72 @@ class ElasticGroup:
             if bar is not None:
                 bar.__exit__(None, None, None)
 
-    def _build(self, view: View, trainers: tuple[str, ...]) -> None:
+    def _build(self, view: View, trainers: tuple[str, ...], deadline: float) -> None:
         # the PG timeout also bounds every gloo op of the group, so it is the
         # collective timeout, not a short init bound (a slow step would fail)
         store = self.rdv.store(view, timeout=self.config.switch_timeout)
+        generation = 0
+        if self._attempt is not None and self._attempt[0] == view.epoch:
+            generation = self._regroup(store, view, trainers, self._attempt[1], deadline)
+            store = dist.PrefixStore(f"regroup/{generation}/", store)
+        self._attempt = (view.epoch, generation)
         self.pg.switch(trainers.index(self.node_id), len(trainers), store, self.config.collective_timeout)
         with self._lock:
             self.abort.clear()
             self.view, self.trainers = view, trainers
+            self.generation = generation
             # news that arrived while the group formed (one of its members
             # already gone) must still end its first collective
             if set(trainers) - set(self.rdv.current_view().ids):
                 self.abort.set()
+
+    def _regroup(self, store: Any, view: View, trainers: tuple[str, ...], last: int, deadline: float) -> int:
+        """The same view's group once more, under a fresh generation, once
+        every trainer of it is there; the generation.
+
+        Why: a collective can fail with no membership change at all (a rank
+        paused past the collective timeout by a slow checkpoint write or a GC
+        pause, and not evicted: its agent thread kept answering).  No newer
+        view will come, and the broken group cannot be used again (its gloo
+        ops are left pending, its store keys spent).  So the members rebuild
+        the view's group on fresh keys (``regroup/<g>/`` under the epoch's
+        prefix), and the paused rank joins them when it resumes (its own
+        step fails on the broken group, so it regroups too).
+
+        How the generation is agreed without the membership layer: on the
+        view's store (rank 0's host), ``regroup/gen`` only grows, by
+        compare-and-set from the generation this rank last tried; a rank
+        that arrives late reads the newer one.  Then a store barrier: nobody
+        enters gloo's rendezvous (bounded by the collective timeout) before
+        every trainer is at the same generation, so a late rank never finds
+        the others timed out of it and chasing a newer one.  The barrier
+        gives up as soon as a newer view commits (a member did die: its
+        group is the one to form) and at ``deadline``.
+        """
+        expected = str(last) if last else ""  # a missing key matches "": generation 0 was never written
+        generation = int(store.compare_set("regroup/gen", expected, str(last + 1)))
+        self._attempt = (view.epoch, generation)  # a retry bumps from here
+        log.warning("chaos: the group of epoch %d failed with no membership change; regrouping its %d members "
+                    "(generation %d)", view.epoch, len(trainers), generation)
+        self.trace.emit("regroup", epoch=view.epoch, generation=generation)
+        arrived = store.add(f"regroup/{generation}/arrived", 1)
+        while arrived < len(trainers):
+            if self.abort.is_set():  # a member was reported failed: its view is the one to form
+                raise RuntimeError(f"a member of epoch {view.epoch} was reported failed while regrouping")
+            current = self.rdv.current_view()
+            if current is not None and current.epoch > view.epoch:
+                raise RuntimeError(f"epoch {current.epoch} committed while regrouping epoch {view.epoch}")
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"regroup of epoch {view.epoch}: {arrived} of {len(trainers)} members came")
+            now = int(store.get("regroup/gen"))
+            if now != generation:  # a rank whose try failed (a store error) bumped it: meet there
+                generation = now
+                self._attempt = (view.epoch, generation)
+                arrived = store.add(f"regroup/{generation}/arrived", 1)
+                continue
+            time.sleep(REGROUP_POLL_S)
+            arrived = store.add(f"regroup/{generation}/arrived", 0)
+        return generation
 
     def _on_event(self, event: object) -> None:
         # Agent thread: only flags.  Any news that a member we train with is

@@ -27,6 +27,7 @@ next view.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -48,6 +49,22 @@ log = logging.getLogger("chaos_lightning.strategy")
 
 #: Member meta key holding the address of the node's shard server.
 REPL_META_KEY = "repl"
+
+#: A newcomer tries to pull the state this many times (each time from the
+#: holders not tried yet, else from the same after ``PULL_RETRY_S`` times the
+#: attempt number), all within one join timeout; then it gives up and leaves.
+PULL_ATTEMPTS = 3
+PULL_RETRY_S = 0.2
+
+
+class PullFailed(CollectiveFailed):
+    """This newcomer could not pull the state from any holder: it must leave
+    (the members train on in the view without it)."""
+
+
+class NewcomerFailed(CollectiveFailed):
+    """A newcomer of the group could not pull the state: the members wait
+    for the view without it (it leaves, or the detector removes it)."""
 
 
 def _cut_from(monitor: Monitor | None, me: str) -> set[str]:
@@ -181,20 +198,31 @@ class StateSync:
                 "chaos: serving the state (%.1f MB, %d shards) to %d newcomer(s)",
                 snapshot.manifest.total_bytes / 1e6, len(snapshot.manifest.shards), member.world_size - len(holders),
             )
+        rank, world = member.global_rank, member.world_size
         try:
             member.collective(torch.ones(1))  # every snapshot is published
-            ok = 1.0
+            ok = 1
             if not holding:
-                ok = 1.0 if self._pull_from(member, [member.member_at(r) for r in holders]) else 0.0
-            flags = torch.tensor([ok])
+                ok = 1 if self._pull_from(member, [member.member_at(r) for r in holders]) else 0
+            # one flag per rank: everyone learns who could not pull
+            flags = torch.zeros(world, dtype=torch.int64)
+            flags[rank] = ok
             # holders wait here for the pull: bounded by the join timeout,
             # ended at once if a member fails
             member.collective(flags, timeout=self._join_timeout)
         finally:
             if holding:
                 self._server.retract()
-        if flags.item() < member.world_size:
-            raise CollectiveFailed("a newcomer could not pull the state")
+        failed = [r for r in range(world) if flags[r].item() == 0]
+        if not failed:
+            return
+        if rank in failed:
+            raise PullFailed(f"could not pull the training state from {len(holders)} member(s) "
+                             f"after {PULL_ATTEMPTS} attempt(s)")
+        nodes = [member.group.trainers[r] for r in failed]
+        log.warning("chaos: newcomer(s) %s could not pull the state; they leave, and the members train on "
+                    "without them", nodes)
+        raise NewcomerFailed(f"newcomer(s) {nodes} could not pull the state")
 
     def _pull_from(self, member: ElasticMember, holders: list[Any]) -> bool:
         candidates = [Holder(m.id, dict(m.meta).get(REPL_META_KEY, "")) for m in holders]
@@ -209,13 +237,32 @@ class StateSync:
                 bar.total = total
                 bar.update(received - bar.n)
 
-            try:
-                result = pull(
-                    [c.addr for c in chosen], self._secret, rates=rates, timeout=self._join_timeout,
-                    on_progress=on_progress, max_bytes=pull_bound(member.replica_tensors()),
-                )
-            except PullError as exc:
-                log.error("chaos: could not pull the state from %s: %s", [c.node for c in chosen], exc)
+            result = None
+            # every attempt together, inside the members' wait for the flags (join timeout)
+            deadline = time.monotonic() + 0.9 * self._join_timeout
+            tried: set[str] = set()
+            for attempt in range(1, PULL_ATTEMPTS + 1):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    result = pull(
+                        [c.addr for c in chosen], self._secret, rates=rates, timeout=left,
+                        on_progress=on_progress, max_bytes=pull_bound(member.replica_tensors()),
+                    )
+                    break
+                except PullError as exc:
+                    log.error("chaos: could not pull the state from %s (attempt %d of %d): %s",
+                              [c.node for c in chosen], attempt, PULL_ATTEMPTS, exc)
+                tried |= {c.addr for c in chosen}
+                # next: the holders not tried yet, else the same again after a moment
+                untried = [c for c in candidates if c.addr not in tried]
+                if untried:
+                    chosen, rates = choose_sources(untried, estimates, self._max_sources,
+                                                   _cut_from(monitor, member.node_id))
+                elif attempt < PULL_ATTEMPTS:
+                    time.sleep(min(PULL_RETRY_S * attempt, max(0.0, deadline - time.monotonic())))
+            if result is None:
                 return False
         state = unpack_tree(result.meta, result.tensors)
         with torch.no_grad():

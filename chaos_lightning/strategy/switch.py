@@ -88,8 +88,11 @@ class Decision:
     action: Action
     #: ranks of the current group the next view must not hold (the leavers)
     exclude: tuple[int, ...] = ()
-    #: the step failed: the next group must be of a strictly newer view
-    #: (the broken group is never rebuilt as it was)
+    #: the step failed: the broken group is never used again.  The next group
+    #: is that of a newer view if one commits, else the same view's group
+    #: rebuilt under a fresh generation (``group.ElasticGroup._regroup``: a
+    #: rank paused past the collective timeout and not evicted changes no
+    #: membership, and no newer view would ever come)
     newer: bool = False
 
 
@@ -122,17 +125,22 @@ def decide(*, failed: bool, control: Control | None, world: int, view_epoch: int
 
 def usable_for_switch(
     *, epoch: int, ids: frozenset[str] | set[str], connected: Sequence[str], me: str, old_epoch: int,
-    exclude: frozenset[str] | set[str], newer: bool,
+    exclude: frozenset[str] | set[str], newer: bool, news: bool = False,
 ) -> bool:
     """Whether a committed view may hold the next group of a switching member.
 
     Never an older view, never one that still holds a leaver, never one where
-    this node is cut off from the others (a down link sidelines it instead),
-    and after a failed step never the broken group's own view.
+    this node is cut off from the others (a down link sidelines it instead).
+    After a failed step (``newer``) the broken group's own view is usable
+    too: its group is then rebuilt under a fresh generation, never as it was
+    (a failed collective with no membership change must regroup the same
+    members, not wait for a view nobody will propose), unless ``news``: the
+    membership layer reported a member of the group failed, so a view
+    without it is coming and is the one to wait for.
     """
     if epoch < old_epoch or exclude & ids or me not in connected:
         return False
-    return epoch > old_epoch or not newer
+    return epoch > old_epoch or not (newer and news)
 
 
 @dataclass
