@@ -32,7 +32,8 @@ variable                   setting                                      default
 ``CHAOS_BIND``             ``host:port`` this node listens on           ``127.0.0.1:0``
 ``CHAOS_PEERS``            comma-separated members to join through      empty (found)
 ``CHAOS_SECRET``           the cluster secret                           unset (loopback only)
-``CHAOS_PRESET``           membership timing preset                     ``local``
+``CHAOS_PRESET``           membership timing preset (``local`` when     ``local`` or ``lan``
+                           the bind address is loopback, else ``lan``)
 ``CHAOS_MEMBERSHIP``       field overrides of the preset,               none
                            ``probe_interval=0.3,suspicion_mult=3``
 ``CHAOS_MIN_NODES``        members before training starts               1
@@ -63,7 +64,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from chaos_lightning.membership.config import DEFAULT_PRESET, PRESETS, Config
+from chaos_lightning.membership.config import DEFAULT_PRESET, PRESETS, Config, default_preset
 from chaos_lightning.replication.neighbors import DEFAULT_MAX_SOURCES
 from chaos_lightning.wire.addr import AddressError, normalize_hostport, parse_hostport
 from chaos_lightning.wire.auth import MIN_SECRET_BYTES
@@ -144,12 +145,15 @@ class NodeConfig:
         if unknown:
             raise TypeError(f"NodeConfig.resolve() got unknown setting(s): {', '.join(unknown)}")
         r = _Resolver(env, given)
+        bind = r.address("bind", "CHAOS_BIND", cls.bind)
         return cls(
             backend=r.backend("backend", "CHAOS_BACKEND", cls.backend),
-            bind=r.address("bind", "CHAOS_BIND", cls.bind),
+            bind=bind,
             peers=r.addresses("peers", "CHAOS_PEERS"),
             secret=r.secret("secret", SECRET_ENV),
-            membership=r.membership("membership", "CHAOS_PRESET", "CHAOS_MEMBERSHIP"),
+            # no preset named: local on loopback, lan on any other address
+            membership=r.membership("membership", "CHAOS_PRESET", "CHAOS_MEMBERSHIP",
+                                    default=default_preset(parse_hostport(bind, allow_port0=True)[0])),
             min_nodes=r.integer("min_nodes", "CHAOS_MIN_NODES", cls.min_nodes),
             global_batch_size=r.integer("global_batch_size", "CHAOS_GLOBAL_BATCH_SIZE", None),
             max_sources=r.integer("max_sources", "CHAOS_MAX_SOURCES", cls.max_sources),
@@ -257,12 +261,14 @@ def _typed(name: str, key: str, raw: str, default: object) -> object:
 
 
 def membership_config(preset: str | Config | None = None, overrides: Mapping[str, object] | None = None,
-                      *, name: str = "membership") -> Config:
-    """A membership ``Config`` from a preset name (or a Config) and field overrides."""
+                      *, name: str = "membership", default: str = DEFAULT_PRESET) -> Config:
+    """A membership ``Config`` from a preset name (or a Config; ``None``:
+    ``default``, see :func:`~chaos_lightning.membership.config.default_preset`)
+    and field overrides."""
     if isinstance(preset, Config):
         base = preset
     else:
-        preset = DEFAULT_PRESET if preset is None else preset
+        preset = default if preset is None else preset
         if not isinstance(preset, str) or preset not in PRESETS:
             raise ConfigError(name, f"must be a membership preset ({', '.join(PRESETS)}) or a Config", preset)
         base = PRESETS[preset]
@@ -371,7 +377,7 @@ class _Resolver:
             )
         return bytes(value)
 
-    def membership(self, arg: str, preset_var: str, overrides_var: str) -> Config:
+    def membership(self, arg: str, preset_var: str, overrides_var: str, *, default: str = DEFAULT_PRESET) -> Config:
         value = self.given.get(arg)
         if value is not None:
             # given as a whole: neither CHAOS_PRESET nor CHAOS_MEMBERSHIP applies
@@ -383,7 +389,7 @@ class _Resolver:
             raise ConfigError(preset_var, f"must be a membership preset ({', '.join(PRESETS)})", preset)
         _, text = self._pick("", overrides_var)
         overrides = parse_membership_overrides(text, overrides_var) if text is not None else {}
-        return membership_config(preset, overrides, name=preset_var)
+        return membership_config(preset, overrides, name=preset_var, default=default)
 
     def integer(self, arg: str, var: str, default: int | None) -> int | None:
         name, value = self._pick(arg, var)

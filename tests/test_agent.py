@@ -291,3 +291,52 @@ def test_the_stop_ends_a_task_that_swallowed_its_first_cancellation(caplog):
     assert time.monotonic() - t0 < 2.0
     assert tasks[0].done() and tasks[0].cancelled()
     assert "abandoned" not in caplog.text
+
+
+def test_forged_senders_do_not_grow_the_peer_map_and_their_entries_expire(cluster, monkeypatch):
+    """Issue 15: every forged ``Envelope`` sender address whose Ping got an Ack
+    left one outgoing entry in the agent's ``_peers`` for good (20,000 forged
+    Pings: +20 MB, kept).  Now entries of addresses that are not members,
+    joiners, seeds or cut links are an LRU (``max_stranger_peers``) and expire
+    once idle; the members' entries stay and the cluster still admits a
+    newcomer through the attacked agent."""
+    from chaos_lightning.agent import agent as agent_mod
+    from chaos_lightning.agent.messages import Envelope
+    from chaos_lightning.membership.messages import Ping
+    from chaos_lightning.wire import open_connection
+
+    target = cluster[0]
+    members = {m.addr for m in target.view().members if m.addr != target.addr}
+    target.max_stranger_peers = 32
+    target.stranger_ttl = 0.5
+    monkeypatch.setattr(agent_mod, "PEER_SWEEP_INTERVAL", 0.2)  # read when the next sweep is armed
+    n = 3000
+    sizes = []
+
+    async def flood() -> None:
+        host, port = hostport(target.addr)
+        conn = await open_connection(host, port, secret=SECRET, timeout=5.0)
+        try:
+            for i in range(n):
+                # distinct loopback addresses: each dial is refused at once
+                fake = f"127.{1 + i // 60000}.{(i // 250) % 240}.{i % 250 + 1}:9"
+                await conn.send(Envelope(f"forged-{i}", fake, Ping(i, target.view().epoch)))
+                if i % 500 == 499:
+                    await asyncio.sleep(0.05)
+                    sizes.append(len(target._peers))
+        finally:
+            await conn.aclose()
+
+    asyncio.run(asyncio.wait_for(flood(), 40))
+    time.sleep(0.3)
+    sizes.append(len(target._peers))
+    # bounded all along: the cap plus the members (and a few just evicted in flight)
+    assert max(sizes) <= 32 + len(members) + 2, sizes
+    assert members <= set(target._peers), "the members' entries must stay"
+    # once idle, the strangers' entries expire (memory goes back down)
+    deadline = time.monotonic() + 10
+    while set(target._peers) - members and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert set(target._peers) <= members | set(target._seeds), sorted(target._peers)[:5]
+    assert len(target.machine._strangers) <= 256
+    assert_still_serving(cluster)

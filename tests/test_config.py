@@ -251,3 +251,23 @@ def test_parse_hostport_refuses_in_one_line(text: str, reason: str) -> None:
 
 def test_a_list_of_addresses_is_normalized() -> None:
     assert parse_hostport_list("a:1, [::1]:2,,") == ("a:1", "[::1]:2")
+
+
+def test_with_no_preset_named_a_loopback_bind_gets_local_and_any_other_gets_lan():
+    """``local`` evicts a node silent for ~0.7 s: right for processes of one
+    machine, wrong for a network, where a GC pause or a slow checkpoint
+    write would cost a node its place (issue 14)."""
+    from chaos_lightning.membership.config import EDGE, LAN, LOCAL
+
+    secret = {"CHAOS_SECRET": "s" * 32}
+    assert NodeConfig.resolve(env={}).membership == LOCAL
+    assert NodeConfig.resolve(env={"CHAOS_BIND": "[::1]:0"}).membership == LOCAL
+    assert NodeConfig.resolve(env={"CHAOS_BIND": "10.1.2.3:5000", **secret}).membership == LAN
+    assert NodeConfig.resolve(env={"CHAOS_BIND": "0.0.0.0:5000", **secret}).membership == LAN
+    assert NodeConfig.resolve(bind="10.1.2.3:5000", env=secret).membership == LAN
+    # a preset named, or overrides of the bind's default, still win
+    assert NodeConfig.resolve(env={"CHAOS_BIND": "10.1.2.3:5000", "CHAOS_PRESET": "edge", **secret}).membership == EDGE
+    tuned = NodeConfig.resolve(env={"CHAOS_BIND": "10.1.2.3:5000", "CHAOS_MEMBERSHIP": "probe_interval=0.3", **secret})
+    import dataclasses
+
+    assert tuned.membership == dataclasses.replace(LAN, probe_interval=0.3)

@@ -63,3 +63,13 @@ def test_fact_kinds_are_the_same_bytes_on_the_wire():
 def test_statuses_are_the_fact_kinds_of_the_same_name():
     assert [s.value for s in Status] == ["alive", "suspect", "dead"]
     assert Status.DEAD == DEAD == "dead" and hash(Status.SUSPECT) == hash("suspect")
+
+
+@pytest.mark.parametrize("host, preset", [
+    ("127.0.0.1", "local"), ("127.3.2.1", "local"), ("::1", "local"), ("[::1]", "local"), ("localhost", "local"),
+    ("10.0.0.5", "lan"), ("192.168.1.2", "lan"), ("0.0.0.0", "lan"), ("::", "lan"), ("node7.cluster", "lan"),
+])
+def test_the_default_preset_follows_the_bind_address(host, preset):
+    from chaos_lightning.membership.config import default_preset
+
+    assert default_preset(host) == preset

@@ -41,8 +41,8 @@ from chaos_lightning.agent.messages import (
     StatusRequest,
 )
 from chaos_lightning.membership import events as ev
-from chaos_lightning.membership.config import DEFAULT_PRESET, PRESETS, Config
-from chaos_lightning.membership.machine import Membership, Output, Phase
+from chaos_lightning.membership.config import PRESETS, Config, default_preset
+from chaos_lightning.membership.machine import STRANGERS, Membership, Output, Phase
 from chaos_lightning.membership.view import Member, View
 from chaos_lightning.monitor import Monitor
 from chaos_lightning.monitor.links import estimate_bandwidth
@@ -59,6 +59,20 @@ MAX_QUEUE = 1024
 #: active bandwidth probe size: above the monitor's 64 KiB floor, small enough
 #: to take well under a second on a 10 Mbit/s edge link
 DEFAULT_PROBE_BYTES = 1 << 20
+#: outgoing entries kept for addresses that are neither a member, a pending
+#: joiner, a join seed nor a cut link ("strangers": a node at another epoch,
+#: one just removed, or a forged sender address whose Ping got an Ack).  An
+#: LRU: the least recently used is dropped (its sender cancelled) past this.
+#: The machine itself remembers no more stranger addresses than this, so an
+#: entry beyond it could never be addressed again anyway (issue 15: 20,000
+#: forged Pings grew the map by one entry each, kept for good).
+MAX_STRANGER_PEERS = STRANGERS
+#: a stranger's entry with no sender running and unused this long is dropped
+#: (memory goes back down after a flood; a legitimate peer's entry is simply
+#: made again on its next message)
+STRANGER_TTL = 30.0
+#: how often idle strangers are swept
+PEER_SWEEP_INTERVAL = 5.0
 
 
 def dial_error(exc: BaseException) -> str:
@@ -97,6 +111,16 @@ class _Peer:
         self.task: asyncio.Task | None = None
         self.node = ""  # last node id seen for this address
         self.down_until = 0.0  # after a failed connect, drop instead of redialing
+        self.last_used = 0.0  # loop time of the last message queued
+
+    def idle(self) -> bool:
+        return self.task is None or self.task.done()
+
+    def drop(self) -> None:
+        """Forget this peer: its queue, and its sender if one runs."""
+        self.queue.clear()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
 
 
 #: seconds the agent's tasks get to end after a stop before they are abandoned
@@ -107,7 +131,8 @@ class Agent:
 
     ``bind`` is ``host:port`` (port 0: the OS picks; read ``addr`` after
     :meth:`start`).  ``node_id`` defaults to the bound address.  ``membership``
-    is the protocol's timing (``None``: the default preset).  ``meta`` is
+    is the protocol's timing (``None``: ``local`` on a loopback bind, else
+    ``lan``: :func:`~chaos_lightning.membership.config.default_preset`).  ``meta`` is
     published in this node's :class:`Member` (e.g. its store endpoint).
     """
 
@@ -132,7 +157,8 @@ class Agent:
         )
         self._node_id = node_id
         self._secret = load_secret(secret)
-        self.config = membership if membership is not None else PRESETS[DEFAULT_PRESET]
+        # no timing given: local on loopback, lan on any other address
+        self.config = membership if membership is not None else PRESETS[default_preset(self._bind_host)]
         self._meta = dict(meta or {})
         self.addr = ""
         self.machine: Membership | None = None
@@ -141,6 +167,12 @@ class Agent:
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._peers: dict[str, _Peer] = {}
+        #: the addresses of ``_peers`` that were strangers when last used,
+        #: least recently used first (see MAX_STRANGER_PEERS)
+        self._stranger_lru: dict[str, None] = {}
+        self.max_stranger_peers = MAX_STRANGER_PEERS
+        self.stranger_ttl = STRANGER_TTL
+        self._sweep: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._cond = threading.Condition()
@@ -222,6 +254,7 @@ class Agent:
 
         self.machine = Membership(me, self.config, rng=random.Random())
         self.monitor = Monitor(self.node_id)
+        self._sweep = asyncio.get_running_loop().call_later(PEER_SWEEP_INTERVAL, self._sweep_peers)
         if peers is not None:
             self._join(list(peers))
 
@@ -241,6 +274,8 @@ class Agent:
     async def _shutdown(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._sweep is not None:
+            self._sweep.cancel()
         if self._server is not None:
             self._server.close()
         for peer in self._peers.values():
@@ -460,12 +495,32 @@ class Agent:
                 self.decisions.append((time.time(), (time.perf_counter() - t0) * 1e6, e.reason))
 
     # ------------------------------------------------------------------ sending
+    def _known(self, addr: str, node: str) -> bool:
+        """Whether ``addr`` (of ``node``) is a member, a pending joiner, a
+        join seed or a cut link: an entry kept whatever its age.  O(1): it
+        runs for every message sent."""
+        if addr in self._blocked or addr in self._seeds:
+            return True
+        m = self.machine
+        if not node or m is None:
+            return False
+        return (m.view is not None and node in m.view) or node in m.gossip.joins
+
     def _enqueue(self, addr: str, node: str, msg: object) -> None:
         peer = self._peers.get(addr)
         if peer is None:
             peer = self._peers[addr] = _Peer(addr)
         if node:
             peer.node = node
+        peer.last_used = self._now()
+        if self._known(addr, peer.node):
+            self._stranger_lru.pop(addr, None)
+        else:
+            lru = self._stranger_lru
+            lru.pop(addr, None)
+            lru[addr] = None
+            if len(lru) > self.max_stranger_peers:
+                self._evict_strangers()
         if self._now() < peer.down_until or addr in self._blocked:
             self._hint(peer)  # the last dial failed moments ago: a datagram lost
             return
@@ -473,6 +528,30 @@ class Agent:
         peer.wakeup.set()
         if peer.task is None or peer.task.done():
             peer.task = asyncio.ensure_future(self._sender(peer))
+
+    def _evict_strangers(self) -> None:
+        """Drop least recently used strangers until the LRU is within its cap
+        (an entry that has since become known only leaves the LRU)."""
+        lru = self._stranger_lru
+        while len(lru) > max(1, self.max_stranger_peers):  # never the entry being used now
+            addr = next(iter(lru))
+            del lru[addr]
+            peer = self._peers.get(addr)
+            if peer is not None and not self._known(addr, peer.node):
+                del self._peers[addr]
+                peer.drop()
+
+    def _sweep_peers(self) -> None:
+        """Every PEER_SWEEP_INTERVAL: drop the entries of addresses that are
+        not known (see :meth:`_known`; a departed member's included) whose
+        sender has ended and that were not used for ``stranger_ttl``."""
+        self._sweep = self._loop.call_later(PEER_SWEEP_INTERVAL, self._sweep_peers)
+        now = self._now()
+        for addr, peer in list(self._peers.items()):
+            if (peer.idle() and now - peer.last_used >= self.stranger_ttl and now >= peer.down_until
+                    and not self._known(addr, peer.node)):
+                del self._peers[addr]
+                self._stranger_lru.pop(addr, None)
 
     def _seed_failed(self, addr: str, exc: BaseException) -> None:
         """While joining: remember why a seed could not be dialled; once every

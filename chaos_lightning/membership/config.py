@@ -119,5 +119,34 @@ EDGE = replace(
 
 PRESETS: dict[str, Config] = {"local": LOCAL, "lan": LAN, "edge": EDGE}
 
-#: the preset used when nobody names one; import this rather than restating "local"
+#: the preset used when nobody names one and the node binds a loopback
+#: address (the default bind); import this rather than restating "local".
+#: A node bound to any other address gets ``lan`` (:func:`default_preset`).
 DEFAULT_PRESET = "local"
+
+#: the preset used when nobody names one and the node binds a non-loopback address
+DEFAULT_NETWORK_PRESET = "lan"
+
+
+def default_preset(host: str | None) -> str:
+    """The preset a node bound at ``host`` gets when nobody names one.
+
+    ``local`` on loopback (``127.0.0.0/8``, ``::1``, ``localhost``): every
+    peer is a process of the same machine.  Anything else, a wildcard bind
+    included, is a network: ``lan``.  ``local`` evicts a node silent for
+    about 0.7 s (a GC pause or a slow checkpoint write on a real cluster
+    would cost it its place); ``lan`` tolerates about 3 s
+    (``docs/membership.md``, "Presets").
+    """
+    import ipaddress
+
+    if host is None:
+        return DEFAULT_PRESET
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return DEFAULT_PRESET
+    try:
+        loopback = ipaddress.ip_address(name.split("%", 1)[0]).is_loopback
+    except ValueError:
+        loopback = False  # a host name other than localhost: it resolves on a network
+    return DEFAULT_PRESET if loopback else DEFAULT_NETWORK_PRESET
