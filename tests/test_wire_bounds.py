@@ -484,3 +484,40 @@ def test_the_strategy_bounds_its_pull_by_the_local_model(monkeypatch):
     assert sync._pull_from(member, [holder]) is False
     assert seen["max_bytes"] == state_sync.PULL_SLACK * (4000 + 80) + state_sync.PULL_EXTRA
     assert state_sync.pull_bound(params) == seen["max_bytes"]
+
+
+def test_the_python_3_10_deadline_times_out_only_its_own_wait() -> None:
+    """Python 3.10 has no ``asyncio.timeout``: the connection's bounds use a
+    small stand-in there; it is checked here on any Python."""
+    import asyncio
+
+    from chaos_lightning.wire.connection import _Deadline
+
+    async def scenario() -> tuple[bool, str, bool]:
+        timed_out = False
+        try:
+            async with _Deadline(0.05):
+                await asyncio.sleep(5)
+        except TimeoutError:
+            timed_out = True
+        async with _Deadline(None):
+            value = await asyncio.sleep(0.01, "no deadline")
+        async with _Deadline(5):
+            await asyncio.sleep(0.01)
+        cancelled = False
+        task = asyncio.ensure_future(asyncio.sleep(5))
+
+        async def outer() -> None:
+            async with _Deadline(5):
+                await task
+
+        runner = asyncio.ensure_future(outer())
+        await asyncio.sleep(0.01)
+        runner.cancel()  # a cancellation from outside stays a cancellation
+        try:
+            await runner
+        except asyncio.CancelledError:
+            cancelled = True
+        return timed_out, value, cancelled
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 10)) == (True, "no deadline", True)

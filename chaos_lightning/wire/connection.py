@@ -56,8 +56,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import sys
 from collections import Counter
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from chaos_lightning.wire import schema
 from chaos_lightning.wire.auth import TAG_SIZE, Session, check_bind_allowed, client_handshake, server_handshake
@@ -279,7 +280,7 @@ class Connection:
             if self.idle_timeout is None:
                 header = await self._reader.readexactly(HEADER_SIZE)
             else:
-                async with asyncio.timeout(self.idle_timeout):
+                async with _deadline(self.idle_timeout):
                     header = await self._reader.readexactly(HEADER_SIZE)
         except TimeoutError:
             raise ReadTimeout(f"no frame from {self._peer} for {self.idle_timeout:g}s (idle bound); closing") from None
@@ -307,7 +308,7 @@ class Connection:
         bound = self._body_bound(length)
         payload = b""
         try:
-            async with asyncio.timeout(bound):
+            async with _deadline(bound):
                 payload = await self._reader.readexactly(length) if length else b""
                 tag = await self._reader.readexactly(TAG_SIZE) if self._session is not None else b""
         except TimeoutError:
@@ -365,7 +366,7 @@ class Connection:
         bound = self._body_bound(length)
         got = 0
         try:
-            async with asyncio.timeout(bound):
+            async with _deadline(bound):
                 while got < length:
                     chunk = await self._reader.read(min(length - got, _READ_CHUNK))
                     if not chunk:
@@ -424,6 +425,39 @@ def _with_addr(exc: OSError, prefix: str) -> OSError:
         return type(exc)(f"{prefix}: {exc}")
     except Exception:  # an OSError subclass with an unusual constructor
         return OSError(exc.errno, f"{prefix}: {exc}")
+
+
+class _Deadline:
+    """``asyncio.timeout`` for Python 3.10, which lacks it (the project
+    supports 3.10): cancel the current task at the deadline and turn that
+    cancellation, and only that one, into ``TimeoutError``.  ``None``: no
+    deadline."""
+
+    def __init__(self, delay: float | None) -> None:
+        self._delay = delay
+        self._handle: asyncio.TimerHandle | None = None
+        self._fired = False
+
+    async def __aenter__(self) -> _Deadline:
+        if self._delay is not None:
+            task = asyncio.current_task()
+            self._handle = asyncio.get_running_loop().call_later(max(0.0, self._delay), self._fire, task)
+        return self
+
+    def _fire(self, task: asyncio.Task | None) -> None:
+        self._fired = True
+        if task is not None:
+            task.cancel()
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._fired and exc_type is asyncio.CancelledError:
+            raise TimeoutError from None
+        return False
+
+
+_deadline = asyncio.timeout if sys.version_info >= (3, 11) else _Deadline
 
 
 async def dial(
