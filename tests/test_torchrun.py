@@ -184,6 +184,7 @@ class Agent(Node):
     def __init__(self, endpoint: str, argv: list[str], log: Path) -> None:
         self.log = log
         self.env = {}
+        self.own_group = True  # started in a session of its own: Node.stop kills its group too
         self._err = open(log, "wb")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
