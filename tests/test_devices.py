@@ -96,6 +96,32 @@ def test_a_whole_two_device_node_leaves_on_one_sigterm_to_its_process_group(tmp_
     assert "Traceback" not in one.log.read_text(), one.log
 
 
+@pytest.mark.timeout(300)
+def test_a_two_device_node_joins_a_running_fit_with_both_processes(tmp_path):
+    """The single-device node trains alone first (``min_nodes=1``); a
+    ``devices=2`` node started mid-fit joins with both processes, which take
+    the live state: all three end identical, every sample trained once."""
+    founder = f"127.0.0.1:{free_port()}"
+    one = Node(TRAINER, ARGV[TRAINER], {"CHAOS_MIN_NODES": "1", "CHAOS_BIND": founder}, tmp_path / "one.log")
+    two = None
+    try:
+        one.wait(lambda r: r["event"] == "step" and r["step"] >= 5, 120)
+        two = Node(TRAINER, ARGV[TRAINER], {"CHAOS_MIN_NODES": "1", "CHAOS_BIND": "127.0.0.1:0",
+                                            "CHAOS_PEERS": founder, "CHAOS_TEST_DEVICES": "2"},
+                   tmp_path / "two.log", own_group=True)
+        first, second = both_train(two)
+        joined = [r for r in two.records if r["event"] == "step"][0]["step"]
+        assert joined > 5, "the two-device node joined mid-fit"
+        (alone,) = finish([one], 180)
+        done = [two.wait(lambda r, pid=pid: r["event"] == "done" and r["pid"] == pid, 60) for pid in (first, second)]
+        assert two.exit_code(60) == 0, two.log
+    finally:
+        one.stop()
+        if two is not None:
+            two.stop()
+    check_replicas([alone, *done])
+
+
 @pytest.mark.timeout(120)
 def test_devices_that_disagree_with_the_outside_launcher_are_refused_with_one_line(tmp_path):
     """torchrun (or SLURM) started 2 processes on this node, the Trainer asks
