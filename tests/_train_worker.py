@@ -83,6 +83,14 @@ class Validated(Regressor):
     sums the counts over the current members; ``all_gather`` collects the
     ranks (the last step's gather is reported)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from torchmetrics.aggregation import SumMetric
+
+        # a torchmetrics metric syncs its states itself at compute (its own
+        # all_gather unless the strategy routes it): the samples evaluated
+        self.evaluated = SumMetric()
+
     def on_validation_start(self):
         if not self.trainer.sanity_checking:
             say(event="val_start", epoch=self.current_epoch, world=self.trainer.world_size)
@@ -92,13 +100,15 @@ class Validated(Regressor):
         time.sleep(float(os.environ.get("CHAOS_TEST_VAL_SLEEP", 0)))
         self.log("val_count", float(len(x)), reduce_fx="sum", sync_dist=True, on_epoch=True, batch_size=1)
         self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y), sync_dist=True, batch_size=len(x))
+        self.evaluated.update(torch.tensor(float(len(x))))
+        self.log("val_metric", self.evaluated, on_epoch=True, batch_size=1)
         self.ranks = self.all_gather(torch.tensor(float(self.global_rank))).flatten().tolist()
 
     def on_validation_epoch_end(self):
         metrics = self.trainer.callback_metrics
         if "val_count" in metrics and not self.trainer.sanity_checking:
             say(event="val", epoch=self.current_epoch, world=self.trainer.world_size, count=float(metrics["val_count"]),
-                ranks=self.ranks)
+                metric=float(metrics["val_metric"]), ranks=self.ranks)
 
 
 class LedgerAt(pl.Callback):

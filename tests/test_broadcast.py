@@ -172,3 +172,53 @@ def test_a_failed_group_keeps_this_ranks_value():
 
     assert broadcast_object(Broken(1), "mine", 0, threading.Event(), 5.0) == "mine"
     assert collectives.MAX_BROADCAST_BYTES >= 1 << 20
+
+
+class SharedSumPG:
+    """Two ranks in two threads of this process: each ``all_reduce`` waits
+    for both ranks' tensors and gives each their sum, as gloo would."""
+
+    def __init__(self) -> None:
+        self.world_size = 2
+        self._barrier = threading.Barrier(2, timeout=10)
+        self._slots: list[torch.Tensor | None] = [None, None]
+
+    def rank_view(self, rank: int) -> SimpleNamespace:
+        def all_reduce(t: torch.Tensor, *, abort, timeout, op=None) -> None:
+            self._slots[rank] = t.clone()
+            self._barrier.wait()
+            total = self._slots[0] + self._slots[1]
+            self._barrier.wait()
+            t.copy_(total)
+
+        return SimpleNamespace(rank=rank, world_size=2, all_reduce=all_reduce)
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        [torch.tensor(3.5), torch.tensor(-1.0)],  # a SumMetric's state
+        [torch.arange(3.0), torch.arange(5.0) * 2],  # a CatMetric's states of different lengths
+        [torch.ones(2, 3, dtype=torch.int64), torch.zeros(1, 4, dtype=torch.int64)],
+        [torch.tensor([True, False]), torch.tensor([True])],
+    ],
+    ids=["scalar", "ragged-1d", "ragged-2d", "bool"],
+)
+def test_metric_states_of_any_shape_gather_in_rank_order(tensors: list[torch.Tensor]) -> None:
+    """torchmetrics' ``dist_sync_fn`` contract, on the abortable group:
+    every rank gets every rank's tensor, its own shape and dtype, in order."""
+    pg = SharedSumPG()
+    out: list[list[torch.Tensor] | None] = [None, None]
+
+    def rank(r: int) -> None:
+        out[r] = collectives.gather_uneven(pg.rank_view(r), tensors[r], abort=None, timeout=10)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    for got in out:
+        assert got is not None and len(got) == 2
+        for mine, theirs in zip(got, tensors):
+            assert mine.dtype == theirs.dtype and mine.shape == theirs.shape and torch.equal(mine, theirs)

@@ -225,9 +225,10 @@ def test_checkpoint_resume_at_another_world_size_validation_and_lr_scaling_follo
 
 @pytest.mark.timeout(240)
 def test_a_node_killed_during_validation_does_not_stop_the_survivors(tmp_path):
-    """Lightning's own collectives (metric reduction, barriers) run outside
-    the training step; a member killed while the others validate makes them
-    use their local metric values, and the next training step switches views."""
+    """Lightning's own collectives (metric reduction, barriers) and a
+    torchmetrics metric's state sync run outside the training step; a member
+    killed while the others validate makes them use their local metric
+    values, and the next training step switches views."""
     val, epochs = 60, 4
     env = {"CHAOS_TEST_VAL": str(val), "CHAOS_TEST_VAL_SLEEP": "0.3"}
     nodes = start(3, tmp_path, epochs=epochs, sleep=0.02, env=env)
@@ -245,6 +246,8 @@ def test_a_node_killed_during_validation_does_not_stop_the_survivors(tmp_path):
     assert_identical_and_exactly_once(results, epochs=epochs)
     later = [r for r in survivors[0].records if r["event"] == "val" and r["epoch"] >= 2]
     assert later and all(r["world"] == 2 and r["count"] == float(val) and r["ranks"] == [0.0, 1.0] for r in later), later
+    # a torchmetrics metric (it syncs its own states at compute) sums over the members too
+    assert all(r["metric"] == float(val) for r in later), later
 
 
 @pytest.mark.timeout(240)

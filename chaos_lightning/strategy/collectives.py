@@ -85,6 +85,66 @@ def all_gather(pg: ElasticProcessGroup, tensor: torch.Tensor, abort: AbortFlag, 
     return rows
 
 
+def gather_uneven(pg: ElasticProcessGroup, tensor: torch.Tensor, abort: AbortFlag, timeout: float) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` in rank order, shapes free to differ (same
+    ``ndim``): torchmetrics' ``dist_sync_fn`` contract.  Two abortable
+    gathers, the shapes then the values padded to the largest; if the group
+    fails meanwhile, this rank's tensor alone (as :func:`all_gather`)."""
+    t = tensor.detach().contiguous()
+    flag = t.dtype == torch.bool  # summed in the gather: carried as bytes
+    if flag:
+        t = t.to(torch.uint8)
+    world = pg.world_size
+    shapes = all_gather(pg, torch.tensor(t.shape, dtype=torch.int64), abort, timeout)
+    if shapes.shape[0] != world:
+        return [tensor.detach()]
+    largest = tuple(int(n) for n in shapes.max(dim=0).values.tolist()) if t.ndim else ()
+    padded = torch.zeros(largest, dtype=t.dtype)
+    padded[tuple(slice(0, n) for n in t.shape)] = t
+    rows = all_gather(pg, padded, abort, timeout)
+    if rows.shape[0] != world:
+        return [tensor.detach()]
+    out = [rows[r][tuple(slice(0, int(n)) for n in shapes[r].tolist())] for r in range(world)]
+    return [o.to(torch.bool) for o in out] if flag else out
+
+
+def metric_sync_fn(member: Any) -> Any:
+    """torchmetrics' ``dist_sync_fn`` for ``member`` (an ``ElasticMember``):
+    :func:`gather_uneven` on its current group, whichever that is when a
+    metric syncs; a group the user named goes to torchmetrics' own gather."""
+
+    def gather(tensor: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
+        g = member.group
+        if not ours(group):
+            from torchmetrics.utilities.distributed import gather_all_tensors
+
+            return gather_all_tensors(tensor, group)
+        if g.pg.group is None:
+            return [tensor]
+        return gather_uneven(g.pg, tensor, g.abort, member.config.collective_timeout)
+
+    return gather
+
+
+def route_metric_sync(module: torch.nn.Module, gather: Any) -> int:
+    """Make every torchmetrics ``Metric`` in ``module`` sync its states with
+    ``gather`` (:func:`metric_sync_fn`: the current group, abortable) instead of
+    torchmetrics' own ``torch.distributed.all_gather`` on the default group,
+    which nothing can abort: a member killed while the others compute a
+    metric would stall them for the collective timeout.  A ``dist_sync_fn``
+    the user set is kept.  The number of metrics routed."""
+    try:
+        from torchmetrics import Metric
+    except ImportError:  # torchmetrics is Lightning's dependency, but a project may run without it
+        return 0
+    routed = 0
+    for sub in module.modules():
+        if isinstance(sub, Metric) and getattr(sub, "dist_sync_fn", None) is None:
+            sub.dist_sync_fn = gather
+            routed += 1
+    return routed
+
+
 def ours(group: Any) -> bool:
     """Whether a collective's ``group`` argument means the whole cluster:
     ``None``, or ``torch.distributed.group.WORLD`` (what Fabric and

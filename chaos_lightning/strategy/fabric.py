@@ -260,6 +260,7 @@ class ChaosFabricStrategy(ElasticMember, DDPStrategy):
     @override
     def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
         self._modules.append(module)  # no DDP wrapper: gradients are reduced at the optimizer step
+        collectives.route_metric_sync(module, collectives.metric_sync_fn(self))  # torchmetrics: abortable sync
         return module
 
     @override

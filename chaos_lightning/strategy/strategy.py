@@ -257,6 +257,7 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         if self._joined_at_the_end():
             trainer.should_stop = True
         self._relayout(trainer, new_epoch=True)
+        collectives.route_metric_sync(self.lightning_module, collectives.metric_sync_fn(self))
         if self.global_rank == 0 and trainer.enable_autolog_hparams:
             internals.log_hyperparams(trainer)  # what Lightning skipped at setup, where the run's folder is
         internals.save_cli_config(trainer, rank0=self.global_rank == 0)  # held at setup: written once per run
