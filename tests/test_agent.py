@@ -340,3 +340,116 @@ def test_forged_senders_do_not_grow_the_peer_map_and_their_entries_expire(cluste
     assert set(target._peers) <= members | set(target._seeds), sorted(target._peers)[:5]
     assert len(target.machine._strangers) <= 256
     assert_still_serving(cluster)
+
+
+# ------------------------------------------------------------------ issue 14
+def test_two_agents_one_stopped_the_survivor_goes_on_alone_and_admits_a_newcomer():
+    """``Agent.stop()`` closes the listening socket, as a ``kill -9`` does:
+    the survivor's next connect is refused, which proves the death, and with
+    exactly half of the voters proven dead the survivor commits a view of one
+    (before: 1 of 2 is no majority, it waited for good)."""
+    a, b = start_cluster(2)
+    c = None
+    try:
+        epoch = a.view().epoch
+        t0 = time.monotonic()
+        b.stop()
+        v = a.wait_view(epoch, 10)
+        took = time.monotonic() - t0
+        assert v is not None and v.ids == (a.node_id,), v and v.describe()
+        assert took < 5, f"{took:.2f}s: local preset, about a probe period plus the suspicion"
+        c = Agent(secret=SECRET).start([a.addr])
+        v = c.wait_view(0, 10)
+        assert v is not None and set(v.ids) == {a.node_id, c.node_id}
+        assert a.snapshot()["membership"]["quorate"]
+    finally:
+        for x in (a, b, c):
+            if x is not None:
+                x.stop()
+
+
+def test_a_learner_is_promoted_once_it_says_it_synced():
+    a, b = start_cluster(2)
+    c = None
+    try:
+        a.mark_synced()
+        b.mark_synced()
+        c = Agent(secret=SECRET).start([a.addr])
+        v = c.wait_view(0, 10)
+        assert v is not None and v.learners == (c.node_id,) and c.learner
+        assert c.snapshot()["membership"]["learner"] is True
+        c.mark_synced()
+        v = c.wait_view(v.epoch, 10)
+        assert v is not None and not v.learners and not c.learner
+    finally:
+        for x in (a, b, c):
+            if x is not None:
+                x.stop()
+
+
+def test_a_cut_pair_waits_and_each_says_once_that_it_is_a_minority(caplog):
+    caplog.set_level(logging.INFO, logger="chaos_lightning.agent")
+    a, b = start_cluster(2)
+    try:
+        epoch = a.view().epoch
+        a.block(b.addr)
+        b.block(a.addr)
+        time.sleep(3.0)  # local preset: the failure is confirmed in about 0.6 s
+        assert a.view().epoch == epoch and b.view().epoch == epoch, "a timeout is no proof: nobody commits"
+        lines = [r.getMessage() for r in caplog.records if "minority" in r.getMessage()]
+        assert lines.count("chaos: this node is in a minority (1 of 2 reachable); waiting for the majority to return") == 2, lines
+        a.unblock(b.addr)
+        b.unblock(a.addr)
+        deadline = time.monotonic() + 15
+        while not (a.snapshot()["membership"]["quorate"] and b.snapshot()["membership"]["quorate"]):
+            assert time.monotonic() < deadline, "the pair is whole again"
+            time.sleep(0.1)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_two_processes_one_killed_the_survivor_commits_a_view_of_one_then_admits_a_third(tmp_path):
+    """The outside project's case of issue 14 with real processes: a founder
+    and one member, the member ``kill -9``-ed.  Before: the founder stayed in
+    the view of two for good (1 of 2 is no majority) and a third process
+    never got in.  Now its connects to the dead member's port are refused,
+    which proves the death: a view of one within a few seconds, then the
+    third is admitted."""
+    from pathlib import Path
+
+    from chaos_lightning.testbed.local import Node
+    from chaos_lightning.testbed.procs import free_ports
+
+    repo = Path(__file__).resolve().parents[1]
+    ports = free_ports(3)
+
+    def node(i: int, peers: str | None) -> Node:
+        args = ["--backend", "peer", "--bind", f"127.0.0.1:{ports[i]}", "--no-store", "--preset", "local"]
+        return Node(args + (["--peers", peers] if peers else []), tmp_path / f"node{i}.err", cwd=repo)
+
+    founder = node(0, None)
+    nodes = [founder]
+    try:
+        founder.ready(30)
+        member = node(1, founder.addr)
+        nodes.append(member)
+        member.ready(30)
+        pair = founder.wait_view(lambda m: len(m) == 2, 30, "view of two")
+        member.wait_view(lambda m: len(m) == 2, 30, "view of two")
+        t0 = time.monotonic()
+        member.kill9()
+        alone = founder.wait_view(lambda m: m == [founder.node_id], 10, "view of one", after=pair["epoch"])
+        took = time.monotonic() - t0
+        print(f"kill -9 -> view of one at the survivor: {took:.2f}s")
+        assert took < 5, took
+        third = node(2, founder.addr)
+        nodes.append(third)
+        third.ready(30)
+        ids = {founder.node_id, third.node_id}
+        founder.wait_view(lambda m: set(m) == ids, 30, "view with the third", after=alone["epoch"])
+        third.wait_view(lambda m: set(m) == ids, 30, "view with the third")
+        assert not any(r.get("event") == "quorum_lost" for r in founder.records), "a proven death is no minority"
+    finally:
+        for n in nodes:
+            n.stop()

@@ -26,9 +26,13 @@ BEFORE = {
 }
 
 
+# fields added since (issue 14), the same in every preset: the safe defaults
+ADDED = dict(allow_minority=False, proof_of_death=True)
+
+
 @pytest.mark.parametrize("name", sorted(BEFORE))
 def test_each_preset_keeps_its_values(name):
-    assert dataclasses.asdict(PRESETS[name]) == BEFORE[name]
+    assert dataclasses.asdict(PRESETS[name]) == {**BEFORE[name], **ADDED}
 
 
 def test_presets_are_lan_with_named_changes_and_overridable_by_name():
@@ -57,7 +61,7 @@ def test_fact_kinds_are_the_same_bytes_on_the_wire():
     assert encode(Ping(7, 3, "", facts)) == PING_BYTES
     back = decode(PING_BYTES)
     assert back.gossip == facts, "a decoded plain-str kind equals the enum member"
-    assert [FactKind(f.kind) for f in back.gossip] == list(FactKind)
+    assert [FactKind(f.kind) for f in back.gossip] == [k for k in FactKind if k != FactKind.SYNCED]  # added since
 
 
 def test_statuses_are_the_fact_kinds_of_the_same_name():

@@ -13,8 +13,10 @@ Scenarios first, each a finding of issue 15 that failed before its fix:
 
 Then properties over seeded random fault schedules (crashes, restarts under
 the same id, partitions, lost Commits, loss bursts, cut links, joins,
-leaves): never two committed views with one epoch, ``next_deadline() > now``
-after every tick, one view after healing.  A longer sweep of the same
+leaves; since issue 14 also refused connections to crashed nodes, the proof
+of death, and learners reporting their sync done): never two committed
+views with one epoch, ``next_deadline() > now`` after every tick, one view
+after healing.  A longer sweep of the same
 schedules: ``python -m chaos_lightning.membership.sim --schedules 1200``.
 """
 
@@ -73,8 +75,11 @@ def test_a_node_no_longer_coordinator_after_an_abandoned_proposal_does_not_spin(
 
 
 @pytest.mark.parametrize("seed", [153, 389, 418, 686])
-def test_schedules_that_spun_before_the_fix_now_keep_their_deadlines_ahead(seed):
-    r = run_schedule(seed, "local")
+@pytest.mark.parametrize("issue14", [False, True])
+def test_schedules_that_spun_before_the_fix_now_keep_their_deadlines_ahead(seed, issue14):
+    # issue14=False replays these seeds exactly as when they spun (no
+    # refusals, no learners); True adds those inputs to the same faults
+    r = run_schedule(seed, "local", refusals=issue14, learners=issue14)
     assert r.spin is None, r.spin
     assert r.ok, (r.summary, r.actions)
 
@@ -199,8 +204,12 @@ def test_any_fault_schedule_keeps_the_invariants(seed, preset, steps):
 
 
 def test_a_schedule_with_restarts_replays_exactly_from_its_seed():
-    # seed 173 restarts two crashed nodes (the coordinator among them)
+    # seed 173 restarts two crashed nodes (the coordinator among them); 176
+    # has a trained cluster, a learner's report, a crash and a restart
     first, again = run_schedule(173, "local"), run_schedule(173, "local")
     assert any("restart" in a for a in first.actions)
+    trained, again2 = run_schedule(176, "local"), run_schedule(176, "local")
+    assert any("synced n" in a for a in trained.actions) and any("restart" in a for a in trained.actions)
+    assert trained.digest == again2.digest
     assert first.digest == again.digest and first.actions == again.actions
     assert run_schedule(174, "local").digest != first.digest

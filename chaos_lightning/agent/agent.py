@@ -15,7 +15,17 @@ connection.  A send that cannot connect (refused, timed out, reset) drops the
 message, as a datagram would be dropped, and tells the machine
 (``hint_unreachable``), which probes that peer at once: a ``kill -9`` on the
 same host resets connections immediately, so detection does not wait for the
-round robin.  Every connect, handshake and queue is bounded.
+round robin.  A connect *refused* (``ConnectionRefusedError``: the peer's
+host answered with a reset, nothing listens on its port) is more: proof that
+the process at that address is gone, reported as ``peer_refused`` (see
+``membership/agreement.py``, "Proof of death": with two members, one killed,
+the survivor goes on alone).  Every connect, handshake and queue is bounded.
+
+The layers above report what the machine cannot see: :meth:`Agent.mark_synced`
+once this process holds the trained state (a learner is then promoted to
+voter).  A node that can reach only a minority of its view's voters logs it
+once, in one line ("this node is in a minority (k of n reachable); waiting
+for the majority to return").
 """
 
 from __future__ import annotations
@@ -321,6 +331,26 @@ class Agent:
 
     close = stop
 
+    def mark_synced(self) -> None:
+        """This process completed a state sync: it holds the trained state.
+
+        Thread-safe and quick (posted to the agent's loop); idempotent.  A
+        learner (a joiner admitted after the cluster trained) becomes a
+        voter by the next view change; until then it does not count in any
+        quorum, so joiners that crash right after their admission cannot
+        stall the members.  Call it at the end of every successful state
+        sync (a no-op after the first); a process that rejoined as a new
+        incarnation must call it again."""
+        if self._loop is None or self._stopped or self.machine is None:
+            return
+        self._call(lambda: self._apply(self.machine.mark_synced(self._now())))
+
+    @property
+    def learner(self) -> bool:
+        """Is this node a learner of its view (admitted, not yet voting)?"""
+        v = self._view
+        return v is not None and v.is_learner(self.node_id)
+
     def leave(self, timeout: float = 10.0) -> bool:
         """Leave gracefully; True once a view without us committed."""
         if self._loop is None or self._stopped:
@@ -466,7 +496,21 @@ class Agent:
             with self._cond:
                 self._removed = e
                 self._cond.notify_all()
-        elif isinstance(e, (ev.MemberFailed, ev.LinkDown, ev.LinkUp, ev.QuorumLost, ev.QuorumRegained)):
+        elif isinstance(e, ev.QuorumLost):
+            # once per loss: the machine reports the transition, not the state
+            if e.all_voters_dead:
+                log.warning("chaos: every voter of epoch %d is proven dead (%d of %d): no member holding the trained "
+                            "state is left", e.epoch, e.proven_dead, e.voters)
+            elif e.allow_minority:
+                log.warning("chaos: this node is in a minority (%d of %d reachable); continuing anyway "
+                            "(allow_minority: if this is a partition, the other side may go on too)",
+                            e.reachable, e.voters)
+            else:
+                log.warning("chaos: this node is in a minority (%d of %d reachable); waiting for the majority "
+                            "to return", e.reachable, e.voters)
+        elif isinstance(e, ev.QuorumRegained):
+            log.info("chaos: the majority of epoch %d is reachable again", e.epoch)
+        elif isinstance(e, (ev.MemberFailed, ev.LinkDown, ev.LinkUp)):
             log.info("%s: %s", self.node_id, e)
         elif isinstance(e, ev.Proposed):
             log.debug("%s: proposed %s (%s)", self.node_id, e.view.describe(), e.reason)
@@ -575,6 +619,12 @@ class Agent:
         if peer.node and self.machine is not None:
             self._apply(self.machine.hint_unreachable(peer.node, self._now()))
 
+    def _refused(self, peer: _Peer) -> None:
+        """A connect to ``peer.addr`` was refused: the process that listened
+        there is gone (the machine also probes it at once, as for a hint)."""
+        if self.machine is not None:
+            self._apply(self.machine.peer_refused(peer.node, peer.addr, self._now()))
+
     async def _sender(self, peer: _Peer) -> None:
         """Keep one authenticated connection to ``peer`` and drain its queue."""
         conn = None
@@ -603,7 +653,10 @@ class Agent:
                         self._seed_failed(peer.addr, exc)
                         peer.queue.clear()
                         peer.down_until = self._now() + cfg.probe_interval / 2
-                        self._hint(peer)
+                        if isinstance(exc, ConnectionRefusedError):
+                            self._refused(peer)  # nothing listens there: proof of death
+                        else:
+                            self._hint(peer)
                         return
                 msg = peer.queue.popleft()
                 try:
@@ -673,6 +726,7 @@ class Agent:
             "addr": self.addr,
             "phase": m.phase.value,
             "quorate": m.quorate,
+            "learner": m.learner,
             "coordinator": m.coordinator(),
             "incarnation": m._inc,
         }

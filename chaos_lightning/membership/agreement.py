@@ -42,6 +42,50 @@ Rules that keep it safe across faults (issue 15; each has a scenario in
   ``now``, :meth:`next_deadline` is later than ``now`` (the simulator checks
   it after every tick).
 
+Who votes (issue 14; scenarios in ``tests/test_membership_quorum.py``):
+
+* **Only voters count.**  A view lists its *learners*: members admitted
+  after the cluster trained whose state sync is not done.  The acceptors of
+  epoch ``e + 1`` are the voters of view ``e``; Prepare and Accept go to
+  them only, a learner answers neither, and a Commit's quorum must be
+  voters.  A learner's report (``SYNCED``, :meth:`Membership.mark_synced`)
+  promotes it by the next view change (batched like joins).  Founders of a
+  fresh cluster (no member has reported a sync yet: ``View.trained`` false)
+  join as voters.
+
+* **Proof of death.**  A connection to a member's own address refused
+  (``peer_refused``: the host answered with a reset, nothing listens on the
+  port) proves that the process of that slot is gone; so does a newer
+  incarnation listening on that very address (one listener per address).
+  The proof concerns the slot (id, incarnation) that was there, never a
+  later incarnation under the id, and any sign of life of the slot voids it
+  (a message from it other than a join or sync request, an ack relayed by a
+  helper, a refutation).  What it buys is exactly this
+  (:meth:`View.quorum_without`): when *exactly half* of an even number of
+  voters is proven dead, the proposal needs all of the other half (in both
+  phases) instead of a majority; otherwise the majority rule stands.  Why
+  no more: a dead voter may have accepted a value before it died, so every
+  quorum must still meet every majority of the voters.  All the voters not
+  proven dead meet every majority exactly when the dead are at most half;
+  two such "all the others" quorums, fixed at each proposal's start, can
+  only miss each other if each side's proof named the other side, and a
+  slot once dead never acts again, so whichever proposal came later would
+  have been made by a dead slot.  Three voters with two killed at once
+  therefore still wait: the two may have chosen a view without the survivor
+  before dying (its Commit lost), which nobody alive can know.  The
+  certificate lists the dead it relied on (``Commit.dead``) and the other
+  voters check the rule.  Soundness rests on a refusal meaning "no process
+  listens": a firewall that *rejects* makes a partition look like death
+  (``Config.proof_of_death`` turns the rule off there).
+
+* **A minority waits, unless told not to.**  Where only timeouts are seen
+  the rule is the majority, and a node that believes fewer voters alive
+  than it needs reports ``QuorumLost`` once (the agent logs "this node is
+  in a minority (k of n reachable); waiting for the majority to return").
+  ``Config.allow_minority`` lets it go on with a majority of the voters it
+  believes alive: availability over safety, since under a real partition
+  both sides do so (split brain; documented with the option).
+
 What it never does: observe failures or links, spread facts, or install a
 view itself (a committed value goes to :meth:`Membership._install`).  It
 reads the current view, the node's id, config, rng, quorum flag and pending
@@ -74,13 +118,25 @@ def next_view(
     leaves: Mapping[str, object],
     dead: Mapping[str, object],
     links: Mapping[tuple[str, str], "LinkState"],
+    synced: Mapping[str, int] | None = None,
 ) -> tuple[View, str] | None:
     """The view after ``view`` that the pending facts call for, with its
-    reason; None when they call for no change (or for an empty view)."""
+    reason; None when they call for no change (or for an empty view).
+
+    ``synced`` (member -> incarnation) are the members that reported their
+    state sync done: a learner among them is promoted to voter; any of them
+    makes the next view *trained* (joiners enter as learners from then on).
+    That alone calls for no view change: it rides on the next one."""
     # from the (few) pending changes, not a scan of all n members: this runs
     # in the call that decides, whose time the paper bounds at 1 ms
     remove = [n for n in {**leaves, **dead} if n in view]
     add = [m for nid, m in joins.items() if nid not in view]
+    synced = synced or {}
+    gone = set(remove)
+    promote = [
+        n for n in view.learners if n not in gone and n in synced and synced[n] == view.member(n).inc
+    ]
+    trained = view.trained or any(n in view and n not in gone for n in synced)
     current_down = set(view.down_links)
     down, up = [], []
     for pair, st in links.items():
@@ -90,11 +146,13 @@ def next_view(
             down.append(pair)
         elif st.up and pair in current_down:
             up.append(pair)
-    if not (remove or add or down or up):
+    if not (remove or add or down or up or promote):
         return None
     reasons = []
     if add:
         reasons.append("join " + ",".join(m.id for m in add))
+    if promote:
+        reasons.append("promote " + ",".join(promote))
     gone = [r for r in remove if r in leaves]
     if gone:
         reasons.append("leave " + ",".join(gone))
@@ -105,7 +163,7 @@ def next_view(
         reasons.append("link-down " + ",".join(f"{a}-{b}" for a, b in down))
     if up:
         reasons.append("link-up " + ",".join(f"{a}-{b}" for a, b in up))
-    nxt = view.with_changes(add=add, remove=remove, down=down, up=up)
+    nxt = view.with_changes(add=add, remove=remove, down=down, up=up, promote=promote, trained=trained)
     if not nxt.members:
         return None
     return nxt, "; ".join(reasons)
@@ -118,8 +176,16 @@ class Proposal:
     value: View | None  # None while preparing
     reason: str
     deadline: float
+    #: voters held dead for this proposal's quorum (fixed at its start:
+    #: promises and accepts are counted against one rule) and the count needed
+    dead: tuple[str, ...] = ()
+    need: int = 0
     promises: dict[str, tuple[Ballot, View | None]] = field(default_factory=dict)
     accepted: dict[str, bool] = field(default_factory=dict)
+
+    def counts(self, view: View, src: str) -> bool:
+        """Does an answer from ``src`` count towards this proposal's quorum?"""
+        return view.is_voter(src) and src not in self.dead
 
 
 class Agreement:
@@ -166,7 +232,38 @@ class Agreement:
     def desired(self) -> tuple[View, str] | None:
         m = self._m
         assert m.view is not None
-        return next_view(m.view, m.gossip.joins, m.gossip.leaves, m.detector.dead_nodes, m.detector.links)
+        g = m.gossip
+        return next_view(m.view, g.joins, g.leaves, m.detector.dead_nodes, m.detector.links, g.synced)
+
+    def quorum_rule(self, *, minority: bool | None = None) -> tuple[tuple[str, ...], int]:
+        """(voters held dead, answers needed) for a proposal made now.
+
+        A majority of the voters while enough of them are believed alive.
+        Otherwise, when exactly half of an even number of voters is *proven*
+        dead, all the others (:meth:`View.quorum_without`).  Otherwise, with
+        ``allow_minority`` (``minority``; default: the config), a majority
+        of the voters not believed dead: availability over safety, a
+        partition then splits the cluster.  Otherwise a majority, which the
+        proposal will not get: the node waits for the majority to return."""
+        m = self._m
+        view = m.view
+        assert view is not None
+        believed = m.detector.dead_nodes
+        # from the (few) dead, not a scan of the n voters: this runs in the deciding call
+        alive = view.voter_count - sum(1 for d in believed if view.is_voter(d))
+        if alive >= view.quorum:
+            return (), view.quorum
+        proven = m.proven_dead()
+        need = view.quorum_without(len(proven))
+        if need < view.quorum:
+            # every voter not proven dead must answer, even one this node
+            # believes dead (a verdict of gossip is no proof: it may answer)
+            return proven, need
+        if m.config.allow_minority if minority is None else minority:
+            voters = view.voters
+            gone = tuple(v for v in voters if v in believed or v in proven)  # rare: a scan is fine
+            return gone, (len(voters) - len(gone)) // 2 + 1
+        return (), view.quorum
 
     # ------------------------------------------------------------ proposer
     def maybe_propose(self, now: float, out: "Output") -> None:
@@ -183,27 +280,37 @@ class Agreement:
             self.next_proposal_at = 0.0
             return
         value, reason = desired
-        batch_end = m.gossip.joins_since + m.config.join_batch
-        if reason.startswith("join") and ";" not in reason and now < batch_end:
-            self.next_proposal_at = batch_end
-            return
+        # joins (and promotions) are batched: nodes started together, or
+        # joiners whose pulls end together, enter in one view change
+        parts = [r.split(" ", 1)[0] for r in reason.split("; ")]
+        if all(p in ("join", "promote") for p in parts):
+            g = m.gossip
+            since = [g.joins_since] if "join" in parts else []
+            since += [g.promotes_since] if "promote" in parts else []
+            batch_end = min(since) + m.config.join_batch
+            if now < batch_end:
+                self.next_proposal_at = batch_end
+                return
         view = m.view
         epoch = view.epoch + 1
         cfg = m.config
+        dead, need = self.quorum_rule()
         first = view.members[0].id == m.id and self.promised <= (0, m.id) and self.accepted is None
         if first and self.round0_used != epoch:
             self.round0_used = epoch
-            prop = Proposal(epoch, (0, m.id), value, reason, now + cfg.proposal_timeout)
+            prop = Proposal(epoch, (0, m.id), value, reason, now + cfg.proposal_timeout, dead, need)
             self.proposal = prop
             out.events.append(ev.Proposed(value, reason))
             self._broadcast_accept(prop, now, out)
         else:
             self.max_round += 1
             ballot = (self.max_round, m.id)
-            prop = Proposal(epoch, ballot, None, reason, now + cfg.proposal_timeout)
+            prop = Proposal(epoch, ballot, None, reason, now + cfg.proposal_timeout, dead, need)
             self.proposal = prop
             msg = Prepare(epoch, ballot[0], ballot[1])
             for x in view.members:
+                if not view.is_voter(x.id) or x.id in dead:
+                    continue  # only the acceptors: the voters (a learner does not vote)
                 if x.id == m.id:
                     self.on_prepare(m.id, msg, now, out)
                 else:
@@ -215,7 +322,11 @@ class Agreement:
         msg = Accept(prop.epoch, prop.ballot[0], prop.ballot[1], prop.value)
         send = out.messages.append
         me = m.id
-        for x in m.view.members:
+        view = m.view
+        skip = bool(view.learners or prop.dead)
+        for x in view.members:
+            if skip and not prop.counts(view, x.id):
+                continue  # not an acceptor of this instance
             if x.id == me:
                 self.on_accept(me, msg, now, out)
             else:
@@ -253,10 +364,10 @@ class Agreement:
     def on_promise(self, src: str, msg: Promise, now: float, out: "Output") -> None:
         m = self._m
         prop = self._own(msg)
-        if prop is None or prop.value is not None or m.view is None or src not in m.view:
+        if prop is None or prop.value is not None or m.view is None or not prop.counts(m.view, src):
             return
         prop.promises[src] = ((msg.accepted_round, msg.accepted_node), msg.accepted)
-        if len(prop.promises) < m.view.quorum:
+        if len(prop.promises) < prop.need:
             return
         # Paxos: adopt the value accepted at the highest ballot, if any
         best = max(prop.promises.values(), key=lambda bv: bv[0])
@@ -275,15 +386,15 @@ class Agreement:
     def on_accepted(self, src: str, msg: Accepted, now: float, out: "Output") -> None:
         m = self._m
         prop = self._own(msg)
-        if prop is None or prop.value is None or m.view is None or src not in m.view:
+        if prop is None or prop.value is None or m.view is None or not prop.counts(m.view, src):
             return
         prop.accepted[src] = True
-        if len(prop.accepted) < m.view.quorum:
+        if len(prop.accepted) < prop.need:
             return
         value = prop.value
         old = m.view
         self.proposal = None
-        commit = Commit(value, prop.ballot[0], prop.ballot[1], tuple(prop.accepted))
+        commit = Commit(value, prop.ballot[0], prop.ballot[1], tuple(prop.accepted), prop.dead)
         sent: dict[str, bool] = {m.id: True}
         for x in old.members + value.members:
             if x.id not in sent:
@@ -298,7 +409,7 @@ class Agreement:
 
     # ------------------------------------------------------------ acceptor
     def on_prepare(self, src: str, msg: Prepare, now: float, out: "Output") -> None:
-        if not self._epoch_ok(src, msg.epoch, now, out):
+        if not self._epoch_ok(src, msg.epoch, now, out) or not self._voter():
             return
         ballot = (msg.round, msg.node)
         self.max_round = max(self.max_round, msg.round)
@@ -313,7 +424,7 @@ class Agreement:
         self._reply(src, reply, now, out)
 
     def on_accept(self, src: str, msg: Accept, now: float, out: "Output") -> None:
-        if not self._epoch_ok(src, msg.epoch, now, out):
+        if not self._epoch_ok(src, msg.epoch, now, out) or not self._voter():
             return
         ballot = (msg.round, msg.node)
         self.max_round = max(self.max_round, msg.round)
@@ -363,8 +474,14 @@ class Agreement:
         ballot = (c.round, c.node)
         if c.round < 0 or c.node not in view or (c.round == 0 and view.members[0].id != c.node):
             return False
-        q = c.quorum
-        if len(q) < view.quorum or len(set(q)) != len(q) or any(x not in view for x in q):
+        q, dead = c.quorum, c.dead
+        if len(set(dead)) != len(dead) or any(not view.is_voter(x) for x in dead) or m.id in dead:
+            return False  # (we are alive: a proof of our death was wrong)
+        if m.config.allow_minority:
+            need = (view.voter_count - len(dead)) // 2 + 1
+        else:
+            need = view.quorum_without(len(dead))
+        if len(q) < need or len(set(q)) != len(q) or any(not view.is_voter(x) or x in dead for x in q):
             return False
         acc = self.accepted
         if acc is not None and acc[0] >= ballot and acc[1] != v:
@@ -372,6 +489,11 @@ class Agreement:
         if m.id in q and (acc is None or acc[0] < ballot):
             return False
         return True
+
+    def _voter(self) -> bool:
+        """Is this node an acceptor of the next epoch (a voter of its view)?"""
+        m = self._m
+        return m.view is not None and m.view.is_voter(m.id)
 
     def _reply(self, dest: str, msg: object, now: float, out: "Output") -> None:
         m = self._m

@@ -50,10 +50,29 @@ class Config:
     join_retry: float = 1.0
     #: a node removed against its will (a healed partition) joins again
     auto_rejoin: bool = True
-    #: seconds a coordinator waits after the first pending join before
-    #: proposing, so nodes started together enter in one view change (joins
-    #: only: failures, leaves and link changes are proposed at once)
+    #: seconds a coordinator waits after the first pending join (or learner
+    #: promotion) before proposing, so nodes started together enter in one
+    #: view change (failures, leaves and link changes are proposed at once)
     join_batch: float = 0.05
+    #: a node that can reach only a minority of its view's voters (the rest
+    #: silent, not proven dead) goes on anyway: it commits views with a
+    #: majority of the voters it believes alive.  Off by default.  The risk:
+    #: under a real partition *both* sides go on, each commits its own views
+    #: for the same epochs and trains its own replica (split brain); after
+    #: the partition heals they stay two clusters, and both write checkpoints.
+    #: For a user who prefers availability over one consistent model, on a
+    #: network where partitions are rare (``CHAOS_MEMBERSHIP=allow_minority=1``).
+    #: Set it on every node alike: a node without it refuses such commits.
+    allow_minority: bool = False
+    #: a refused connection from a member's own address (TCP RST: its host
+    #: answered, nothing listens) proves that member's process gone, so with
+    #: exactly half of the voters proven dead the other half goes on (two
+    #: members, one killed: the survivor trains on and admits newcomers).
+    #: Turn it off on a network whose firewalls *reject* rather than drop
+    #: (iptables' REJECT answers a TCP connect with an ICMP port-unreachable
+    #: or a reset, which reads as refused): there a partition could pass for
+    #: death, and both halves would go on.
+    proof_of_death: bool = True
 
     def suspicion_timeout(self, n: int) -> float:
         return self.suspicion_mult * max(1.0, math.log10(max(n, 1))) * self.probe_interval

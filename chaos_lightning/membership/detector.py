@@ -348,6 +348,10 @@ class Detector:
         p = self._probes.get(msg.seq)
         if p is None or p.target != msg.target:
             return
+        if p.target in m._proofs:
+            # an answer of the slot, direct or relayed (a joiner under the id
+            # answers no probe): a refused connection was not its death
+            m.alive_sign(p.target, out)
         if src == p.target:
             if not p.direct_ok:
                 p.direct_ok = True
@@ -404,6 +408,7 @@ class Detector:
                 return False
             self._set_state(f.node, st, _ALIVE, f.inc)
             self._failed_reported.pop(f.node, None)
+            m.alive_sign(f.node, out)  # it refuted a suspicion: alive
             m._update_quorum(out)
             return True
         if f.kind == SUSPECT:

@@ -76,9 +76,30 @@ class LinkUp:
 
 @dataclass(frozen=True)
 class QuorumLost:
-    """This node cannot reach a majority of its view: it must not train."""
+    """This node cannot reach a majority of its view's voters: it must not
+    train, and it waits for the majority to return (a minority side of a
+    partition, or a majority dead at once).
+
+    ``reachable`` of ``voters`` are the voters it believes alive (itself
+    included when it votes); ``proven_dead`` of them are proven dead (their
+    address refused).  ``allow_minority``: the node is configured to go on
+    anyway (``Config.allow_minority``).  Reported once per loss; the agent
+    logs it in one line."""
 
     epoch: int
+    reachable: int = 0
+    voters: int = 0
+    proven_dead: int = 0
+    allow_minority: bool = False
+
+    @property
+    def all_voters_dead(self) -> bool:
+        """Every voter of the view is proven dead: no member holding the
+        trained state is left (unless this node, a learner, synced and was
+        not promoted yet).  Learners alone never commit a view (the dead may
+        have chosen one they were not told of), so the layer above must stop
+        here with a clear error rather than wait."""
+        return self.voters > 0 and self.proven_dead == self.voters
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,10 @@ What this file owns:
   the node, whether it was observed here (a probe's verdict, a join request,
   our own leave) or heard from a peer; :meth:`absorb` filters what peers
   piggyback (only gossip from our own epoch counts, join requests aside);
-* the fact table of requested changes: pending joins, pending leaves, and the
+* the fact table of requested changes: pending joins, pending leaves, the
+  members that reported their state sync done (``synced``: a learner among
+  them is promoted to voter by the next view; a voter among them makes the
+  cluster *trained*, so later joiners enter as learners), and the
   incarnation each departed node had (so stale join gossip cannot re-add a
   node that just left); status and link facts are applied by the detector,
   which owns those tables;
@@ -32,6 +35,7 @@ from chaos_lightning.membership.messages import (
     LEAVE,
     LINK,
     STATUS_KINDS,
+    SYNCED,
     Fact,
     Facts,
 )
@@ -44,7 +48,7 @@ if TYPE_CHECKING:  # the composing machine; imported for annotations only
 DEPARTED = 1024
 
 #: facts a coordinator acts on: the node that observed one sends it there directly
-_FOR_COORDINATOR = (DEAD, JOIN, LEAVE, LINK)
+_FOR_COORDINATOR = (DEAD, JOIN, LEAVE, LINK, SYNCED)
 
 
 def fact_key(f: Fact) -> tuple:
@@ -68,6 +72,10 @@ class Dissemination:
         self.joins: dict[str, Member] = {}
         self.joins_since = 0.0  # when the oldest pending join arrived
         self.leaves: dict[str, bool] = {}
+        # member -> the incarnation in which it reported its state sync done
+        # (members only: pruned at each view)
+        self.synced: dict[str, int] = {}
+        self.promotes_since = 0.0  # when the oldest pending promotion arrived
         # node -> incarnation it had when a view removed it: a JOIN fact for an
         # incarnation at or below is stale gossip (the node left or was
         # removed), not a request; without this an old join fact re-adds a
@@ -80,6 +88,7 @@ class Dissemination:
         self.queue.clear()
         self.joins.clear()
         self.leaves.clear()
+        self.synced.clear()
 
     def stop(self) -> None:
         """A view without us: nobody left to gossip to."""
@@ -148,7 +157,23 @@ class Dissemination:
             return True
         if f.kind == LINK:
             return m.detector.apply_link(f, out)
+        if f.kind == SYNCED:
+            # only the member's own slot counts: a report from an earlier
+            # life (or a later one, not admitted yet) says nothing of it
+            if view is None or f.node not in view or view.member(f.node).inc != f.inc:
+                return False
+            if self.synced.get(f.node) == f.inc:
+                return False
+            if view.is_learner(f.node) and not self.pending_promotions():
+                self.promotes_since = now
+            self.synced[f.node] = f.inc
+            return True
         return False
+
+    def pending_promotions(self) -> bool:
+        """Does a learner of the current view wait for its promotion?"""
+        view = self._m.view
+        return view is not None and any(view.is_learner(n) for n in self.synced)
 
     # ------------------------------------------------------------ spreading
     def enqueue(self, fact: Fact) -> None:
@@ -200,6 +225,17 @@ class Dissemination:
             del self.joins[nid]
         for nid in [n for n in self.leaves if n not in view]:
             del self.leaves[nid]
-        for key in [k for k, e in self.queue.items() if (k[0] == JOIN and admitted(e[0].member)) or (k[0] == LEAVE and k[1] not in view)]:
+        for nid in [n for n, inc in self.synced.items() if n not in view or view.member(n).inc != inc]:
+            del self.synced[nid]
+        def settled(k: tuple, f: Fact) -> bool:
+            if k[0] == JOIN:
+                return admitted(f.member)
+            if k[0] == LEAVE:
+                return k[1] not in view
+            if k[0] == SYNCED:  # promoted, or the view says trained: nothing left to ask for
+                return k[1] not in view or (view.trained and not view.is_learner(k[1]))
+            return False
+
+        for key in [k for k, e in self.queue.items() if settled(k, e[0])]:
             del self.queue[key]
 

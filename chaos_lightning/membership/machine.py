@@ -49,9 +49,22 @@ How a change flows:
 
 A node on the minority side of a partition can never gather a majority, so it
 never commits; it reports ``QuorumLost`` as soon as it believes fewer than a
-majority of its view alive.  When the partition heals it learns of the newer
-epoch from the first probe that crosses, sees it was removed, and joins again
-(``Config.auto_rejoin``), so there is again a single view.
+majority of its view's voters alive.  When the partition heals it learns of
+the newer epoch from the first probe that crosses, sees it was removed, and
+joins again (``Config.auto_rejoin``), so there is again a single view.
+
+Two inputs from the layers around it (issue 14; the rules are in
+``agreement.py``, "Who votes"):
+
+* :meth:`Membership.mark_synced` — this process completed a state sync.
+  Joiners of a trained cluster are *learners* (they do not vote) until
+  then; a learner's report promotes it by the next view change.
+* :meth:`Membership.peer_refused` — a connection to a member's own address
+  was refused: proof that the process of that slot is gone (evidence for
+  that incarnation only, voided by any sign of its life).  With exactly half
+  of the voters proven dead, the other half commits alone: two members, one
+  killed, the survivor goes on and admits newcomers.  Timeouts prove
+  nothing: a minority waits (``Config.allow_minority`` to go on anyway).
 """
 
 from __future__ import annotations
@@ -81,6 +94,7 @@ from chaos_lightning.membership.messages import (
     PingReq,
     Prepare,
     Promise,
+    SYNCED,
     StaleIncarnation,
     SyncRequest,
     ViewSync,
@@ -156,6 +170,15 @@ class Membership:
         self._strangers: dict[str, str] = {}
         # epoch -> the certified Commit that chose it, the last HISTORY epochs
         self._history: dict[int, Commit] = {}
+        # the certified commit that removed us, while we join again
+        self._removed_by: Commit | None = None
+        # member -> the incarnation of its slot that is proven dead (its own
+        # address refused a connection, or a newer incarnation now listens
+        # there); voided by any sign of life of that slot.  Members only.
+        self._proofs: dict[str, int] = {}
+        # this incarnation completed its state sync (Agent.mark_synced)
+        self._synced = False
+        self._synced_retry_at = float("inf")  # a learner re-sends SYNCED until promoted
         d, g, a = self.detector, self.gossip, self.agreement
         self._handlers = {
             Ping: d.on_ping,
@@ -215,13 +238,42 @@ class Membership:
         self._maybe_propose(now, out)
         return out
 
+    def mark_synced(self, now: float) -> Output:
+        """This process completed a state sync: it holds the trained state.
+
+        A learner is then promoted to voter by the next view change (it
+        reports it to the coordinator, again every ``join_retry`` until a view
+        promotes it); a voter's report makes the cluster *trained*, so
+        joiners enter as learners from then on.  Idempotent; called before
+        admission, it takes effect with the view that admits us.  A rejoin
+        (a new incarnation) forgets it: that process must sync again."""
+        out = Output()
+        self._synced = True
+        self._report_synced(now, out)
+        return out
+
+    def _report_synced(self, now: float, out: Output) -> None:
+        view = self.view
+        if not self._synced or self.phase not in _ACTIVE or view is None or not self._holds_slot(view):
+            return
+        self._learn(Fact(SYNCED, self.id, self.me.inc), now, out, from_self=True)
+        if view.is_learner(self.id):
+            self._synced_retry_at = now + self.config.join_retry
+        else:
+            self._synced_retry_at = float("inf")
+
+    @property
+    def learner(self) -> bool:
+        """Is this node a learner of its view (admitted, not voting yet)?"""
+        return self.view is not None and self.view.is_learner(self.id)
+
     def next_deadline(self) -> float:
         """When :meth:`tick` next has work to do (the caller may tick earlier)."""
         if self.phase in _INERT:
             return float("inf")
         if self.phase is Phase.JOINING:
             return self._retry_at
-        t = min(self.detector.next_deadline(), self.agreement.next_deadline())
+        t = min(self.detector.next_deadline(), self.agreement.next_deadline(), self._synced_retry_at)
         if self.phase is Phase.LEAVING:
             t = min(t, self._retry_at)
         return t
@@ -238,6 +290,12 @@ class Membership:
         if self.phase is Phase.LEAVING and now >= self._retry_at:
             self._retry_at = now + self.config.join_retry
             self._send_to_coordinator(Facts(self._epoch(), (Fact(LEAVE, self.id, self._inc),)), out)
+        if now >= self._synced_retry_at:
+            if self.learner:  # not promoted yet: the coordinator may have missed it
+                self._synced_retry_at = now + self.config.join_retry
+                self._send_to_coordinator(Facts(self._epoch(), (Fact(SYNCED, self.id, self.me.inc),)), out)
+            else:
+                self._synced_retry_at = float("inf")
         self._maybe_propose(now, out)
         return out
 
@@ -250,12 +308,68 @@ class Membership:
             self.detector.hint(node, now, out)
         return out
 
+    def peer_refused(self, node: str, addr: str, now: float) -> Output:
+        """A connection to ``addr``, the address a member listens on, was
+        refused (TCP RST, ``ConnectionRefusedError``): its host answered and
+        nothing listens there, so the process of that member's slot is gone.
+
+        Evidence for that slot (that incarnation) only, kept until a sign of
+        life of the slot voids it (any message from it but a join or sync
+        request, an indirect ack, a refutation).  It lowers the quorum only
+        in a tie (see ``agreement.py``, "Proof of death") and makes the
+        machine probe the node at once.  ``node`` may be "" (the transport
+        did not know who listens there): the view's addresses say."""
+        out = Output()
+        view = self.view
+        if self.phase not in _ACTIVE or view is None or not addr:
+            return out
+        if not self.config.proof_of_death:
+            if node in view:
+                self.detector.hint(node, now, out)
+            return out
+        if node not in view or view.addr(node) != addr:
+            node = next((x.id for x in view.members if x.addr == addr), "")
+        if not node or node == self.id:
+            return out
+        inc = view.member(node).inc
+        if self._proofs.get(node) != inc:
+            self._proofs[node] = inc
+            self._update_quorum(out)
+        self.detector.hint(node, now, out)
+        return out
+
+    def proven_dead(self) -> tuple[str, ...]:
+        """The voters of the current view whose slot is proven dead and that
+        the detector does not believe alive, in rank order."""
+        view, proofs = self.view, self._proofs
+        if view is None or not proofs:
+            return ()
+        alive = self.detector.alive
+        found = [v for v, inc in proofs.items() if view.is_voter(v) and view.member(v).inc == inc and not alive(v)]
+        return tuple(sorted(found, key=view.rank))  # from the (few) proofs: this runs in the deciding call
+
+    def alive_sign(self, node: str, out: Output) -> None:
+        """The slot of ``node`` answered (through a helper, or a refutation):
+        a refusal seen earlier proves nothing."""
+        if self._proofs.pop(node, None) is not None:
+            self._update_quorum(out)
+
     def receive(self, src: str, src_addr: str, msg: object, now: float) -> Output:
         """Handle one message from ``src`` (its address ``src_addr``)."""
         out = Output()
         if src_addr and src and src != self.id:
             self._note_addr(src, src_addr)
         if self.phase in _INERT:
+            return out
+        if src in self._proofs and type(msg) not in (JoinRequest, SyncRequest, StaleIncarnation):
+            # a message from the slot's process (a new process under the id
+            # only asks to join or to sync): the refusal was not its death
+            self._proofs.pop(src, None)
+            self._update_quorum(out)
+        if self.phase is Phase.JOINING and type(msg) is JoinRequest and src and src != self.id:
+            # asked to let someone in while joining ourselves: it took us
+            # for a member, so a view may list us whose Commit we missed
+            self._ask_sync(src, now, out)
             return out
         if self.phase is Phase.JOINING and type(msg) in (Ping, PingReq, Ack):
             # a joiner holds no slot: an ack from it would vouch for the slot
@@ -305,6 +419,13 @@ class Membership:
                 return
             if m.inc < slot:
                 return  # a request from an earlier life, delivered late
+            if (m.addr and m.addr == self.view.addr(m.id) and self.config.proof_of_death
+                    and self._proofs.get(m.id) != slot):
+                # a newer process listens on the slot's own address: the
+                # slot's process no longer holds it, so it is gone (one
+                # listener per address: the agent binds without SO_REUSEPORT)
+                self._proofs[m.id] = slot
+                self._update_quorum(out)
             # a higher incarnation: a new process under a member's id.  It is
             # a new node, never synced into the old slot (whose acceptor state
             # died with the old process); gossip removes the old slot first.
@@ -406,6 +527,10 @@ class Membership:
     def _on_sync_request(self, src: str, msg: SyncRequest, now: float, out: Output) -> None:
         if self.view is not None and self.view.epoch > msg.epoch and self.phase in _ACTIVE:
             self._sync_reply(src, msg.epoch, out)
+            return
+        c = self._removed_by
+        if self.phase is Phase.JOINING and c is not None and src in c.view and msg.epoch < c.view.epoch:
+            self._send(src, ViewSync(c.view, (c,)), out)
 
     def _sync_reply(self, dest: str, their_epoch: int, out: Output, addr: str = "") -> None:
         """Our view, with the certified commits from ``their_epoch + 1`` on."""
@@ -468,6 +593,7 @@ class Membership:
             return  # e.g. a commit meant for the cluster that removed us: keep asking
         old = self.view
         self.view = view
+        self._removed_by = None
         self.agreement.on_view(view)
         if cert is not None:
             self._history[view.epoch] = cert
@@ -480,6 +606,8 @@ class Membership:
             if a and nid not in book:
                 book[nid] = a
         self._addrs = book
+        for nid in [n for n, inc in self._proofs.items() if n not in view or view.member(n).inc != inc]:
+            del self._proofs[nid]
         # the order matters: departures are recorded with the incarnation the
         # detector knew, before it forgets the departed
         self.gossip.on_view(view, old)
@@ -491,6 +619,8 @@ class Membership:
                 self.detector.start(now)
             out.events.append(ev.ViewChanged(view))
             self._update_quorum(out)
+            if self._synced:  # news only if not reported yet; a promotion ends the retries
+                self._report_synced(now, out)
             return
         # a view without us
         if old is not None and not self._holds_slot(old) and self.phase is Phase.JOINING:
@@ -505,7 +635,13 @@ class Membership:
         self._rejoin(view, now, out)
 
     def _rejoin(self, view: View, now: float, out: Output) -> None:
+        removed_by = self._history.get(view.epoch)
         self._reset_for_rejoin()
+        # kept while we join: the members of the view that removed us may be
+        # joining themselves, never told they were in it (its Commit lost to
+        # them, the proposer gone): we ask them to let us in, and hand them
+        # that certified commit when they ask us for a sync
+        self._removed_by = removed_by
         contacts = [m.addr or m.id for m in view.members if m.id != self.id]
         if not contacts:
             self.phase = Phase.REMOVED
@@ -525,17 +661,29 @@ class Membership:
         self.gossip.reset()
         self.agreement.reset()
         self._history.clear()
+        self._proofs.clear()
+        self._synced = False  # a new incarnation: it must sync (and say so) again
+        self._synced_retry_at = float("inf")
         self.quorate = True
 
     def _update_quorum(self, out: Output) -> None:
+        """Report a change of the quorum flag: can the voters this node
+        believes alive commit the next view (under the strict rule: a
+        majority, or all the others when half the voters are proven dead)?"""
         view = self.view
         if view is None or self.id not in view:
             return
-        alive = view.size - len(self.detector.dead_nodes)
-        quorate = alive >= view.quorum
+        voters = view.voter_count
+        alive = voters - sum(1 for d in self.detector.dead_nodes if view.is_voter(d))
+        _, need = self.agreement.quorum_rule(minority=False)
+        quorate = alive >= need
         if quorate != self.quorate:
             self.quorate = quorate
-            out.events.append(ev.QuorumRegained(view.epoch) if quorate else ev.QuorumLost(view.epoch))
+            if quorate:
+                out.events.append(ev.QuorumRegained(view.epoch))
+            else:
+                proven = len(self.proven_dead())
+                out.events.append(ev.QuorumLost(view.epoch, alive, voters, proven, self.config.allow_minority))
 
     # ------------------------------------------------------------ sending
     def _epoch(self) -> int:

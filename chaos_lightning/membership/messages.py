@@ -39,6 +39,9 @@ class FactKind(str, Enum):
     JOIN = "join"  # member wants in
     LEAVE = "leave"  # node asked to leave
     LINK = "link"  # link node-other is up/down, version inc
+    #: node (incarnation inc) completed its state sync: it holds the trained
+    #: state, so a learner may be promoted to voter (issue 14)
+    SYNCED = "synced"
 
 
 ALIVE = FactKind.ALIVE
@@ -47,6 +50,7 @@ DEAD = FactKind.DEAD
 JOIN = FactKind.JOIN
 LEAVE = FactKind.LEAVE
 LINK = FactKind.LINK
+SYNCED = FactKind.SYNCED
 #: the kinds that speak about a member's liveness (one entry per node in the gossip queue)
 STATUS_KINDS = (ALIVE, SUSPECT, DEAD)
 
@@ -145,8 +149,12 @@ class Commit:
     """``view`` is chosen.  The rest is its certificate, checked by every
     member of the previous view before it installs ``view`` (see
     :meth:`~chaos_lightning.membership.agreement.Agreement.certifies`): the
-    ballot ``(round, node)`` at which ``quorum`` — a majority of view
-    ``view.epoch - 1`` — accepted it.  A bare ``Commit(view)`` (round -1)
+    ballot ``(round, node)`` at which ``quorum`` — a majority of the voters
+    of view ``view.epoch - 1`` — accepted it.  ``dead`` lists the voters the
+    proposer held *proven* dead (their own address refused: see
+    ``agreement.py``); only when they are exactly half of an even number of
+    voters do they lower the quorum, to all the others
+    (:meth:`View.quorum_without`).  A bare ``Commit(view)`` (round -1)
     certifies nothing; only a joiner, which has no acceptor state to check
     against, installs it (when it lists the joiner's own incarnation)."""
 
@@ -154,6 +162,8 @@ class Commit:
     round: int = -1
     node: str = ""
     quorum: tuple[str, ...] = ()
+    #: appended (issue 14): an older peer's Commit decodes with none
+    dead: tuple[str, ...] = ()
 
 
 @message("m.join")

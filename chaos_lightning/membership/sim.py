@@ -9,7 +9,12 @@ of ``(time, node, event)`` that tests compare between runs).
 The network delivers each message after ``latency`` plus uniform ``jitter``
 seconds, drops it with probability ``loss``, and never delivers across a
 partition or a cut link; like a TCP connect, a send that cannot get through
-tells the sender (``hint_unreachable``) ``probe_timeout`` later.  Crashed nodes
+tells the sender (``hint_unreachable``) ``probe_timeout`` later.  With
+``refuse_crashed`` a send to a crashed node that the network can reach is
+*refused*, as a host answers a connect to a port nobody listens on: the
+sender hears ``peer_refused`` one round trip later (proof of death, only
+ever for a node that is truly dead; off by default, so the traces of the
+scenarios written before it stay as they were).  Crashed nodes
 neither send nor receive; :meth:`Simulator.restart` brings one back as a new
 process under the same id (an empty machine whose incarnation is a boot
 timestamp, as the agent does).  ``filters`` drop chosen messages (a Commit
@@ -123,6 +128,8 @@ class Simulator:
         self.committed: dict[int, View] = {}
         self.split: list[tuple[float, str, View, View]] = []
         self.ticks = 0
+        #: a send to a crashed, reachable node is refused (``peer_refused``)
+        self.refuse_crashed = False
 
     # ---------------------------------------------------------------- setup
     def add_node(self, node_id: str) -> Membership:
@@ -154,6 +161,11 @@ class Simulator:
 
     def leave(self, node_id: str) -> None:
         self.call(node_id, lambda m: m.leave(self.now))
+
+    def synced(self, *node_ids: str) -> None:
+        """These nodes completed their state sync (``Agent.mark_synced``)."""
+        for nid in node_ids:
+            self.call(nid, lambda m: m.mark_synced(self.now))
 
     def crash(self, node_id: str) -> None:
         """Stop a node dead: it sends and receives nothing from now on."""
@@ -243,9 +255,12 @@ class Simulator:
                     raise Spin(f"{nid} at t={t:.6f}: next_deadline() {m.next_deadline():.6f} is not after the tick")
                 self._dispatch(nid, m, out, (time.perf_counter() - t0) * 1e6)
             elif kind == _CALL:
-                nid, dst = payload  # type: ignore[misc]
+                nid, dst, refused = payload  # type: ignore[misc]
                 if not self.crashed.get(nid):
-                    self.call(nid, lambda m: m.hint_unreachable(dst, self.now))
+                    if refused:
+                        self.call(nid, lambda m: m.peer_refused(dst, dst, self.now))
+                    else:
+                        self.call(nid, lambda m: m.hint_unreachable(dst, self.now))
             else:
                 src, dst, msg = payload  # type: ignore[misc]
                 if self.crashed.get(dst) or not self._connected(src, dst):
@@ -286,7 +301,8 @@ class Simulator:
                     # what TCP does: the sender's connect fails (refused or
                     # timed out) and the agent hints the machine
                     stats.dropped += 1
-                    self._hint(nid, dst)
+                    refused = self.refuse_crashed and self.crashed.get(dst) and self._connected(nid, dst)
+                    self._hint(nid, dst, bool(refused))
                     continue
                 delay = self.latency + (self.rng.random() * self.jitter if self.jitter else 0.0)
                 self._push(self.now + delay, _DELIVER, (nid, dst, msg))
@@ -298,12 +314,15 @@ class Simulator:
                 self._tick_at[nid] = deadline
                 self._push(deadline, _TICK, nid)
 
-    def _hint(self, nid: str, dst: str) -> None:
+    def _hint(self, nid: str, dst: str, refused: bool = False) -> None:
         key = (nid, dst)
         if self._hinted.get(key, -1.0) > self.now:
             return
         self._hinted[key] = self.now + self.config.probe_interval
-        self._push(self.now + self.config.probe_timeout, _CALL, (nid, dst))
+        if refused:  # the host's reset comes back after one round trip
+            self._push(self.now + 2 * self.latency, _CALL, (nid, dst, True))
+        else:  # a connect times out
+            self._push(self.now + self.config.probe_timeout, _CALL, (nid, dst, False))
 
     def _push(self, t: float, kind: int, payload: object) -> None:
         self._seq += 1
@@ -401,11 +420,17 @@ def _majority_intact(sim: Simulator) -> bool:
     if not views:
         return False
     view = max(views, key=lambda v: v.epoch)
-    lost = [x for x in view.members if sim.crashed.get(x.id) or sim.nodes[x.id].me.inc != x.inc]
-    return view.size - len(lost) >= view.quorum
+    lost = [x for x in view.members if view.is_voter(x.id) and (sim.crashed.get(x.id) or sim.nodes[x.id].me.inc != x.inc)]
+    voters = len(view.voters)
+    if sim.refuse_crashed and voters - len(lost) >= view.quorum_without(len(lost)):
+        return True  # a tie of proven deaths: the other half goes on
+    return voters - len(lost) >= view.quorum
 
 
-def run_schedule(seed: int, preset: str | None = None, *, steps: int = 8, settle: float = 60.0) -> ScheduleResult:
+def run_schedule(
+    seed: int, preset: str | None = None, *, steps: int = 8, settle: float = 60.0, refusals: bool = True,
+    learners: bool = True,
+) -> ScheduleResult:
     """One seeded random fault schedule, checked against the invariants.
 
     A cluster of 3 to 9 nodes (``lan`` or ``local`` timing unless ``preset``
@@ -419,7 +444,18 @@ def run_schedule(seed: int, preset: str | None = None, *, steps: int = 8, settle
     Then the network heals and the run settles.  Checked all along: never
     two committed views with one epoch (any node, any time, restarted
     processes included) and ``next_deadline() > now`` after every tick; at
-    the end, one view held by every live node.
+    the end, one view held by every live node (but an *orphan*: a node cut
+    off while the others moved on, all of whose view's other members then
+    died; it knows no live address, so nothing can reach it).
+
+    Issue 14 adds, drawn from a second generator (so the faults of a seed
+    stay those it drew before): ``refusals``, a send to a crashed node that
+    the network reaches is refused (proof of death, for truly dead nodes
+    only: a partitioned node is never refused), so a crash that leaves
+    exactly half of the voters is no longer skipped; ``learners``, half the
+    clusters report their founders synced (a trained cluster: joiners enter
+    as learners) and, at each step, a learner may report its sync done.
+    ``refusals=False, learners=False`` replays a seed as before issue 14.
     """
     from chaos_lightning.membership.messages import Commit
 
@@ -427,11 +463,16 @@ def run_schedule(seed: int, preset: str | None = None, *, steps: int = 8, settle
     n = rng.randint(3, 9)
     preset = preset or rng.choice(["lan", "local"])
     sim = Simulator(seed=seed, config=Config.preset(preset), loss=rng.choice([0.0, 0.02]), jitter=0.002)
+    sim.refuse_crashed = refusals
+    extra = random.Random(f"{seed}/issue14")  # draws of the issue-14 inputs, apart from the faults'
     actions: list[str] = []
     spin: str | None = None
     settled: bool | None = None
     try:
-        sim.start_cluster(n)
+        founders = sim.start_cluster(n)
+        if learners and extra.random() < 0.5:
+            sim.synced(*founders)
+            actions.append(f"{sim.now:.3f} synced founders")
         crashed: list[str] = []
         cut: list[tuple[str, str]] = []
         joined = 0
@@ -439,6 +480,12 @@ def run_schedule(seed: int, preset: str | None = None, *, steps: int = 8, settle
         for _ in range(steps):
             sim.run_for(rng.uniform(0.0, 2.5))
             live = [x for x in sim.members() if not sim.crashed.get(x)]
+            if learners and extra.random() < 0.4:
+                pending = [x for x in live if sim.nodes[x].learner]
+                if pending:
+                    who = extra.choice(pending)
+                    sim.synced(who)
+                    actions.append(f"{sim.now:.3f} synced {who}")
             action = rng.choice(
                 ["crash", "crash-coordinator", "restart", "restart", "partition", "lose-commits", "lossy", "cut", "restore", "join", "leave"]
             )
@@ -496,8 +543,9 @@ def run_schedule(seed: int, preset: str | None = None, *, steps: int = 8, settle
             elif action == "leave" and len(live) > 3:  # keep some of the founders to contact
                 leaver = rng.choice(live)
                 v = sim.nodes[leaver].view
-                lost = [x for x in v.members if sim.crashed.get(x.id) or sim.nodes[x.id].me.inc != x.inc]
-                if v.size - 1 - len(lost) >= (v.size - 1) // 2 + 1:
+                lost = [x for x in v.members if v.is_voter(x.id) and (sim.crashed.get(x.id) or sim.nodes[x.id].me.inc != x.inc)]
+                voters = len(v.voters) - (1 if v.is_voter(leaver) else 0)
+                if voters - len(lost) >= voters // 2 + 1:
                     sim.leave(leaver)
                     actions.append(f"{sim.now:.3f} leave {leaver}")
         sim.heal()
@@ -506,8 +554,17 @@ def run_schedule(seed: int, preset: str | None = None, *, steps: int = 8, settle
         sim.filters.clear()
         if _majority_intact(sim):
 
+            def orphan(x: str) -> bool:
+                # its view lists no other live process (the others all died
+                # while it was cut off, after a view without it): no address
+                # it knows can tell it anything, as no protocol could
+                v = sim.nodes[x].view
+                return v is not None and all(
+                    sim.crashed.get(y.id) or sim.nodes[y.id].me.inc != y.inc for y in v.members if y.id != x
+                ) and v.size > 1
+
             def one_view() -> bool:
-                want = [x for x in sim.live() if sim.nodes[x].phase not in (Phase.LEFT, Phase.REMOVED)]
+                want = [x for x in sim.live() if sim.nodes[x].phase not in (Phase.LEFT, Phase.REMOVED) and not orphan(x)]
                 return sim.agreed(among=want, without=[x for x in sim.nodes if sim.crashed.get(x)])
 
             settled = sim.run_until(one_view, timeout=settle)

@@ -7,6 +7,18 @@ membership layer (rendezvous, strategy) reads views and never edits them.
 
 Views are immutable and cheap to share: a simulator with 1,000 nodes hands the
 same object to every node.
+
+Voters and learners (issue 14): a view also says which members are
+*learners*, admitted but not yet holding the training state (their state
+sync has not completed).  Learners train once synced like everyone, are
+probed and gossip, but they do not vote: every quorum (the acceptors of the
+next epoch, the certificate of a Commit, the quorum flag) counts voters
+only.  A learner becomes a voter by a later view change, once it reported its
+sync done.  So joiners that crash right after their admission never hold the
+healthy members hostage (before: three joiners admitted in one batch made a
+view of 6 with quorum 4; when they crashed the three healthy members stalled
+for good).  ``trained`` says the cluster has trained state: until then (a
+fresh cluster) joiners enter as voters, so the founders of a cluster vote.
 """
 
 from __future__ import annotations
@@ -63,6 +75,14 @@ class View:
     epoch: int
     members: tuple[Member, ...]
     down_links: tuple[tuple[str, str], ...] = ()
+    #: members admitted as learners whose state sync is not done yet (ids, in
+    #: rank order): they do not vote.  Appended field: an older peer's view
+    #: decodes with none (everyone votes, the behaviour before issue 14)
+    learners: tuple[str, ...] = ()
+    #: some member holds trained state (it reported a completed state sync):
+    #: joiners are admitted as learners from then on.  False in a fresh
+    #: cluster, whose founders are voters
+    trained: bool = False
 
     # -- derived, cached (cached_property writes the instance __dict__, so it
     # works on a frozen dataclass and is not a field the wire would encode) --
@@ -74,6 +94,33 @@ class View:
     def _down(self) -> frozenset[tuple[str, str]]:
         return frozenset(self.down_links)
 
+    @cached_property
+    def _learner_set(self) -> frozenset[str]:
+        return frozenset(self.learners)
+
+    @cached_property
+    def voters(self) -> tuple[str, ...]:
+        """The members that vote (all but the learners), in rank order."""
+        if not self.learners:
+            return self.ids
+        return tuple(m.id for m in self.members if m.id not in self._learner_set)
+
+    @cached_property
+    def _voter_set(self) -> frozenset[str]:
+        return frozenset(self.voters)
+
+    @property
+    def voter_count(self) -> int:
+        return len(self.members) - len(self.learners)
+
+    def is_voter(self, node: str) -> bool:
+        if not self.learners:  # the common case: no second index of n ids
+            return node in self._rank_of
+        return node in self._voter_set
+
+    def is_learner(self, node: str) -> bool:
+        return node in self._learner_set
+
     @property
     def ids(self) -> tuple[str, ...]:
         return tuple(m.id for m in self.members)
@@ -84,8 +131,25 @@ class View:
 
     @property
     def quorum(self) -> int:
-        """Acks needed from this view to commit the next one: a strict majority."""
-        return len(self.members) // 2 + 1
+        """Acks needed from this view to commit the next one: a strict
+        majority of its voters (learners do not count)."""
+        return self.voter_count // 2 + 1
+
+    def quorum_without(self, dead: int) -> int:
+        """Acks needed when ``dead`` voters are *proven* dead (their process
+        is gone: see ``agreement.py``, "Proof of death").  A strict majority of
+        the voters, except in a tie: with exactly half of an even number of
+        voters proven dead, all the others (that half) suffice.  Proven dead
+        voters beyond half change nothing (the view needs a majority and has
+        lost it).  Why no more than this is safe: a dead voter may have
+        accepted a value before it died, so a quorum must still intersect
+        every majority of the voters; "all voters not proven dead" does that
+        exactly when the dead are at most half.  Returns 0 never: a view has
+        at least one voter, and a tie leaves at least one."""
+        n = self.voter_count
+        if n % 2 == 0 and dead * 2 == n:
+            return n // 2
+        return n // 2 + 1
 
     def __contains__(self, node: object) -> bool:
         return node in self._rank_of
@@ -127,27 +191,48 @@ class View:
         remove: Iterable[str] = (),
         down: Iterable[tuple[str, str]] = (),
         up: Iterable[tuple[str, str]] = (),
+        promote: Iterable[str] = (),
+        trained: bool | None = None,
     ) -> "View":
-        """The next epoch's view: ``remove`` dropped, ``add`` appended, links updated.
+        """The next epoch's view: ``remove`` dropped, ``add`` appended, links
+        updated, ``promote`` made voters.
 
         Links touching a node that is no longer a member are forgotten.
+        Members in ``add`` enter as learners when the next view is
+        ``trained`` (``trained`` None: as this one), as voters otherwise.
         """
         gone = set(remove)
         kept = [m for m in self.members if m.id not in gone]
         present = {m.id for m in kept}
+        added: set[str] = set()
         for m in add:
             if m.id not in present and m.id not in gone:
                 kept.append(m)
                 present.add(m.id)
+                added.add(m.id)
         links = set(self.down_links)
         links |= {link(a, b) for a, b in down}
         links -= {link(a, b) for a, b in up}
         links = {lk for lk in links if lk[0] in present and lk[1] in present}
-        return View(self.epoch + 1, tuple(kept), tuple(sorted(links)))
+        is_trained = self.trained if trained is None else trained
+        promoted = set(promote)
+        learning = {x for x in self.learners if x in present and x not in promoted}
+        if is_trained:
+            learning |= added - promoted
+        learners = tuple(m.id for m in kept if m.id in learning) if learning else ()
+        if len(learners) == len(kept):
+            # no voter would remain (the last ones left): nobody can vote on
+            # the next change, so the learners vote from here on.  Whether
+            # they hold trained state is the strategy's question (it refuses
+            # to start over from random weights), not the protocol's
+            learners = ()
+        return View(self.epoch + 1, tuple(kept), tuple(sorted(links)), learners, is_trained)
 
     def describe(self) -> str:
         """One line for logs: ``epoch 7: a,b,c (down: a-b)``."""
         text = f"epoch {self.epoch}: {','.join(self.ids)}"
         if self.down_links:
             text += " (down: " + " ".join(f"{a}-{b}" for a, b in self.down_links) + ")"
+        if self.learners:
+            text += " (learners: " + ",".join(self.learners) + ")"
         return text

@@ -41,7 +41,7 @@ from chaos_lightning.strategy import collectives
 from chaos_lightning.strategy.buffers import BufferSync
 from chaos_lightning.strategy.environment import pin_gloo_interface, take_sigterm
 from chaos_lightning.strategy.gradients import GradientBuffer
-from chaos_lightning.strategy.group import ElasticGroup
+from chaos_lightning.strategy.group import ElasticGroup, VotersGone
 from chaos_lightning.strategy.process_group import CollectiveError
 from chaos_lightning.strategy.sampler import ElasticSampler, Ledger
 from chaos_lightning.strategy.state_sync import REPL_META_KEY, NewcomerFailed, PullFailed, StateSync
@@ -250,7 +250,7 @@ class ElasticMember:
             self.trace.emit("joined_ended", step=step)
             self.ended = True
             return True
-        self.trace.emit("orphaned", epoch=self.group.view.epoch)
+        self.trace.emit("orphaned", epoch=self.group.view.epoch if self.group.view is not None else None)
         raise RuntimeError(
             f"chaos: no member holding the training state is left (the cluster had trained to global step {step}; "
             "its members failed before this node received the state). Not starting again from random weights: "
@@ -352,7 +352,13 @@ class ElasticMember:
         mid-transfer, a source dies before the end), try again on a newer view."""
         floor = -1
         while True:
-            view = self.group.form(view, lambda v: usable(v) and v.epoch > floor, deadline)
+            try:
+                view = self.group.form(view, lambda v: usable(v) and v.epoch > floor, deadline)
+            except VotersGone:
+                if self._cluster_trained is None and not self.group.stale and self.commits > 0:
+                    raise  # we hold trained state ourselves (synced, not promoted yet): nothing clearer to say
+                self._orphaned = True  # _joined_without_state says what the cluster had trained
+                return view
             self.set_world_ranks()
             stale = self.group.stale
             if stale:
@@ -391,6 +397,8 @@ class ElasticMember:
             self._orphaned = plan.action is SyncAction.ORPHANED
             if not self._orphaned:
                 self._cluster_trained = None  # this replica holds the state now
+                if (agent := getattr(self.group.rdv, "agent", None)) is not None:
+                    agent.mark_synced()  # a learner votes from the next view on (issue 14)
             self._buffers.snapshot(self.replica_buffers())  # identical everywhere now: what a failed step restores
             self.group.settled()
             return view

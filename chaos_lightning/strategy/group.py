@@ -39,6 +39,11 @@ __all__ = ["ElasticGroup"]
 REGROUP_POLL_S = 0.02
 
 
+class VotersGone(RuntimeError):
+    """Every voter of this node's view is proven dead (``QuorumLost.all_voters_dead``):
+    no view can come, and no member holding the trained state is left."""
+
+
 class ElasticGroup:
     """The current group and how this node stands in the cluster.
 
@@ -60,6 +65,8 @@ class ElasticGroup:
         self._lock = threading.Lock()  # trainers and abort, against the agent thread
         self.sidelined_since: float | None = None
         self.stale = False
+        #: the epoch whose voters are all proven dead (we are a learner): no newer view can come
+        self.voters_gone: int | None = None
         #: (view epoch, generation) of the last group built or tried: building
         #: the same epoch again is a regroup (:meth:`_regroup`)
         self._attempt: tuple[int, int] | None = None
@@ -138,6 +145,8 @@ class ElasticGroup:
                         bar = progress("chaos: sidelined (a link is down), waiting for it")
                         bar.__enter__()
                     deadline = max(deadline, self.sidelined_since + self.config.sideline_timeout)
+                if self.voters_gone is not None and (view is None or view.epoch <= self.voters_gone):
+                    raise VotersGone(f"every voter of epoch {self.voters_gone} is proven dead")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"chaos: no usable view after {self.config.join_timeout}s")
@@ -224,6 +233,10 @@ class ElasticGroup:
         if isinstance(event, ev.ViewChanged):
             v = event.view
             self.trace.emit("view_committed", epoch=v.epoch, members=list(v.ids), down_links=[list(p) for p in v.down_links])
+        if isinstance(event, ev.QuorumLost) and event.all_voters_dead:
+            self.voters_gone = event.epoch
+            self.abort.set()
+            return
         if not isinstance(event, (ev.MemberFailed, ev.ViewChanged, ev.Removed)):
             return
         with self._lock:
