@@ -154,3 +154,32 @@ def test_a_joiner_whose_pull_fails_leaves_with_a_clear_error_and_the_members_tra
     finally:
         for x in nodes:
             x.stop()
+
+
+@pytest.mark.timeout(240)
+def test_two_members_one_killed_the_survivor_trains_alone_and_admits_a_newcomer(tmp_path):
+    """Clusters of two are how spot and edge jobs often start.  One of two
+    members is ``kill -9``ed: the survivor is half of its view, but the dead
+    one's own address refuses connections (its host answered, its process is
+    gone), which proves the death, so the survivor commits a view of one and
+    trains on; a third node started afterwards joins it.  Before (issue 14):
+    the survivor waited as a minority until ``no usable view after 120.0s``."""
+    argv = ["240", "4", "0.05"]
+    founder, victim = start(2, tmp_path, argv, lambda i: {})
+    late = None
+    try:
+        victim.wait(lambda r: r["event"] == "step" and r["step"] >= 5, 120)
+        victim.proc.kill()
+        founder.wait(lambda r: r["event"] == "step" and r["world"] == 1, 60)
+        late = joiner(WORKER, argv, founder, tmp_path, "late", TIMEOUTS)
+        late.wait(lambda r: r["event"] == "step" and r["world"] == 2, 120)
+        done = [founder.event("done", 180), late.event("done", 180)]
+        for node in (founder, late):
+            assert node.exit_code(30) == 0, node.log
+    finally:
+        for node in (founder, victim, late):
+            if node is not None:
+                node.stop()
+    assert len({(r["params"], r["optim"], r["global_step"]) for r in done}) == 1, done
+    assert_identical_and_exactly_once(done[:1], epochs=4, n=240)  # the founder saw every epoch
+    assert "Traceback" not in founder.log.read_text(), founder.log
