@@ -55,6 +55,18 @@ def test_the_default_timeline_has_the_readme_events() -> None:
         ("set colour blue\n0 start a\n9 end\n", 1, "expected 'set KEY VALUE'"),
         ("set hidden many\n0 start a\n9 end\n", 1, "bad value for hidden"),
         ("# a comment\n\n0 start 9lives\n9 end\n", 3, "bad node name"),
+        ("0 start a b c\n5 partition a,b\n9 end\n", 2, "partition takes 2 argument(s)"),
+        ("0 start a b c\n5 partition a,b b,c\n9 end\n", 2, "b on both sides"),
+        ("0 start a b c\n5 partition a,,b c\n9 end\n", 2, "two non-empty comma-separated groups"),
+        ("0 start a b c\n5 partition a,x b,c\n9 end\n", 2, "x was never started"),
+        ("0 start a b c\n4 kill a\n5 partition a b,c\n9 end\n", 3, "a has left or was killed already"),
+        ("0 start a b c\n5 partition a b,c\n6 partition b a,c\n9 end\n", 3, "the partition of line 2 is in effect"),
+        ("0 start a b c\n5 heal\n9 end\n", 2, "no partition to heal"),
+        ("0 start a b c\n5 partition a b,c\n6 heal\n7 heal\n9 end\n", 4, "no partition to heal"),
+        ("0 start a b c\n5 heal a\n9 end\n", 2, "heal takes 0 argument(s)"),
+        ("0 start a b\n5 restart\n9 end\n", 2, "restart takes 1 argument(s)"),
+        ("0 start a b\n5 restart c\n9 end\n", 2, "c was never started"),
+        ("0 start a b\n4 leave b\n5 restart b\n9 end\n", 3, "b has left or was killed already"),
     ],
 )
 def test_timeline_errors_name_the_file_and_line(text: str, line: int | None, why: str) -> None:
@@ -63,6 +75,37 @@ def test_timeline_errors_name_the_file_and_line(text: str, line: int | None, why
     message = str(err.value)
     assert why in message
     assert message.startswith(f"scenario.chaos:{line}: " if line else "scenario.chaos: "), message
+
+
+def test_partition_heal_and_restart() -> None:
+    """A partition names two groups (comma-separated); its nodes are both
+    groups, its cross pairs every pair with one end on each side; ``heal``
+    ends it; ``restart`` keeps the name (the one reuse a timeline allows),
+    also after a kill of another node and several times over."""
+    t = parse("""\
+0   start     a b c d e
+5   partition d,e a,b,c   # 2 | 3
+9   heal
+12  restart   a
+15  kill      b
+18  restart   a
+20  partition a c,d       # e in neither group keeps its links
+22  cut       c e         # a cut beside a partition is its own
+24  heal
+26  restore   c e
+30  end
+""")
+    p = t.actions[1]
+    assert p.action == "partition" and p.groups == (("d", "e"), ("a", "b", "c"))
+    assert p.nodes == ("d", "e", "a", "b", "c")
+    assert sorted(p.cross_pairs()) == sorted((x, y) for x in "de" for y in "abc")
+    assert str(p) == "partition d,e a,b,c"
+    assert [a.action for a in t.actions] == ["start", "partition", "heal", "restart", "kill", "restart", "partition",
+                                             "cut", "heal", "restore", "end"]
+    assert t.actions[2].nodes == () and t.actions[3].nodes == ("a",)
+    assert t.names == ["a", "b", "c", "d", "e"]  # a restart starts no new name
+    assert t.uses_links()
+    assert not parse("0 start a b c\n5 restart b\n9 end\n").uses_links()
 
 
 def test_a_bad_timeline_file_is_one_line_and_exit_code_2(tmp_path: Path) -> None:

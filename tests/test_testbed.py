@@ -191,6 +191,30 @@ def test_a_pair_cut_blocks_a_and_b_but_not_a_and_c():
         assert _reaches(tb, b, a, timeout=3.0)
 
 
+def test_a_partition_is_every_pair_cut_and_outlives_a_restarted_process():
+    """The scenario runner's ``partition 0,1 2,3``: every cross pair cut,
+    each side still whole; the cut lives in the namespace (neighbour
+    entries), so a process restarted there (``restart``) is cut off from its
+    first packet; the heal restores every cross pair."""
+    with Testbed(4) as tb:
+        servers = {dst: _echo_server(tb, dst) for dst in tb.nodes}
+        cross = [(x, y) for x in (0, 1) for y in (2, 3)]
+        for x, y in cross:
+            tb.cut_pair(x, y)
+        for x, y in cross:
+            assert not _reaches(tb, x, y, timeout=0.5) and not _reaches(tb, y, x, timeout=0.5), (x, y)
+        assert _reaches(tb, 0, 1) and _reaches(tb, 3, 2)
+        servers[2].kill()
+        servers[2].wait(5)
+        servers[2] = _echo_server(tb, 2)  # a new process, same namespace and address
+        assert not _reaches(tb, 0, 2, timeout=0.5) and not _reaches(tb, 2, 1, timeout=0.5)
+        assert _reaches(tb, 3, 2) and _reaches(tb, 2, 3)
+        for x, y in cross:
+            tb.restore_pair(x, y)
+        for x, y in cross:
+            assert _reaches(tb, x, y, timeout=3.0) and _reaches(tb, y, x, timeout=3.0), (x, y)
+
+
 def test_exit_by_exception_leaves_no_namespace_and_no_process():
     procs = []
     with pytest.raises(RuntimeError, match="boom"), Testbed(2) as tb:

@@ -18,7 +18,10 @@ that compute them):
 - *view everywhere*: the first view epoch ``E`` committed after the action
   that reflects it (``leave``/``kill``/``stop`` X: X not a member; ``join`` X:
   X a member; ``cut`` A B: the pair down; ``restore``: the pair not down),
-  and the time the last live member of ``E`` recorded a view of epoch >= ``E``
+  (``partition``: every pair across the groups down or one end removed;
+  ``heal``: every node of both groups a member and no pair across down;
+  ``restart`` X: X a member again after a view without its old slot), and
+  the time the last live member of ``E`` recorded a view of epoch >= ``E``
   (a member that never recorded ``E`` itself knew of the change when it
   learned a later one).  ``E`` must be newer than every view recorded before
   the action, and first recorded before the next action on the same nodes
@@ -66,7 +69,7 @@ STALL_FACTOR = 3.0
 #: the normal step time is the median interval over this many steps before
 NORMAL_STEPS = 10
 #: actions that change the cluster and get the event metrics
-EVENTS = ("join", "leave", "kill", "stop", "cut", "restore")
+EVENTS = ("join", "leave", "kill", "stop", "cut", "restore", "partition", "heal", "restart")
 #: actions that only mark the timeline (no row in the table)
 MARKERS = ("start", "end", "cont")
 _DIGITS = 6  # output rounding: microseconds
@@ -323,8 +326,21 @@ def _member_ids(run: _Run, act: dict) -> tuple[dict[str, str], str | None]:
     return ids, None
 
 
-def _reflects(action: str, ids: list[str]) -> Callable[[dict], bool]:
-    if action == "join":
+def _reflects(action: str, ids: list[str], groups: list[list[str]] | None = None) -> Callable[[dict], bool]:
+    if action in ("partition", "heal"):
+        a, b = groups or ([], [])
+        cross = [_pair(x, y) for x in a for y in b]
+
+        def split(v: dict) -> bool:
+            members, down = set(_ids(v.get("members"))), _down(v)
+            return all(p in down or not p <= members for p in cross)
+
+        def healed(v: dict) -> bool:
+            members, down = set(_ids(v.get("members"))), _down(v)
+            return set(a) | set(b) <= members and not any(p in down for p in cross)
+
+        return split if action == "partition" else healed
+    if action in ("join", "restart"):
         return lambda v: all(m in _ids(v.get("members")) for m in ids)
     if action in ("leave", "kill", "stop"):
         return lambda v: all(m not in _ids(v.get("members")) for m in ids)
@@ -346,7 +362,7 @@ def _window_end(run: _Run, act: dict) -> float:
 def _gone(run: _Run, name: str, since: float) -> str | None:
     """Why ``name`` may never record what we wait for: a later kill/leave, or a trace cut short."""
     for a in run.actions:
-        if a["t"] >= since and a["action"] in ("kill", "leave") and name in a["nodes"]:
+        if a["t"] >= since and a["action"] in ("kill", "leave", "restart") and name in a["nodes"]:
             return f"{a['action']} at {run.rel(a['t'])} s"
     node = run.nodes.get(name)
     if node is not None and node.records and node.ending is None:
@@ -360,9 +376,17 @@ def _view_everywhere(run: _Run, act: dict, ids: dict[str, str]) -> dict:
     t0 = act["t"]
     views = sorted((r for n in run.nodes.values() for r in n.records
                     if r["ev"] == "view_committed" and isinstance(r.get("epoch"), int)), key=lambda r: r["t"])
-    reflects = _reflects(act["action"], list(ids.values()))
+    groups = [[ids.get(n, n) for n in g] for g in act.get("groups") or []] or None
+    reflects = _reflects(act["action"], list(ids.values()), groups)
     before = [v for v in views if v["t"] < t0]
     current = max(before, key=lambda v: v["epoch"]) if before else None
+    if act["action"] == "restart":  # the old slot goes first: the view without it is the floor
+        gone = [v for v in views if v["t"] >= t0 and (current is None or v["epoch"] > current["epoch"])
+                and not all(m in _ids(v.get("members")) for m in ids.values())]
+        current = min(gone, key=lambda v: v["epoch"]) if gone else current
+        if not gone:
+            cell["reason"] = "no view without the old process's slot was committed"
+            return cell
     if current is not None and reflects(current):
         cell["reason"] = f"already reflected in the view of epoch {current['epoch']} before the action"
         return cell
@@ -492,7 +516,7 @@ def _survivor_idle(run: _Run, act: dict, view: dict, first: dict, switches: dict
     t0 = act["t"]
     # the subject of a join/leave/kill/stop is no survivor; both ends of a cut link stay members, and the
     # one kept training is one (the sidelined end is ruled out below, as it was not training)
-    own = set() if act["action"] in ("cut", "restore") else set(act["nodes"])
+    own = set() if act["action"] in ("cut", "restore", "partition", "heal") else set(act["nodes"])
     spans: dict[str, tuple[dict, dict]] = {}  # name -> (last step before, first step after)
     if first["epoch"] is not None:
         for name in first["trainers"]:
@@ -614,14 +638,14 @@ def _scale_out(run: _Run, name: str, act: dict) -> tuple[dict, dict | None]:
         reasons.append(f"{name} completed no step" + (f" ({gone})" if gone else ""))
     else:
         cell["first_step"] = run.rel(step["t"])
-        start = node.first("start")
+        start = node.first("start", after=act["t"]) or node.first("start")
         if start is None:
             reasons.append("no start record")
         elif _num(start.get("proc_start")) is None:
             reasons.append("start record has no proc_start")
         else:
             cell["cold_s"] = _r(step["t"] - start["proc_start"])
-        request = node.first("join_request")
+        request = node.first("join_request", after=act["t"]) or node.first("join_request")
         if request is None:
             reasons.append("no join_request record")
         else:
@@ -635,6 +659,8 @@ def _action(run: _Run, index: int, act: dict) -> dict:
     kind = act["action"]
     out: dict[str, Any] = {"index": index, "line": act.get("line"), "at": act.get("at"), "t": run.rel(act["t"]),
                            "action": kind, "nodes": act["nodes"]}
+    if act.get("groups"):
+        out["groups"] = act["groups"]
     for k in ("seconds", "rate_bps"):
         if k in act:
             out[k] = act[k]
@@ -657,7 +683,7 @@ def _action(run: _Run, index: int, act: dict) -> dict:
         out["view_everywhere"] = view
         out["first_step"] = first
         out["survivor_idle"] = _survivor_idle(run, act, view, first, switches)
-    if kind == "join":
+    if kind in ("join", "restart"):
         out["scale_out"], out["pulls"] = {}, {}
         for name in out["nodes"]:
             out["scale_out"][name], out["pulls"][name] = _scale_out(run, name, act)

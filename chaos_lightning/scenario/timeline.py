@@ -12,15 +12,27 @@ A timeline is a text file, one action per line, ``#`` starting a comment::
     40         cut       n0 n3           # the link between two nodes goes down (both ways)
     50         restore   n0 n3           # and comes back
     55         throttle  n4 20mbit       # shape a node's link (namespace testbed only)
-    62         end                       # every node stops at one common step; the run ends
+    58         partition n0,n4 n3        # every link between the two groups goes down
+    64         heal                      # and those links come back
+    70         restart   n4              # kill -9, then a new process under the same id joins back
+    80         end                       # every node stops at one common step; the run ends
 
 Times are seconds since training started (the cluster's first committed
 step), so a slow machine shifts nothing but the start.  An action on a node
 that joined waits until that node has trained for 2 s (its start-up takes seconds, more on
 a loaded machine), and the rest of the timeline moves back by the wait: a
 leave or kill always hits a training member.  Names are free-form
-words; a name is started once (by ``start`` or ``join``) and never reused.
-``end`` is required and last.  Errors name the file and line.
+words; a name is started once (by ``start`` or ``join``) and never reused,
+except by ``restart``: the node's process is killed (``kill -9``) and a new
+one starts under the same name, so the same bind address and therefore the
+same node id; membership takes it as a new incarnation of that id (the old
+slot is removed, the new process joins and pulls the state).
+
+``partition A,B C,D,E`` cuts every link between the two comma-separated
+groups (a node named in neither keeps all its links); ``heal`` restores
+exactly those links.  One partition at a time; a link cut by ``cut`` stays
+cut through a ``heal``.  ``end`` is required and last.  Errors name the file
+and line.
 """
 
 from __future__ import annotations
@@ -39,6 +51,9 @@ ARITY = {
     "cut": (2, 2),
     "restore": (2, 2),
     "throttle": (2, 2),
+    "partition": (2, 2),
+    "heal": (0, 0),
+    "restart": (1, 1),
     "end": (0, 0),
 }
 #: ``set`` keys: workload flags and testbed options, with their types
@@ -73,7 +88,23 @@ class Action:
             return self.args[:1]
         if self.action == "throttle":
             return self.args[:1]
+        if self.action == "partition":
+            return tuple(n for g in self.groups for n in g)
         return self.args
+
+    @property
+    def groups(self) -> tuple[tuple[str, ...], ...]:
+        """``partition``: the two sides, each a tuple of names; otherwise ()."""
+        if self.action != "partition":
+            return ()
+        return tuple(tuple(n for n in arg.split(",") if n) for arg in self.args)
+
+    def cross_pairs(self) -> list[tuple[str, str]]:
+        """``partition``: every pair with one node on each side."""
+        if self.action != "partition":
+            return []
+        a, b = self.groups
+        return [(x, y) for x in a for y in b]
 
     def __str__(self) -> str:
         return " ".join((self.action, *self.args))
@@ -103,7 +134,8 @@ class Timeline:
         return self.actions[-1].at
 
     def uses_links(self) -> bool:
-        return any(a.action in ("cut", "restore", "throttle") for a in self.actions) or "link" in self.settings
+        return any(a.action in ("cut", "restore", "throttle", "partition", "heal") for a in self.actions) \
+            or "link" in self.settings
 
 
 def rate_bps(text: str) -> float:
@@ -124,6 +156,7 @@ def parse(text: str, source: str = "<timeline>") -> Timeline:
     started: set[str] = set()
     gone: set[str] = set()  # left or killed: no further action on them
     cut: set[frozenset[str]] = set()
+    partitioned: Action | None = None  # the partition in effect
 
     for lineno, raw in enumerate(text.splitlines(), 1):
         words = raw.split("#", 1)[0].split()
@@ -185,6 +218,21 @@ def parse(text: str, source: str = "<timeline>") -> Timeline:
                     raise fail(f"{name} was never started")
                 if name in gone:
                     raise fail(f"{name} has left or was killed already")
+        if action == "partition":
+            sides = a.groups
+            if any(not side for side in sides) or any(not part for arg in args for part in arg.split(",")):
+                raise fail("expected 'partition A,B,... C,D,...': two non-empty comma-separated groups")
+            if set(sides[0]) & set(sides[1]):
+                raise fail(f"{', '.join(sorted(set(sides[0]) & set(sides[1])))} on both sides")
+            if len(set(a.nodes)) != len(a.nodes):
+                raise fail("a name appears twice")
+            if partitioned is not None:
+                raise fail(f"the partition of line {partitioned.line} is in effect (heal it first)")
+            partitioned = a
+        if action == "heal":
+            if partitioned is None:
+                raise fail("no partition to heal")
+            partitioned = None
         if action in ("leave", "kill"):
             gone.add(args[0])
         if action == "stop":

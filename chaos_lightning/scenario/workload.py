@@ -13,6 +13,14 @@ collective would wait for those that stopped.  The runner writes a step
 number into ``RUN/stop``; every node stops when its global step reaches it
 (the runner picks one ahead of every node's step).
 
+While it trains, the node keeps its sample ledger on disk too
+(``RUN/ledger/<name>-<pid>/<epoch>.txt``, rewritten at most once a second
+and at the end): one digit per sample, how many times this process's
+committed steps trained it (9 for 9 or more).  A process killed by the
+scenario leaves its ledger up to its last second, so the check of exactly
+once can cover every epoch, also those that no finishing node trained
+through (:func:`chaos_lightning.scenario.runner.check_invariants`).
+
 On exit the node writes ``RUN/done/<name>.json``: its global step, a digest of
 its parameters and optimizer state (equal on every replica) and its sample
 ledger (how many times each sample was trained in each epoch, as far as this
@@ -88,6 +96,52 @@ class StopAtStep(pl.Callback):
             trainer.should_stop = True
 
 
+class LedgerDump(pl.Callback):
+    """Writes the strategy's sample ledger under ``root`` (module docstring),
+    at most every ``every_s`` seconds and when fit ends; only the epochs that
+    changed (a replica that took the members' state forgets its records of
+    the current epoch: those files go)."""
+
+    def __init__(self, root: Path, every_s: float = 1.0) -> None:
+        self.root = root
+        self.every_s = every_s
+        self._next = 0.0
+        self._written: dict[int, tuple[int, str, int]] = {}  # epoch -> (samples, digits, strangers) last written
+
+    def dump(self, trainer: pl.Trainer) -> None:
+        ledger = getattr(trainer.strategy, "ledger", None)
+        if ledger is None:
+            return
+        epochs = ledger.epochs()
+        self.root.mkdir(parents=True, exist_ok=True)
+        for e in [e for e in self._written if e not in epochs]:
+            (self.root / f"{e}.txt").unlink(missing_ok=True)
+            del self._written[e]
+        for e in epochs:
+            counts = ledger.counts(e)
+            total = sum(counts.values())
+            if self._written.get(e, (None,))[0] == total and e < epochs[-1] - 1:
+                continue  # an old epoch, unchanged (the last two are compared whole: a forget may keep the total)
+            n = ledger.num_samples
+            digits = "".join(str(min(counts.get(i, 0), 9)) for i in range(n))
+            strangers = sum(1 for i in counts if not 0 <= i < n)
+            if self._written.get(e) == (total, digits, strangers):
+                continue
+            tmp = self.root / f".{e}.tmp"
+            tmp.write_text(f"{digits}\n{strangers}\n")
+            os.replace(tmp, self.root / f"{e}.txt")
+            self._written[e] = (total, digits, strangers)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + self.every_s
+            self.dump(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, *args: object) -> None:
+        self.dump(trainer)
+
+
 def digest(tensors: list[torch.Tensor]) -> str:
     h = hashlib.sha256()
     for t in tensors:
@@ -118,12 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     model = MLP(hidden=args.hidden, step_sleep=args.step_sleep)
     trainer = pl.Trainer(
         strategy="chaos", accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[StopAtStep(args.run_dir / "stop")],
+        enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[StopAtStep(args.run_dir / "stop"), LedgerDump(args.run_dir / "ledger" / f"{args.name}-{os.getpid()}")],
     )
     loader = DataLoader(Synthetic(args.samples), batch_size=args.batch_size, shuffle=True)
     trainer.fit(model, loader)
 
     strategy = trainer.strategy
+    for cb in trainer.callbacks:
+        if isinstance(cb, LedgerDump):
+            cb.dump(trainer)  # the last steps (on_train_end may not run when fit ends early)
     opt = trainer.optimizers[0]
     ledger = strategy.ledger
     summary = {
