@@ -435,3 +435,27 @@ def test_gloo_detach_pinned():
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
     _worker_main(sys.argv[2])
+
+
+def test_a_failed_switch_leaves_the_next_group_named_as_everyone_elses():
+    """gloo's store keys start with the group's name, taken from c10d's
+    counter.  A switch whose init failed (a rank never came) must not leave
+    the counter at 1: this rank's next group would wait on ``1/...`` keys
+    while the others write ``0/...`` (the soak's healed partition: a
+    rejoining node and the members never met)."""
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    from chaos_lightning.strategy.process_group import ElasticProcessGroup
+
+    assert not dist.is_initialized()
+    store = dist.HashStore()
+    epg = ElasticProcessGroup()
+    try:
+        with pytest.raises(Exception):
+            epg.switch(0, 2, dist.PrefixStore("e1/", store), timeout=1)  # rank 1 never comes
+        assert not dist.is_initialized() and c10d._world.group_count == 0
+        epg.switch(0, 1, dist.PrefixStore("e2/", store), timeout=5)
+        assert dist.group.WORLD.group_name == "0"
+    finally:
+        epg.close()

@@ -155,6 +155,34 @@ def test_a_missing_rank_ends_gloo_init_with_torchs_store_timeout_error(host):
     assert time.monotonic() - t0 < 5
 
 
+def test_a_superseded_group_formation_stops_waiting_for_a_dead_ranks_key(host):
+    """gloo's rendezvous waits on the store for every rank's key, up to the
+    switch timeout (30 s): when a newer view commits meanwhile (the missing
+    rank is dead, the view without it is the one to form), the store's
+    ``cancelled`` ends the wait at once with its reason (the soak measured
+    30.8 s from a kill to the first step before this)."""
+    import threading
+
+    import torch.distributed as dist
+
+    from chaos_lightning.rendezvous.store import WireStore
+
+    newer = threading.Event()
+    store = dist.PrefixStore("chaos/epoch/10/", WireStore(
+        "127.0.0.1", host.port, secret=SECRET, timeout=timedelta(seconds=30),
+        cancelled=lambda: "epoch 11 committed" if newer.is_set() else None,
+    ))
+    threading.Timer(0.3, newer.set).start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(dist.DistStoreError, match=r"cancelled \(epoch 11 committed\)"):
+            dist.init_process_group("gloo", store=store, rank=0, world_size=2, timeout=timedelta(seconds=30))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert time.monotonic() - t0 < 10, "not the 30-s store timeout"
+
+
 def test_old_epochs_keys_are_pruned_so_a_long_run_never_fills_the_store(host, client):
     """Issue 15: the host kept every epoch's keys; with a 64 MiB cap a long run
     with many view switches would fill it and fail a group's init ("store

@@ -374,6 +374,12 @@ class Agent:
     def phase(self) -> Phase:
         return self._phase
 
+    def rejoining(self) -> bool:
+        """Declared failed while alive, and asking to be let in again (the
+        machine's automatic rejoin): the wait for a view with this node goes on."""
+        removed = self._removed
+        return self._phase is Phase.JOINING and removed is not None and not removed.graceful
+
     @property
     def removed(self) -> ev.Removed | None:
         """The last ``Removed`` event, cleared when we are a member again."""

@@ -94,11 +94,14 @@ class Rendezvous(abc.ABC):
         """Stop background work and release sockets; idempotent."""
 
     # -- shared behaviour --------------------------------------------------
-    def store(self, view: View, timeout: float = 30.0) -> "dist.Store":
-        """A store to build the process group of ``view``'s epoch with."""
+    def store(
+        self, view: View, timeout: float = 30.0, cancelled: "Callable[[], str | None] | None" = None
+    ) -> "dist.Store":
+        """A store to build the process group of ``view``'s epoch with;
+        ``cancelled`` (asked while a call waits) ends a wait early with a reason."""
         from chaos_lightning.rendezvous.store import epoch_store
 
-        return epoch_store(view, timeout=timedelta(seconds=timeout), secret=self.store_secret)
+        return epoch_store(view, timeout=timedelta(seconds=timeout), secret=self.store_secret, cancelled=cancelled)
 
     def __enter__(self) -> "Rendezvous":
         return self

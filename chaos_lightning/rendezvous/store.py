@@ -79,6 +79,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterable
 from datetime import timedelta
 
@@ -134,6 +135,9 @@ KEEP_EPOCHS = 4
 
 #: Extra time a client waits for a reply beyond the timeout the host enforces.
 _REPLY_GRACE_S = 2.0
+#: seconds between two looks at a client's ``cancelled`` while a call waits
+#: (a 50-ms reaction costs nothing next to gloo's own rendezvous round trips)
+CANCEL_POLL_S = 0.05
 #: A client's idle connection is closed after this long (reopened on the next request).
 _IDLE_CLOSE_S = 30.0
 #: A stranger's handshake holds a socket at most this long.
@@ -559,9 +563,14 @@ class WireStore(dist.Store):
         secret: bytes | str | None,
         timeout: timedelta = timedelta(seconds=30),
         connect: bool = True,
+        cancelled: Callable[[], str | None] | None = None,
     ) -> None:
         super().__init__()
         self.set_timeout(timeout)
+        #: asked every CANCEL_POLL_S while a call waits: a reason ends the call
+        #: at once with ``DistStoreError`` (a group formation whose view a newer
+        #: one superseded must not wait out the store timeout for a dead rank's key)
+        self._cancelled = cancelled
         self._host, self._port = host, port
         self._secret = load_secret(secret)
         self._endpoint = format_hostport(host, port)
@@ -679,12 +688,20 @@ class WireStore(dist.Store):
             coro.close()
             raise RuntimeError("a WireStore cannot be used from its own event loop thread")
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            # the coroutine bounds itself; this is the last resort if the loop stalls
-            return fut.result(bound + 2 * _REPLY_GRACE_S)
-        except concurrent.futures.TimeoutError:
-            fut.cancel()
-            raise dist.DistStoreError(f"process-group store at {self._endpoint}: no answer within {bound:g}s") from None
+        # the coroutine bounds itself; this deadline is the last resort if the loop stalls
+        deadline = time.monotonic() + bound + 2 * _REPLY_GRACE_S
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return fut.result(max(0.0, min(left, CANCEL_POLL_S) if self._cancelled is not None else left))
+            except concurrent.futures.TimeoutError:
+                reason = self._cancelled() if self._cancelled is not None else None
+                if reason is None and time.monotonic() < deadline:
+                    continue
+                fut.cancel()
+                if reason is not None:
+                    raise dist.DistStoreError(f"process-group store at {self._endpoint}: cancelled ({reason})") from None
+                raise dist.DistStoreError(f"process-group store at {self._endpoint}: no answer within {bound:g}s") from None
 
     def _request(self, make: Callable[[int], object], wait_s: float = 0.0) -> object:
         reply_timeout = (wait_s if wait_s else self._timeout_s()) + _REPLY_GRACE_S
@@ -744,7 +761,8 @@ class WireStore(dist.Store):
 
     def clone(self) -> WireStore:
         """Another client of the same host (its own connection, opened on first use)."""
-        return WireStore(self._host, self._port, secret=self._secret, timeout=self.timeout, connect=False)
+        return WireStore(self._host, self._port, secret=self._secret, timeout=self.timeout, connect=False,
+                         cancelled=self._cancelled)
 
     def close(self) -> None:
         """Close the connection; later calls raise ``DistStoreError``.  Idempotent."""
@@ -772,11 +790,16 @@ class WireStore(dist.Store):
 
 
 def epoch_store(
-    view: View, timeout: timedelta = timedelta(seconds=30), *, secret: bytes | str | None
+    view: View,
+    timeout: timedelta = timedelta(seconds=30),
+    *,
+    secret: bytes | str | None,
+    cancelled: Callable[[], str | None] | None = None,
 ) -> dist.Store:
     """The store for ``view``'s process group: rank 0's host, epoch-prefixed.
 
-    ``secret`` is the cluster secret (``None``: loopback only).  Raises
+    ``secret`` is the cluster secret (``None``: loopback only).  ``cancelled``
+    (see :class:`WireStore`) ends a waiting call early with a reason.  Raises
     ``DistNetworkError`` if rank 0's host cannot be reached or refuses the secret.
     """
     if not view.members:
@@ -786,5 +809,5 @@ def epoch_store(
     if not endpoint:
         raise ValueError(f"member {host0.id} published no {STORE_META_KEY!r} endpoint")
     host, port = parse_hostport(endpoint)
-    client = WireStore(host, port, secret=secret, timeout=timeout)
+    client = WireStore(host, port, secret=secret, timeout=timeout, cancelled=cancelled)
     return dist.PrefixStore(f"chaos/epoch/{view.epoch}/", client)

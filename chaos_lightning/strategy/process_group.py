@@ -205,13 +205,23 @@ class ElasticProcessGroup:
         abandoned = self._broken is not None
         self._teardown(detach=True)
         t1 = time.perf_counter()
-        dist.init_process_group(
-            self.backend,
-            store=store,
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
-        )
+        try:
+            dist.init_process_group(
+                self.backend,
+                store=store,
+                rank=rank,
+                world_size=world_size,
+                timeout=timedelta(seconds=timeout_s),
+            )
+        except BaseException:
+            # A failed init has already taken the next group name from c10d's
+            # counter ("1" after "0"), and the group name prefixes every gloo
+            # store key: clear what it registered and the counter, or this
+            # rank's next group waits on ``.../1/...`` keys while the others
+            # write ``.../0/...`` (measured by the soak: a node rejoining
+            # after a partition and the members never met, 30 s per try).
+            _gloo_detach.detach_world()
+            raise
         self._group = dist.group.WORLD
         self._timeout_s = timeout_s
         self._broken = None
