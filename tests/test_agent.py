@@ -219,6 +219,27 @@ def test_an_abrupt_stop_is_detected_as_a_failure_fast(cluster):
     assert time.monotonic() - t0 < 5, "local preset: about half a second, bounded generously"
 
 
+def test_suspect_of_live_peers_changes_nothing_and_of_a_stopped_one_commits_at_once(cluster):
+    """Agent.suspect (issue 14): the strategy names every peer of a failed
+    collective.  Live peers answer their probes (no view change); a stopped
+    one's address refuses, which confirms its death at once."""
+    a, b, c = cluster
+    epoch = a.view().epoch
+    for _ in range(50):  # a flood: rate-limited, never a probe storm
+        a.suspect([b.node_id, c.node_id, a.node_id, "nobody"])
+    time.sleep(1.0)
+    assert a.view().epoch == epoch and b.view().epoch == epoch, a.view().describe()
+    t0 = time.monotonic()
+    c.stop()
+    a.suspect([b.node_id, c.node_id])
+    v = a.wait_view(epoch, 10)
+    took = time.monotonic() - t0
+    assert v is not None and c.node_id not in v
+    print(f"stop -> view without it {1e3 * took:.0f} ms")
+    assert b.wait_view(epoch, 10) is not None
+    c.suspect([a.node_id])  # a stopped agent: a no-op, no error
+
+
 def test_listening_beyond_loopback_needs_a_secret(monkeypatch):
     monkeypatch.delenv("CHAOS_SECRET", raising=False)
     with pytest.raises(InsecureBind, match="CHAOS_SECRET"):

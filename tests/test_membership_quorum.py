@@ -229,18 +229,26 @@ def member_of(me: str, ids: list[str], *, epoch: int = 2) -> Membership:
 
 
 def test_a_refusal_proves_only_the_slot_at_that_address_and_a_sign_of_life_voids_it():
-    m = member_of("a", ["a", "b"])
+    m = member_of("a", ["a", "b", "c"])
     m.peer_refused("b", "elsewhere:9", 1.0)
     assert not m._proofs, "not b's own address: no proof"
+    assert not m.detector.dead("b")
     m.peer_refused("", "b:1", 1.0)  # the transport did not know who listens there
     assert m._proofs == {"b": 0}
+    # the proof confirms the failure at once, no suspicion period (issue 14)
+    assert m.detector.dead("b")
     m.receive("b", "b:1", Ack(1, 2, "b"), 1.1)
     assert not m._proofs, "b answered: the refusal was not its death"
-    m.peer_refused("b", "b:1", 1.2)
-    m.receive("b", "b:1", JoinRequest(Member("b", "b:1", inc=9)), 1.3)
-    # a new process under the id asking in is no sign of the old one's life:
-    # the old slot, proven dead, is half of the voters, and a goes on alone
+
+    m = member_of("a", ["a", "b"])
+    out = m.peer_refused("b", "b:1", 1.2)
+    # the old slot, proven dead, is half of the voters, and a goes on alone,
+    # in the same call: no suspicion, no probe period
     assert m.view.epoch == 3 and m.view.ids == ("a",), m.view.describe()
+    assert any(isinstance(e, ev.ViewChanged) for e in out.events)
+    # a new process under the id asking in is no sign of the old one's life
+    m.receive("b", "b:1", JoinRequest(Member("b", "b:1", inc=9)), 1.3)
+    assert m.view.ids[0] == "a" and m.view.epoch >= 3
 
 
 def test_a_newer_process_on_a_members_own_address_proves_the_old_one_gone():

@@ -8,7 +8,8 @@ thread, a listening socket, one outgoing connection per peer, the timer that
 ticks the machine at its ``next_deadline()``, and the node's
 :class:`~chaos_lightning.monitor.Monitor`.  Layers above (the rendezvous, the
 strategy) use its thread-safe API: ``view()``, ``wait_view()``,
-``subscribe()``, ``leave()``, ``snapshot()``, ``probe_bandwidth()``.
+``subscribe()``, ``leave()``, ``snapshot()``, ``probe_bandwidth()``,
+``mark_synced()`` and ``suspect()``.
 
 Messages are one-way: a reply travels over the replier's own outgoing
 connection.  A send that cannot connect (refused, timed out, reset) drops the
@@ -19,11 +20,17 @@ round robin.  A connect *refused* (``ConnectionRefusedError``: the peer's
 host answered with a reset, nothing listens on its port) is more: proof that
 the process at that address is gone, reported as ``peer_refused`` (see
 ``membership/agreement.py``, "Proof of death": with two members, one killed,
-the survivor goes on alone).  Every connect, handshake and queue is bounded.
+the survivor goes on alone), which confirms that member's failure at once.
+Since messages are one-way, nothing is read on an outgoing connection; a
+peer killed with ``kill -9`` half-closes it, and a write there would vanish,
+so the sender checks for the peer's EOF before each write and dials again
+(refused within a round trip when the process is gone).  Every connect,
+handshake and queue is bounded.
 
 The layers above report what the machine cannot see: :meth:`Agent.mark_synced`
 once this process holds the trained state (a learner is then promoted to
-voter).  A node that can reach only a minority of its view's voters logs it
+voter), and :meth:`Agent.suspect` when a collective with some peers failed
+(the machine probes them at once; issue 14).  A node that can reach only a minority of its view's voters logs it
 once, in one line ("this node is in a minority (k of n reachable); waiting
 for the majority to return").
 """
@@ -131,6 +138,22 @@ class _Peer:
         self.queue.clear()
         if self.task is not None and not self.task.done():
             self.task.cancel()
+
+
+def _peer_hung_up(conn: object) -> bool:
+    """Has the peer closed (or reset) our outgoing connection?  Messages are
+    one-way, so nothing is ever read on it after the handshake: an EOF or an
+    error pending on its reader means the other end is gone.  Checked before
+    each write (a write to a half-closed socket succeeds and is lost)."""
+    if getattr(conn, "closed", False):
+        return True
+    reader = getattr(conn, "_reader", None)
+    if reader is None:
+        return False
+    try:
+        return bool(reader.at_eof() or reader.exception() is not None)
+    except Exception:  # noqa: BLE001 - a reader of another shape: assume it is fine
+        return False
 
 
 #: seconds the agent's tasks get to end after a stop before they are abandoned
@@ -344,6 +367,32 @@ class Agent:
         if self._loop is None or self._stopped or self.machine is None:
             return
         self._call(lambda: self._apply(self.machine.mark_synced(self._now())))
+
+    def suspect(self, node_ids: list[str] | tuple[str, ...] | str) -> None:
+        """The data plane saw a collective with these peers fail: probe them
+        now (direct, then indirect) rather than at their turn (issue 14).
+
+        Thread-safe and quick (posted to the agent's loop), for the training
+        thread: call it when an all-reduce fails with a reset or a timeout.
+        Naming every peer of the group is fine: a live one answers its probe
+        and nothing changes; a dead one's address refuses the connect, which
+        confirms its failure at once (the view without it commits one round
+        later).  The machine rate-limits suspicions, so calling it on every
+        failed collective costs no probe storm.  Ids that are not members
+        (or this node) are ignored."""
+        if isinstance(node_ids, str):
+            node_ids = (node_ids,)
+        nodes = tuple(n for n in node_ids if n and n != self.node_id)
+        if not nodes or self._loop is None or self._stopped or self.machine is None:
+            return
+
+        def run() -> None:
+            m = self.machine
+            for n in nodes:
+                self._apply(m.suspect(n, self._now()))
+
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing to probe
+            self._call(run)
 
     @property
     def learner(self) -> bool:
@@ -664,6 +713,15 @@ class Agent:
                         else:
                             self._hint(peer)
                         return
+                if _peer_hung_up(conn):
+                    # the peer closed its end (a kill -9 closes every socket
+                    # of the process at once): a write would vanish into a
+                    # half-closed socket, so dial again now, which a dead
+                    # peer's host refuses (proof of death) within a round trip
+                    log.debug("%s: %s closed our connection; dialling again", self.node_id, peer.addr)
+                    conn.close()
+                    conn = None
+                    continue
                 msg = peer.queue.popleft()
                 try:
                     await asyncio.wait_for(conn.send(msg), max(cfg.probe_timeout * 4, 0.5))

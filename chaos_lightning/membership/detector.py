@@ -44,6 +44,11 @@ if TYPE_CHECKING:  # the composing machine; imported for annotations only
     from chaos_lightning.membership.machine import Membership, Output
 
 
+#: probes started by data-plane suspicions (:meth:`Detector.suspect`) per
+#: probe period, all suspected nodes together (a group of up to this many
+#: peers is probed at once; a flood costs no more)
+SUSPECT_PROBES = 8
+
 #: indirect probes relayed for others at once (each lives one probe period;
 #: a member relays about k per period, so this is never reached honestly)
 RELAYS = 256
@@ -111,6 +116,12 @@ class Detector:
         self._probe_pos = 0
         self._next_probe_at = 0.0
         self._hint_probe_end = 0.0  # at most one probe from transport hints at a time
+        # data-plane suspicions (:meth:`suspect`): node -> when it may be
+        # suspected again (members only), and the probes they started in the
+        # current window (a flood must not become a probe storm)
+        self._suspected_until: dict[str, float] = {}
+        self._suspect_window_end = 0.0
+        self._suspect_probes = 0
         self._my_suspicions: dict[str, bool] = {}  # suspicions our own probes raised
         self._probes: dict[int, _Probe] = {}
         self._reset_view_state()
@@ -135,6 +146,7 @@ class Detector:
         self.links.clear()
         self.dead_nodes.clear()
         self._probes.clear()
+        self._suspected_until.clear()
         self._reset_view_state()
 
     def stop(self) -> None:
@@ -220,6 +232,39 @@ class Detector:
         if not self._probing(node):
             self._hint_probe_end = now + self._m.config.probe_interval
             self._start_probe(node, now, out)
+
+    def suspect(self, node: str, now: float, out: "Output") -> bool:
+        """The data plane saw a collective with ``node`` fail (issue 14): probe
+        it now, direct and then indirect, instead of at its turn in the round
+        robin.  True if a probe was started.
+
+        Evidence, not a verdict: a live node answers the probe and nothing
+        changes; a dead one's address refuses the connect (the agent's
+        ``peer_refused``, which confirms the failure at once), and silence
+        goes the normal way (suspicion, then its timeout).  Rate-limited:
+        one suspicion probe per node per probe period, and at most
+        ``SUSPECT_PROBES`` per period in all, so a flood of suspicions (a
+        job's every collective failing, every rank naming every peer) costs
+        no more than a few probes."""
+        if node == self._m.id or self.dead(node) or node not in self.status:
+            return False
+        # a probe of it still waiting for its answer will tell (its second
+        # direct ping goes within the probe timeout); one answered already
+        # (before the collective failed) is old news
+        if any(p.target == node and not (p.direct_ok or p.indirect_ok) for p in self._probes.values()):
+            return False
+        if now < self._suspected_until.get(node, 0.0):
+            return False
+        interval = self._m.config.probe_interval
+        if now >= self._suspect_window_end:
+            self._suspect_window_end = now + interval
+            self._suspect_probes = 0
+        if self._suspect_probes >= SUSPECT_PROBES:
+            return False
+        self._suspect_probes += 1
+        self._suspected_until[node] = now + interval
+        self._start_probe(node, now, out)
+        return True
 
     def _probing(self, node: str) -> bool:
         return any(p.target == node for p in self._probes.values())
@@ -476,7 +521,7 @@ class Detector:
             self._failed_reported.pop(nid, None)
             self._link_fails.pop(nid, None)
         # maps keyed by remote ids keep members only
-        for table in (self.rtt, self._my_suspicions, self._link_fails, self._failed_reported):
+        for table in (self.rtt, self._my_suspicions, self._link_fails, self._failed_reported, self._suspected_until):
             for nid in [n for n in table if n not in view]:
                 del table[nid]
         for pair in [p for p in self.links if p[0] not in view or p[1] not in view]:

@@ -53,7 +53,7 @@ majority of its view's voters alive.  When the partition heals it learns of
 the newer epoch from the first probe that crosses, sees it was removed, and
 joins again (``Config.auto_rejoin``), so there is again a single view.
 
-Two inputs from the layers around it (issue 14; the rules are in
+Three inputs from the layers around it (issue 14; the rules are in
 ``agreement.py``, "Who votes"):
 
 * :meth:`Membership.mark_synced` — this process completed a state sync.
@@ -65,6 +65,12 @@ Two inputs from the layers around it (issue 14; the rules are in
   of the voters proven dead, the other half commits alone: two members, one
   killed, the survivor goes on and admits newcomers.  Timeouts prove
   nothing: a minority waits (``Config.allow_minority`` to go on anyway).
+  The proof also confirms the failure at once (no suspicion period), and
+  the coordinator proposes the view without it in the same call.
+* :meth:`Membership.suspect` — a collective with that node failed in the
+  data plane: probe it now (direct, then indirect), rate-limited.  A live
+  node answers and nothing changes; a dead one's address refuses, which is
+  the proof above.
 """
 
 from __future__ import annotations
@@ -80,6 +86,7 @@ from chaos_lightning.membership.detector import Detector, MemberStatus
 from chaos_lightning.membership.gossip import Dissemination
 from chaos_lightning.membership.messages import (
     ALIVE,
+    DEAD,
     JOIN,
     LEAVE,
     Accept,
@@ -316,7 +323,10 @@ class Membership:
         Evidence for that slot (that incarnation) only, kept until a sign of
         life of the slot voids it (any message from it but a join or sync
         request, an indirect ack, a refutation).  It lowers the quorum only
-        in a tie (see ``agreement.py``, "Proof of death") and makes the
+        in a tie (see ``agreement.py``, "Proof of death"), and it confirms
+        the member's failure at once (issue 14: no suspicion period; the
+        fact goes to the coordinator, which proposes the view without it in
+        its next call).  With ``proof_of_death`` off it only makes the
         machine probe the node at once.  ``node`` may be "" (the transport
         did not know who listens there): the view's addresses say."""
         out = Output()
@@ -335,7 +345,41 @@ class Membership:
         if self._proofs.get(node) != inc:
             self._proofs[node] = inc
             self._update_quorum(out)
-        self.detector.hint(node, now, out)
+        # Proof of death confirms the failure at once (issue 14): no
+        # suspicion period, since the process that could refute it is gone
+        # (a new process on that address is a new incarnation, and a live
+        # slot that was wrongly refused refutes "dead" like any suspicion).
+        # Told to the coordinator directly, which proposes the view without
+        # it in its next call: one round, not probe period plus suspicion.
+        d = self.detector
+        st = d.status.get(node)
+        if st is not None and not d.dead(node):
+            self._learn(Fact(DEAD, node, max(st.inc, inc)), now, out, from_self=True)
+            d._my_suspicions.pop(node, None)
+        else:
+            d.hint(node, now, out)
+        self._maybe_propose(now, out)
+        return out
+
+    def suspect(self, node: str, now: float) -> Output:
+        """The data plane saw a collective with ``node`` fail (a gloo
+        "Connection closed by peer", a reset, a timeout): probe it *now*,
+        directly and then through ``indirect_probes`` helpers, instead of at
+        its turn in the round robin (issue 14).
+
+        Evidence, not a verdict: a live node answers and nothing changes
+        (one probe spent); a dead one's address refuses the connect, which
+        the transport reports as :meth:`peer_refused` and which confirms the
+        failure at once (the coordinator then proposes the view without it
+        immediately, failures are never batched); silence takes the normal
+        way (suspicion, then its timeout), since a timeout proves nothing.
+        Rate-limited in the detector (one suspicion probe per node per
+        probe period, a few per period in all): a flood of suspicions does
+        not turn into a probe storm.  Unknown nodes, ourselves and nodes
+        already confirmed dead are ignored."""
+        out = Output()
+        if self.phase in _ACTIVE and self.view is not None and node in self.view:
+            self.detector.suspect(node, now, out)
         return out
 
     def proven_dead(self) -> tuple[str, ...]:

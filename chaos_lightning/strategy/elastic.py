@@ -284,6 +284,7 @@ class ElasticMember:
             # one launch, every buffer in flight: the step's one round trip
             g.pg.all_reduce_in_place([flat, control, *shared], abort=g.abort, timeout=self.config.collective_timeout)
         except CollectiveError as exc:
+            g.suspect_peers(exc)  # a reset is evidence: probe the peers now (issue 14)
             log.warning("chaos: gradient all-reduce failed (%s); the step applies no update", exc)
             self._control = None
             self._grads.drop(params, nonfinite=self.grad_scaler() is not None)

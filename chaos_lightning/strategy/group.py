@@ -28,7 +28,7 @@ from chaos_lightning.membership.view import View
 from chaos_lightning.rendezvous import create as create_rendezvous
 from chaos_lightning.strategy.environment import sigterm_ends_wait
 from chaos_lightning.strategy.trace import progress
-from chaos_lightning.strategy.process_group import ElasticProcessGroup
+from chaos_lightning.strategy.process_group import CollectiveAborted, CollectiveError, ElasticProcessGroup
 from chaos_lightning.strategy.trace import Trace
 
 log = logging.getLogger("chaos_lightning.strategy")
@@ -111,8 +111,44 @@ class ElasticGroup:
         return self.view.member(self.trainers[rank])
 
     def all_reduce(self, tensor: Any, timeout: float | None = None) -> Any:
-        """An abortable all-reduce on the current group."""
-        return self.pg.all_reduce(tensor, abort=self.abort, timeout=timeout or self.config.collective_timeout)
+        """An abortable all-reduce on the current group; a failure makes the
+        group's peers suspects (:meth:`suspect_peers`) before it is raised."""
+        try:
+            return self.pg.all_reduce(tensor, abort=self.abort, timeout=timeout or self.config.collective_timeout)
+        except CollectiveError as exc:
+            self.suspect_peers(exc)
+            raise
+
+    def suspect_peers(self, exc: BaseException | None = None) -> None:
+        """A collective on the current group failed: tell the membership layer
+        its peers are suspect, so it probes them now instead of at their turn
+        (issue 14: a peer's reset is evidence; a dead peer's address refuses
+        the probe, which confirms its death at once, and the view without it
+        commits one round later instead of a probe period plus the
+        suspicion timeout).
+
+        All the group's peers are named (gloo's error does not say which
+        rank reset reliably): a live one answers its probe and nothing
+        changes, and the agent rate-limits suspicions.  Not after an abort
+        (the membership layer raised it: it knows already), and a no-op on a
+        rendezvous backend without an agent (etcd).  Never raises: this runs
+        in the failure path of a step."""
+        if isinstance(exc, CollectiveAborted):
+            return
+        agent = getattr(self.rdv, "agent", None)
+        suspect = getattr(agent, "suspect", None)
+        if suspect is None:
+            return
+        with self._lock:
+            peers = tuple(t for t in self.trainers if t != self.node_id)
+        if not peers:
+            return
+        try:
+            suspect(peers)
+        except Exception as err:  # noqa: BLE001 - evidence is optional; the step's failure path must go on
+            log.debug("chaos: could not report suspects %s: %s", peers, err)
+            return
+        self.trace.emit("suspect", peers=list(peers))
 
     def settled(self) -> None:
         """The replicas of the group are identical again: no longer stale or sidelined."""

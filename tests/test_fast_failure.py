@@ -1,0 +1,314 @@
+"""A failed collective is evidence (issue 14).
+
+When a member is ``kill -9``-ed, the survivors' gloo all-reduce fails at once
+("Connection closed by peer"), while the membership layer, left alone, finds
+the death only at the dead node's turn in the probe round robin plus the
+suspicion timeout.  Now the strategy calls ``Agent.suspect`` on the group's
+peers; the machine probes them at once (direct, then indirect), a dead
+peer's address refuses the connect (proof of death for that incarnation),
+which confirms the failure at once, and the coordinator proposes the view
+without it immediately: one round.
+
+In one process (the simulator, virtual time): the view without a killed
+node commits within one probe timeout plus one round of a suspicion fed
+10 ms after the kill; a suspicion of a live node changes no view; a flood of
+suspicions stays rate-limited.  Then real processes on loopback: three
+trainers, one ``kill -9``-ed; the time from the kill to the view without it
+and to the first step in world 2 is printed, and only the invariants are
+asserted (survivors exit 0, identical replicas, every epoch an exact cover).
+
+Before/after on one machine: ``python tests/test_fast_failure.py 5`` prints
+the medians of 5 kills (``PYTHONPATH=<a checkout of the code before>`` runs
+the same measurement against it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from chaos_lightning.membership import events as ev
+from chaos_lightning.membership.config import Config
+from chaos_lightning.membership.messages import Ping
+from chaos_lightning.membership.sim import Simulator
+
+PRESETS = ["local", "lan"]
+
+
+def cluster(n: int, preset: str, seed: int = 1, *, refuse: bool = True) -> tuple[Simulator, list[str]]:
+    sim = Simulator(seed=seed, config=Config.preset(preset))
+    sim.refuse_crashed = refuse
+    ids = sim.start_cluster(n)
+    sim.synced(*ids)
+    sim.run_for(1.0)
+    assert sim.agreed(size=n)
+    return sim, ids
+
+
+def view_without(sim: Simulator, dead: str, among: list[str]) -> bool:
+    return all(dead not in sim.view_of(x).ids for x in among)
+
+
+# ------------------------------------------------------------ simulator
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("victim", [0, 2])  # the coordinator itself, and another member
+def test_a_suspicion_after_a_kill_commits_the_view_without_it_in_one_probe_timeout_plus_one_round(preset, victim):
+    sim, ids = cluster(5, preset)
+    cfg = sim.config
+    dead = ids[victim]
+    survivors = [x for x in ids if x != dead]
+    sim.crash(dead)
+    t_kill = sim.now
+    sim.run_for(0.010)
+    # the strategy's all-reduce failed on one survivor: it names every peer
+    reporter = survivors[-1]
+    for peer in ids:
+        sim.call(reporter, lambda m, p=peer: m.suspect(p, sim.now))
+    assert sim.run_until(lambda: view_without(sim, dead, survivors), timeout=30, check_every=0.001), sim.summary()
+    took = sim.now - t_kill
+    # one round: a refused connect (a round trip), the fact to the
+    # coordinator, Accept/Accepted/Commit (a coordinator that took over runs
+    # Prepare too); each hop under 1 ms of simulated latency
+    bound = 0.010 + cfg.probe_timeout + 0.010
+    print(f"{preset}: kill -> view without {dead} at every survivor {1e3 * took:.1f} ms (bound {1e3 * bound:.0f} ms)")
+    assert took <= bound, (took, sim.summary())
+    assert not sim.split
+    assert len(sim.view_of(survivors[0]).ids) == 4
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_suspicion_with_only_timeouts_still_waits_for_the_suspicion_timeout(preset):
+    """Timeouts prove nothing (a partition looks the same): with no refusal
+    the suspicion only starts the probe early, and the failure is confirmed
+    after the normal suspicion timeout, never sooner."""
+    sim, ids = cluster(5, preset, refuse=False)
+    cfg = sim.config
+    dead, survivors = ids[2], [x for x in ids if x != ids[2]]
+    sim.crash(dead)
+    t_kill = sim.now
+    sim.run_for(0.010)
+    for peer in ids:
+        sim.call(survivors[-1], lambda m, p=peer: m.suspect(p, sim.now))
+    assert sim.run_until(lambda: view_without(sim, dead, survivors), timeout=60, check_every=0.001), sim.summary()
+    took = sim.now - t_kill
+    print(f"{preset}: timeouts only: kill -> view {1e3 * took:.1f} ms")
+    assert took >= cfg.suspicion_timeout(5), took
+    assert not sim.split
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_suspicion_of_a_live_node_costs_one_probe_and_changes_nothing(preset):
+    sim, ids = cluster(4, preset)
+    epoch = sim.view_of(ids[0]).epoch
+    pings: list[tuple[str, str]] = []
+    sim.filters.append(lambda src, dst, msg: bool(isinstance(msg, Ping) and pings.append((src, dst))) and False)
+    sim.call(ids[1], lambda m: m.suspect(ids[3], sim.now))
+    sent = [p for p in pings if p == (ids[1], ids[3])]
+    assert len(sent) == 1, "one direct probe, at once"
+    sim.run_for(5.0)
+    assert sim.agreed(size=4) and sim.view_of(ids[0]).epoch == epoch
+    assert not sim.events(ev.MemberSuspected) and not sim.events(ev.MemberFailed)
+    # unknown nodes and ourselves are ignored
+    m = sim.nodes[ids[1]]
+    assert not m.suspect("nobody", sim.now).messages and not m.suspect(ids[1], sim.now).messages
+
+
+def test_a_flood_of_suspicions_stays_rate_limited():
+    from chaos_lightning.membership.detector import SUSPECT_PROBES
+
+    sim, ids = cluster(20, "local", seed=3)
+    m = sim.nodes[ids[0]]
+    cfg = sim.config
+    pings = 0
+    t = sim.now
+    # 20,000 suspicions within one probe period: every peer, over and over
+    for i in range(1000):
+        for peer in ids:
+            out = m.suspect(peer, t + i * cfg.probe_interval / 2000)
+            pings += sum(1 for _, _, msg in out.messages if isinstance(msg, Ping))
+    assert pings <= SUSPECT_PROBES, pings
+    # the same node is not probed again within a period, whatever the budget
+    sim.run_for(cfg.probe_interval * 1.01)
+    first = m.suspect(ids[1], sim.now).messages
+    again = m.suspect(ids[1], sim.now + cfg.probe_interval / 3).messages
+    assert len(first) <= 1 and not again
+    # and the cluster is untouched
+    sim.run_for(3.0)
+    assert sim.agreed(size=20) and not sim.events(ev.MemberFailed)
+    assert m.next_deadline() > sim.now
+
+
+def test_suspicions_under_random_faults_keep_the_invariants():
+    """Random crashes with suspicions of every peer fed at random moments
+    (refused where the crashed node's host answers, timeouts where a
+    partition drops): never two views for one epoch, no spin, one view at the
+    end."""
+    import random
+
+    for seed in range(12):
+        rng = random.Random(seed)
+        sim = Simulator(seed=seed, config=Config.preset(rng.choice(PRESETS)))
+        sim.refuse_crashed = rng.random() < 0.7
+        ids = sim.start_cluster(rng.randrange(3, 8))
+        sim.synced(*ids)
+        sim.run_for(1.0)
+        crashed: list[str] = []
+        for _ in range(6):
+            action = rng.random()
+            live = sim.live()
+            if action < 0.3 and len(crashed) < (len(ids) - 1) // 2:
+                victim = rng.choice(live)
+                sim.crash(victim)
+                crashed.append(victim)
+            elif action < 0.4:
+                sim.partition(ids[: len(ids) // 2 + 1])
+            elif action < 0.5:
+                sim.heal()
+            for x in sim.live():
+                if rng.random() < 0.5:
+                    for p in ids:
+                        sim.call(x, lambda m, p=p: m.suspect(p, sim.now))
+            sim.run_for(rng.uniform(0.01, 0.5))
+        sim.heal()
+        live = sim.live()
+        assert sim.run_until(lambda: sim.agreed(among=live), timeout=120), (seed, sim.summary())
+        assert not sim.split, seed
+
+
+# ------------------------------------------------------------ the strategy's call
+class _Agent:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+
+    def suspect(self, ids) -> None:
+        self.calls.append(tuple(ids))
+
+
+class _Rdv:
+    node_id = "a"
+
+    def __init__(self, agent: object | None) -> None:
+        if agent is not None:
+            self.agent = agent
+
+
+def _group(rdv: object):
+    import chaos_lightning.strategy.strategy  # noqa: F401 - the usual import order (lightning registers chaos on import)
+    from chaos_lightning.config import NodeConfig
+    from chaos_lightning.strategy.group import ElasticGroup
+    from chaos_lightning.strategy.trace import Trace
+
+    g = ElasticGroup(NodeConfig(), Trace(None))
+    g.rdv = rdv
+    g.trainers = ("a", "b", "c")
+    return g
+
+
+def test_a_failed_collective_names_the_groups_peers_not_after_an_abort_and_not_without_an_agent():
+    from chaos_lightning.strategy.process_group import CollectiveAborted, CollectiveFailed, CollectiveTimeout
+
+    agent = _Agent()
+    g = _group(_Rdv(agent))
+    g.suspect_peers(CollectiveFailed("all_reduce: Connection closed by peer [127.0.0.1]:1234"))
+    g.suspect_peers(CollectiveTimeout("not completed within 3 s"))
+    g.suspect_peers(CollectiveAborted("aborted"))  # the membership layer raised it: it knows
+    assert agent.calls == [("b", "c"), ("b", "c")]
+    _group(_Rdv(None)).suspect_peers(CollectiveFailed("x"))  # etcd: no agent, no error
+
+    class Broken(_Agent):
+        def suspect(self, ids) -> None:
+            raise RuntimeError("agent is not running")
+
+    _group(_Rdv(Broken())).suspect_peers(CollectiveFailed("x"))  # never raises in the failure path
+
+
+# ------------------------------------------------------------ real processes
+WORKER = Path(__file__).with_name("_train_worker.py")
+
+
+def kill_once(tmp: Path, *, steps_before: int = 8, hidden: int = 16) -> dict:
+    """Three trainers on loopback, one ``kill -9``-ed mid-fit.  Returns the
+    survivors' results and the timings (seconds from the kill): ``commit``,
+    the view without the victim committed at every survivor (their traces);
+    ``step``, the first step in world 2 at every survivor (the JSON records'
+    ``_t``)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _procs import Node
+    from chaos_lightning.testbed.procs import free_port
+
+    n, epochs = 240, 2
+    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    nodes = [
+        Node(WORKER, [str(n), str(epochs), "0.05"],
+             {"CHAOS_BIND": a, "CHAOS_PEERS": "" if i == 0 else addrs[0], "CHAOS_MIN_NODES": "3",
+              "CHAOS_COLLECTIVE_TIMEOUT": "10", "CHAOS_JOIN_TIMEOUT": "60", "CHAOS_TRACE": str(tmp / f"t{i}.jsonl"),
+              "CHAOS_TEST_HIDDEN": str(hidden)},
+             tmp / f"n{i}.log")
+        for i, a in enumerate(addrs)
+    ]
+    victim, survivors = nodes[1], [nodes[0], nodes[2]]
+    try:
+        pids = [x.event("ready", 120)["pid"] for x in nodes]
+        victim.wait(lambda r: r["event"] == "step" and r["step"] >= steps_before, 120)
+        t_mono, t_wall = time.monotonic(), time.time()
+        victim.proc.kill()
+        firsts = [x.wait(lambda r: r["event"] == "step" and r["world"] == 2, 60)["_t"] - t_mono for x in survivors]
+        results = [x.event("done", 180) for x in survivors]
+        codes = [x.exit_code(30) for x in survivors]
+    finally:
+        for x in nodes:
+            x.stop()
+    victim_id = addrs[1]
+    commits = []
+    for i in (0, 2):
+        recs = [json.loads(line) for line in (tmp / f"t{i}.jsonl").read_text().splitlines() if line.strip()]
+        t = min((r["t"] for r in recs if r.get("ev") == "view_committed" and r["t"] > t_wall
+                 and victim_id not in r["members"]), default=float("nan"))
+        commits.append(t - t_wall)
+    logs = [x.log.read_text() for x in survivors]
+    return {"commit": max(commits), "step": max(firsts), "results": results, "codes": codes,
+            "pids": [pids[0], pids[2]], "logs": logs, "epochs": epochs, "n": n}
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_of_one_of_three_the_survivors_go_on_identical_and_exactly_once(tmp_path):
+    r = kill_once(tmp_path)
+    print(f"kill -9 -> view without it at both survivors {r['commit']:.3f} s; "
+          f"-> first step in world 2 at both {r['step']:.3f} s")
+    assert r["codes"] == [0, 0], r["logs"]
+    for text in r["logs"]:
+        assert "Traceback" not in text
+    results = r["results"]
+    assert [x["pid"] for x in results] == r["pids"], "no survivor restarted"
+    assert len({(x["params"], x["optim"], x["global_step"]) for x in results}) == 1, results
+    for x in results:
+        for epoch in range(r["epochs"]):
+            counts = dict(x["epochs"][str(epoch)])
+            assert sorted(counts) == list(range(r["n"])) and set(counts.values()) == {1}, f"epoch {epoch}"
+
+
+if __name__ == "__main__":  # python tests/test_fast_failure.py [kills] [hidden]
+    import tempfile
+
+    kills = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    hidden = int(sys.argv[2]) if len(sys.argv) > 2 else 16
+    import chaos_lightning
+
+    print("code:", os.path.dirname(chaos_lightning.__file__))
+    commit, step = [], []
+    for k in range(kills):
+        with tempfile.TemporaryDirectory() as d:
+            r = kill_once(Path(d), hidden=hidden)
+        ok = r["codes"] == [0, 0] and len({(x["params"], x["optim"]) for x in r["results"]}) == 1
+        print(f"kill {k}: commit {r['commit']:.3f} s, first step {r['step']:.3f} s, invariants {'ok' if ok else 'FAILED'}",
+              flush=True)
+        commit.append(r["commit"])
+        step.append(r["step"])
+    print(f"median of {kills}: kill -> view committed {statistics.median(commit):.3f} s, "
+          f"kill -> first step in world 2 {statistics.median(step):.3f} s")
