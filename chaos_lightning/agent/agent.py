@@ -300,9 +300,9 @@ class Agent:
         contacts = [p for p in peers if p and p != self.addr]
         self._seeds, self._seed_errors, self._seeds_reported = tuple(contacts), {}, False
         if contacts:
-            self._apply(self.machine.join(contacts, now))
+            self._feed(lambda: self.machine.join(contacts, now))
         else:
-            self._apply(self.machine.bootstrap(now))
+            self._feed(lambda: self.machine.bootstrap(now))
 
     async def _shutdown(self) -> None:
         if self._timer is not None:
@@ -366,7 +366,7 @@ class Agent:
         incarnation must call it again."""
         if self._loop is None or self._stopped or self.machine is None:
             return
-        self._call(lambda: self._apply(self.machine.mark_synced(self._now())))
+        self._call(lambda: self._feed(lambda: self.machine.mark_synced(self._now())))
 
     def suspect(self, node_ids: list[str] | tuple[str, ...] | str) -> None:
         """The data plane saw a collective with these peers fail: probe them
@@ -389,7 +389,7 @@ class Agent:
         def run() -> None:
             m = self.machine
             for n in nodes:
-                self._apply(m.suspect(n, self._now()))
+                self._feed(lambda: m.suspect(n, self._now()))
 
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing to probe
             self._call(run)
@@ -404,7 +404,7 @@ class Agent:
         """Leave gracefully; True once a view without us committed."""
         if self._loop is None or self._stopped:
             return False
-        self._call(lambda: self._apply(self.machine.leave(self._now())))
+        self._call(lambda: self._feed(lambda: self.machine.leave(self._now())))
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._phase is not Phase.LEFT and not self._stopped:
@@ -588,6 +588,15 @@ class Agent:
         self._note_decisions(out, t0)
         self._apply(out)
 
+    def _feed(self, call: Callable[[], Output]) -> None:
+        """One input to the machine (``call`` makes it), its decisions timed
+        and noted (every path that can make the machine propose, not only
+        the tick: a refused connection now proposes at once), its output applied."""
+        t0 = time.perf_counter()
+        out = call()
+        self._note_decisions(out, t0)
+        self._apply(out)
+
     def _note_decisions(self, out: Output, t0: float) -> None:
         for e in out.events:
             if isinstance(e, ev.Proposed):
@@ -672,13 +681,13 @@ class Agent:
 
     def _hint(self, peer: _Peer) -> None:
         if peer.node and self.machine is not None:
-            self._apply(self.machine.hint_unreachable(peer.node, self._now()))
+            self._feed(lambda: self.machine.hint_unreachable(peer.node, self._now()))
 
     def _refused(self, peer: _Peer) -> None:
         """A connect to ``peer.addr`` was refused: the process that listened
         there is gone (the machine also probes it at once, as for a hint)."""
         if self.machine is not None:
-            self._apply(self.machine.peer_refused(peer.node, peer.addr, self._now()))
+            self._feed(lambda: self.machine.peer_refused(peer.node, peer.addr, self._now()))
 
     async def _sender(self, peer: _Peer) -> None:
         """Keep one authenticated connection to ``peer`` and drain its queue."""
@@ -778,7 +787,7 @@ class Agent:
         except ConnectionClosed:
             # the peer hung up: a crash closes its sockets at once, so probe it now
             if src and self.machine is not None and not self._stopped:
-                self._apply(self.machine.hint_unreachable(src, self._now()))
+                self._feed(lambda: self.machine.hint_unreachable(src, self._now()))
             raise
 
     # ------------------------------------------------------------------ status, probes
