@@ -68,7 +68,7 @@ from chaos_lightning.wire.frames import (
     HEADER_SIZE,
     KIND_BLOB,
     KIND_MESSAGE,
-    _check_prefix,
+    read_header,
     byte_view,
     frame_header,
     parse_header,
@@ -277,20 +277,10 @@ class Connection:
     async def _read_head(self) -> tuple[bytes, int, int]:
         """The next frame's header, its kind and length (waiting at most ``idle_timeout``)."""
         try:
-            if self.idle_timeout is None:
-                header = await self._reader.readexactly(HEADER_SIZE)
-            else:
-                async with _deadline(self.idle_timeout):
-                    header = await self._reader.readexactly(HEADER_SIZE)
+            async with _deadline(self.idle_timeout):  # None: no bound
+                header = await read_header(self._reader)
         except TimeoutError:
             raise ReadTimeout(f"no frame from {self._peer} for {self.idle_timeout:g}s (idle bound); closing") from None
-        except asyncio.IncompleteReadError as exc:
-            if not exc.partial:
-                raise ConnectionClosed() from None
-            _check_prefix(exc.partial)  # garbage reports as garbage, not as truncation
-            raise TruncatedFrame(
-                f"connection closed mid-frame: got {len(exc.partial)} of {HEADER_SIZE} header bytes"
-            ) from None
         kind, length = parse_header(header, self.max_frame)
         return header, kind, length
 
@@ -506,21 +496,9 @@ async def dial(
     )
 
 
-async def open_connection(
-    host: str,
-    port: int,
-    *,
-    secret: bytes | None,
-    timeout: float,
-    max_frame: int = DEFAULT_MAX_FRAME,
-    idle_timeout: float | None = None,
-    frame_timeout: float | None = DEFAULT_FRAME_TIMEOUT,
-) -> Connection:
-    """Dial ``host:port`` and authenticate (:func:`dial`, same bounds and errors); a :class:`Connection`."""
-    return await dial(
-        host, port, secret=secret, timeout=timeout, max_frame=max_frame,
-        idle_timeout=idle_timeout, frame_timeout=frame_timeout,
-    )
+#: the agent's name for :func:`dial` (same arguments, bounds and errors): one
+#: client side of the handshake, under both names callers know
+open_connection = dial
 
 
 class _Admission:

@@ -176,6 +176,21 @@ class FrameDecoder:
             raise self._error
 
 
+async def read_header(reader: asyncio.StreamReader) -> bytes:
+    """The next frame's raw header: :class:`ConnectionClosed` on a clean EOF
+    before its first byte, :class:`TruncatedFrame` (or the prefix's own error,
+    for garbage) on EOF inside it.  Does not time out by itself."""
+    try:
+        return await reader.readexactly(HEADER_SIZE)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            raise ConnectionClosed() from None
+        _check_prefix(exc.partial)  # garbage reports as garbage, not as truncation
+        raise TruncatedFrame(
+            f"connection closed mid-frame: got {len(exc.partial)} of {HEADER_SIZE} header bytes"
+        ) from None
+
+
 async def read_frame(reader: asyncio.StreamReader, max_size: int = DEFAULT_MAX_FRAME) -> tuple[int, bytes]:
     """Read one frame: ``(kind, payload)``.
 
@@ -184,16 +199,7 @@ async def read_frame(reader: asyncio.StreamReader, max_size: int = DEFAULT_MAX_F
     :func:`parse_header`.  Does not time out by itself: bound it where waiting
     forever would be wrong.
     """
-    try:
-        header = await reader.readexactly(HEADER_SIZE)
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            raise ConnectionClosed() from None
-        _check_prefix(exc.partial)  # garbage reports as garbage, not as truncation
-        raise TruncatedFrame(
-            f"connection closed mid-frame: got {len(exc.partial)} of {HEADER_SIZE} header bytes"
-        ) from None
-    kind, length = parse_header(header, max_size)
+    kind, length = parse_header(await read_header(reader), max_size)
     if not length:
         return kind, b""
     try:
