@@ -326,3 +326,26 @@ def test_the_quorum_flag_and_event_count_voters_only():
     m.detector.apply_status(Fact(DEAD, "b", 0), 2.0, out)
     lost = [e for e in out.events if isinstance(e, ev.QuorumLost)]
     assert not m.quorate and lost == [ev.QuorumLost(3, 1, 3, 0, False)]
+
+
+def test_a_proof_of_death_after_the_loss_is_reported_again():
+    """CI, 2026-12-05: a learner's only voter was declared dead by suspicion
+    (``QuorumLost`` with nothing proven), and its address refused a moment
+    later; the loss had been reported, so the proof never was, and the
+    learner waited its whole join timeout for a view that cannot come.  A
+    proof that comes after the loss is reported in a second event."""
+    v = View(3, (Member("a", "a:1"), Member("j", "j:1")), learners=("j",), trained=True)
+    j = Membership(Member("j", "j:1"), Config.preset("lan"), rng=random.Random(0))
+    j.join(["a"], 0.0)
+    j.receive("a", "a:1", Commit(v, 0, "a", ("a",)), 1.0)
+    assert j.view == v and j.quorate
+    out = Output()
+    j.detector.apply_status(Fact(DEAD, "a", 0), 2.0, out)
+    j._update_quorum(out)
+    lost = [e for e in out.events if isinstance(e, ev.QuorumLost)]
+    assert lost == [ev.QuorumLost(3, 0, 1, 0, False)] and not lost[0].all_voters_dead
+    out = j.peer_refused("a", "a:1", 3.0)
+    (proof,) = [e for e in out.events if isinstance(e, ev.QuorumLost)]
+    assert proof.all_voters_dead and (proof.reachable, proof.voters, proof.proven_dead) == (0, 1, 1)
+    out = j.peer_refused("a", "a:1", 4.0)
+    assert not [e for e in out.events if isinstance(e, ev.QuorumLost)], "the same proof is reported once"

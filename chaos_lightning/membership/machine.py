@@ -160,6 +160,7 @@ class Membership:
         self.phase = Phase.IDLE
         self.view: View | None = None
         self.quorate = True
+        self._lost_proven: int | None = None  # proven-dead voters last reported lost (None: quorate)
 
         self._inc = me.inc  # our incarnation: raised to refute suspicion or to rejoin
         self._addrs: dict[str, str] = {}
@@ -709,6 +710,7 @@ class Membership:
         self._synced = False  # a new incarnation: it must sync (and say so) again
         self._synced_retry_at = float("inf")
         self.quorate = True
+        self._lost_proven = None
 
     def _update_quorum(self, out: Output) -> None:
         """Report a change of the quorum flag: can the voters this node
@@ -724,10 +726,20 @@ class Membership:
         if quorate != self.quorate:
             self.quorate = quorate
             if quorate:
+                self._lost_proven = None
                 out.events.append(ev.QuorumRegained(view.epoch))
-            else:
-                proven = len(self.proven_dead())
-                out.events.append(ev.QuorumLost(view.epoch, alive, voters, proven, self.config.allow_minority))
+                return
+        if quorate:
+            return
+        # Lost: reported at the transition, and again when more of the lost
+        # voters are proven dead (a suspicion timeout may declare a voter
+        # dead before its address refuses us: the proof that no voter is
+        # left, which the layer above stops on, can come after the loss).
+        proven = len(self.proven_dead())
+        first = self._lost_proven is None
+        if first or proven > self._lost_proven:
+            out.events.append(ev.QuorumLost(view.epoch, alive, voters, proven, self.config.allow_minority))
+        self._lost_proven = proven
 
     # ------------------------------------------------------------ sending
     def _epoch(self) -> int:
