@@ -26,7 +26,6 @@ the mean gradient.  That is what ``ddp`` computes with equal per-rank batches
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -37,12 +36,9 @@ import chaos_lightning  # noqa: F401  (registers "chaos")
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+from _say import say  # one whole line per record (tests/_say.py)
 
 BATCH = 4
-
-
-def say(**kw: Any) -> None:
-    print(json.dumps(kw), flush=True)
 
 
 class Teacher(Dataset):

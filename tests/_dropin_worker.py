@@ -30,7 +30,6 @@ Features:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -47,14 +46,11 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from _train_worker import digest
+from _say import say  # one whole line per record (tests/_say.py)
 
 
 DIE_AFTER_D = threading.Event()  # manual: set by SIGUSR1
 LR, DECAY = 1e-2, 0.99  # the norm feature's schedule: LR * DECAY ** applied_steps
-
-
-def say(**kw) -> None:
-    print(json.dumps(kw), flush=True)
 
 
 def tensors(n: int, seed: int) -> TensorDataset:

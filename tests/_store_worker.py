@@ -4,7 +4,6 @@ next epoch after a member left.  Prints JSON lines."""
 
 from __future__ import annotations
 
-import json
 import sys
 from datetime import timedelta
 
@@ -12,10 +11,7 @@ import torch
 import torch.distributed as dist
 
 from chaos_lightning.rendezvous import create
-
-
-def say(**kw) -> None:
-    print(json.dumps(kw), flush=True)
+from _say import say  # one whole line per record (tests/_say.py)
 
 
 def group_sum(rdv, view) -> float:

@@ -21,7 +21,6 @@ starts (a joiner's pull from it fails: connection refused)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -32,10 +31,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
-
-
-def say(**kw) -> None:
-    print(json.dumps(kw), flush=True)
+from _say import say  # one whole line per record (tests/_say.py)
 
 
 class Indexed(Dataset):
