@@ -33,7 +33,7 @@ import pytest
 import torch
 
 from chaos_lightning.strategy.sampler import ElasticSampler, Ledger
-from chaos_lightning.strategy.switch import Action, Control, Decision, Window, decide, usable_for_switch
+from chaos_lightning.strategy.switch import Action, Control, Decision, Window, adoptable, decide, usable_for_switch
 from chaos_lightning.strategy.sync import Claim, Freshness, SyncAction, SyncPlan, plan_sync
 
 NONE, ABORTED, APPLIED = Freshness.NONE, Freshness.ABORTED, Freshness.APPLIED
@@ -50,7 +50,7 @@ def test_the_control_record_sums_and_decodes_exactly_beyond_bfloat16s_integers()
     records = [Control.local(rank=r, world=world, samples=101, epoch=epoch, leaving=r == 2) for r in range(world)]
     assert all(len(r) == Control.size(world) for r in records)
     via_int64 = torch.stack([torch.tensor(r, dtype=torch.int64) for r in records]).sum(0).tolist()
-    assert Control.decode(via_int64) == Control(samples=303, epoch_sum=900, leavers=(2,))
+    assert Control.decode(via_int64) == Control(samples=303, epoch_sum=900, leavers=(2,), epochs=(300, 300, 300))
     # the reason the record is not in the parameters' dtype
     via_bf16 = torch.stack([torch.tensor(r, dtype=torch.bfloat16) for r in records]).sum(0)
     assert int(via_bf16[0].item()) != 303
@@ -90,6 +90,29 @@ def test_decide_every_branch() -> None:
     assert decision(control=newer, steps_remaining=0) == Decision(Action.DEFER)
     # a leave at the epoch's last step is not deferred
     assert decision(control=leave, steps_remaining=0).action is Action.SWITCH
+
+
+def test_a_newer_view_every_rank_knows_may_be_adopted_in_place_and_nothing_else() -> None:
+    """``adoptable``: the one newer epoch every rank reported, after a
+    successful step with no leaver; the caller adopts it if its trainers are
+    the group's (a learner's promotion), else switches as before."""
+    records = [Control.local(rank=r, world=3, samples=10, epoch=6, leaving=False) for r in range(3)]
+    agreed = Control.decode(summed(records))
+    assert agreed.epochs == (6, 6, 6)
+    switch = decision(control=agreed)
+    assert switch == Decision(Action.SWITCH)
+    assert adoptable(switch, agreed, 5) == 6
+    # one rank knows epoch 7 already: they switch and meet in the newest
+    mixed = Control.decode(summed([*records[:2], Control.local(rank=2, world=3, samples=10, epoch=7, leaving=False)]))
+    assert adoptable(decision(control=mixed), mixed, 5) is None
+    # a failed step, a leaver, a deferral, nothing newer: never
+    assert adoptable(decision(failed=True), None, 5) is None
+    leaving = Control.decode(summed([Control.local(rank=r, world=3, samples=10, epoch=6, leaving=r == 1)
+                                     for r in range(3)]))
+    assert adoptable(decision(control=leaving), leaving, 5) is None
+    assert adoptable(decision(control=agreed, steps_remaining=0), agreed, 5) is None
+    same = Control.decode(summed([Control.local(rank=r, world=3, samples=10, epoch=5, leaving=False) for r in range(3)]))
+    assert adoptable(decision(control=same), same, 5) is None
 
 
 def usable(**kw: object) -> bool:

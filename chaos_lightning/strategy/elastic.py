@@ -45,7 +45,7 @@ from chaos_lightning.strategy.group import ElasticGroup, VotersGone
 from chaos_lightning.strategy.process_group import CollectiveError
 from chaos_lightning.strategy.sampler import ElasticSampler, Ledger
 from chaos_lightning.strategy.state_sync import REPL_META_KEY, NewcomerFailed, PullFailed, StateSync
-from chaos_lightning.strategy.switch import Control, Decision, Window, decide, usable_for_switch
+from chaos_lightning.strategy.switch import Action, Control, Decision, Window, adoptable, decide, usable_for_switch
 from chaos_lightning.strategy.sync import Freshness, SyncAction
 from chaos_lightning.strategy.trace import Trace
 
@@ -273,8 +273,9 @@ class ElasticMember:
         total = sum(len(sampler.block(j)) for j in window)
         flat = self._grads.gather(params, n / total if total > 0 else 0.0)
         g = self.group
+        known = g.known(g.rdv.current_view())  # kept: the view a decision to adopt it names (switch.adoptable)
         control = torch.tensor(
-            Control.local(rank=self.global_rank, world=len(g.trainers), samples=n, epoch=g.rdv.current_view().epoch,
+            Control.local(rank=self.global_rank, world=len(g.trainers), samples=n, epoch=known.epoch,
                           leaving=self._leave_requested),
             dtype=torch.int64,
         )
@@ -317,10 +318,14 @@ class ElasticMember:
                 self.trace.emit("step", step=global_step, samples=control.samples, world=self.world_size)
         else:
             self.trace.emit("step_failed", step=global_step)
-        return decide(
+        decision = decide(
             failed=failed, control=control, world=len(self.group.trainers), view_epoch=self.group.view.epoch,
             rank=self.global_rank, steps_remaining=sampler.steps_remaining(),
         )
+        epoch = adoptable(decision, control, self.group.view.epoch)
+        if epoch is not None and self.group.adopt(epoch):
+            return Decision(Action.STAY)  # the same trainers in a newer view: the group stays as it is
+        return decision
 
     def _switch(self, decision: Decision) -> None:
         """Form the group of a view newer than this one (``decision`` says

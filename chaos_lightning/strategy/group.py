@@ -37,6 +37,8 @@ __all__ = ["ElasticGroup"]
 
 #: seconds between two looks at a regroup barrier (:meth:`ElasticGroup._regroup`)
 REGROUP_POLL_S = 0.02
+#: views a rank keeps of those it reported in control records (:meth:`ElasticGroup.known`)
+KEEP_REPORTED = 8
 
 
 class VotersGone(RuntimeError):
@@ -72,6 +74,8 @@ class ElasticGroup:
         self._attempt: tuple[int, int] | None = None
         #: generation of the current group within its view (0: the view's first)
         self.generation = 0
+        #: the views this rank reported in control records, by epoch (:meth:`known`)
+        self._reported: dict[int, View] = {}
 
     def open(self, meta: dict[str, str]) -> None:
         """Bind and start the agent (no join yet)."""
@@ -275,6 +279,38 @@ class ElasticGroup:
             time.sleep(REGROUP_POLL_S)
             arrived = store.add(f"regroup/{generation}/arrived", 0)
         return generation
+
+    def known(self, view: View) -> View:
+        """Keep ``view``, which this rank reports in a step's control record
+        (the few newest): a decision to adopt it (:meth:`adopt`) names it by
+        its epoch, and by then the agent may have committed a newer one."""
+        with self._lock:
+            if view.epoch not in self._reported:
+                self._reported[view.epoch] = view
+                for old in sorted(self._reported)[:-KEEP_REPORTED]:
+                    del self._reported[old]
+        return view
+
+    def adopt(self, epoch: int) -> bool:
+        """Take the view of ``epoch`` (reported by every rank of the group)
+        as this group's own if its trainers are the group's, in the same
+        order: no new process group, no state sync (issue 13: the learner
+        promotion after every join rebuilt the group for nothing).  Every
+        rank holds the same view for an epoch, so every rank decides alike."""
+        with self._lock:
+            view = self._reported.get(epoch)
+            if view is None or self.view is None or view.epoch <= self.view.epoch:
+                return False
+            if tuple(view.connected()) != tuple(self.trainers):
+                return False
+            self.view = view
+        self.trace.emit(
+            "trainers", epoch=view.epoch, world=len(self.trainers), trainers=list(self.trainers), stall_s=0.0,
+            joined=False, failed_step=False, group_init_s=0.0, adopted=True,
+        )
+        log.info("chaos: view epoch %d keeps the group's %d trainers: training on in the same group",
+                 view.epoch, len(self.trainers))
+        return True
 
     def _on_event(self, event: object) -> None:
         # Agent thread: only flags.  Any news that a member we train with is

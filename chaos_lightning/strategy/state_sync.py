@@ -199,11 +199,13 @@ class StateSync:
                 snapshot.manifest.total_bytes / 1e6, len(snapshot.manifest.shards), member.world_size - len(holders),
             )
         rank, world = member.global_rank, member.world_size
+        pulled: tuple[PullResult, dict[str, str]] | None = None
         try:
             member.collective(torch.ones(1))  # every snapshot is published
             ok = 1
             if not holding:
-                ok = 1 if self._pull_from(member, [member.member_at(r) for r in holders]) else 0
+                pulled = self._pull_from(member, [member.member_at(r) for r in holders])
+                ok = 1 if pulled is not None else 0
             # one flag per rank: everyone learns who could not pull
             flags = torch.zeros(world, dtype=torch.int64)
             flags[rank] = ok
@@ -213,6 +215,13 @@ class StateSync:
         finally:
             if holding:
                 self._server.retract()
+            if pulled is not None:
+                # the bytes are here: the holders went back to training at the
+                # flags, and the copy into place is this node's own time (issue
+                # 13: it was inside the members' wait).  Loaded also when the
+                # flags failed: this replica then holds the members' state
+                # (StateSync.received), as when it loaded before them.
+                self._load_pulled(member, *pulled)
         failed = [r for r in range(world) if flags[r].item() == 0]
         if not failed:
             return
@@ -224,7 +233,10 @@ class StateSync:
                     "without them", nodes)
         raise NewcomerFailed(f"newcomer(s) {nodes} could not pull the state")
 
-    def _pull_from(self, member: ElasticMember, holders: list[Any]) -> bool:
+    def _pull_from(self, member: ElasticMember, holders: list[Any]) -> tuple[PullResult, dict[str, str]] | None:
+        """The state pulled from ``holders`` (several at once, on the
+        bandwidth-aware plan, retried on others) and which node each source
+        address is; None if every attempt failed.  Not loaded yet."""
         candidates = [Holder(m.id, dict(m.meta).get(REPL_META_KEY, "")) for m in holders]
         candidates = [c for c in candidates if c.addr]
         monitor = member.monitor
@@ -263,7 +275,11 @@ class StateSync:
                 elif attempt < PULL_ATTEMPTS:
                     time.sleep(min(PULL_RETRY_S * attempt, max(0.0, deadline - time.monotonic())))
             if result is None:
-                return False
+                return None
+        return result, {c.addr: c.node for c in chosen}
+
+    def _load_pulled(self, member: ElasticMember, result: PullResult, node_of: dict[str, str]) -> None:
+        t0 = time.monotonic()
         state = unpack_tree(result.meta, result.tensors)
         with torch.no_grad():
             for dst, src in zip(member.replica_tensors(), state["module"], strict=True):
@@ -271,14 +287,13 @@ class StateSync:
         load_training_state(member, state["training"])
         self.received = True
         self.last_pull = result
-        node_of = {c.addr: c.node for c in chosen}
+        monitor = member.monitor
         if monitor is not None:
             for report in result.sources:
                 if report.bytes and report.seconds and report.addr in node_of:
                     monitor.record_transfer(node_of[report.addr], report.bytes, report.seconds, "down")
-        log.info("chaos: pulled %.1f MB from %d members in %.3fs", result.total_bytes / 1e6, len(chosen), result.seconds)
+        log.info("chaos: pulled %.1f MB from %d members in %.3fs", result.total_bytes / 1e6, len(node_of), result.seconds)
         member.trace.emit(
-            "pull", bytes=result.total_bytes, seconds=result.seconds,
+            "pull", bytes=result.total_bytes, seconds=result.seconds, load_s=time.monotonic() - t0,
             sources=[{"node": node_of.get(r.addr, r.addr), "bytes": r.bytes, "seconds": r.seconds} for r in result.sources],
         )
-        return True
