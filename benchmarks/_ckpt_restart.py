@@ -26,7 +26,8 @@ worker has built its model -> that step; ``first_step_s`` event -> first step
 end in the new world at the joiner (join) or at every survivor (kill, the
 latest); ``idle_sum_s``/``idle_max_s`` per survivor, its last step end in the
 old worker -> its first step end in the new world, minus the median of the 10
-step intervals before; ``steps_lost`` the survivors' last completed global
+step intervals before (a join: of the new world's steps from that first one
+on, the steps before having run beside the joiner's start-up); ``steps_lost`` the survivors' last completed global
 step before the restart minus the step the new world resumed from.
 
 Rendezvous settings (``RDZV_CONF``) are tuned in the baseline's favour:
@@ -191,8 +192,13 @@ class Cluster:
         self.agents.clear()
 
 
-def _survivor(events: list[dict], t0: float, world: int) -> dict:
-    """One survivor around an event at ``t0``: last step of its old worker, first in world ``world``, idle."""
+def _survivor(events: list[dict], t0: float, world: int, join: bool = False) -> dict:
+    """One survivor around an event at ``t0``: last step of its old worker, first in world ``world``, idle.
+
+    The normal step of a join is the median of up to 10 intervals of the new
+    world's steps from that first one on (at least 3; else the old worker's):
+    the old worker's last steps ran beside the joiner's start-up, which slowed
+    them (the rule of every system, chaos_lightning.scenario.report)."""
     steps = [e for e in events if e["ev"] == "step"]
     before = [e for e in steps if e["t"] <= t0]
     if not before:
@@ -205,6 +211,9 @@ def _survivor(events: list[dict], t0: float, world: int) -> dict:
         raise RuntimeError("survivor has no step in the new world")
     first = after[0]
     tail = [e["t"] for e in old[-(STEADY_STEPS):]]
+    new = [e["t"] for e in after if e["pid"] == first["pid"]][: STEADY_STEPS]
+    if join and len(new) >= 4:
+        tail = new
     normal = statistics.median(b - a for a, b in zip(tail, tail[1:])) if len(tail) > 1 else 0.0
     workers = {e["pid"] for e in events if e["ev"] == "start" and last["t"] < e["t"] <= first["t"]} | {first["pid"]}
     resume = next((e for e in events if e["ev"] == "resume" and e["pid"] == first["pid"]), None)
@@ -212,8 +221,8 @@ def _survivor(events: list[dict], t0: float, world: int) -> dict:
             "generations": len(workers), "resume_gs": resume["gs"] if resume else None}
 
 
-def _common(cluster: Cluster, survivors: list[str], t0: float, world: int) -> tuple[list[dict], dict]:
-    per = [_survivor(cluster.events(s), t0, world) for s in survivors]
+def _common(cluster: Cluster, survivors: list[str], t0: float, world: int, join: bool = False) -> tuple[list[dict], dict]:
+    per = [_survivor(cluster.events(s), t0, world, join) for s in survivors]
     idles = [p["idle"] for p in per]
     resumed = [p["resume_gs"] for p in per if p["resume_gs"] is not None]
     last_gs = max(p["last"]["gs"] for p in per)
@@ -267,7 +276,7 @@ def measure(*, nodes: int, hidden: int, reps: int, step_sleep: float, workdir: P
                 first = next(e for e in ev if e["ev"] == "step" and e["ws"] == nodes + 1)
                 built = next(e for e in ev if e["ev"] == "built" and e["pid"] == first["pid"])
                 start = next(e for e in ev if e["ev"] == "start" and e["pid"] == first["pid"])
-                per, extra = _common(cluster, members, t0, nodes + 1)
+                per, extra = _common(cluster, members, t0, nodes + 1, join=True)
                 notes = (f"all {nodes} survivors restarted (new worker processes, imports, checkpoint load); "
                          f"resumed from step {extra['resumed_from']}; normal step {extra['normal_step_s']:.3f} s; "
                          f"joiner: agent start -> worker start {start['t'] - cluster.started[joiner]:.2f} s, "

@@ -364,3 +364,39 @@ def test_graceful_leave_costs_the_survivors_only_the_switch(tmp_path):
     # from the last step before the switch (1.3), not before the leave request (1.0): 0.15 - 0.1
     assert leave["survivor_idle"]["per_node"] == {"n0": approx(0.05), "n1": approx(0.05)}
     assert result["nodes"]["n2"]["ending"] == "left"
+
+
+def test_a_joins_idle_is_against_the_new_groups_steps_and_its_warm_time_is_broken_down(tmp_path):
+    """Issue 13: the members' steps before a join ran beside the joiner's
+    start-up and were slow (0.3 s here against 0.1 s), which made the idle
+    look small; the baseline of a join is the first steps in the new group.
+    The warm scale-out is split into admission, group, pull, load, the rest
+    of the switch and the first step."""
+    s = Scenario()
+    three, four = ["n0", "n1", "n2"], ["n0", "n1", "n2", "n3"]
+    s.action(-6.0, "start", three)
+    s.view(1, three, {n: -2.0 for n in three})
+    s.trainers(1, three, -0.5, 0.0, joined=tuple(three))
+    for k in range(12):  # slowed by the joiner's start-up: a step every 0.3 s
+        for n in three:
+            s.rec(n, round(0.3 * k, 6) + OFF[n], "step", step=1 + k, samples=BATCH * 3, world=3)
+    s.action(0.5, "join", ["n3"])
+    s.rec("n3", 0.6, "start", proc_start=T0 + 0.5)
+    s.rec("n3", 3.0, "join_request")
+    s.view(2, four, {"n0": 3.04, "n1": 3.04, "n2": 3.04, "n3": 3.05})
+    s.rec("n3", 3.8, "pull", bytes=40_000_000, seconds=0.4, load_s=0.02, sources=[])
+    for n in four:  # the group formed at 4.0 (the members' last step was at 3.3)
+        s.rec(n, 4.0, "trainers", epoch=2, world=4, trainers=[ID[m] for m in four], stall_s=0.7 if n != "n3" else 1.0,
+              joined=n == "n3", failed_step=False, group_init_s=0.3)
+    s.steps(four, 13, 4.25, 12)  # the new group: a step every 0.1 s
+    s.action(6.0, "end", [])
+    result = rep.analyze(s.write(tmp_path / "run", torn=False))
+    join = by_action(result, "join")
+    idle = join["survivor_idle"]
+    assert idle["baseline"] == "after" and idle["normal_step_s"]["n0"] == approx(0.1)
+    # 3.3 -> 4.25 minus one normal step of the new group (was minus 0.3: 0.65)
+    assert idle["per_node"]["n0"] == approx(0.85)
+    parts = join["scale_out"]["n3"]["breakdown"]
+    assert parts == {"admission_s": approx(0.05), "group_s": approx(0.3), "pull_s": approx(0.4), "load_s": approx(0.02),
+                     "rest_s": approx(0.23), "first_step_s": approx(0.256)}
+    assert join["scale_out"]["n3"]["warm_s"] == approx(1.256)

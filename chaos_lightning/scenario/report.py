@@ -34,10 +34,15 @@ that compute them):
   the node joining, leaving, killed or stopped, not a sidelined node; the end
   of a cut link that keeps training is a survivor): its first step in the new
   group minus its last step before switching into it, minus its median step
-  interval over the 10 steps before, floored at 0; for an undetected stop,
-  each other trainer's first step after the action minus its last before;
+  interval (a join: over the 10 steps from that first one on, in the new
+  group, since the steps before ran beside the joiner's start-up; else over
+  the 10 steps before; ``baseline`` says which), floored at 0; for an
+  undetected stop, each other trainer's first step after the action minus
+  its last before;
 - *scale-out*: the joiner's ``proc_start`` (cold) or ``join_request`` (warm)
-  to its first step; *transfer bound*: pull bytes / min(joiner downlink, sum
+  to its first step, and where the warm part went (``breakdown``: admission
+  to the view, the group formed around it, the pull, the load, the first
+  step); *transfer bound*: pull bytes / min(joiner downlink, sum
   of the sources' uplinks) with the rates of ``links.json`` and the
   ``throttle`` actions before the pull, in bits per second as the timeline's
   rates (``20mbit`` -> 20e6).
@@ -493,6 +498,14 @@ def _normal_step(node: _Node, last: dict) -> float | None:
     return statistics.median(gaps) if gaps else None
 
 
+def _normal_after(node: _Node, first: dict, until: float) -> float | None:
+    """Median of up to ``NORMAL_STEPS`` step intervals from ``first`` on,
+    before ``until`` (the next action); None with fewer than 3."""
+    ts = [r["t"] for r in node.records if r["ev"] == "step" and first["t"] <= r["t"] < until][: NORMAL_STEPS + 1]
+    gaps = _intervals(ts)
+    return statistics.median(gaps) if len(gaps) >= 3 else None
+
+
 def _was_training(node: _Node, before: float) -> bool:
     """Stepped before ``before`` and not sidelined since its last step."""
     step = node.last("step", before)
@@ -554,8 +567,22 @@ def _survivor_idle(run: _Run, act: dict, view: dict, first: dict, switches: dict
         cell["reason"] = "no surviving trainer"
         return cell
     idle: dict[str, float] = {}
+    # A join's baseline is the survivor's steps in the new group, after its
+    # first one: the steps before it ran beside the joiner's start-up
+    # (imports, model build: 5-9 s of CPU on this 2-core machine), which
+    # slowed them and so shrank the idle; the steps after are the world the
+    # survivor trains in now.  Every other event: the steps before it.  The
+    # baselines of benchmarks/_torchft.py and _ckpt_restart.py follow the
+    # same rule (issue 13).
+    until = min((a["t"] for a in run.actions if a["t"] > t0), default=math.inf)
+    cell["baseline"] = "after" if act["action"] == "join" else "before"
     for name, (before, after) in spans.items():
-        normal = _normal_step(run.nodes[name], before)
+        node = run.nodes[name]
+        normal = _normal_after(node, after, until) if act["action"] == "join" else None
+        if normal is None:
+            if act["action"] == "join":
+                cell["baseline"] = "before"  # too few steps in the new group before the next action
+            normal = _normal_step(node, before)
         if normal is None:
             cell["reason"] = f"{name} has too few steps before the event for a normal step time"
             return cell
@@ -650,9 +677,31 @@ def _scale_out(run: _Run, name: str, act: dict) -> tuple[dict, dict | None]:
             reasons.append("no join_request record")
         else:
             cell["warm_s"] = _r(step["t"] - request["t"])
+            cell["breakdown"] = _warm_breakdown(node, request, group, step)
     cell["reason"] = "; ".join(reasons) or None
     rec = node.first("pull", after=act["t"])
     return cell, (_pull(run, name, rec) if rec is not None else {"reason": f"no pull record from {name}"})
+
+
+def _warm_breakdown(node: _Node, request: dict, group: dict, step: dict) -> dict[str, float | None]:
+    """Where a warm scale-out went, from the joiner's trace: ``admission_s``
+    (join request -> the view with it committed), ``group_s`` (-> its group
+    formed: the members finish the step they are in, then meet it),
+    ``pull_s`` and ``load_s`` (the state transfer and its copy into place),
+    ``rest_s`` (the other work of the switch: claims, the holders' snapshot,
+    flags) and ``first_step_s`` (the group formed -> its first step)."""
+    view = node.first("view_committed", after=request["t"] - 1e-9)
+    pull = node.first("pull", after=request["t"])
+    admission = view["t"] - request["t"] if view is not None else None
+    switch = group["t"] - view["t"] if view is not None else None
+    init = _num(group.get("group_init_s"))
+    pulled = _num(pull.get("seconds")) if pull is not None else None
+    load = _num(pull.get("load_s")) if pull is not None else None
+    rest = None
+    if switch is not None and init is not None:
+        rest = max(0.0, switch - init - (pulled or 0.0) - (load or 0.0))
+    return {"admission_s": _r(admission), "group_s": _r(init), "pull_s": _r(pulled), "load_s": _r(load),
+            "rest_s": _r(rest), "first_step_s": _r(step["t"] - group["t"])}
 
 
 def _action(run: _Run, index: int, act: dict) -> dict:
