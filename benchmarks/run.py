@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
 import _chaos  # noqa: E402
+import _machine  # noqa: E402
 
 SYSTEM_ORDER = ("chaos", "chaos-etcd", "chaos-1src", "ckpt-restart", "torchft")
 SYSTEM_LABEL = {
@@ -373,7 +374,9 @@ def markdown(doc: dict[str, Any]) -> str:
         f"({doc['machine']['cpus']} CPUs, {doc['machine']['platform']}; {doc['wall_s']:.0f} s). "
         "Every system in one run, on the same model and data (the scenario workload: an MLP with Adam on synthetic "
         "data, 16 samples per process and step); definitions in DESIGN.md \"How performance is measured\", "
-        "method in [docs/benchmarks.md](docs/benchmarks.md). Cells: median [min-max] over the repetitions.",
+        "method in [docs/benchmarks.md](docs/benchmarks.md). Cells: median [min-max] over the repetitions."
+        + (f" Memory faulted in first: {doc['machine']['prefaulted']['gib']:.1f} GiB."
+           if doc["machine"].get("prefaulted", {}).get("gib") else ""),
         *(["", f"Re-measured in a second run and merged (`--merge`): {', '.join(doc['merged']['remeasured'])}."]
           if doc.get("merged") else []),
         "",
@@ -478,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-steady", action="store_true", help="skip the steady-state ddp comparison")
     ap.add_argument("--no-testbed", action="store_true", help="skip the shaped-link transfer runs")
     ap.add_argument("--no-membership", action="store_true", help="skip the membership decision times")
+    ap.add_argument("--prefault-gib", type=float, default=8.0,
+                    help="memory to fault in once before anything is timed (a VM backs guest pages lazily; "
+                         "benchmarks/_machine.py); 0 skips (default %(default)s)")
     ap.add_argument("--merge", type=Path, metavar="RESULTS_JSON",
                     help="keep an earlier run's records of what this run does not measure (re-measure one system "
                          "after a fix: --systems torchft --no-steady --no-membership --no-testbed --merge ...)")
@@ -509,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
 
     records: list[dict[str, Any]] = []
     extra: list[dict[str, Any]] = []
+    prefaulted = _machine.prefault(args.prefault_gib) if args.prefault_gib > 0 else {"gib": 0.0, "seconds": 0.0}
+    say(f"memory faulted in: {prefaulted['gib']:.1f} GiB in {prefaulted['seconds']:.1f} s")
+
     def measured(what: str, fn: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
         """One of the extra measurements; its failure loses only its own rows."""
         say(what)
@@ -546,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "plan": plan_doc,
         "machine": {"when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
+                    "python": platform.python_version(), "prefaulted": prefaulted},
         "wall_s": wall_s, "merged": merged,
         "records": records, "extra": extra, "aggregates": agg,
     }
