@@ -24,6 +24,7 @@ the same measurement against it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -312,3 +313,25 @@ if __name__ == "__main__":  # python tests/test_fast_failure.py [kills] [hidden]
         step.append(r["step"])
     print(f"median of {kills}: kill -> view committed {statistics.median(commit):.3f} s, "
           f"kill -> first step in world 2 {statistics.median(step):.3f} s")
+
+
+def test_a_node_in_a_minority_says_so_for_as_long_as_it_waits(capsys):
+    """Issue 14: a minority logged one line at the loss and then waited in
+    silence; the wait for a view now shows it (a progress bar on stderr,
+    after 2 s, as every long wait) and traces it, until the majority returns."""
+    class Silent(_Rdv):
+        def next_view(self, after_epoch: int, timeout: float):
+            time.sleep(min(timeout, 0.2))
+            return None
+
+    g = _group(Silent(None))
+    g.config = dataclasses.replace(g.config, join_timeout=2.6)
+    g._on_event(ev.QuorumLost(epoch=4, reachable=1, voters=3))
+    assert g.minority is not None
+    with pytest.raises(TimeoutError):
+        g.form(None, lambda v: False, time.monotonic() + 2.6)
+    assert "in a minority (1 of 3 voters reachable), waiting for the majority" in capsys.readouterr().err
+    g._on_event(ev.QuorumRegained(epoch=4))
+    assert g.minority is None
+    g._on_event(ev.QuorumLost(epoch=4, reachable=1, voters=3, allow_minority=True))
+    assert g.minority is None, "a node told to go on in a minority is not waiting"

@@ -74,6 +74,9 @@ class ElasticGroup:
         self._attempt: tuple[int, int] | None = None
         #: generation of the current group within its view (0: the view's first)
         self.generation = 0
+        #: set while this node cannot reach a majority of its view's voters (the
+        #: agent's QuorumLost, until QuorumRegained): a wait for a view shows it
+        self.minority: ev.QuorumLost | None = None
         #: the views this rank reported in control records, by epoch (:meth:`known`)
         self._reported: dict[int, View] = {}
 
@@ -187,6 +190,13 @@ class ElasticGroup:
                     deadline = max(deadline, self.sidelined_since + self.config.sideline_timeout)
                 if self.voters_gone is not None and (view is None or view.epoch <= self.voters_gone):
                     raise VotersGone(f"every voter of epoch {self.voters_gone} is proven dead")
+                lost = self.minority
+                if lost is not None and bar is None:
+                    # the agent said it once in the log; the bar says it for as long as it lasts
+                    self.trace.emit("minority", epoch=lost.epoch, reachable=lost.reachable, voters=lost.voters)
+                    bar = progress(f"chaos: in a minority ({lost.reachable} of {lost.voters} voters reachable), "
+                                   "waiting for the majority")
+                    bar.__enter__()
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"chaos: no usable view after {self.config.join_timeout}s")
@@ -321,6 +331,10 @@ class ElasticGroup:
         if isinstance(event, ev.ViewChanged):
             v = event.view
             self.trace.emit("view_committed", epoch=v.epoch, members=list(v.ids), down_links=[list(p) for p in v.down_links])
+        if isinstance(event, ev.QuorumLost) and not event.all_voters_dead and not event.allow_minority:
+            self.minority = event
+        elif isinstance(event, ev.QuorumRegained):
+            self.minority = None
         if isinstance(event, ev.QuorumLost) and event.all_voters_dead:
             self.voters_gone = event.epoch
             self.abort.set()
