@@ -335,3 +335,25 @@ def test_a_node_in_a_minority_says_so_for_as_long_as_it_waits(capsys):
     assert g.minority is None
     g._on_event(ev.QuorumLost(epoch=4, reachable=1, voters=3, allow_minority=True))
     assert g.minority is None, "a node told to go on in a minority is not waiting"
+
+
+def test_a_newer_view_is_adopted_in_place_only_with_the_same_processes_in_the_same_order():
+    """Issue 13: a learner's promotion keeps the trainers; the group adopts
+    the view every rank reported instead of rebuilding.  A node restarted
+    under its id (a new incarnation), another order, or a view nobody
+    reported is never adopted: those switch as before."""
+    from chaos_lightning.membership.view import Member, View
+
+    g = _group(_Rdv(None))
+    members = tuple(Member(n, f"{n}:1") for n in ("a", "b", "c"))
+    g.view = View(5, members + (Member("j", "j:1"),), learners=("j",), trained=True)
+    g.trainers = ("a", "b", "c", "j")
+    promoted = g.known(View(6, g.view.members, trained=True))
+    assert g.adopt(7) is False, "never reported"
+    assert g.adopt(6) is True and g.view is promoted and g.trainers == ("a", "b", "c", "j")
+    assert g.adopt(6) is False, "not newer than the group's own"
+    restarted = (members[0], members[1], Member("c", "c:1", inc=1), Member("j", "j:1"))
+    g.known(View(7, restarted, trained=True))
+    assert g.adopt(7) is False, "c is a new process"
+    g.known(View(8, (members[1], members[0], members[2], Member("j", "j:1")), trained=True))
+    assert g.adopt(8) is False, "the ranks would change"

@@ -313,6 +313,10 @@ class ElasticGroup:
                 return False
             if tuple(view.connected()) != tuple(self.trainers):
                 return False
+            # the same processes, not only the same names: a node restarted
+            # under its id is a new incarnation, outside this process group
+            if any(view.member(n) != self.view.member(n) for n in self.trainers):
+                return False
             self.view = view
         self.trace.emit(
             "trainers", epoch=view.epoch, world=len(self.trainers), trainers=list(self.trainers), stall_s=0.0,
