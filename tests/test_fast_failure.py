@@ -357,3 +357,45 @@ def test_a_newer_view_is_adopted_in_place_only_with_the_same_processes_in_the_sa
     assert g.adopt(7) is False, "c is a new process"
     g.known(View(8, (members[1], members[0], members[2], Member("j", "j:1")), trained=True))
     assert g.adopt(8) is False, "the ranks would change"
+
+
+def test_a_late_rank_never_enters_gloo_for_a_group_the_others_left():
+    """The long soak (docs/results/soak/seed0-200events-hang.md): ranks that
+    gave up forming a view's group left their addresses in its store; a node
+    back from a partition learnt that view late, found every key, and waited
+    in gloo's connect for good.  Now each rank counts itself in and out of
+    the group's rendezvous and enters gloo only when all are there; a rank
+    removed by a newer view gives up at once."""
+    import torch.distributed as dist
+
+    from chaos_lightning.membership.view import Member, View
+
+    class Removed:
+        def __init__(self, epoch: int) -> None:
+            self.view = View(epoch, (Member("b", "b:1"),))
+
+    class Agent:
+        removed = None
+
+    class Rdv(_Rdv):
+        def current_view(self):
+            return view
+
+    view = View(163, tuple(Member(n, f"{n}:1") for n in ("a", "b", "c")))
+    store = dist.HashStore()
+    g = _group(Rdv(Agent()))
+    # the others came and left (superseded): the count is back where it was
+    assert store.add("meet/present", 2) == 2 and store.add("meet/present", -2) == 0
+    g.rdv.agent.removed = Removed(164)
+    assert "removed in epoch 164" in g._superseded(view)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="removed in epoch 164"):
+        g._meet(store, view, 3)
+    assert time.monotonic() - t0 < 1.0
+    assert store.add("meet/present", 0) == 0, "counted out again"
+    # all there: no wait
+    g.rdv.agent.removed = None
+    assert g._superseded(view) is None
+    store.add("meet/present", 2)
+    g._meet(store, view, 3)
+    assert store.add("meet/present", 0) == 3

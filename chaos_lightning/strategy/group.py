@@ -37,6 +37,8 @@ __all__ = ["ElasticGroup"]
 
 #: seconds between two looks at a regroup barrier (:meth:`ElasticGroup._regroup`)
 REGROUP_POLL_S = 0.02
+#: seconds between two looks at the count of trainers forming a group (:meth:`ElasticGroup._meet`)
+MEET_POLL_S = 0.005
 #: views a rank keeps of those it reported in control records (:meth:`ElasticGroup.known`)
 KEEP_REPORTED = 8
 
@@ -216,6 +218,8 @@ class ElasticGroup:
             generation = self._regroup(store, view, trainers, self._attempt[1], deadline)
             store = dist.PrefixStore(f"regroup/{generation}/", store)
         self._attempt = (view.epoch, generation)
+        if generation == 0:
+            self._meet(store, view, len(trainers))
         self.pg.switch(trainers.index(self.node_id), len(trainers), store, self.config.collective_timeout)
         with self._lock:
             self.abort.clear()
@@ -225,6 +229,40 @@ class ElasticGroup:
             # already gone) must still end its first collective
             if set(trainers) - set(self.rdv.current_view().ids):
                 self.abort.set()
+
+    def _meet(self, store: Any, view: View, world: int) -> None:
+        """Enter gloo's rendezvous only when every trainer of ``view`` is
+        forming its group *now*.
+
+        Why: ranks that tried to form a view's group and gave up (a newer
+        view committed) leave their addresses in its store.  A rank that
+        learns of that view late (back from a partition) finds every key,
+        enters gloo's connect, and waits there for peers that left long ago:
+        in C++, past the store's cancel hook and past the PG timeout
+        (measured by the long soak: ``gloo::transport::tcp::Pair::
+        waitUntilConnected`` for good, and every other member then waited
+        for it; docs/results/soak/seed0-200events-hang.md).  So each rank
+        counts itself in on the store and out again when it gives up, and
+        waits (cancellable, bounded by the collective timeout) until the
+        count holds every trainer."""
+        key = "meet/present"
+        present = store.add(key, 1)
+        deadline = time.monotonic() + self.config.collective_timeout
+        try:
+            while present < world:
+                reason = self._superseded(view)
+                if reason is not None:
+                    raise RuntimeError(f"{reason} (left the group's rendezvous with {present} of {world} there)")
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"{present} of {world} trainers came to form the group of epoch {view.epoch}")
+                time.sleep(MEET_POLL_S)
+                present = store.add(key, 0)
+        except BaseException:
+            try:
+                store.add(key, -1)  # best effort: we are not there any more
+            except Exception:  # noqa: BLE001 - the store may be gone with its host
+                pass
+            raise
 
     def _superseded(self, view: View) -> str | None:
         """Why the group of ``view`` is no longer worth forming (a newer view
@@ -236,6 +274,12 @@ class ElasticGroup:
         current = self.rdv.current_view()
         if current is not None and current.epoch > view.epoch:
             return f"epoch {current.epoch} committed while the group of epoch {view.epoch} formed"
+        # removed by a newer view (one without us, so never our current one):
+        # the soak's node back from a partition learnt the view that still
+        # held it in the same millisecond as its removal
+        removed = getattr(getattr(self.rdv, "agent", None), "removed", None)
+        if removed is not None and removed.view.epoch > view.epoch:
+            return f"this node was removed in epoch {removed.view.epoch} while the group of epoch {view.epoch} formed"
         return None
 
     def _regroup(self, store: Any, view: View, trainers: tuple[str, ...], last: int, deadline: float) -> int:
