@@ -481,7 +481,7 @@ def test_the_strategy_bounds_its_pull_by_the_local_model(monkeypatch):
     params = [torch.zeros(1000), torch.zeros(10, dtype=torch.float64)]
     member = SimpleNamespace(monitor=None, node_id="me", replica_tensors=lambda: params)
     holder = SimpleNamespace(id="h", meta=((state_sync.REPL_META_KEY, "127.0.0.1:1"),))
-    assert sync._pull_from(member, [holder]) is False
+    assert sync._pull_from(member, [holder]) is None
     assert seen["max_bytes"] == state_sync.PULL_SLACK * (4000 + 80) + state_sync.PULL_EXTRA
     assert state_sync.pull_bound(params) == seen["max_bytes"]
 

@@ -362,6 +362,10 @@ class ElasticGroup:
             if any(view.member(n) != self.view.member(n) for n in self.trainers):
                 return False
             self.view = view
+            # the group is this epoch's now: a failure with no membership
+            # change regroups it (a fresh generation, every rank alike), as
+            # it would a group built for the epoch
+            self._attempt = (view.epoch, self.generation)
         self.trace.emit(
             "trainers", epoch=view.epoch, world=len(self.trainers), trainers=list(self.trainers), stall_s=0.0,
             joined=False, failed_step=False, group_init_s=0.0, adopted=True,
