@@ -1,10 +1,12 @@
-"""Cost of the wire layer's per-frame HMAC tag on bulk transfers (issue 15).
+"""Cost of the wire layer's per-frame HMAC tag, and of frame encryption, on bulk transfers (issue 15).
 
 Moves ``--total`` MiB as ``--blob`` MiB blob frames over one loopback
-connection (``send_blob`` -> ``recv_blob_into``, the replication pull's path),
-with the session's tag and without (the same ``Connection`` with no session),
-sender and receiver in two processes, alternating, best of ``--repeat``; prints MB/s of each and
-the ratio.  Usage::
+connection (``send_blob`` -> ``recv_blob_into``, the replication pull's path)
+three ways: without a tag (the same ``Connection`` with no session), with the
+session's tag (the default), and encrypted and tagged (``CHAOS_ENCRYPT=1``:
+ChaCha20 then the tag; needs ``cryptography``), sender and receiver in two
+processes, alternating, best of ``--repeat``; prints MB/s of each and the
+ratios.  Usage::
 
     python benchmarks/wire_mac.py [--total 256] [--blob 16] [--repeat 3]
 """
@@ -16,21 +18,26 @@ import asyncio
 import multiprocessing
 import time
 
-from chaos_lightning.wire.auth import client_handshake, server_handshake
+from chaos_lightning.wire.auth import client_handshake, load_secret, server_handshake
 from chaos_lightning.wire.connection import _STREAM_LIMIT, Connection
 
 SECRET = b"wire-mac-benchmark-secret"
+MODES = ("untagged", "tagged", "encrypted")
 
 
-def receiver(port_q, total: int, blob: int, tagged: bool) -> None:
+def secret_for(mode: str) -> bytes:
+    return load_secret(SECRET, encrypt=mode == "encrypted")
+
+
+def receiver(port_q, total: int, blob: int, mode: str) -> None:
     """The receiving side, in its own process (as a joiner is)."""
 
     async def serve() -> None:
         done = asyncio.get_running_loop().create_future()
 
         async def on_connect(reader, writer) -> None:
-            session = await server_handshake(reader, writer, SECRET, 5.0)
-            conn = Connection(reader, writer, "client", session=session if tagged else None)
+            session = await server_handshake(reader, writer, secret_for(mode), 5.0)
+            conn = Connection(reader, writer, "client", session=session if mode != "untagged" else None)
             buf = bytearray(blob)
             got = 0
             while got < total:
@@ -47,16 +54,16 @@ def receiver(port_q, total: int, blob: int, tagged: bool) -> None:
     asyncio.run(serve())
 
 
-async def one_run(total: int, blob: int, tagged: bool) -> float:
+async def one_run(total: int, blob: int, mode: str) -> float:
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
-    proc = ctx.Process(target=receiver, args=(q, total, blob, tagged), daemon=True)
+    proc = ctx.Process(target=receiver, args=(q, total, blob, mode), daemon=True)
     proc.start()
     try:
         port = await asyncio.get_running_loop().run_in_executor(None, q.get, True, 30)
         reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=_STREAM_LIMIT)
-        session = await client_handshake(reader, writer, SECRET, 5.0)
-        conn = Connection(reader, writer, "server", session=session if tagged else None)
+        session = await client_handshake(reader, writer, secret_for(mode), 5.0)
+        conn = Connection(reader, writer, "server", session=session if mode != "untagged" else None)
         payload = memoryview(bytes(blob))
         t0 = time.perf_counter()
         for _ in range(total // blob):
@@ -78,13 +85,13 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     a = p.parse_args()
     total, blob = a.total * 2**20, a.blob * 2**20
-    best = {True: 0.0, False: 0.0}
+    best = dict.fromkeys(MODES, 0.0)
     for _ in range(a.repeat):
-        for tagged in (False, True):
-            best[tagged] = max(best[tagged], asyncio.run(one_run(total, blob, tagged)))
-    print(f"{a.total} MiB as {a.blob} MiB blobs, best of {a.repeat}: untagged {best[False]:.0f} MB/s, "
-          f"tagged {best[True]:.0f} MB/s ({best[True] / best[False]:.2f}x)")
-
+        for mode in MODES:
+            best[mode] = max(best[mode], asyncio.run(one_run(total, blob, mode)))
+    u, t, e = (best[m] for m in MODES)
+    print(f"{a.total} MiB as {a.blob} MiB blobs, best of {a.repeat}: untagged {u:.0f} MB/s, "
+          f"tagged {t:.0f} MB/s ({t / u:.2f}x), encrypted {e:.0f} MB/s ({e / u:.2f}x; {e / t:.2f}x of tagged)")
 
 if __name__ == "__main__":
     main()

@@ -32,6 +32,8 @@ variable                   setting                                      default
 ``CHAOS_BIND``             ``host:port`` this node listens on           ``127.0.0.1:0``
 ``CHAOS_PEERS``            comma-separated members to join through      empty (found)
 ``CHAOS_SECRET``           the cluster secret                           unset (loopback only)
+``CHAOS_ENCRYPT``          encrypt every frame (ChaCha20; 1/0; needs    0 (off: integrity only)
+                           the secret and ``cryptography``)
 ``CHAOS_PRESET``           membership timing preset (``local`` when     ``local`` or ``lan``
                            the bind address is loopback, else ``lan``)
 ``CHAOS_MEMBERSHIP``       field overrides of the preset,               none
@@ -67,7 +69,7 @@ from typing import Any
 from chaos_lightning.membership.config import DEFAULT_PRESET, PRESETS, Config, default_preset
 from chaos_lightning.replication.neighbors import DEFAULT_MAX_SOURCES
 from chaos_lightning.wire.addr import AddressError, normalize_hostport, parse_hostport
-from chaos_lightning.wire.auth import MIN_SECRET_BYTES
+from chaos_lightning.wire.auth import ENCRYPT_ENV, MIN_SECRET_BYTES, Secret, check_encryption_available
 
 #: the variable holding the cluster secret (the launcher can read another: ``--secret-env``)
 SECRET_ENV = "CHAOS_SECRET"
@@ -101,8 +103,11 @@ class NodeConfig:
     bind: str = "127.0.0.1:0"
     #: members to join through; empty: this node founds the cluster
     peers: tuple[str, ...] = ()
-    #: the cluster secret (``None``: loopback only, see ``wire.auth.check_bind_allowed``)
+    #: the cluster secret (``None``: loopback only, see ``wire.auth.check_bind_allowed``);
+    #: a ``wire.auth.Secret`` that encrypts when :attr:`encrypt` is set
     secret: bytes | None = field(default=None, repr=False)
+    #: encrypt every frame after the handshake, not only tag it (WAN use; every node alike)
+    encrypt: bool = False
     #: the membership protocol's timing (a preset, possibly with fields overridden)
     membership: Config = field(default_factory=_default_membership)
     #: training starts once a view has this many members
@@ -146,11 +151,13 @@ class NodeConfig:
             raise TypeError(f"NodeConfig.resolve() got unknown setting(s): {', '.join(unknown)}")
         r = _Resolver(env, given)
         bind = r.address("bind", "CHAOS_BIND", cls.bind)
+        encrypt = r.boolean("encrypt", ENCRYPT_ENV, cls.encrypt)
         return cls(
             backend=r.backend("backend", "CHAOS_BACKEND", cls.backend),
             bind=bind,
             peers=r.addresses("peers", "CHAOS_PEERS"),
-            secret=r.secret("secret", SECRET_ENV),
+            secret=r.encrypting(r.secret("secret", SECRET_ENV), encrypt, SECRET_ENV),
+            encrypt=encrypt,
             # no preset named: local on loopback, lan on any other address
             membership=r.membership("membership", "CHAOS_PRESET", "CHAOS_MEMBERSHIP",
                                     default=default_preset(parse_hostport(bind, allow_port0=True)[0])),
@@ -185,12 +192,14 @@ class NodeConfig:
 
 
 def secret_from_env(env: Mapping[str, str] | None = None, var: str = SECRET_ENV) -> bytes | None:
-    """The cluster secret from ``var`` (``None`` when unset; :class:`ConfigError` when empty).
+    """The cluster secret from ``var`` (``None`` when unset; :class:`ConfigError` when empty),
+    encrypting when ``CHAOS_ENCRYPT`` says so.
 
     For the small CLIs that need the secret and nothing else of a node's
     configuration (``python -m chaos_lightning.replication``).
     """
-    return _Resolver(os.environ if env is None else env, {}).secret("secret", var)
+    r = _Resolver(os.environ if env is None else env, {})
+    return r.encrypting(r.secret("secret", var), r.boolean("encrypt", ENCRYPT_ENV, False), var)
 
 
 def resolve_flags(flags: Mapping[str, tuple[str, object]], env: Mapping[str, str] | None = None,
@@ -376,6 +385,22 @@ class _Resolver:
                 _Hidden(f"a secret of {len(value)} bytes"),
             )
         return bytes(value)
+
+    def encrypting(self, secret: bytes | None, encrypt: bool, secret_var: str) -> bytes | None:
+        """``secret`` as a :class:`~chaos_lightning.wire.auth.Secret` that
+        encrypts frames when ``encrypt`` is set (which needs a secret and the
+        cipher's package)."""
+        if not encrypt:
+            return secret
+        name = "encrypt" if "encrypt" in self.given else ENCRYPT_ENV
+        if secret is None:
+            raise ConfigError(name, f"needs the cluster secret ({secret_var}): a public key hides nothing", 1)
+        try:
+            check_encryption_available()
+        except ImportError:
+            raise ConfigError(name, "needs the 'cryptography' package (pip install 'chaos_lightning[encrypt]')",
+                              1) from None
+        return Secret(secret, encrypt=True)
 
     def membership(self, arg: str, preset_var: str, overrides_var: str, *, default: str = DEFAULT_PRESET) -> Config:
         value = self.given.get(arg)

@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, NoReturn
 
-from chaos_lightning.config import ConfigError, NodeConfig
+from chaos_lightning.config import ConfigError, NodeConfig, secret_from_env
 from chaos_lightning.wire.addr import AddressError, format_hostport, normalize_hostport, parse_hostport
 
 PROG = "chaos-run"
@@ -615,7 +615,7 @@ def leave(argv: Sequence[str]) -> int:
 
 
 # ---------------------------------------------------------------------- status
-def fetch_status(addr: str, *, secret: str | None, timeout: float) -> dict:
+def fetch_status(addr: str, *, secret: str | bytes | None, timeout: float) -> dict:
     """The agent snapshot of the node at ``addr``; :class:`LaunchError` with a one-line reason on failure."""
     from chaos_lightning.agent import query_status
     from chaos_lightning.wire.errors import AuthError, HandshakeTimeout, WireError
@@ -630,7 +630,9 @@ def fetch_status(addr: str, *, secret: str | None, timeout: float) -> dict:
         raise LaunchError(
             f"{addr}: no chaos_lightning handshake within {timeout:g}s (not an agent port, or unreachable)"
         ) from None
-    except AuthError:
+    except AuthError as exc:
+        if "CHAOS_ENCRYPT" in str(exc):
+            raise LaunchError(f"{addr}: {str(exc).split('failed: ', 1)[-1]}") from None
         raise LaunchError(f"{addr}: the node refused the cluster secret (set CHAOS_SECRET to the cluster's secret)") from None
     except WireError as exc:
         raise LaunchError(f"{addr}: not a chaos_lightning agent, or another protocol version ({exc})") from None
@@ -758,7 +760,8 @@ def status(argv: Sequence[str]) -> int:
     args = _status_parser().parse_args(list(argv))
     if args.timeout <= 0:
         raise LaunchError("--timeout must be positive")
-    snap = fetch_status(args.peer, secret=_secret(args.secret_env), timeout=args.timeout)
+    _secret(args.secret_env)  # a --secret-env naming an unset variable is an error
+    snap = fetch_status(args.peer, secret=secret_from_env(var=args.secret_env), timeout=args.timeout)
     if args.json:
         json.dump(snap, sys.stdout, indent=2, sort_keys=True, default=str)
         sys.stdout.write("\n")

@@ -65,7 +65,7 @@ def tag_frames(session, data: bytes) -> bytes:
         header = data[pos : pos + 8]
         (length,) = struct.unpack("!I", header[4:])
         payload = data[pos + 8 : pos + 8 + length]
-        out += [header, payload, session.seal(header, payload)]
+        out += [header, *session.seal(header, payload)]
         pos += 8 + length
     return b"".join(out)
 

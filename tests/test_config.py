@@ -8,6 +8,7 @@ kind names its variable (or argument) and quotes the value; and the one
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from chaos_lightning.config import ConfigError, NodeConfig, parse_membership_ove
 from chaos_lightning.membership.config import PRESETS, Config
 from chaos_lightning.replication.neighbors import DEFAULT_MAX_SOURCES
 from chaos_lightning.wire.addr import AddressError, format_hostport, parse_hostport, parse_hostport_list
+from chaos_lightning.wire.auth import encrypts, load_secret
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -176,6 +178,7 @@ def test_a_short_secret_is_refused_by_its_length_never_shown() -> None:
 #: a valid value for each variable README documents, and what NodeConfig must then hold
 README_VALUES: dict[str, tuple[str, str, object]] = {
     "CHAOS_SECRET": ("s3cret-s3cret-s3cret", "secret", b"s3cret-s3cret-s3cret"),
+    "CHAOS_ENCRYPT": ("1", "encrypt", True),
     "CHAOS_PRESET": ("edge", "membership", PRESETS["edge"]),
     "CHAOS_MEMBERSHIP": ("probe_interval=0.3", "membership", Config.preset("local", probe_interval=0.3)),
     "CHAOS_BACKEND": ("etcd", "backend", "etcd"),
@@ -212,7 +215,29 @@ def test_every_variable_the_readme_documents_is_read_by_node_config(var: str) ->
     assert var in README_VALUES, f"README documents {var}, which this test (and so NodeConfig) does not know"
     raw, attr, expected = README_VALUES[var]
     assert getattr(NodeConfig(), attr) != expected, "the test value must differ from the default"
-    assert getattr(NodeConfig.resolve(env={var: raw}), attr) == expected
+    assert getattr(NodeConfig.resolve(env={**NEEDS.get(var, {}), var: raw}), attr) == expected
+
+
+#: what a variable needs besides itself to resolve
+NEEDS = {"CHAOS_ENCRYPT": {"CHAOS_SECRET": "s3cret-s3cret-s3cret"}}
+
+
+def test_encryption_travels_with_the_secret_and_needs_one() -> None:
+    """``CHAOS_ENCRYPT=1`` makes the secret a ``wire.auth.Secret`` that
+    encrypts (so every component handed the secret speaks the mode); without
+    a secret it is refused, and the small CLIs' secret follows it too."""
+    cfg = NodeConfig.resolve(env={"CHAOS_SECRET": "s" * 16, "CHAOS_ENCRYPT": "1"})
+    assert cfg.encrypt and encrypts(cfg.secret) and cfg.secret == b"s" * 16
+    assert "s" * 16 not in repr(cfg) and "s" * 16 not in repr(cfg.secret)
+    assert not encrypts(NodeConfig.resolve(env={"CHAOS_SECRET": "s" * 16}).secret)
+    assert encrypts(NodeConfig.resolve(env={"CHAOS_SECRET": "s" * 16}, encrypt=True).secret)
+    with pytest.raises(ConfigError, match="^chaos: CHAOS_ENCRYPT needs the cluster secret"):
+        NodeConfig.resolve(env={"CHAOS_ENCRYPT": "1"})
+    with pytest.raises(ConfigError, match="^chaos: encrypt needs the cluster secret"):
+        NodeConfig.resolve(env={}, encrypt=True)
+    assert encrypts(secret_from_env({"CHAOS_SECRET": "s" * 16, "CHAOS_ENCRYPT": "yes"}))
+    # the mode survives what components do with a secret: load it again, pickle it
+    assert encrypts(load_secret(cfg.secret)) and encrypts(pickle.loads(pickle.dumps(cfg.secret)))
 
 
 # ---------------------------------------------------------------------- the one HOST:PORT parser

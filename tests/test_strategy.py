@@ -104,14 +104,19 @@ def test_a_node_joins_a_running_fit_and_ends_identical(tmp_path):
     """Three nodes train; a fourth, started later, warms up, joins through a
     member that is not the founder, receives the live state in memory, and
     trains on: all four end with identical parameters, optimizer state and
-    global step, and the members' epochs are still exact covers."""
+    global step, and the members' epochs are still exact covers.  The cluster
+    runs with a secret and ``CHAOS_ENCRYPT=1``, as across a WAN: the agents,
+    the process-group stores, the status queries and the state pull all speak
+    encrypted frames (a component left in plain mode would be refused)."""
+    pytest.importorskip("cryptography")
     n, epochs, sleep = 240, 6, 0.1
-    members = start(3, tmp_path, n, epochs, sleep)
+    env = {"CHAOS_SECRET": "test-strategy-secret-0123", "CHAOS_ENCRYPT": "1"}
+    members = start(3, tmp_path, n, epochs, sleep, env=env)
     nodes = list(members)
     try:
         for m in members:
             m.wait(lambda r: r["event"] == "step" and r["step"] >= 2, 90)
-        joiner = join(members[1], tmp_path, "joiner", n, epochs, sleep)
+        joiner = join(members[1], tmp_path, "joiner", n, epochs, sleep, env=env)
         nodes.append(joiner)
         first = joiner.wait(lambda r: r["event"] == "step", 90)
         assert first["world"] == 4 and first["step"] > 2, first
@@ -120,6 +125,8 @@ def test_a_node_joins_a_running_fit_and_ends_identical(tmp_path):
             assert x.proc.wait(timeout=30) == 0, x.log
         assert_identical_and_exactly_once(results[:3], epochs, n)
         assert len({(r["params"], r["optim"], r["global_step"]) for r in results}) == 1, results
+        for x in nodes:
+            assert "refused connection" not in x.log.read_text(), x.log  # no component in another mode
     finally:
         for x in nodes:
             x.stop()

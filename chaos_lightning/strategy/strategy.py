@@ -84,6 +84,7 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         bind: str | None = None,
         peers: str | list[str] | None = None,
         secret: str | bytes | None = None,
+        encrypt: bool | None = None,
         membership: MembershipConfig | str | None = None,
         preset: str | None = None,
         min_nodes: int | None = None,
@@ -99,7 +100,8 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         if membership is not None and preset is not None:
             raise ValueError("chaos: give membership or preset, not both")
         self.config = cfg = NodeConfig.resolve(**child_options(dict(
-            backend=backend, bind=bind, peers=peers, secret=secret, membership=membership if preset is None else preset,
+            backend=backend, bind=bind, peers=peers, secret=secret, encrypt=encrypt,
+            membership=membership if preset is None else preset,
             min_nodes=min_nodes, global_batch_size=global_batch_size, max_sources=max_sources, join_timeout=join_timeout,
             collective_timeout=collective_timeout, switch_timeout=switch_timeout, sideline_timeout=sideline_timeout,
             record_samples=record_samples,

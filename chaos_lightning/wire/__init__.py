@@ -24,10 +24,12 @@ from __future__ import annotations
 from chaos_lightning.wire.addr import AddressError, format_hostport, normalize_hostport, parse_hostport, parse_hostport_list
 from chaos_lightning.wire.auth import (
     MIN_SECRET_BYTES,
+    Secret,
     Session,
     check_bind_allowed,
     check_secret,
     client_handshake,
+    encrypts,
     load_secret,
     server_handshake,
 )
@@ -75,6 +77,7 @@ __all__ = [
     "IntegrityError",
     "MIN_SECRET_BYTES",
     "ReadTimeout",
+    "Secret",
     "Session",
     "WeakSecret",
     "KIND_BLOB",
@@ -93,6 +96,7 @@ __all__ = [
     "dial",
     "encode",
     "encode_frame",
+    "encrypts",
     "format_hostport",
     "frame_header",
     "load_secret",

@@ -31,9 +31,28 @@ reordered, dropped or altered fails its check and ends the connection
 direction means a frame cannot be reflected back to its sender.  The tag is
 HMAC-SHA-256 truncated to 128 bits (as RFC 4868 does for IPsec).
 
-Not done: encryption.  Frames are integrity-protected, not confidential;
-adding a cipher means a dependency (the standard library has none) and is out
-of scope: run over a VPN or WireGuard when the state itself is secret.
+Encryption (optional, for clusters across a WAN).  A :class:`Secret` with
+``encrypt=True`` (``CHAOS_ENCRYPT=1``) also encrypts every frame's payload
+after the handshake with ChaCha20 (the ``cryptography`` package, the
+``encrypt`` extra: the standard library has no cipher), encrypt-then-MAC::
+
+    okm = HKDF(ikm=secret, salt=nonce_s | nonce_c, info="chaos_lightning/wire/v2 frame keys+chacha20", 128)
+    mac_c2s, mac_s2c, enc_c2s, enc_s2c = okm[0:32], okm[32:64], okm[64:96], okm[96:128]
+    body = ChaCha20(enc_dir, nonce=0) keystream XOR payload   (one stream per direction)
+    tag  = HMAC-SHA256(mac_dir, seq | header | body)[:16]
+
+Each direction's cipher is one keystream over the connection's payloads in
+order (the key is fresh per connection and direction, so the zero nonce is
+never reused).  The receiver checks the tag over the ciphertext before it
+uses the plaintext (a streamed blob is deciphered as it arrives, and the
+caller may use the buffer only once the tag has passed).  Headers (kind and
+length) stay in the clear.  Both ends must agree: each announces its mode in
+the handshake (``Hello.encrypt``, ``ClientProof.encrypt``), a mismatch is
+refused with a line naming ``CHAOS_ENCRYPT``, and in encrypted mode the mode
+is inside both proofs' MACs and the key derivation, so an on-path attacker
+who flips the flag gets a refusal, never a plaintext session.  What it does
+not cover: gloo's own traffic (the gradient all-reduce), which has no
+encryption of its own (``docs/security.md``).
 
 Without a secret, the same handshake runs with a fixed, public key: that
 proves nothing, so :func:`check_bind_allowed` only lets a secret-less node
@@ -80,6 +99,10 @@ MIN_SECRET_BYTES = 16
 TAG_SIZE = 16
 
 _HKDF_INFO = b"chaos_lightning/wire/v2 frame keys"
+_HKDF_INFO_ENCRYPTED = b"chaos_lightning/wire/v2 frame keys+chacha20"
+
+#: The variable that turns frame encryption on, named in error messages only.
+ENCRYPT_ENV = "CHAOS_ENCRYPT"
 
 #: The key used when no secret is configured (loopback only): public on purpose.
 _NO_SECRET_KEY = b"chaos_lightning/no-secret/v1"
@@ -90,6 +113,8 @@ _NO_SECRET_KEY = b"chaos_lightning/no-secret/v1"
 class Hello:
     version: int
     nonce: bytes
+    #: the server encrypts frames (appended field: a peer without it means False)
+    encrypt: bool = False
 
 
 @schema.message("wire.client_proof")
@@ -98,6 +123,7 @@ class ClientProof:
     version: int
     nonce: bytes
     mac: bytes
+    encrypt: bool = False
 
 
 @schema.message("wire.server_proof")
@@ -112,8 +138,56 @@ class Refused:
     reason: str
 
 
-def load_secret(value: str | bytes | None = None) -> bytes | None:
+class Secret(bytes):
+    """The cluster secret's bytes, and whether frames are encrypted with it.
+
+    The mode travels with the secret, so every component handed the secret
+    (the agent, the shard server and its pulls, the process-group store, the
+    status queries) speaks the same mode without a second parameter to
+    thread; a plain ``bytes`` secret means integrity only.  Its ``repr``
+    never shows the bytes.  Build one with :func:`load_secret`.
+    """
+
+    encrypt: bool
+
+    def __new__(cls, value: bytes, *, encrypt: bool = False) -> Secret:
+        self = super().__new__(cls, value)
+        self.encrypt = bool(encrypt)
+        return self
+
+    def __repr__(self) -> str:
+        return f"<Secret of {len(self)} bytes{', encrypting' if self.encrypt else ''}>"
+
+    def __reduce__(self) -> tuple:  # pickling keeps the mode (a bytes subclass would drop it)
+        return (_make_secret, (bytes(self), self.encrypt))
+
+
+def _make_secret(value: bytes, encrypt: bool) -> Secret:
+    return Secret(value, encrypt=encrypt)
+
+
+def encrypts(secret: bytes | str | None) -> bool:
+    """Whether connections made with ``secret`` encrypt their frames."""
+    return bool(getattr(secret, "encrypt", False))
+
+
+def check_encryption_available() -> None:
+    """Raise ``ImportError`` with what to install when the cipher's package is missing."""
+    try:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            f"{ENCRYPT_ENV}=1 needs the 'cryptography' package: pip install 'chaos_lightning[encrypt]'"
+        ) from exc
+
+
+def load_secret(value: str | bytes | None = None, *, encrypt: bool | None = None) -> bytes | None:
     """The cluster secret as bytes: ``value`` UTF-8 encoded if text, ``None`` if unset.
+
+    ``encrypt=True`` returns a :class:`Secret` that encrypts frames
+    (``ValueError`` without a secret: a public key hides nothing;
+    ``ImportError`` without ``cryptography``); ``None`` keeps the mode of a
+    :class:`Secret` passed in (plain for anything else).
 
     It never reads the environment: ``CHAOS_SECRET`` is read once, by
     :class:`chaos_lightning.config.NodeConfig` or a CLI, and passed down.  An
@@ -122,10 +196,17 @@ def load_secret(value: str | bytes | None = None) -> bytes | None:
     A secret shorter than :data:`MIN_SECRET_BYTES` is refused
     (:class:`~chaos_lightning.wire.errors.WeakSecret`, a ``ValueError``).
     """
+    if encrypt is None:
+        encrypt = encrypts(value)
     if not value:
+        if encrypt:
+            raise ValueError(f"frame encryption ({ENCRYPT_ENV}=1) needs the cluster secret ({SECRET_ENV})")
         return None
     secret = value.encode("utf-8") if isinstance(value, str) else bytes(value)
     check_secret(secret)
+    if encrypt:
+        check_encryption_available()
+        return Secret(secret, encrypt=True)
     return secret
 
 
@@ -173,8 +254,9 @@ def _key(secret: bytes | str | None) -> bytes:
     return bytes(secret) if secret else _NO_SECRET_KEY
 
 
-def _mac(key: bytes, role: bytes, first: bytes, second: bytes) -> bytes:
-    return hmac.new(key, role + first + second, hashlib.sha256).digest()
+def _mac(key: bytes, role: bytes, first: bytes, second: bytes, encrypt: bool = False) -> bytes:
+    # the encrypted mode is bound into the proof (plain proofs are protocol 2's, unchanged)
+    return hmac.new(key, role + first + second + (b"+chacha20" if encrypt else b""), hashlib.sha256).digest()
 
 
 def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
@@ -196,32 +278,56 @@ _SEQ = struct.Struct("!Q")
 class Session:
     """The frame keys and sequence numbers of one authenticated connection.
 
-    :meth:`seal` returns the tag of the next outgoing frame (and counts it);
+    :meth:`seal` enciphers the next outgoing frame's payload (when the
+    session encrypts) and returns it with its tag (and counts the frame);
     :meth:`opener` starts the check of the next incoming frame from its
-    header (feed the payload to the returned HMAC, in pieces if it streams),
-    :meth:`verify` finishes it.  Not thread-safe; one event loop per connection.
+    header (feed the payload *as received* to the returned HMAC, in pieces if
+    it streams), :meth:`verify` finishes it, and :meth:`decipher` turns the
+    received payload into plaintext, in order, piece by piece (the identity
+    when the session does not encrypt).  Not thread-safe; one event loop per
+    connection.
     """
 
-    def __init__(self, send_key: bytes, recv_key: bytes) -> None:
+    def __init__(self, send_key: bytes, recv_key: bytes,
+                 send_cipher_key: bytes | None = None, recv_cipher_key: bytes | None = None) -> None:
         # keyed templates: copy() skips the key schedule on every frame
         self._send = hmac.new(send_key, digestmod=hashlib.sha256)
         self._recv = hmac.new(recv_key, digestmod=hashlib.sha256)
         self.send_seq = 0
         self.recv_seq = 0
+        self._encryptor = self._decryptor = None
+        if send_cipher_key is not None and recv_cipher_key is not None:
+            check_encryption_available()
+            from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+            zero = bytes(16)  # 32-bit block counter and 96-bit nonce: the keys are per connection and direction
+            self._encryptor = Cipher(algorithms.ChaCha20(send_cipher_key, zero), mode=None).encryptor()
+            self._decryptor = Cipher(algorithms.ChaCha20(recv_cipher_key, zero), mode=None).decryptor()
+
+    @property
+    def encrypts(self) -> bool:
+        return self._encryptor is not None
 
     @classmethod
-    def derive(cls, key: bytes, nonce_s: bytes, nonce_c: bytes, *, client: bool) -> Session:
-        okm = hkdf_sha256(key, nonce_s + nonce_c, _HKDF_INFO, 64)
-        c2s, s2c = okm[:32], okm[32:]
-        return cls(c2s, s2c) if client else cls(s2c, c2s)
+    def derive(cls, key: bytes, nonce_s: bytes, nonce_c: bytes, *, client: bool, encrypt: bool = False) -> Session:
+        if not encrypt:
+            okm = hkdf_sha256(key, nonce_s + nonce_c, _HKDF_INFO, 64)
+            c2s, s2c = okm[:32], okm[32:]
+            return cls(c2s, s2c) if client else cls(s2c, c2s)
+        okm = hkdf_sha256(key, nonce_s + nonce_c, _HKDF_INFO_ENCRYPTED, 128)
+        c2s, s2c, e_c2s, e_s2c = okm[:32], okm[32:64], okm[64:96], okm[96:]
+        return cls(c2s, s2c, e_c2s, e_s2c) if client else cls(s2c, c2s, e_s2c, e_c2s)
 
-    def seal(self, header: bytes, payload: bytes | memoryview) -> bytes:
+    def seal(self, header: bytes, payload: bytes | memoryview) -> tuple[bytes | memoryview, bytes]:
+        """``(body, tag)`` of the next outgoing frame: ``body`` is ``payload``
+        itself (not copied) or, when encrypting, its ciphertext."""
+        body = self._encryptor.update(payload) if self._encryptor is not None else payload
         h = self._send.copy()
         h.update(_SEQ.pack(self.send_seq))
         h.update(header)
-        h.update(payload)
+        h.update(body)
         self.send_seq += 1
-        return h.digest()[:TAG_SIZE]
+        return body, h.digest()[:TAG_SIZE]
 
     def opener(self, header: bytes) -> hmac.HMAC:
         h = self._recv.copy()
@@ -235,6 +341,10 @@ class Session:
                 f"frame {self.recv_seq} failed its integrity check (injected, replayed, reordered or corrupted)"
             )
         self.recv_seq += 1
+
+    def decipher(self, body: bytes) -> bytes:
+        """The plaintext of the next received payload bytes (``body`` itself when not encrypting)."""
+        return self._decryptor.update(body) if self._decryptor is not None else body
 
 
 async def _send(writer: asyncio.StreamWriter, msg: object) -> None:
@@ -272,25 +382,35 @@ async def server_handshake(
     Returns the connection's :class:`Session` (frame keys).  Raises :class:`AuthError` (wrong secret, malformed, timed out) or another
     :class:`WireError`; on a refusal the peer is told why, when it can be.
     """
-    return await _bounded(_server(reader, writer, _key(secret)), timeout, "server")
+    return await _bounded(_server(reader, writer, _key(secret), encrypts(secret)), timeout, "server")
 
 
-async def _server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes) -> Session:
+def _mode_mismatch(ours: bool, theirs: bool, peer: str) -> AuthError:
+    if ours:
+        return AuthError(f"this node encrypts its frames ({ENCRYPT_ENV}=1) and the {peer} does not: "
+                         f"set {ENCRYPT_ENV} alike on every node")
+    return AuthError(f"the {peer} encrypts its frames ({ENCRYPT_ENV}=1) and this node does not: "
+                     f"set {ENCRYPT_ENV} alike on every node")
+
+
+async def _server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes, encrypt: bool) -> Session:
     nonce_s = secrets.token_bytes(NONCE_SIZE)
-    await _send(writer, Hello(PROTOCOL_VERSION, nonce_s))
+    await _send(writer, Hello(PROTOCOL_VERSION, nonce_s, encrypt))
     try:
         proof = await _recv(reader, ClientProof)
         assert isinstance(proof, ClientProof)
         if proof.version != PROTOCOL_VERSION:
             raise UnsupportedVersion(f"peer speaks protocol {proof.version}, this agent speaks {PROTOCOL_VERSION}")
         _check_nonce(proof.nonce)
-        if not hmac.compare_digest(proof.mac, _mac(key, b"client", nonce_s, proof.nonce)):
+        if proof.encrypt != encrypt:
+            raise _mode_mismatch(encrypt, proof.encrypt, "client")
+        if not hmac.compare_digest(proof.mac, _mac(key, b"client", nonce_s, proof.nonce, encrypt)):
             raise AuthError("wrong cluster secret")
     except WireError as exc:
         await _refuse(writer, exc)
         raise
-    await _send(writer, ServerProof(_mac(key, b"server", proof.nonce, nonce_s)))
-    return Session.derive(key, nonce_s, proof.nonce, client=False)
+    await _send(writer, ServerProof(_mac(key, b"server", proof.nonce, nonce_s, encrypt)))
+    return Session.derive(key, nonce_s, proof.nonce, client=False, encrypt=encrypt)
 
 
 async def _refuse(writer: asyncio.StreamWriter, exc: WireError) -> None:
@@ -309,10 +429,10 @@ async def client_handshake(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes | None, timeout: float
 ) -> Session:
     """Prove our secret to the server and check its proof, within ``timeout`` seconds; the :class:`Session`."""
-    return await _bounded(_client(reader, writer, _key(secret)), timeout, "client")
+    return await _bounded(_client(reader, writer, _key(secret), encrypts(secret)), timeout, "client")
 
 
-async def _client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes) -> Session:
+async def _client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes, encrypt: bool) -> Session:
     hello = await _recv(reader, Hello, Refused)
     if isinstance(hello, Refused):
         raise AuthError(f"server refused the connection: {hello.reason}")
@@ -321,12 +441,15 @@ async def _client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ke
         raise UnsupportedVersion(f"peer speaks protocol {hello.version}, this agent speaks {PROTOCOL_VERSION}")
     _check_nonce(hello.nonce)
     nonce_c = secrets.token_bytes(NONCE_SIZE)
-    await _send(writer, ClientProof(PROTOCOL_VERSION, nonce_c, _mac(key, b"client", hello.nonce, nonce_c)))
+    await _send(writer, ClientProof(PROTOCOL_VERSION, nonce_c, _mac(key, b"client", hello.nonce, nonce_c, encrypt), encrypt))
+    if hello.encrypt != encrypt:
+        # the proof went out so that the server logs the mismatch too (a proof reveals nothing)
+        raise _mode_mismatch(encrypt, hello.encrypt, "server")
     answer = await _recv(reader, ServerProof, Refused)
     if isinstance(answer, Refused):
         raise AuthError(f"server refused the connection: {answer.reason}")
     assert isinstance(answer, ServerProof)
-    if not hmac.compare_digest(answer.mac, _mac(key, b"server", nonce_c, hello.nonce)):
+    if not hmac.compare_digest(answer.mac, _mac(key, b"server", nonce_c, hello.nonce, encrypt)):
         # The server accepted our proof without knowing the key: an impostor.
         raise AuthError("wrong cluster secret: the server could not prove it holds the cluster secret")
-    return Session.derive(key, hello.nonce, nonce_c, client=True)
+    return Session.derive(key, hello.nonce, nonce_c, client=True, encrypt=encrypt)

@@ -23,8 +23,10 @@ in two processes, best of 3, on a shared 2-core VM with SHA-NI, so noisy):
 tag is computed inline on the event loop at about 1 GB/s per side (16 ms per
 16 MiB frame), so one connection tops out near 0.6-0.9 GB/s: a loss only on
 loopback or faster-than-10-Gbit/s links, invisible on the edge/WAN links
-this system targets.  Frames are not encrypted (see
-:mod:`~chaos_lightning.wire.auth`).
+this system targets.  With an encrypting secret (``CHAOS_ENCRYPT=1``,
+:class:`~chaos_lightning.wire.auth.Secret`) every payload is also
+enciphered with ChaCha20 before it is tagged (one more pass and one copy of
+each frame on each side; measured in ``benchmarks/wire_mac.py``).
 
 Bounds.  The server side keeps the design's promise "bad input costs one log
 line and one connection, never the node":
@@ -234,9 +236,9 @@ class Connection:
     def _write_frame(self, kind: int, view: memoryview) -> None:
         """Header, payload (not copied) and tag; no await, so frames never interleave."""
         header = frame_header(view.nbytes, kind)
-        tag = self._session.seal(header, view) if self._session is not None else b""
+        body, tag = self._session.seal(header, view) if self._session is not None else (view, b"")
         self._writer.write(header)
-        self._writer.write(view)
+        self._writer.write(body)
         if tag:
             self._writer.write(tag)
 
@@ -315,6 +317,7 @@ class Connection:
             h = self._session.opener(header)
             h.update(payload)
             self._session.verify(h, tag)
+            payload = self._session.decipher(payload)
         return kind, payload
 
     async def recv(self) -> object | bytes:
@@ -362,9 +365,10 @@ class Connection:
                     if not chunk:
                         raise TruncatedFrame(f"{self._peer} closed the connection mid-blob: got {got} of {length} bytes")
                     n = len(chunk)
-                    view[got : got + n] = chunk
                     if h is not None:
-                        h.update(chunk)
+                        h.update(chunk)  # the tag covers the bytes as sent (ciphertext when encrypting)
+                        chunk = self._session.decipher(chunk)  # type: ignore[union-attr]
+                    view[got : got + n] = chunk
                     got += n
                     if on_progress is not None:
                         on_progress(got)
