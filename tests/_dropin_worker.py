@@ -14,6 +14,10 @@ Features:
 * ``valmid``: under ``precision="bf16-mixed"``, a ``LightningDataModule``, validation twice an epoch
   (``val_check_interval=0.5``), ``EarlyStopping`` and a monitored top-2
   ``ModelCheckpoint`` on ``val_loss``, a ``CSVLogger`` under the shared root.
+* ``valevery``: the ``valmid`` model with validation after every training
+  batch (``val_check_interval=1``) on a one-batch validation set, no logger,
+  no checkpoints: every step boundary a newcomer joins at is one where
+  validation is due.
 * ``manual``: manual optimization, two optimizers stepped in turn (a GAN's
   shape: generator and discriminator), ``max_steps`` counting both (no
   scaler: one that skips an overflowing step would make the optimizers'
@@ -60,12 +64,12 @@ def tensors(n: int, seed: int) -> TensorDataset:
 
 
 class Numbers(pl.LightningDataModule):
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, val: int = 48) -> None:
         super().__init__()
-        self.n = n
+        self.n, self.n_val = n, val
 
     def setup(self, stage: str) -> None:
-        self.train, self.val = tensors(self.n, 0), tensors(48, 1)
+        self.train, self.val = tensors(self.n, 0), tensors(self.n_val, 1)
 
     def train_dataloader(self):
         return DataLoader(self.train, batch_size=8, shuffle=True)
@@ -197,6 +201,12 @@ def main() -> None:
             log_every_n_steps=5,
             callbacks=[EarlyStopping("val_loss", patience=1000), ModelCheckpoint(monitor="val_loss", save_top_k=2)],
         )
+        say(event="ready", pid=os.getpid())
+        trainer.fit(model, datamodule=data)
+    elif feature == "valevery":
+        model, data = Regressor(sleep), Numbers(n, val=8)
+        trainer = pl.Trainer(**common, val_check_interval=1, num_sanity_val_steps=0, logger=False,
+                             enable_checkpointing=False)
         say(event="ready", pid=os.getpid())
         trainer.fit(model, datamodule=data)
     elif feature == "norm":

@@ -13,18 +13,23 @@ index ran behind and it validated at other steps), a manual-optimization
 joiner counting the members' steps (``manual``: the joiner's ``global_step``
 was 82 against 124), LightningCLI writing one ``config.yaml`` and its
 loggers keeping one folder each (``cli``).
+
+One test is a join alone (``valevery``): with validation after every batch,
+the newcomer is always admitted at a step where validation is due, and the
+members skip that one validation.
 """
 
 from __future__ import annotations
 
 import csv
+import re
 import signal
 from pathlib import Path
 
 import pytest
 
 from _dropin_worker import DECAY, LR
-from _procs import Node, churn_cluster, cluster
+from _procs import Node, churn_cluster, cluster, finish, joiner
 
 WORKER = Path(__file__).with_name("_dropin_worker.py")
 SAMPLES, EPOCHS, SLEEP = 480, 4, 0.25  # 20 steps an epoch at world 3
@@ -78,6 +83,45 @@ def test_validation_mid_epoch_early_stopping_and_top_k_checkpoints_survive_churn
         logged = sorted({int(row["step"]) for row in csv.DictReader(f)})
     assert logged[0] < joined_at and logged[-1] >= done[0]["global_step"] - 10, logged
     assert all(b - a <= 10 for a, b in zip(logged, logged[1:])), f"a gap in the history: {logged}"
+
+
+@pytest.mark.timeout(180)
+def test_a_join_where_validation_is_due_skips_that_one_validation_on_every_member(tmp_path):
+    """Validation after every batch (``val_check_interval=1``): the step
+    boundary a newcomer is admitted at is always one where validation is
+    due.  The newcomer starts at the next batch, so the members skip that
+    one validation (a validation there would be a collective the newcomer
+    never enters) and log it; from the join on, every member validates at
+    the same global steps, and at every step but the skipped one."""
+    argv = ["valevery", str(SAMPLES), str(EPOCHS), str(SLEEP), str(tmp_path / "run")]
+    founders = cluster(WORKER, argv, 3, tmp_path, prefix="valevery")
+    nodes = list(founders)
+    try:
+        for node in founders:
+            node.event("ready", 90)
+        founders[0].wait(lambda r: r["event"] == "step" and r["step"] >= 2, 120)
+        nodes.append(joiner(WORKER, argv, founders[1], tmp_path, "valevery-joiner"))
+        done = finish(nodes, 150)
+    finally:
+        for node in nodes:
+            node.stop()
+    late = nodes[3]
+    check_replicas_and_exactly_once(done)
+    joined_at = steps_of(late, "step")[0]  # the first batch after the one the members ended at the join
+    skipped = {}
+    for node in nodes:
+        text = node.log.read_text()
+        assert "Traceback" not in text, node.log
+        skipped[node.log.name] = [int(s) for s in re.findall(
+            r"the validation due at step (\d+) is skipped: a newcomer joined there", text)]
+    assert list(skipped.values()) == [[joined_at - 1]] * 3 + [[]], (skipped, joined_at)  # every member, once
+    for node in founders:
+        assert joined_at - 1 in steps_of(node, "step"), node.log
+        vals = steps_of(node, "val")
+        assert joined_at - 1 not in vals, f"{node.log} validated at the skipped step"
+        assert vals == [s for s in steps_of(node, "step") if s != joined_at - 1], f"{node.log}: one validation skipped"
+        assert [s for s in vals if s >= joined_at] == steps_of(late, "val"), "validation at the same global steps"
+    assert steps_of(late, "val") == steps_of(late, "step"), "the newcomer validates after each of its batches"
 
 
 @pytest.mark.timeout(360)
