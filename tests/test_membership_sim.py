@@ -217,3 +217,25 @@ def test_1000_nodes_one_crash_costs_a_bounded_number_of_messages():
     # the commit alone is ~3n (accept, accepted, commit); probes of the
     # suspect must not add O(n) per period on top
     assert sim.stats.protocol - sent < 12 * 1000
+
+
+def test_a_node_that_left_can_ask_back_in_as_a_new_incarnation():
+    """``Membership.rejoin`` (the strategy's fence: a node that stepped aside
+    while its training thread was stuck, and whose thread is back): after a
+    graceful leave it joins again through the members of the view that let
+    it go, under a higher incarnation, and must sync again; a node that is
+    still a member ignores the call."""
+    sim, ids = cluster(5)
+    leaver = ids[3]
+    inc = sim.nodes[leaver].me.inc
+    sim.call(ids[1], lambda m: m.rejoin(sim.now))  # a member: nothing happens
+    assert sim.nodes[ids[1]].phase is Phase.MEMBER
+    sim.leave(leaver)
+    assert sim.run_until(lambda: sim.agreed(without=leaver, size=4), timeout=30), sim.summary()
+    assert sim.nodes[leaver].phase is Phase.LEFT
+    sim.call(leaver, lambda m: m.rejoin(sim.now))
+    assert sim.run_until(lambda: sim.agreed(including=leaver, size=5), timeout=30), sim.summary()
+    back = sim.nodes[leaver]
+    assert back.phase is Phase.MEMBER and back.me.inc > inc
+    assert sim.view_of(ids[0]).member(leaver).inc == back.me.inc
+    assert not sim.events(ev.MemberFailed), "a leave and a rejoin are no failure"

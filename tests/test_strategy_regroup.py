@@ -1,5 +1,6 @@
 """No single event ends the job (issue 14): a pause with no membership
-change, and a joiner whose state pull fails.
+change, a training thread stuck for good while its agent answers, and a
+joiner whose state pull fails.
 
 Real processes, real gloo, loopback (``_train_worker.py`` through
 ``_procs.py``); every wait bounded, every process reaped.  Checked as in
@@ -113,6 +114,43 @@ def test_a_rank_sigstopped_past_the_collective_timeout_but_not_evicted_rejoins_t
               f"switches {results[0]['switches']}")
     finally:
         stopped.proc.send_signal(signal.SIGCONT)
+        for x in nodes:
+            x.stop()
+
+
+@pytest.mark.timeout(240)
+def test_a_training_thread_stuck_in_user_code_with_a_live_agent_is_fenced_out_and_rejoins_when_back(tmp_path):
+    """One rank's training thread blocks in a user callback for 14 s (a
+    deadlock as far as the others can tell: its agent thread answers every
+    probe, so it is never evicted).  Before: the others' all-reduce failed,
+    their regroup waited for it, and every node raised ``no usable view
+    after 20.0s``.  Now, once the others are seen regrouping without it and
+    its thread has been away half the join timeout (10 s), its watchdog
+    takes the node out of the cluster (a leave on its behalf) and the
+    others train on as two; when the thread comes back it rejoins as a
+    newcomer, pulls the state and ends as their replica."""
+    n, epochs, pause = 240, 12, 14.0
+    nodes = start(3, tmp_path, [str(n), str(epochs), "0.05"],
+                  lambda i: {"CHAOS_TEST_PAUSE": f"5:{pause}"} if i == 2 else {})
+    try:
+        pids = [x.event("ready", 90)["pid"] for x in nodes]
+        results = [x.event("done", 180) for x in nodes]
+        for x in nodes:
+            assert x.exit_code(30) == 0, x.log
+            text = x.log.read_text()
+            assert "Traceback" not in text and "no usable view" not in text, x.log
+        assert [r["pid"] for r in results] == pids, "no node restarted"
+        assert_identical_and_exactly_once(results[:2], epochs, n)
+        assert len({(r["params"], r["optim"], r["global_step"]) for r in results}) == 1, "the stuck rank is a replica again"
+        stuck = nodes[2].log.read_text()
+        assert "this node leaves the cluster so the others train on" in stuck, nodes[2].log
+        assert "the training thread is back after this node left the cluster for it; rejoining" in stuck
+        for r in results[:2]:
+            assert any(e["world"] == 2 for e in r["switches"]), r["switches"]  # trained on without it
+        gaps = [longest_gap(x) for x in nodes[:2]]
+        print(f"longest gap between steps of the others {[round(g, 2) for g in gaps]}; switches {results[0]['switches']}")
+        assert max(gaps) < pause, "the others did not wait for the stuck rank to come back"
+    finally:
         for x in nodes:
             x.stop()
 

@@ -423,11 +423,16 @@ class Agent:
     def phase(self) -> Phase:
         return self._phase
 
+    def rejoin(self) -> None:
+        """After a leave (or a removal without automatic rejoin): ask to be let
+        in again as a new incarnation (``Membership.rejoin``)."""
+        self._call(lambda: self._feed(lambda: self.machine.rejoin(self._now())))
+
     def rejoining(self) -> bool:
-        """Declared failed while alive, and asking to be let in again (the
-        machine's automatic rejoin): the wait for a view with this node goes on."""
-        removed = self._removed
-        return self._phase is Phase.JOINING and removed is not None and not removed.graceful
+        """Removed (declared failed while alive, or stepped aside: see
+        :meth:`rejoin`) and asking to be let in again: the wait for a view
+        with this node goes on."""
+        return self._phase is Phase.JOINING and self._removed is not None
 
     @property
     def removed(self) -> ev.Removed | None:

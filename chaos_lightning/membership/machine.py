@@ -246,6 +246,17 @@ class Membership:
         self._maybe_propose(now, out)
         return out
 
+    def rejoin(self, now: float) -> Output:
+        """Ask to be let in again, as a new incarnation, after leaving or being
+        removed (``LEFT``/``REMOVED``): through the members of the view that
+        let us go.  For a node that stepped aside while its training thread
+        was stuck and whose trainer is back (the strategy's fence): it is a
+        newcomer now, and must sync (and say so) like one."""
+        out = Output()
+        if self.phase in (Phase.LEFT, Phase.REMOVED) and self.view is not None:
+            self._rejoin(self.view, now, out)
+        return out
+
     def mark_synced(self, now: float) -> Output:
         """This process completed a state sync: it holds the trained state.
 

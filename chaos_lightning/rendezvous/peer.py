@@ -87,7 +87,7 @@ class PeerRendezvous(Rendezvous):
         # incarnation); until a view has us, this is a wait, not the end
         # (measured by the soak: a node back from a partition raised here and
         # exited 1 a moment before the view that re-admitted it)
-        if removed is not None and not removed.graceful and self.agent.rejoining():
+        if removed is not None and self.agent.rejoining():
             return view if view is not None and self.node_id in view else None
         if removed is not None and (view is None or self.node_id not in view):
             how = "left" if removed.graceful else "was removed from"

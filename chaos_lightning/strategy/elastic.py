@@ -356,6 +356,11 @@ class ElasticMember:
         """Form the group of the first usable view and make replicas identical
         in it; if a member fails during the state sync (a joiner dies
         mid-transfer, a source dies before the end), try again on a newer view."""
+        with self.group.pg.presence.inside():  # bounded waits of ours, never "stuck in user code"
+            return self._rebuild_in(view, usable, freshness, deadline)
+
+    def _rebuild_in(self, view: View | None, usable: Callable[[View], bool], freshness: Freshness,
+                    deadline: float) -> View:
         floor = -1
         while True:
             try:

@@ -9,7 +9,9 @@ on it, so no survivor waits out a gloo timeout.  It knows nothing of
 Lightning, models or samples: shared by both Lightning flavours.
 
 Threads: the agent thread calls :meth:`ElasticGroup._on_event` (flags only,
-under a lock); everything else runs on the training thread.
+under a lock); the watchdog thread (:meth:`ElasticGroup.watch`) only reads,
+and leaves the cluster for a training thread stuck in user code; everything
+else runs on the training thread.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ REGROUP_POLL_S = 0.02
 MEET_POLL_S = 0.005
 #: views a rank keeps of those it reported in control records (:meth:`ElasticGroup.known`)
 KEEP_REPORTED = 8
+#: seconds between two looks of the watchdog at the training thread (:meth:`ElasticGroup.watch`)
+WATCH_PERIOD_S = 1.0
+#: the watchdog looks for peers waiting on this node once its training thread
+#: has been in user code this long (it takes a collective timeout for theirs to fail)
+WATCH_LOOK_AFTER_S = 2.0
 
 
 class VotersGone(RuntimeError):
@@ -81,11 +88,115 @@ class ElasticGroup:
         self.minority: ev.QuorumLost | None = None
         #: the views this rank reported in control records, by epoch (:meth:`known`)
         self._reported: dict[int, View] = {}
+        #: set by the watchdog when it took this node out of the cluster for a
+        #: training thread stuck in user code; the thread, back, rejoins (:meth:`form`)
+        self.fenced = False
+        self._watching = threading.Event()  # set: the watchdog stops
+        self._watchdog: threading.Thread | None = None
+        self._needed: str | None = None  # why the others wait for us, seen while the thread is away
+        self._looks: dict[int, Any] = {}  # the watchdog's store clients, by view epoch
 
     def open(self, meta: dict[str, str]) -> None:
-        """Bind and start the agent (no join yet)."""
+        """Bind and start the agent (no join yet), and the watchdog."""
         self.rdv = create_rendezvous(**self.config.rendezvous_kwargs(), meta=meta)
         self.rdv.subscribe(self._on_event)
+        if getattr(self.rdv, "agent", None) is not None:  # the peer backend: an agent to step aside with
+            self._watchdog = threading.Thread(target=self.watch, name="chaos-watchdog", daemon=True)
+            self._watchdog.start()
+
+    # ---------------------------------------------------------------- the watchdog
+    @property
+    def fence_after(self) -> float:
+        """Seconds a training thread may stay in user code while the others
+        wait for it before this node steps out of the cluster: half the join
+        timeout, so the fence lands while the others still wait (their
+        regroup and group formation give up at the join timeout)."""
+        return self.config.join_timeout / 2
+
+    def watch(self) -> None:
+        """The watchdog thread: a training thread stuck in user code (a
+        deadlock, a hung I/O call) while its agent thread answers every probe
+        is never evicted by the membership layer, and the others' collectives
+        fail and their regroup waits for it until the join timeout ends the
+        job (issue 14).  When the others are known to wait for this node
+        (:meth:`_waited_for`) and its training thread has been away from the
+        strategy's code for :attr:`fence_after` seconds, the node leaves the
+        cluster on the thread's behalf, so the others train on; if the
+        thread comes back, it rejoins as a newcomer (:meth:`form`)."""
+        while not self._watching.wait(WATCH_PERIOD_S):
+            try:
+                self._check_stuck()
+            except Exception as exc:  # noqa: BLE001 - a look that failed (a store gone) is tried again
+                log.debug("chaos: watchdog: %s", exc)
+
+    def _check_stuck(self) -> None:
+        away = self.pg.presence.away_for()
+        if away < WATCH_LOOK_AFTER_S or self.fenced or self.rdv is None:
+            self._needed = None  # back in our code (or never away long): evidence of an earlier absence is void
+            self._close_looks()
+            return
+        with self._lock:
+            view, trainers, generation = self.view, self.trainers, self.generation
+        if view is None or len(trainers) < 2 or self.node_id not in trainers:
+            return
+        if self._needed is None:
+            self._needed = self._waited_for(view, generation)
+        if self._needed is None or away < self.fence_after:
+            return  # nobody waits (every member in a long validation, say), or not long enough yet
+        self.fenced = True
+        self._close_looks()
+        log.warning("chaos: the training thread has been in user code for %.0fs (blocked or deadlocked) while %s: "
+                    "this node leaves the cluster so the others train on, and rejoins if the thread comes back",
+                    away, self._needed)
+        self.trace.emit("fenced", epoch=view.epoch, away_s=round(away, 3))
+        with self._lock:
+            self.abort.set()  # the thread, back, fails its step at once and rejoins
+        self.rdv.agent.leave(self.config.leave_timeout)
+
+    def _waited_for(self, view: View, generation: int) -> str | None:
+        """Why the others are waiting for this node's training thread right
+        now, or None.  Only what they do says so, never our own absence: the
+        others regroup our group's view (their collective with us failed), or
+        they are counted in to form a newer view's group that holds us.  (A
+        newer view alone is no evidence: every member may be in the same long
+        validation when a joiner is admitted or a member dies.)  Seen once
+        while the thread is away, it holds until the thread is back."""
+        newest = self._look(view, "regroup/gen", read=True)
+        if newest is not None and newest > generation:
+            return f"the others regroup epoch {view.epoch} (generation {newest}) and wait for this node"
+        current = self.rdv.current_view()
+        if current is not None and current.epoch > view.epoch and self.node_id in current:
+            present = self._look(current, "meet/present", read=False)
+            if present:
+                return f"{present} trainer(s) wait to form the group of epoch {current.epoch}, which holds this node"
+        return None
+
+    def _look(self, view: View, key: str, *, read: bool) -> int | None:
+        """The integer at ``key`` of ``view``'s store (None if unset), through a
+        client kept while the thread is away (one look a second)."""
+        store = self._looks.get(view.epoch)
+        if store is None:
+            store = self._looks[view.epoch] = self.rdv.store(view, timeout=self.config.switch_timeout)
+        if not store.check([key]):
+            return None
+        return int(store.get(key)) if read else int(store.add(key, 0))
+
+    def _close_looks(self) -> None:
+        for store in self._looks.values():
+            try:
+                getattr(store, "underlying_store", store).close()
+            except Exception:  # noqa: BLE001 - its host may be gone
+                pass
+        self._looks.clear()
+
+    def _come_back(self) -> None:
+        """The training thread is back after the watchdog took the node out:
+        ask to be let in again (a new incarnation) and sync like a newcomer."""
+        self.fenced = False
+        self.stale = True
+        log.warning("chaos: the training thread is back after this node left the cluster for it; rejoining")
+        self.trace.emit("fence_rejoin")
+        self.rdv.agent.rejoin()
 
     def join(self, min_nodes: int, deadline: float) -> View:
         """Ask to join, then wait for a view of at least ``min_nodes``;
@@ -172,6 +283,9 @@ class ElasticGroup:
         members sidelines it: no training, and a longer wait
         (``sideline_timeout``) for the view that brings it back.
         """
+        if self.fenced:
+            self._come_back()
+            view = None  # the views before are those that let us go
         bar = None
         try:
             while True:
@@ -413,6 +527,11 @@ class ElasticGroup:
         self.pg.close()
 
     def close(self, *, left: bool) -> None:
+        self._watching.set()
+        if self._watchdog is not None:
+            self._watchdog.join(WATCH_PERIOD_S + self.config.switch_timeout)  # a look in progress is bounded
+            self._watchdog = None
+        self._close_looks()
         if self.rdv is None:
             return
         if not left:

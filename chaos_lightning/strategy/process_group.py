@@ -54,7 +54,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -137,6 +138,34 @@ def _seconds(timeout: float | timedelta) -> float:
     return timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
 
 
+class Presence:
+    """When the training thread was last inside the strategy's own code (a
+    collective, a group switch, a wait for a view), and whether it is in it
+    now.  Written by the training thread only; read by the group's watchdog
+    (:meth:`chaos_lightning.strategy.group.ElasticGroup.watch`), which tells a
+    training thread blocked in user code (a deadlock, a stuck I/O call) from
+    one waiting on its peers: only the first is *away*."""
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._since = time.monotonic()
+
+    @contextmanager
+    def inside(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            self._since = time.monotonic()
+
+    def away_for(self, now: float | None = None) -> float:
+        """Seconds since the training thread last left the strategy's code (0 while in it)."""
+        if self._depth:
+            return 0.0
+        return max(0.0, (time.monotonic() if now is None else now) - self._since)
+
+
 class ElasticProcessGroup:
     """Owns ``torch.distributed``'s default group across membership epochs.
 
@@ -158,6 +187,8 @@ class ElasticProcessGroup:
         self._pending: list[Any] = []  # works left behind by an abandoned collective
         self._pending_buffers: list[torch.Tensor] = []
         self.last_switch: SwitchTiming | None = None
+        #: the training thread inside this group's calls (see :class:`Presence`)
+        self.presence = Presence()
 
     # -- state --------------------------------------------------------------
     @property
@@ -200,7 +231,10 @@ class ElasticProcessGroup:
         collective of the group.  On error (a member missing: ``DistStoreError``
         after ``timeout``) no group is installed; call again with the next view.
         """
-        timeout_s = _seconds(timeout)
+        with self.presence.inside():
+            return self._switch(rank, world_size, store, _seconds(timeout))
+
+    def _switch(self, rank: int, world_size: int, store: dist.Store, timeout_s: float) -> SwitchTiming:
         t0 = time.perf_counter()
         abandoned = self._broken is not None
         self._teardown(detach=True)
@@ -335,6 +369,11 @@ class ElasticProcessGroup:
         return tensors
 
     def _run(self, buffers: list[torch.Tensor], abort: AbortFlag, timeout: float | timedelta | None, op: Any, what: str) -> None:
+        with self.presence.inside():
+            self._launch_and_wait(buffers, abort, timeout, op, what)
+
+    def _launch_and_wait(self, buffers: list[torch.Tensor], abort: AbortFlag, timeout: float | timedelta | None,
+                         op: Any, what: str) -> None:
         if self._group is None:
             raise CollectiveFailed(f"{what}: no process group; call switch() first")
         if self._broken is not None:
