@@ -255,3 +255,20 @@ set link 100mbit
     assert report["totals"]["final_world"] == 4
     trace = (tmp_path / "run" / "trace" / "c.jsonl").read_text()
     assert '"ev": "sidelined"' in trace
+
+
+def test_the_runners_own_control_calls_speak_the_nodes_encryption(tmp_path: Path, monkeypatch) -> None:
+    """The runner's link faults go to the nodes' agents: with CHAOS_ENCRYPT=1
+    (its environment or the nodes' extra one) its secret encrypts too, or
+    every call would be refused for the mode."""
+    pytest.importorskip("cryptography")
+    from chaos_lightning.scenario.runner import Runner
+    from chaos_lightning.wire.auth import encrypts
+
+    monkeypatch.delenv("CHAOS_ENCRYPT", raising=False)
+    timeline = parse(DEFAULT, "<default>")
+    assert not encrypts(Runner(timeline, tmp_path / "a").control_secret)
+    assert encrypts(Runner(timeline, tmp_path / "b", env={"CHAOS_ENCRYPT": "1"}).control_secret)
+    monkeypatch.setenv("CHAOS_ENCRYPT", "1")
+    runner = Runner(timeline, tmp_path / "c")
+    assert encrypts(runner.control_secret) and runner.control_secret == runner.secret.encode()

@@ -156,6 +156,12 @@ class Runner:
         self.out = out or sys.stdout
         self.nodes: dict[str, NodeProc] = {}
         self.secret = secrets.token_hex(16)
+        # the runner's own control calls (link faults) speak the nodes' mode:
+        # CHAOS_ENCRYPT from this environment or the nodes' extra one
+        from chaos_lightning.config import secret_from_env
+
+        self.control_secret = secret_from_env({"CHAOS_SECRET": self.secret,
+                                               "CHAOS_ENCRYPT": {**os.environ, **self.extra_env}.get("CHAOS_ENCRYPT", "")})
         self.t0: float | None = None  # wall time of the first committed step
         self._started_mono = time.monotonic()
         self._testbed: Any = None
@@ -442,7 +448,7 @@ class Runner:
         for p, q in ((x, y), (y, x)):
             if p.alive:
                 try:
-                    link_fault(p.addr, q.addr, down, secret=self.secret, timeout=5.0)
+                    link_fault(p.addr, q.addr, down, secret=self.control_secret, timeout=5.0)
                 except (OSError, TimeoutError) as exc:
                     self.say(f"warning: {p.name} did not take the link fault ({exc})")
 
@@ -458,7 +464,7 @@ class Runner:
         while True:
             try:
                 for q in peers:
-                    link_fault(node.addr, q.addr, True, secret=self.secret, timeout=2.0)
+                    link_fault(node.addr, q.addr, True, secret=self.control_secret, timeout=2.0)
                 break
             except (OSError, TimeoutError):
                 if time.monotonic() > deadline or not node.alive:
