@@ -194,6 +194,20 @@ def test_seeded_random_schedules_never_split_never_spin_and_end_in_one_view(pres
     assert res["majority_lost"] <= 4, "the schedules keep a majority alive almost always"
 
 
+@pytest.mark.parametrize("seed, preset", [(602, "lan"), (315, "local")])
+def test_schedules_that_once_ended_in_two_views_now_settle(seed, preset):
+    """602: a partition, then crashes that left neither side a quorum; after
+    the heal each side held the other's voters dead and never spoke to them
+    again (a dead node's heal probe now leads with the verdict, so it
+    refutes), and the coordinator lacked the proof that a restarted voter's
+    old slot was gone (a joiner now asks the members that probe it to let it
+    in, which is that proof).  315: a restart whose three configured peers
+    then crashed or left: it can join nothing, as in any protocol, and the
+    settle check counts it as an orphan instead of a second view."""
+    r = run_schedule(seed, preset)
+    assert r.ok and r.settled, (r.summary, r.actions)
+
+
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2**31 - 1), preset=st.sampled_from(["local", "lan"]), steps=st.integers(1, 14))
 def test_any_fault_schedule_keeps_the_invariants(seed, preset, steps):

@@ -164,10 +164,21 @@ class Detector:
 
     def buddy(self, about: str) -> tuple[Fact, ...]:
         """A message to a suspected node leads with the suspicion, so the
-        accused hears it (and can refute) first (Lifeguard's buddy system)."""
+        accused hears it (and can refute) first (Lifeguard's buddy system).
+
+        A node confirmed dead but still in the view (no quorum to remove it)
+        is probed directly only to notice a heal, and that probe leads with
+        the verdict: a node alive on the far side of a healed partition
+        refutes it, or the two sides, each holding the other dead, would
+        never speak again (the gossip that carried the verdicts was spent
+        inside each side).  Found by the simulator (seed 602, ``lan``: a
+        partition, then crashes that left neither side a quorum; after the
+        heal, three live voters of six each held the others dead for good)."""
         st = self.status.get(about)
         if st is not None and st.state == _SUSPECT:
             return (Fact(SUSPECT, about, st.inc),)
+        if st is not None and st.state == _DEAD:
+            return (Fact(DEAD, about, st.inc),)
         return ()
 
     def next_deadline(self) -> float:

@@ -116,6 +116,9 @@ __all__ = ["Membership", "Output", "Phase"]
 HISTORY = 32
 #: commits per ``ViewSync``: at 1,000 members a view is ~40 kB on the wire
 SYNC_CHAIN = 8
+#: a joiner's contact addresses at most: the configured seeds plus members
+#: that probed it (each a live member of the cluster it is joining)
+MAX_CONTACTS = 32
 #: addresses kept for senders that are neither members nor join candidates
 #: (enough to answer them; an LRU, so forged ids cannot grow it)
 STRANGERS = 256
@@ -431,8 +434,19 @@ class Membership:
             # a joiner holds no slot: an ack from it would vouch for the slot
             # of a previous process under the same id, which is gone.  A probe
             # does say a view may list us (our Commit was lost): ask for it.
+            # And the prober is a live member of the cluster we are joining:
+            # ask it to let us in too.  A new process under a member's id is
+            # probed by members still holding the old slot, and its request
+            # is their proof that the slot is gone; without it, a coordinator
+            # whose only other proofs came from refusals could not reach the
+            # tie quorum (the simulator's seed 602, ``lan``: the new
+            # process's configured peers were others, one of them crashed)
             if src and src != self.id:
                 self._ask_sync(src, now, out)
+                addr = src_addr or self._addr_of(src)
+                if addr and addr not in self._contacts and len(self._contacts) < MAX_CONTACTS:
+                    self._contacts.append(addr)
+                    out.messages.append((src, addr, JoinRequest(self.me)))
             return out
         handler = self._handlers.get(type(msg))
         if handler is None:

@@ -557,8 +557,15 @@ def run_schedule(
             def orphan(x: str) -> bool:
                 # its view lists no other live process (the others all died
                 # while it was cut off, after a view without it): no address
-                # it knows can tell it anything, as no protocol could
-                v = sim.nodes[x].view
+                # it knows can tell it anything, as no protocol could.  Or a
+                # joiner without a view whose every seed is dead or gone (a
+                # restart given three peers that then crashed or left: in a
+                # real launch their addresses refuse, and the joiner says so)
+                m = sim.nodes[x]
+                v = m.view
+                if v is None and m.phase is Phase.JOINING:
+                    return all(sim.crashed.get(c) or sim.nodes[c].phase in (Phase.LEFT, Phase.REMOVED)
+                               for c in m._contacts if c in sim.nodes)
                 return v is not None and all(
                     sim.crashed.get(y.id) or sim.nodes[y.id].me.inc != y.inc for y in v.members if y.id != x
                 ) and v.size > 1
