@@ -335,6 +335,16 @@ def test_a_node_in_a_minority_says_so_for_as_long_as_it_waits(capsys):
     assert g.minority is None
     g._on_event(ev.QuorumLost(epoch=4, reachable=1, voters=3, allow_minority=True))
     assert g.minority is None, "a node told to go on in a minority is not waiting"
+    # removed while in a minority, then back through a rejoin (whose reset
+    # sets the quorum flag without a QuorumRegained): the bar must not stay
+    from chaos_lightning.membership.view import Member, View
+
+    g._on_event(ev.QuorumLost(epoch=4, reachable=1, voters=3))
+    g._on_event(ev.Removed(View(5, (Member("b", "b"),)), False))
+    assert g.minority is None
+    g._on_event(ev.QuorumLost(epoch=6, reachable=1, voters=3))
+    g._on_event(ev.ViewChanged(View(7, (Member("b", "b"), Member(g.node_id, g.node_id)))))
+    assert g.minority is None
 
 
 def test_a_newer_view_is_adopted_in_place_only_with_the_same_processes_in_the_same_order():

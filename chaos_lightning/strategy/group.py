@@ -499,7 +499,10 @@ class ElasticGroup:
             self.trace.emit("view_committed", epoch=v.epoch, members=list(v.ids), down_links=[list(p) for p in v.down_links])
         if isinstance(event, ev.QuorumLost) and not event.all_voters_dead and not event.allow_minority:
             self.minority = event
-        elif isinstance(event, ev.QuorumRegained):
+        elif isinstance(event, (ev.QuorumRegained, ev.Removed)) or (
+                isinstance(event, ev.ViewChanged) and self.node_id in event.view):
+            # regained, or a view that holds us (a rejoin sets the quorum flag
+            # back without a QuorumRegained), or out of that view: no longer waiting in it
             self.minority = None
         if isinstance(event, ev.QuorumLost) and event.all_voters_dead:
             self.voters_gone = event.epoch
