@@ -222,3 +222,49 @@ def test_metric_states_of_any_shape_gather_in_rank_order(tensors: list[torch.Ten
         assert got is not None and len(got) == 2
         for mine, theirs in zip(got, tensors):
             assert mine.dtype == theirs.dtype and mine.shape == theirs.shape and torch.equal(mine, theirs)
+
+
+def test_all_gather_with_grads_sends_each_rank_the_gradient_of_its_rows() -> None:
+    """``all_gather(..., sync_grads=True)`` (a contrastive loss over every
+    rank's embeddings) on the abortable group: each rank's loss uses every
+    row, and each rank's input gets the sum over ranks of its row's
+    gradient, as one process computing every loss would give it."""
+    pg = SharedSumPG()
+    xs = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([-1.0, 0.5, 4.0])]
+    ws = [torch.tensor([[1.0, 0.0, 2.0], [3.0, -1.0, 0.5]]), torch.tensor([[0.0, 1.0, 1.0], [-2.0, 4.0, 1.0]])]
+    grads: list[torch.Tensor | None] = [None, None]
+    rows: list[torch.Tensor | None] = [None, None]
+
+    def rank(r: int) -> None:
+        x = xs[r].clone().requires_grad_(True)
+        y = collectives.all_gather_with_grad(pg.rank_view(r), x, None, 10)
+        rows[r] = y.detach()
+        ((y * ws[r]) ** 2).sum().backward()  # every rank's own loss over every rank's row
+        grads[r] = x.grad
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    # one process, every loss: the reference gradients
+    leaves = [x.clone().requires_grad_(True) for x in xs]
+    stacked = torch.stack(leaves)
+    sum(((stacked * w) ** 2).sum() for w in ws).backward()
+    for r in range(2):
+        assert torch.equal(rows[r], torch.stack(xs)), rows[r]
+        assert grads[r] is not None and torch.allclose(grads[r], leaves[r].grad), (r, grads[r], leaves[r].grad)
+
+
+def test_all_gather_with_grads_on_a_failed_group_keeps_this_ranks_row_and_gradient() -> None:
+    from chaos_lightning.strategy.process_group import CollectiveFailed
+
+    class Broken(SimpleNamespace):
+        def all_reduce(self, t, *, abort, timeout, op=None):
+            raise CollectiveFailed("peer gone")
+
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    y = collectives.all_gather_with_grad(Broken(rank=1, world_size=2), x, None, 1.0)
+    assert y.shape == (1, 2)
+    (y * 3).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([3.0, 3.0]))

@@ -85,6 +85,43 @@ def all_gather(pg: ElasticProcessGroup, tensor: torch.Tensor, abort: AbortFlag, 
     return rows
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """:func:`all_gather` whose backward sends each rank's rows their
+    gradient: every rank's loss may use every row, so rank ``r``'s input
+    gets the sum over ranks of the gradient of row ``r`` (one abortable
+    all-reduce of the gradient rows; what ``torch.distributed.nn``'s
+    all_gather does with a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, pg: ElasticProcessGroup, abort: AbortFlag,
+                timeout: float) -> torch.Tensor:
+        ctx.pg, ctx.abort, ctx.timeout = pg, abort, timeout
+        return all_gather(pg, tensor, abort, timeout).clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_rows: torch.Tensor) -> tuple[Any, ...]:
+        pg = ctx.pg
+        if grad_rows.shape[0] != pg.world_size:  # the forward failed: this rank's row alone
+            return grad_rows[0], None, None, None
+        grad = grad_rows.detach().contiguous().clone()
+        try:
+            pg.all_reduce(grad, abort=ctx.abort, timeout=ctx.timeout)
+        except CollectiveError as exc:
+            # the group is broken now, so this step's gradient all-reduce
+            # fails too and the step applies no update on any rank
+            log.warning("chaos: all_gather's gradient failed (%s); the step will not apply", exc)
+            return grad_rows[pg.rank], None, None, None
+        return grad[pg.rank], None, None, None
+
+
+def all_gather_with_grad(pg: ElasticProcessGroup, tensor: torch.Tensor, abort: AbortFlag,
+                         timeout: float) -> torch.Tensor:
+    """``all_gather(..., sync_grads=True)`` on the current group: the rows of
+    :func:`all_gather`, differentiable (a contrastive loss over every rank's
+    embeddings), forward and backward abortable."""
+    return _GatherWithGrad.apply(tensor, pg, abort, timeout)
+
+
 def gather_uneven(pg: ElasticProcessGroup, tensor: torch.Tensor, abort: AbortFlag, timeout: float) -> list[torch.Tensor]:
     """Every rank's ``tensor`` in rank order, shapes free to differ (same
     ``ndim``): torchmetrics' ``dist_sync_fn`` contract.  Two abortable

@@ -170,13 +170,15 @@ class ElasticMember:
         return collectives.reduce(g.pg, tensor, name, g.abort, self.config.collective_timeout)
 
     def _user_gather(self, tensor: Any, sync_grads: bool, fallback: Callable[[], Any]) -> Any:
-        """``all_gather`` on the current group (abortable); ``fallback`` for
-        what we do not carry (non-tensors, ``sync_grads=True``)."""
+        """``all_gather`` on the current group (abortable, with ``sync_grads``
+        too); ``fallback`` for what we do not carry (non-tensors)."""
         g = self.group
         if g.pg.group is None:
             return tensor.unsqueeze(0) if isinstance(tensor, torch.Tensor) else fallback()
-        if not isinstance(tensor, torch.Tensor) or sync_grads:
+        if not isinstance(tensor, torch.Tensor):
             return fallback()
+        if sync_grads:
+            return collectives.all_gather_with_grad(g.pg, tensor, g.abort, self.config.collective_timeout)
         return collectives.all_gather(g.pg, tensor, g.abort, self.config.collective_timeout)
 
     def _user_barrier(self) -> None:
