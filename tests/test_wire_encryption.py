@@ -19,6 +19,7 @@ from chaos_lightning.wire.auth import Hello, Secret, Session, encrypts, load_sec
 from chaos_lightning.wire.connection import dial, start_server
 from chaos_lightning.wire.errors import AuthError, ConnectionClosed, IntegrityError, WireError
 from chaos_lightning.wire.frames import HEADER_SIZE, frame_header
+from test_wire import echo  # every message and blob back
 
 pytest.importorskip("cryptography")
 pytestmark = pytest.mark.timeout(60)
@@ -65,16 +66,6 @@ class Relay:
     def close(self) -> None:
         assert self.server is not None
         self.server.close()
-
-
-async def echo(conn) -> None:
-    """Echo every message and blob back."""
-    while True:
-        msg = await conn.recv()
-        if isinstance(msg, bytes):
-            await conn.send_blob(msg)
-        else:
-            await conn.send(msg)
 
 
 async def round_trip(secret: bytes, tamper=None) -> tuple[Relay, bytes, object]:
