@@ -229,6 +229,72 @@ def test_a_failed_collective_names_the_groups_peers_not_after_an_abort_and_not_w
     _group(_Rdv(Broken())).suspect_peers(CollectiveFailed("x"))  # never raises in the failure path
 
 
+def test_the_watchdog_fences_a_stuck_thread_only_on_evidence_that_the_others_wait():
+    """Issue 14: the watchdog (``ElasticGroup._check_stuck``) takes the node
+    out only when the others are seen waiting for it: a regroup of its view
+    at a newer generation, or trainers counted in to form a newer view that
+    holds it.  Its own long absence is no evidence (every member may sit in
+    the same long validation while a newer view commits); here each store
+    is a real in-process ``torch.distributed.HashStore`` per view."""
+    import torch.distributed as dist
+
+    from chaos_lightning.membership.view import Member, View
+
+    class Agent:
+        left = 0
+
+        def leave(self, timeout: float) -> bool:
+            self.left += 1
+            return True
+
+    stores: dict[int, object] = {}
+
+    class Rdv(_Rdv):
+        def __init__(self, agent: Agent) -> None:
+            super().__init__(agent)
+            self.view: View | None = None
+
+        def current_view(self):
+            return self.view
+
+        def store(self, view, timeout=30.0, cancelled=None):
+            return dist.PrefixStore(f"chaos/epoch/{view.epoch}/", stores.setdefault(view.epoch, dist.HashStore()))
+
+    def view(epoch: int, *ids: str) -> View:
+        return View(epoch, tuple(Member(i, i) for i in ids))
+
+    agent = Agent()
+    rdv = Rdv(agent)
+    g = _group(rdv)
+    g.config = dataclasses.replace(g.config, join_timeout=4.0)  # fence after 2 s away
+    g.view, g.trainers, g.generation = view(3, "a", "b", "c"), ("a", "b", "c"), 0
+    rdv.view = view(4, "a", "b", "c", "j")  # a joiner admitted while everyone validates
+    g.pg.presence._since = time.monotonic() - 60  # the training thread away for a minute
+    g._check_stuck()
+    assert not g.fenced and agent.left == 0, "a newer view alone is no evidence"
+    rdv.store(view(3, "a"), 1.0).set("regroup/gen", "0")
+    g._check_stuck()
+    assert not g.fenced, "generation 0 is the group we are in"
+    rdv.store(view(4, "a"), 1.0).add("meet/present", 2)  # two trainers wait to form epoch 4
+    g._check_stuck()
+    assert g.fenced and agent.left == 1 and g.abort.is_set()
+    assert "wait to form the group of epoch 4" in g._needed
+    # the thread is back: the evidence of that absence is void, and the next
+    # formation asks back in (here only the flags: the agent has no rejoin)
+    g2 = _group(Rdv(Agent()))
+    g2.view, g2.trainers = view(3, "a", "b", "c"), ("a", "b", "c")
+    g2.pg.presence._since = time.monotonic() - 60
+    stores.clear()
+    g2.rdv.store(view(3, "a"), 1.0).set("regroup/gen", "1")  # the others regroup without us
+    g2.config = dataclasses.replace(g2.config, join_timeout=400.0)  # not away long enough yet
+    g2._check_stuck()
+    assert not g2.fenced and g2._needed and "regroup epoch 3 (generation 1)" in g2._needed
+    with g2.pg.presence.inside():
+        pass  # back in our code
+    g2._check_stuck()
+    assert g2._needed is None
+
+
 # ------------------------------------------------------------ real processes
 WORKER = Path(__file__).with_name("_train_worker.py")
 
