@@ -459,3 +459,39 @@ def test_a_failed_switch_leaves_the_next_group_named_as_everyone_elses():
         assert dist.group.WORLD.group_name == "0"
     finally:
         epg.close()
+
+
+def test_the_rank_prefix_of_a_traceback_is_the_current_groups_alone():
+    """torch's ``init_process_group`` wraps ``sys.excepthook`` with a
+    ``[rankN]:`` prefix each time; a node whose rank changed printed one
+    prefix per group it ever had (the soak's ``[rank2]: [rank2]: [rank4]:``).
+    Each switch now wraps the hook from before the first group."""
+    import io
+    import sys
+
+    import torch.distributed as dist
+
+    from chaos_lightning.strategy.process_group import ElasticProcessGroup
+
+    assert not dist.is_initialized()
+    store = dist.HashStore()
+    before = sys.excepthook
+    sys.excepthook = sys.__excepthook__  # as a fresh process has it (other tests here switched groups)
+    epg = ElasticProcessGroup()
+    try:
+        for epoch in range(3):
+            epg.switch(0, 1, dist.PrefixStore(f"e{epoch}/", store), timeout=5)
+        err, sys.stderr = sys.stderr, io.StringIO()
+        try:
+            try:
+                raise ValueError("boom")
+            except ValueError:
+                sys.excepthook(*sys.exc_info())
+            text = sys.stderr.getvalue()
+        finally:
+            sys.stderr = err
+        lines = [line for line in text.splitlines() if "boom" in line]
+        assert lines and all(line.count("[rank") == 1 for line in lines), text
+    finally:
+        epg.close()
+        sys.excepthook = before

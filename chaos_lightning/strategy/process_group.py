@@ -52,6 +52,7 @@ collectives; the abort flag may be set from any thread.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -189,6 +190,11 @@ class ElasticProcessGroup:
         self.last_switch: SwitchTiming | None = None
         #: the training thread inside this group's calls (see :class:`Presence`)
         self.presence = Presence()
+        #: ``sys.excepthook`` before our first group: every
+        #: ``init_process_group`` wraps the hook it finds with a ``[rankN]:``
+        #: prefix, so each switch starts again from this one (else a node whose
+        #: rank changed many times printed ``[rank2]: [rank2]: [rank4]: ...``)
+        self._excepthook: Any = None
 
     # -- state --------------------------------------------------------------
     @property
@@ -239,6 +245,9 @@ class ElasticProcessGroup:
         abandoned = self._broken is not None
         self._teardown(detach=True)
         t1 = time.perf_counter()
+        if self._excepthook is None:
+            self._excepthook = sys.excepthook
+        sys.excepthook = self._excepthook  # torch wraps it once, with this group's rank
         try:
             dist.init_process_group(
                 self.backend,
