@@ -279,6 +279,15 @@ def test_the_watchdog_fences_a_stuck_thread_only_on_evidence_that_the_others_wai
     g._check_stuck()
     assert g.fenced and agent.left == 1 and g.abort.is_set()
     assert "wait to form the group of epoch 4" in g._needed
+    # they waited a collective timeout and gave up: still evidence (they now wait for a newer view)
+    g3 = _group(Rdv(Agent()))
+    g3.config = dataclasses.replace(g3.config, join_timeout=4.0)
+    g3.view, g3.trainers = view(3, "a", "b", "c"), ("a", "b", "c")
+    g3.rdv.view = view(5, "a", "b", "j")
+    g3.pg.presence._since = time.monotonic() - 60
+    rdv.store(view(5, "a"), 1.0).add("meet/gave_up", 1)
+    g3._check_stuck()
+    assert g3.fenced and "gave up forming the group of epoch 5" in g3._needed
     # the thread is back: the evidence of that absence is void, and the next
     # formation asks back in (here only the flags: the agent has no rejoin)
     g2 = _group(Rdv(Agent()))

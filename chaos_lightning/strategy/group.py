@@ -157,7 +157,9 @@ class ElasticGroup:
         """Why the others are waiting for this node's training thread right
         now, or None.  Only what they do says so, never our own absence: the
         others regroup our group's view (their collective with us failed), or
-        they are counted in to form a newer view's group that holds us.  (A
+        they are counted in to form a newer view's group that holds us (or
+        gave up doing so after a collective timeout: they then wait for a
+        newer view, which nobody proposes while our agent answers).  (A
         newer view alone is no evidence: every member may be in the same long
         validation when a joiner is admitted or a member dies.)  Seen once
         while the thread is away, it holds until the thread is back."""
@@ -169,6 +171,9 @@ class ElasticGroup:
             present = self._look(current, "meet/present", read=False)
             if present:
                 return f"{present} trainer(s) wait to form the group of epoch {current.epoch}, which holds this node"
+            if self._look(current, "meet/gave_up", read=False):
+                # they waited a collective timeout for us and now wait for a newer view
+                return f"the others gave up forming the group of epoch {current.epoch}, which holds this node, without it"
         return None
 
     def _look(self, view: View, key: str, *, read: bool) -> int | None:
@@ -368,6 +373,10 @@ class ElasticGroup:
                 if reason is not None:
                     raise RuntimeError(f"{reason} (left the group's rendezvous with {present} of {world} there)")
                 if time.monotonic() >= deadline:
+                    try:  # for good: a trainer that never came may be stuck (its watchdog reads this)
+                        store.add("meet/gave_up", 1)
+                    except Exception:  # noqa: BLE001 - the store may be gone with its host
+                        pass
                     raise RuntimeError(f"{present} of {world} trainers came to form the group of epoch {view.epoch}")
                 time.sleep(MEET_POLL_S)
                 present = store.add(key, 0)
