@@ -278,6 +278,14 @@ def test_a_failure_in_the_last_accumulation_window_of_an_epoch_keeps_exactly_onc
     assert epoch1[-1]["world"] == 2 and epoch1[-1]["batch"] > 13, "epoch 1 went on at world 2"
 
 
+def wait_serving(member_log: Path, timeout: float = 60.0) -> None:
+    """Until the member logs that it serves the joiner the state (then it waits for the pull)."""
+    deadline = time.monotonic() + timeout
+    while "serving the state" not in member_log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "the members never served the joiner"
+        time.sleep(0.02)
+
+
 @pytest.mark.timeout(240)
 def test_a_joiner_killed_while_pulling_the_state_leaves_the_members_unaffected(tmp_path):
     """Members serve a ~5 MB state at 2 MB/s each, so the joiner's parallel
@@ -291,12 +299,7 @@ def test_a_joiner_killed_while_pulling_the_state_leaves_the_members_unaffected(t
         members[0].wait(lambda r: r["event"] == "step" and r["step"] >= 3, 120)
         joiner = join(members[0], tmp_path, "joiner", N, EPOCHS, 0.05, env=env)
         nodes.append(joiner)
-        # the members log when they start serving the joiner (then wait for it)
-        member_log = tmp_path / "n0.log"
-        deadline = time.monotonic() + 60
-        while "serving the state" not in member_log.read_text(errors="replace"):
-            assert time.monotonic() < deadline, "the members never served the joiner"
-            time.sleep(0.02)
+        wait_serving(tmp_path / "n0.log")
         joiner.proc.kill()
         results = [n.wait(lambda r: r["event"] == "done", 120) for n in members]
     finally:
@@ -326,11 +329,7 @@ def test_a_source_killed_while_a_joiner_pulls_the_state_leaves_every_replica_ide
         members[0].wait(lambda r: r["event"] == "step" and r["step"] >= 3, 120)
         late = join(members[0], tmp_path, "joiner", N, EPOCHS, 0.05, env=env)
         nodes.append(late)
-        victim_log = tmp_path / "n2.log"
-        deadline = time.monotonic() + 60
-        while "serving the state" not in victim_log.read_text(errors="replace"):
-            assert time.monotonic() < deadline, "the members never served the joiner"
-            time.sleep(0.02)
+        wait_serving(tmp_path / "n2.log")
         time.sleep(0.3)  # the pull under way
         members[2].proc.kill()
         results = [n.wait(lambda r: r["event"] == "done", 150) for n in (members[0], members[1], late)]
