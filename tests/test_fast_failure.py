@@ -303,6 +303,21 @@ def test_the_watchdog_fences_a_stuck_thread_only_on_evidence_that_the_others_wai
     g2._check_stuck()
     assert g2._needed is None
 
+    # back after a fence, with nobody left to let it in: a clear error at the join timeout
+    class Gone(Rdv):
+        def next_view(self, after_epoch: int, timeout: float):
+            time.sleep(min(timeout, 0.1))
+            return None
+
+    rejoined = []
+    gone = Gone(Agent())
+    gone.agent.rejoin = lambda: rejoined.append(True)
+    g4 = _group(gone)
+    g4.fenced = True
+    with pytest.raises(TimeoutError, match="left the cluster while its training thread was stuck"):
+        g4.form(None, lambda v: False, time.monotonic() + 0.3)
+    assert rejoined == [True] and g4.stale and not g4.fenced
+
 
 # ------------------------------------------------------------ real processes
 WORKER = Path(__file__).with_name("_train_worker.py")

@@ -94,6 +94,7 @@ class ElasticGroup:
         self._watching = threading.Event()  # set: the watchdog stops
         self._watchdog: threading.Thread | None = None
         self._needed: str | None = None  # why the others wait for us, seen while the thread is away
+        self._back_from_fence = False  # rejoining after the watchdog's leave, until a group forms
         self._looks: dict[int, Any] = {}  # the watchdog's store clients, by view epoch
 
     def open(self, meta: dict[str, str]) -> None:
@@ -199,6 +200,7 @@ class ElasticGroup:
         ask to be let in again (a new incarnation) and sync like a newcomer."""
         self.fenced = False
         self.stale = True
+        self._back_from_fence = True
         log.warning("chaos: the training thread is back after this node left the cluster for it; rejoining")
         self.trace.emit("fence_rejoin")
         self.rdv.agent.rejoin()
@@ -297,6 +299,7 @@ class ElasticGroup:
                 if view is not None and usable(view):
                     try:
                         self._build(view, view.connected(), deadline)
+                        self._back_from_fence = False
                         return view
                     except Exception as exc:
                         log.info("chaos: group of epoch %d did not form (%s); waiting for a newer view", view.epoch, exc)
@@ -320,6 +323,11 @@ class ElasticGroup:
                     bar.__enter__()
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    if self._back_from_fence:
+                        raise TimeoutError(
+                            f"chaos: no usable view after {self.config.join_timeout}s: this node left the cluster "
+                            "while its training thread was stuck, and nobody let it back in (the members may "
+                            "have finished the fit or exited)")
                     raise TimeoutError(f"chaos: no usable view after {self.config.join_timeout}s")
                 view = self.rdv.next_view(view.epoch if view is not None else 0, min(left, 1.0)) or view
                 if bar is not None:
