@@ -413,6 +413,7 @@ class ElasticMember:
                 if (agent := getattr(self.group.rdv, "agent", None)) is not None:
                     agent.mark_synced()  # a learner votes from the next view on (issue 14)
             self._buffers.snapshot(self.replica_buffers())  # identical everywhere now: what a failed step restores
+            self._sync.done()  # training changes the tensors again: nothing of theirs stays served
             self.group.settled()
             return view
 

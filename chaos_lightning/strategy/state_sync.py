@@ -200,6 +200,7 @@ class StateSync:
             )
         rank, world = member.global_rank, member.world_size
         pulled: tuple[PullResult, dict[str, str]] | None = None
+        settled = False
         try:
             member.collective(torch.ones(1))  # every snapshot is published
             ok = 1
@@ -212,9 +213,16 @@ class StateSync:
             # holders wait here for the pull: bounded by the join timeout,
             # ended at once if a member fails
             member.collective(flags, timeout=self._join_timeout)
+            settled = True
         finally:
-            if holding:
+            if holding and settled:
                 self._server.retract()
+            # else (a member failed during the pull) the snapshot stays served
+            # until this member trains again (:meth:`done`): its tensors do not
+            # change meanwhile, so a newcomer's pull in flight completes from
+            # the holders left and the next view needs no second transfer
+            # (before, every holder retracted at the failure and the newcomer
+            # pulled the whole state again)
             if pulled is not None:
                 # the bytes are here: the holders went back to training at the
                 # flags, and the copy into place is this node's own time (issue
@@ -232,6 +240,12 @@ class StateSync:
         log.warning("chaos: newcomer(s) %s could not pull the state; they leave, and the members train on "
                     "without them", nodes)
         raise NewcomerFailed(f"newcomer(s) {nodes} could not pull the state")
+
+    def done(self) -> None:
+        """This member is about to train again: stop serving any snapshot left
+        published by a sync that failed (its tensors change from now on)."""
+        if self._server is not None:
+            self._server.retract()
 
     def _pull_from(self, member: ElasticMember, holders: list[Any]) -> tuple[PullResult, dict[str, str]] | None:
         """The state pulled from ``holders`` (several at once, on the
