@@ -36,7 +36,7 @@ Encryption (optional, for clusters across a WAN).  A :class:`Secret` with
 after the handshake with ChaCha20 (the ``cryptography`` package, the
 ``encrypt`` extra: the standard library has no cipher), encrypt-then-MAC::
 
-    okm = HKDF(ikm=secret, salt=nonce_s | nonce_c, info="chaos_lightning/wire/v2 frame keys+chacha20", 128)
+    okm = HKDF(ikm=secret, salt=nonce_s | nonce_c, info="chaos_lightning/wire/v3 frame keys+chacha20", 128)
     mac_c2s, mac_s2c, enc_c2s, enc_s2c = okm[0:32], okm[32:64], okm[64:96], okm[96:128]
     body = ChaCha20(enc_dir, nonce=0) keystream XOR payload   (one stream per direction)
     tag  = HMAC-SHA256(mac_dir, seq | header | body)[:16]
@@ -99,7 +99,7 @@ MIN_SECRET_BYTES = 16
 TAG_SIZE = 16
 
 _HKDF_INFO = b"chaos_lightning/wire/v2 frame keys"
-_HKDF_INFO_ENCRYPTED = b"chaos_lightning/wire/v2 frame keys+chacha20"
+_HKDF_INFO_ENCRYPTED = b"chaos_lightning/wire/v3 frame keys+chacha20"
 
 #: The variable that turns frame encryption on, named in error messages only.
 ENCRYPT_ENV = "CHAOS_ENCRYPT"
@@ -255,7 +255,7 @@ def _key(secret: bytes | str | None) -> bytes:
 
 
 def _mac(key: bytes, role: bytes, first: bytes, second: bytes, encrypt: bool = False) -> bytes:
-    # the encrypted mode is bound into the proof (plain proofs are protocol 2's, unchanged)
+    # the encrypted mode is bound into the proof (plain proofs are as in protocol 2)
     return hmac.new(key, role + first + second + (b"+chacha20" if encrypt else b""), hashlib.sha256).digest()
 
 

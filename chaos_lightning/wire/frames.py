@@ -11,6 +11,9 @@ over a per-direction sequence number, the header and the payload, see
 :class:`chaos_lightning.wire.auth.Session`); ``length`` counts the payload
 only.  Protocol 2 introduced the tag: a protocol-1 peer is refused at the
 handshake with a clear version error instead of failing tag checks.
+Protocol 3 added the encryption mode to the handshake's messages
+(``Hello.encrypt``, ``ClientProof.encrypt``): a protocol-2 peer gets a
+version error, not a schema error about a field count.
 
 ``kind`` says what the payload is: :data:`KIND_MESSAGE` (one msgpack message,
 see :mod:`chaos_lightning.wire.schema`) or :data:`KIND_BLOB` (raw bytes, for
@@ -42,7 +45,7 @@ from chaos_lightning.wire.errors import (
     WireError,
 )
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAGIC = b"CL"
 
 #: A msgpack message (:mod:`chaos_lightning.wire.schema`).
