@@ -392,7 +392,7 @@ class _Resolver:
         cipher's package)."""
         if not encrypt:
             return secret
-        name = "encrypt" if "encrypt" in self.given else ENCRYPT_ENV
+        name = "encrypt" if self.given.get("encrypt") is not None else ENCRYPT_ENV  # None: not given
         if secret is None:
             raise ConfigError(name, f"needs the cluster secret ({secret_var}): a public key hides nothing", 1)
         try:

@@ -235,6 +235,8 @@ def test_encryption_travels_with_the_secret_and_needs_one() -> None:
         NodeConfig.resolve(env={"CHAOS_ENCRYPT": "1"})
     with pytest.raises(ConfigError, match="^chaos: encrypt needs the cluster secret"):
         NodeConfig.resolve(env={}, encrypt=True)
+    with pytest.raises(ConfigError, match="^chaos: CHAOS_ENCRYPT needs"):  # ChaosStrategy passes None: not given
+        NodeConfig.resolve(env={"CHAOS_ENCRYPT": "1"}, encrypt=None)
     assert encrypts(secret_from_env({"CHAOS_SECRET": "s" * 16, "CHAOS_ENCRYPT": "yes"}))
     # the mode survives what components do with a secret: load it again, pickle it
     assert encrypts(load_secret(cfg.secret)) and encrypts(pickle.loads(pickle.dumps(cfg.secret)))
