@@ -200,7 +200,6 @@ class StateSync:
             )
         rank, world = member.global_rank, member.world_size
         pulled: tuple[PullResult, dict[str, str]] | None = None
-        settled = False
         try:
             member.collective(torch.ones(1))  # every snapshot is published
             ok = 1
@@ -213,16 +212,13 @@ class StateSync:
             # holders wait here for the pull: bounded by the join timeout,
             # ended at once if a member fails
             member.collective(flags, timeout=self._join_timeout)
-            settled = True
         finally:
-            if holding and settled:
-                self._server.retract()
-            # else (a member failed during the pull) the snapshot stays served
-            # until this member trains again (:meth:`done`): its tensors do not
-            # change meanwhile, so a newcomer's pull in flight completes from
-            # the holders left and the next view needs no second transfer
-            # (before, every holder retracted at the failure and the newcomer
-            # pulled the whole state again)
+            # A holder serves the snapshot until it trains again (:meth:`done`),
+            # not only until these flags: its tensors do not change meanwhile,
+            # so if a member fails during the pull, a newcomer's pull in flight
+            # completes from the holders left and the next view needs no second
+            # transfer (before, every holder retracted at the failure and the
+            # newcomer pulled the whole state again).
             if pulled is not None:
                 # the bytes are here: the holders went back to training at the
                 # flags, and the copy into place is this node's own time (issue
@@ -242,8 +238,9 @@ class StateSync:
         raise NewcomerFailed(f"newcomer(s) {nodes} could not pull the state")
 
     def done(self) -> None:
-        """This member is about to train again: stop serving any snapshot left
-        published by a sync that failed (its tensors change from now on)."""
+        """This member is about to train again: stop serving the snapshot a
+        pull published (its tensors change from now on).  The one place a
+        snapshot is retracted; every sync ends here before training."""
         if self._server is not None:
             self._server.retract()
 
