@@ -48,6 +48,8 @@ variable                   setting                                      default
 ``CHAOS_SIDELINE_TIMEOUT`` seconds a sidelined member waits             600
 ``CHAOS_TRACE``            JSON-lines timeline file                     unset
 ``CHAOS_RECORD_SAMPLES``   keep the ledger of trained samples (1/0)     0 (off)
+``CHAOS_STOP_FREE_JOIN``   a joiner pulls behind the members' steps     0 (off)
+``CHAOS_CATCH_UP_STEPS``   most steps such a joiner replays             32
 ``CHAOS_ETCD_*``           the etcd baseline: ``ENDPOINTS``,            ``127.0.0.1:2379``,
                            ``PREFIX``, ``TTL``, ``OP_TIMEOUT``          ``/chaos``, 2, 5
 =========================  ===========================================  ======================
@@ -131,6 +133,12 @@ class NodeConfig:
     #: keep the strategy's ledger of every trained sample (exactly-once checks;
     #: memory grows with the samples trained, so off unless asked for)
     record_samples: bool = False
+    #: a joiner enters the group at once as a *shadow* (zero weight) and pulls
+    #: the state behind the members' steps, then catches up by replaying the
+    #: steps it saw (docs/join.md); off: the members wait for the transfer
+    stop_free_join: bool = False
+    #: the most steps a shadow replays; past it the joiner waits for its pull
+    catch_up_steps: int = 32
     #: the etcd baseline: ``host:port[,host:port...]``, key prefix, lease TTL and per-call bound (s)
     etcd_endpoints: str = "127.0.0.1:2379"
     etcd_prefix: str = "/chaos"
@@ -171,6 +179,8 @@ class NodeConfig:
             sideline_timeout=r.seconds("sideline_timeout", "CHAOS_SIDELINE_TIMEOUT", cls.sideline_timeout),
             trace=r.text("trace", "CHAOS_TRACE", None),
             record_samples=r.boolean("record_samples", "CHAOS_RECORD_SAMPLES", cls.record_samples),
+            stop_free_join=r.boolean("stop_free_join", "CHAOS_STOP_FREE_JOIN", cls.stop_free_join),
+            catch_up_steps=r.integer("catch_up_steps", "CHAOS_CATCH_UP_STEPS", cls.catch_up_steps),
             etcd_endpoints=r.endpoints("etcd_endpoints", "CHAOS_ETCD_ENDPOINTS", cls.etcd_endpoints),
             etcd_prefix=r.prefix("etcd_prefix", "CHAOS_ETCD_PREFIX", cls.etcd_prefix),
             etcd_ttl=r.seconds("etcd_ttl", "CHAOS_ETCD_TTL", cls.etcd_ttl),

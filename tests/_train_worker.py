@@ -16,7 +16,10 @@ and ``CHAOS_TEST_CLIP=v`` set gradient accumulation and clipping;
 after global step s (a slow checkpoint write: the agent thread keeps
 answering, so nobody evicts it; event "paused" when it resumes);
 ``CHAOS_TEST_NO_SERVE=1`` closes this node's shard server once training
-starts (a joiner's pull from it fails: connection refused)."""
+starts (a joiner's pull from it fails: connection refused);
+``CHAOS_TEST_VAL_EVERY=k`` validates every k batches (with ``CHAOS_TEST_VAL``);
+``CHAOS_TEST_CLAMP=c`` clamps every parameter to [-c, c] after each batch, as
+a WGAN critic does (parameters changed outside ``optimizer.step``)."""
 
 from __future__ import annotations
 
@@ -60,6 +63,11 @@ class Regressor(pl.LightningModule):
         return torch.nn.functional.mse_loss(self.net(x), y)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
+        clamp = os.environ.get("CHAOS_TEST_CLAMP")
+        if clamp:
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.clamp_(-float(clamp), float(clamp))
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         say(
             event="step", step=self.trainer.global_step, world=self.trainer.world_size, pid=os.getpid(), lr=lr,
@@ -151,6 +159,7 @@ def main() -> None:
         enable_model_summary=False, num_sanity_val_steps=0,
         accumulate_grad_batches=int(env.get("CHAOS_TEST_ACCUM", 1)),
         gradient_clip_val=float(env["CHAOS_TEST_CLIP"]) if env.get("CHAOS_TEST_CLIP") else None,
+        val_check_interval=int(env["CHAOS_TEST_VAL_EVERY"]) if env.get("CHAOS_TEST_VAL_EVERY") else None,
     )
     if env.get("CHAOS_TEST_SERVE_BPS"):
         # fault injector: this node serves state to joiners at most this fast

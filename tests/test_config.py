@@ -188,6 +188,8 @@ README_VALUES: dict[str, tuple[str, str, object]] = {
     "CHAOS_MAX_SOURCES": ("3", "max_sources", 3),
     "CHAOS_TRACE": ("/tmp/trace.jsonl", "trace", "/tmp/trace.jsonl"),
     "CHAOS_RECORD_SAMPLES": ("1", "record_samples", True),
+    "CHAOS_STOP_FREE_JOIN": ("1", "stop_free_join", True),
+    "CHAOS_CATCH_UP_STEPS": ("4", "catch_up_steps", 4),
     "CHAOS_GLOBAL_BATCH_SIZE": ("96", "global_batch_size", 96),
     "CHAOS_JOIN_TIMEOUT": ("42", "join_timeout", 42.0),
     "CHAOS_LEAVE_TIMEOUT": ("4.5", "leave_timeout", 4.5),

@@ -50,7 +50,8 @@ def test_the_control_record_sums_and_decodes_exactly_beyond_bfloat16s_integers()
     records = [Control.local(rank=r, world=world, samples=101, epoch=epoch, leaving=r == 2) for r in range(world)]
     assert all(len(r) == Control.size(world) for r in records)
     via_int64 = torch.stack([torch.tensor(r, dtype=torch.int64) for r in records]).sum(0).tolist()
-    assert Control.decode(via_int64) == Control(samples=303, epoch_sum=900, leavers=(2,), epochs=(300, 300, 300))
+    assert Control.decode(via_int64) == Control(samples=303, epoch_sum=900, leavers=(2,), epochs=(300, 300, 300),
+                                             ready=(0, 0, 0), digests=(0, 0, 0))
     # the reason the record is not in the parameters' dtype
     via_bf16 = torch.stack([torch.tensor(r, dtype=torch.bfloat16) for r in records]).sum(0)
     assert int(via_bf16[0].item()) != 303

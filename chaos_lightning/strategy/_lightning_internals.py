@@ -404,6 +404,13 @@ def load_loop_progress(trainer: Any, progress: dict[str, Any], *, remaining: Cal
     loop.on_run_start = on_run_start
 
 
+def validation_due(trainer: Any) -> bool:
+    """Whether Lightning runs validation right after the batch in progress
+    (asked at its end, as Lightning will)."""
+    fit_loop = trainer.fit_loop
+    return bool(fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher))
+
+
 def skip_next_validation(trainer: Any) -> bool:
     """Lightning's own flag: no validation right after the batch in progress
     (asked at its end; the flag clears itself at the next check).  Whether

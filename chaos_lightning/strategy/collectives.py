@@ -51,16 +51,41 @@ def reduce_op_name(reduce_op: Any) -> str | None:
     return name if name in REDUCE_OPS else None
 
 
-def reduce(pg: ElasticProcessGroup, tensor: torch.Tensor, name: str, abort: AbortFlag, timeout: float) -> torch.Tensor:
-    """The reduced value, or this rank's own if the group fails meanwhile."""
+def reduce(pg: ElasticProcessGroup, tensor: torch.Tensor, name: str, abort: AbortFlag, timeout: float, *,
+           absent: bool | None = None) -> torch.Tensor:
+    """The reduced value, or this rank's own if the group fails meanwhile.
+
+    ``absent`` (not None while some rank of the group may not count: a
+    stop-free joiner still catching up): True on such a rank, which sends the
+    operation's identity instead of its value; a mean is then over the ranks
+    that count, whose number rides in the same all-reduce."""
     op, mean = REDUCE_OPS[name]
     result = tensor.clone() if tensor.is_floating_point() or not mean else tensor.float()
+    if absent:
+        result.fill_(_identity(op, result.dtype))
+    counted = mean and absent is not None
+    if counted:
+        result = torch.cat([result.reshape(-1), torch.zeros(1, dtype=result.dtype) + (0 if absent else 1)])
     try:
         pg.all_reduce(result, abort=abort, timeout=timeout, op=getattr(dist.ReduceOp, op))
     except CollectiveError as exc:
         log.warning("chaos: metric reduction failed (%s); using this rank's value", exc)
         return tensor
+    if counted:
+        return (result[:-1] / result[-1]).reshape(tensor.shape)
     return result / pg.world_size if mean else result
+
+
+def _identity(op: str, dtype: torch.dtype) -> float | int | bool:
+    """The value that leaves ``op``'s result unchanged."""
+    if op == "SUM":
+        return 0
+    if dtype == torch.bool:
+        return op == "MIN"
+    info = torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)
+    if dtype.is_floating_point:
+        return float("-inf") if op == "MAX" else float("inf")
+    return info.min if op == "MAX" else info.max
 
 
 def barrier(pg: ElasticProcessGroup, abort: AbortFlag, timeout: float) -> None:

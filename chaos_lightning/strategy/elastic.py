@@ -44,6 +44,7 @@ from chaos_lightning.strategy.gradients import GradientBuffer
 from chaos_lightning.strategy.group import ElasticGroup, VotersGone
 from chaos_lightning.strategy.process_group import CollectiveError
 from chaos_lightning.strategy.sampler import ElasticSampler, Ledger
+from chaos_lightning.strategy.shadow import StepLog, param_digest
 from chaos_lightning.strategy.state_sync import REPL_META_KEY, NewcomerFailed, PullFailed, StateSync
 from chaos_lightning.strategy.switch import Action, Control, Decision, Window, adoptable, decide, usable_for_switch
 from chaos_lightning.strategy.sync import Freshness, SyncAction
@@ -83,6 +84,36 @@ class ElasticMember:
         error a node gets when nobody holding the state is left)."""
         return None
 
+    # a host that can train a stop-free joiner as a shadow (docs/join.md) provides:
+    def shadow_capable(self) -> bool:
+        """Whether this host can record and replay its optimizer steps."""
+        return False
+
+    def light_replica_state(self) -> dict[str, Any]:
+        """:meth:`replica_state` without the optimizers' state tensors (their
+        hyperparameters stay): what a shadow loads at the switch."""
+        raise NotImplementedError
+
+    def shadow_optimizers(self) -> list[torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def replica_params(self) -> list[torch.Tensor]:
+        """The parameters: the first tensors of :meth:`replica_tensors`."""
+        raise NotImplementedError
+
+    def pulled_optimizer_states(self, host_state: dict[str, Any]) -> list[dict[str, Any]]:
+        """The optimizers' state dicts inside a pulled :meth:`replica_state`."""
+        raise NotImplementedError
+
+    def evaluating(self) -> bool:
+        """The host runs evaluation now (Lightning: validation inside fit)."""
+        return False
+
+    def must_catch_up(self) -> bool:
+        """A shadow must hold the exact state before the next step: the host
+        adds its own reasons (Lightning: a validation due now)."""
+        return False
+
     # and, from the Lightning strategy it mixes into: ``set_world_ranks()``
     # (ranks from ``self.group`` after a group forms), ``global_rank``, ``world_size``
 
@@ -111,6 +142,16 @@ class ElasticMember:
         #: agents' status), None if nothing; a joiner that finds nobody left
         #: holding that state stops instead of starting again from scratch
         self._cluster_trained: dict[str, Any] | None = None
+        # the stop-free join (docs/join.md): on a shadow, its optimizer steps
+        # recorded since the switch and whether it caught up; on every rank,
+        # whether this step carries the parameter digests, and whether the
+        # sampler must be laid out again at this boundary (shadows promoted)
+        self._step_log: StepLog | None = None
+        self._caught_up = False
+        self._digest_round = False
+        self.relayout_due = False
+        self._shadow_failed = False  # this shadow's pull failed: it leaves, then raises
+        self._no_shadow_next = False  # the next sync pulls at the boundary (a digest disagreed)
 
     def rebind(self, bind: str) -> None:
         """Listen at ``bind`` instead (before :meth:`_open_member`: the
@@ -162,12 +203,17 @@ class ElasticMember:
     # ---------------------------------------------------------------- the user's collectives
     def _user_reduce(self, tensor: Any, reduce_op: Any, fallback: Callable[[], Any]) -> Any:
         """A metric reduction on the current group (abortable: this rank's
-        value if a member fails meanwhile); ``fallback`` for what we do not carry."""
+        value if a member fails meanwhile); ``fallback`` for what we do not carry.
+        A shadow's value (computed on a replica not yet the members') is left
+        out: a mean is over the other ranks."""
         name = collectives.reduce_op_name(reduce_op)
         g = self.group
         if not isinstance(tensor, torch.Tensor) or g.pg.group is None or name is None:
             return fallback()
-        return collectives.reduce(g.pg, tensor, name, g.abort, self.config.collective_timeout)
+        # a shadow counts only once it caught up, and then in evaluation alone
+        # (its training batch is a stand-in: another rank's)
+        absent = (self.is_shadow and not (self._caught_up and self.evaluating())) if self._sync.shadows else None
+        return collectives.reduce(g.pg, tensor, name, g.abort, self.config.collective_timeout, absent=absent)
 
     def _user_gather(self, tensor: Any, sync_grads: bool, fallback: Callable[[], Any]) -> Any:
         """``all_gather`` on the current group (abortable, with ``sync_grads``
@@ -276,9 +322,11 @@ class ElasticMember:
         flat = self._grads.gather(params, n / total if total > 0 else 0.0)
         g = self.group
         known = g.known(g.rdv.current_view())  # kept: the view a decision to adopt it names (switch.adoptable)
+        ready = self.global_rank not in self._sync.shadows or self._caught_up
         control = torch.tensor(
             Control.local(rank=self.global_rank, world=len(g.trainers), samples=n, epoch=known.epoch,
-                          leaving=self._leave_requested),
+                          leaving=self._leave_requested, ready=ready,
+                          digest=param_digest(params) if self._digest_round else 0),
             dtype=torch.int64,
         )
         buffers = self.replica_buffers()
@@ -326,8 +374,109 @@ class ElasticMember:
         )
         epoch = adoptable(decision, control, self.group.view.epoch)
         if epoch is not None and self.group.adopt(epoch):
-            return Decision(Action.STAY)  # the same trainers in a newer view: the group stays as it is
+            decision = Decision(Action.STAY)  # the same trainers in a newer view: the group stays as it is
+        if self._sync.shadows and decision.action in (Action.STAY, Action.DEFER):
+            return self._shadow_boundary(control) or decision
         return decision
+
+    # ---------------------------------------------------------------- the stop-free join
+    @property
+    def is_shadow(self) -> bool:
+        """This rank trains as a shadow: in lockstep, with weight 0, its own
+        state not yet the members' (docs/join.md)."""
+        return self.global_rank in self._sync.shadows
+
+    def _shadow_boundary(self, control: Control) -> Decision | None:
+        """At a successful step's boundary while shadows train (every rank
+        alike, from the summed record): promote them once every rank's
+        parameter digest agrees; after a disagreement, regroup with a pull at
+        the boundary.  A shadow catches up here when its pull has arrived."""
+        if self._digest_round:
+            self._digest_round = False
+            if len(set(control.digests)) == 1:
+                self._promote_shadows(control.digests[0])
+                return None
+            log.warning("chaos: after catch-up the replicas differ (parameter digests %s): the parameters change "
+                        "outside optimizer.step; the joiner takes the state at this boundary instead",
+                        list(control.digests))
+            self.trace.emit("shadow_mismatch", digests=list(control.digests))
+            self._no_shadow_next = True
+            return Decision(Action.SWITCH, newer=True)  # the same members regrouped; the pull stops them once
+        if all(control.ready):
+            self._digest_round = True  # the next step carries every rank's digest
+        elif self.is_shadow and not self._caught_up:
+            self._try_catch_up()
+        return None
+
+    def _try_catch_up(self, *, must: bool = False) -> None:
+        """Load the pulled state and replay the recorded steps, if the pull
+        is done, or must be now (``must``, the log is full, the epoch ends,
+        the host says so): then wait for it, bounded below the collective
+        timeout the members wait in.  A pull that failed: leave (the members
+        train on)."""
+        pull, steps = self._sync.shadow_pull, self._step_log
+        if pull is None or steps is None:
+            return
+        must = (must or steps.steps >= self.config.catch_up_steps or self.elastic_sampler.steps_remaining() == 0
+                or self.must_catch_up())
+        if not pull.done():
+            if not must:
+                return
+            wait = max(1.0, 0.8 * self.config.collective_timeout)
+            log.info("chaos: waiting up to %.0fs for the state pull (%d steps behind)", wait, steps.steps)
+            if not pull.wait(wait):
+                raise RuntimeError(f"chaos: this node could not pull the training state within {wait:.0f}s while it "
+                                   "had to catch up; it stops, and the members train on without it")
+        pulled = pull.result()
+        if pulled is None:
+            log.error("chaos: this shadow could not pull the training state; it leaves, and the members train on")
+            self.trace.emit("pull_failed", epoch=self.group.view.epoch)
+            if must:
+                raise RuntimeError("chaos: this node could not join: no member served the training state "
+                                   "(see the log lines above); the members train on without it")
+            self._shadow_failed = True
+            self.request_leave()
+            return
+        t0 = time.monotonic()
+        state = self._sync.take_pulled(self, pulled)
+        params = self.replica_params()
+        replayed = steps.catch_up(params, state["module"][: len(params)],
+                                  self.pulled_optimizer_states(state["training"]["host"]))
+        self._step_log = None
+        self._caught_up = True
+        took = time.monotonic() - t0
+        log.info("chaos: caught up: pulled in %.3fs, replayed %d step(s) in %.3fs", pull.seconds or 0.0, replayed, took)
+        self.trace.emit("caught_up", replayed=replayed, pull_s=pull.seconds, replay_s=took)
+
+    def _catch_up_before_the_end(self) -> None:
+        """The fit ends here: a shadow that has not caught up does so now, so
+        the replica it leaves behind is the members'."""
+        if self.is_shadow and not self._caught_up:
+            with self.group.pg.presence.inside():
+                self._try_catch_up(must=True)
+
+    def _promote_shadows(self, digest: int) -> None:
+        """Every rank's parameters agree: the shadows contribute from the next step."""
+        shadows = self._sync.shadows
+        was_shadow = self.is_shadow
+        self._sync.end_shadow()  # holders stop serving their copy
+        self._caught_up = False
+        self.relayout_due = True
+        self.trace.emit("shadows_promoted", shadows=list(shadows), digest=digest)
+        if was_shadow:
+            self._sync.received = True
+            log.info("chaos: this node's replica equals the members' (digest %x); it trains its share from the "
+                     "next step", digest)
+            if (agent := getattr(self.group.rdv, "agent", None)) is not None:
+                agent.mark_synced()  # a learner votes from the next view on
+
+    def _end_shadow_here(self) -> None:
+        """The group changes while shadows train: a shadow drops its log (the
+        next sync treats it as a newcomer again)."""
+        if self._step_log is not None:
+            self._step_log.close()
+            self._step_log = None
+        self._caught_up = self._digest_round = False
 
     def _switch(self, decision: Decision) -> None:
         """Form the group of a view newer than this one (``decision`` says
@@ -344,6 +493,8 @@ class ElasticMember:
 
         deadline = time.monotonic() + self.config.join_timeout
         freshness = Freshness.APPLIED if self.step_applied else Freshness.ABORTED
+        if self.is_shadow:
+            freshness = Freshness.NONE  # it never held the members' state: it takes it again
         self._rebuild(self.group.rdv.current_view(), usable, freshness, deadline)
 
     @property
@@ -354,15 +505,20 @@ class ElasticMember:
 
     # ---------------------------------------------------------------- groups
     def _rebuild(self, view: View | None, usable: Callable[[View], bool], freshness: Freshness,
-                 deadline: float) -> View:
+                 deadline: float, *, shadow_ok: bool = True) -> View:
         """Form the group of the first usable view and make replicas identical
         in it; if a member fails during the state sync (a joiner dies
-        mid-transfer, a source dies before the end), try again on a newer view."""
+        mid-transfer, a source dies before the end), try again on a newer view.
+        ``shadow_ok``: a joiner may come in stop-free (when configured)."""
+        self._end_shadow_here()
+        shadow_ok = (shadow_ok and self.config.stop_free_join and self.shadow_capable()
+                     and not self._no_shadow_next)
+        self._no_shadow_next = False
         with self.group.pg.presence.inside():  # bounded waits of ours, never "stuck in user code"
-            return self._rebuild_in(view, usable, freshness, deadline)
+            return self._rebuild_in(view, usable, freshness, deadline, shadow_ok)
 
     def _rebuild_in(self, view: View | None, usable: Callable[[View], bool], freshness: Freshness,
-                    deadline: float) -> View:
+                    deadline: float, shadow_ok: bool) -> View:
         floor = -1
         while True:
             try:
@@ -385,7 +541,7 @@ class ElasticMember:
             # nobody with state in its group, must not take that for the start
             orphan_if_alone = stale or (freshness is Freshness.NONE and self._cluster_trained is not None)
             try:
-                plan = self._sync.sync(self, freshness, stale=orphan_if_alone)
+                plan = self._sync.sync(self, freshness, stale=orphan_if_alone, shadow_ok=shadow_ok)
             except PullFailed as exc:
                 # every holder refused or was unreachable, a bounded number of
                 # times: leave, so the members train on in the view without us
@@ -408,7 +564,12 @@ class ElasticMember:
                     freshness = Freshness.APPLIED  # we hold the members' state now, whatever failed after
                 continue
             self._orphaned = plan.action is SyncAction.ORPHANED
-            if not self._orphaned:
+            if self.is_shadow:
+                # a stop-free joiner: it trains in lockstep from here and
+                # catches up behind (a learner until then)
+                self._cluster_trained = None
+                self._step_log = StepLog(self.shadow_optimizers())
+            elif not self._orphaned:
                 self._cluster_trained = None  # this replica holds the state now
                 if (agent := getattr(self.group.rdv, "agent", None)) is not None:
                     agent.mark_synced()  # a learner votes from the next view on (issue 14)
@@ -441,6 +602,7 @@ class ElasticMember:
         g = self.group
         if self.ended or self.left or self._orphaned or g.pg.group is None or g.view is None:
             return
+        self._catch_up_before_the_end()
         self.ended = True  # a node admitted from here on learns from the status that the fit has ended
         newest = torch.tensor([g.rdv.current_view().epoch], dtype=torch.int64)
         try:
@@ -454,7 +616,7 @@ class ElasticMember:
         t0 = time.monotonic()
         try:
             self._rebuild(g.rdv.current_view(), lambda v: v.epoch >= epoch and me in v.connected(), Freshness.APPLIED,
-                          t0 + self.config.join_timeout)
+                          t0 + self.config.join_timeout, shadow_ok=False)  # nothing left to catch up on
         except (CollectiveError, TimeoutError, RuntimeError) as exc:
             log.warning("chaos: the end-of-fit handover to newcomers failed (%s); closing", exc)
             return

@@ -25,12 +25,16 @@ class GradientBuffer:
         self._buf: torch.Tensor | None = None
 
     def gather(self, params: list[torch.nn.Parameter], scale: float) -> torch.Tensor:
-        """The gradients of ``params`` (zeros where None), times ``scale``, in one flat buffer."""
+        """The gradients of ``params`` (zeros where None), times ``scale``, in one flat buffer (all zeros when ``scale`` is 0)."""
         numel = sum(p.numel() for p in params)
         ref = params[0]
         flat = self._buf
         if flat is None or flat.numel() != numel or flat.dtype != ref.dtype or flat.device != ref.device:
             flat = self._buf = torch.empty(numel, dtype=ref.dtype, device=ref.device)
+        if scale == 0:
+            # no share of the samples (a stop-free joiner's shadow steps, a rank
+            # with an empty batch): zeros, never 0 * a gradient that may not be finite
+            return flat.zero_()
         offset = 0
         for p in params:
             k = p.numel()

@@ -96,6 +96,18 @@ def _slice_bounds(total: int, parts: int, rank: int) -> tuple[int, int]:
     return lo, lo + base + (1 if rank < extra else 0)
 
 
+def _share_bounds(total: int, world: int, shadows: tuple[int, ...], rank: int) -> tuple[int, int]:
+    """``rank``'s slice of a block of ``total`` when the ``shadows`` take none
+    (a stop-free joiner before it caught up): the block is split over the
+    other ranks, in rank order."""
+    if not shadows:
+        return _slice_bounds(total, world, rank)
+    if rank in shadows:
+        return 0, 0
+    index = rank - sum(1 for s in shadows if s < rank)
+    return _slice_bounds(total, world - len(shadows), index)
+
+
 @dataclass(frozen=True)
 class _Layout:
     """A frozen picture of the queue and the world: all the layout arithmetic.
@@ -112,6 +124,7 @@ class _Layout:
     world_size: int
     capacity: int
     drop_last: bool
+    shadows: tuple[int, ...] = ()
 
     @property
     def samples_remaining(self) -> int:
@@ -138,8 +151,14 @@ class _Layout:
 
     def batch(self, step: int, rank: int) -> list[int]:
         blk = self.block(step)
-        lo, hi = _slice_bounds(len(blk), self.world_size, rank)
+        lo, hi = _share_bounds(len(blk), self.world_size, self.shadows, rank)
         return blk[lo:hi]
+
+    def stand_in(self, step: int) -> list[int]:
+        """What a rank with no share runs the step on: the first contributing
+        rank's batch (real data of a real size for the user's step), weighted 0."""
+        first = next((r for r in range(self.world_size) if r not in self.shadows), 0)
+        return self.batch(step, first) or self.block(step)[:1]
 
 
 class ElasticSampler(Sampler[int]):
@@ -209,6 +228,10 @@ class ElasticSampler(Sampler[int]):
         self.steps_committed = 0
         self.rank = 0
         self.world_size = 1
+        # Ranks that train no share (stop-free joiners still catching up):
+        # they run every step on a stand-in batch with weight 0.  Set with the
+        # world at reconfigure; like rank and world, not part of the shared state.
+        self.shadows: tuple[int, ...] = ()
         # Changes whenever a plan made by an iterator becomes wrong (see
         # StaleLayoutError).  Local only: not part of the shared state.
         self.generation = 0
@@ -223,11 +246,16 @@ class ElasticSampler(Sampler[int]):
         if self.global_batch_size is not None:
             return self.global_batch_size
         assert self.batch_size is not None
-        return self.world_size * self.batch_size
+        return (self.world_size - len(self.shadows)) * self.batch_size
 
     def per_rank_batch_size(self, rank: int | None = None) -> int:
-        """The most samples ``rank`` (default: this rank) gets in one step."""
-        return split_sizes(self.capacity, self.world_size)[self.rank if rank is None else rank]
+        """The most samples ``rank`` (default: this rank) gets in one step
+        (a shadow: the stand-in batch it runs, the first contributor's)."""
+        rank = self.rank if rank is None else rank
+        if rank in self.shadows:
+            rank = next((r for r in range(self.world_size) if r not in self.shadows), 0)
+        lo, hi = _share_bounds(self.capacity, self.world_size, self.shadows, rank)
+        return hi - lo
 
     def _layout(self) -> _Layout:
         return _Layout(
@@ -238,6 +266,7 @@ class ElasticSampler(Sampler[int]):
             world_size=self.world_size,
             capacity=self.capacity,
             drop_last=self.drop_last,
+            shadows=self.shadows,
         )
 
     def samples_remaining(self) -> int:
@@ -269,7 +298,7 @@ class ElasticSampler(Sampler[int]):
         blk = self.block(step)
         out = []
         for r in range(self.world_size):
-            lo, hi = _slice_bounds(len(blk), self.world_size, r)
+            lo, hi = _share_bounds(len(blk), self.world_size, self.shadows, r)
             out.append(blk[lo:hi])
         return out
 
@@ -289,7 +318,7 @@ class ElasticSampler(Sampler[int]):
         blk = len(self.block(step))
         if blk == 0:
             return 0.0
-        lo, hi = _slice_bounds(blk, self.world_size, self.rank if rank is None else rank)
+        lo, hi = _share_bounds(blk, self.world_size, self.shadows, self.rank if rank is None else rank)
         return self.world_size * (hi - lo) / blk
 
     # -- the strategy's calls ----------------------------------------------------
@@ -309,18 +338,23 @@ class ElasticSampler(Sampler[int]):
         self.steps_committed = 0
         self.generation += 1
 
-    def reconfigure(self, rank: int, world_size: int) -> None:
+    def reconfigure(self, rank: int, world_size: int, shadows: Iterable[int] = ()) -> None:
         """Switch to a new view at a step boundary: re-split what remains over it.
 
         Every member (joiners included, after :meth:`load_state_dict`) calls
-        it with its own rank and the same ``world_size``.
+        it with its own rank and the same ``world_size`` and ``shadows`` (the
+        ranks that take no share yet: stop-free joiners catching up).
         """
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
+        shadows = tuple(sorted(set(shadows)))
+        if any(not 0 <= r < world_size for r in shadows) or len(shadows) >= world_size:
+            raise ValueError(f"shadow ranks {shadows} must be some, not all, of a world of size {world_size}")
         self.rank = rank
         self.world_size = world_size
+        self.shadows = shadows
         self.generation += 1
 
     def commit_step(self, lost_ranks: Iterable[int] = ()) -> list[int]:
@@ -351,7 +385,7 @@ class ElasticSampler(Sampler[int]):
         lost_set = set(lost)
         trained: list[int] = []
         for r in range(self.world_size):
-            lo, hi = _slice_bounds(len(blk), self.world_size, r)
+            lo, hi = _share_bounds(len(blk), self.world_size, self.shadows, r)
             (handed_back if r in lost_set else trained).extend(blk[lo:hi])
         self.returned = handed_back + self.returned
         # Iterators assumed the whole block was consumed.
@@ -377,10 +411,10 @@ class ElasticSampler(Sampler[int]):
         """Number of indices :meth:`__iter__` yields on this rank."""
         cap, remaining = self.capacity, self.samples_remaining()
         full, tail = divmod(remaining, cap)
-        lo, hi = _slice_bounds(cap, self.world_size, self.rank)
+        lo, hi = _share_bounds(cap, self.world_size, self.shadows, self.rank)
         n = full * (hi - lo)
         if tail and not self.drop_last:
-            lo, hi = _slice_bounds(tail, self.world_size, self.rank)
+            lo, hi = _share_bounds(tail, self.world_size, self.shadows, self.rank)
             n += hi - lo
         return n
 
@@ -400,7 +434,7 @@ class ElasticSampler(Sampler[int]):
                 )
             batch = plan.batch(step, plan.rank)
             if pad_empty and not batch:
-                batch = plan.block(step)[:1]
+                batch = plan.stand_in(step) if plan.rank in plan.shadows else plan.block(step)[:1]
             yield batch
 
     # -- the permutation -----------------------------------------------------------

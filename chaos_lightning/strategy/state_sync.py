@@ -36,6 +36,7 @@ import torch.distributed as dist
 from chaos_lightning.replication.neighbors import Holder, choose_sources
 from chaos_lightning.replication.snapshot import Snapshot
 from chaos_lightning.replication.transfer import PullError, PullResult, ShardServer, pull
+from chaos_lightning.strategy.shadow import BackgroundPull
 from chaos_lightning.strategy.trace import progress
 from chaos_lightning.strategy.process_group import CollectiveFailed
 from chaos_lightning.strategy.state import broadcast_tree, pack_tree, unpack_tree
@@ -77,10 +78,12 @@ def _cut_from(monitor: Monitor | None, me: str) -> set[str]:
     return {n for n in topology.nodes if n != me and not topology.reachable(me, n)}
 
 
-def training_state(member: ElasticMember) -> dict[str, Any]:
-    """Everything but parameters and buffers that replicas must share."""
+def training_state(member: ElasticMember, *, light: bool = False) -> dict[str, Any]:
+    """Everything but parameters and buffers that replicas must share
+    (``light``: without the optimizers' state tensors, which a stop-free
+    joiner pulls behind the members' steps)."""
     return {"sampler": member.elastic_sampler.state_dict(), "commits": member.commits, "ended": member.ended,
-            "host": member.replica_state()}
+            "host": member.light_replica_state() if light else member.replica_state()}
 
 
 def load_training_state(member: ElasticMember, state: dict[str, Any]) -> None:
@@ -119,6 +122,12 @@ class StateSync:
         #: sync fails after that: this replica holds the members' state then)
         self.received = False
         self.plan: SyncPlan | None = None  # the last sync's plan
+        #: stop-free join (docs/join.md): the ranks of the group that train as
+        #: shadows since the last sync; on such a shadow, its pull in flight;
+        #: on a holder, the copy it serves until the shadows caught up
+        self.shadows: tuple[int, ...] = ()
+        self.shadow_pull: BackgroundPull | None = None
+        self._serving_copy = False
 
     @property
     def server(self) -> ShardServer | None:
@@ -135,17 +144,31 @@ class StateSync:
             self._server.close()
             self._server = None
 
-    def sync(self, member: ElasticMember, freshness: Freshness, *, stale: bool) -> SyncPlan:
-        """Claims in one collective, then the plan every rank derives from them, carried out."""
+    def sync(self, member: ElasticMember, freshness: Freshness, *, stale: bool, shadow_ok: bool = False) -> SyncPlan:
+        """Claims in one collective, then the plan every rank derives from them, carried out.
+
+        ``shadow_ok``: this rank can take part in a stop-free join (the
+        option is on and its host can record and replay optimizer steps); a
+        pull runs stop-free only when every rank says so (one flag per rank
+        beside the claims) and no newcomer would be rank 0 (rank 0 writes the
+        logs and checkpoints and sources the buffers)."""
         self.received = False
+        self.end_shadow()
         rank, world = member.global_rank, member.world_size
-        claims = torch.tensor(Claim.of(freshness, member.commits).encode(rank, world), dtype=torch.int64)
+        claims = torch.zeros(Claim.SLOTS * world + world, dtype=torch.int64)
+        claims[: Claim.SLOTS * world] = torch.tensor(Claim.of(freshness, member.commits).encode(rank, world))
+        claims[Claim.SLOTS * world + rank] = int(shadow_ok)
         member.collective(claims)
-        plan = self.plan = plan_sync(Claim.decode_all(claims.tolist()), rank, stale=stale)
-        log.info("chaos: state sync %s: %s", [(c.commits, int(c.freshness)) for c in Claim.decode_all(claims.tolist())],
-                 plan.action.value)
+        values = claims.tolist()
+        decoded = Claim.decode_all(values[: Claim.SLOTS * world])
+        plan = self.plan = plan_sync(decoded, rank, stale=stale)
+        log.info("chaos: state sync %s: %s", [(c.commits, int(c.freshness)) for c in decoded], plan.action.value)
         if plan.action is SyncAction.PULL:
-            self._pull_state(member, plan.holders)
+            newcomers = tuple(r for r in range(world) if r not in plan.holders)
+            if all(values[Claim.SLOTS * world:]) and 0 not in newcomers:
+                self._shadow_state(member, plan.holders, newcomers)
+            else:
+                self._pull_state(member, plan.holders)
         elif plan.action is SyncAction.BROADCAST:
             self._broadcast_state(member, plan)
         return plan
@@ -240,9 +263,62 @@ class StateSync:
     def done(self) -> None:
         """This member is about to train again: stop serving the snapshot a
         pull published (its tensors change from now on).  The one place a
-        snapshot is retracted; every sync ends here before training."""
-        if self._server is not None:
+        live snapshot is retracted; every sync ends here before training.  A
+        stop-free join's copy stays served until :meth:`end_shadow`."""
+        if self._server is not None and not self._serving_copy:
             self._server.retract()
+
+    # ---------------------------------------------------------------- stop-free join
+    def _shadow_state(self, member: ElasticMember, holders: tuple[int, ...], newcomers: tuple[int, ...]) -> None:
+        """A stop-free join: the holders publish a *copy* of the state (they
+        train on from here), the first holder broadcasts the small state, and
+        each newcomer loads it, starts its pull in the background and trains
+        as a shadow (:mod:`.shadow`) until it has caught up."""
+        rank = member.global_rank
+        holding = rank in holders
+        t0 = time.monotonic()
+        if holding:
+            meta, tensors = pack_tree(
+                {"module": [t.detach() for t in member.replica_tensors()], "training": training_state(member)}
+            )
+            with torch.no_grad():
+                copies = [t.clone() for t in tensors]
+            snapshot = Snapshot(meta, copies)
+            self._server.publish(snapshot)
+            self._serving_copy = True
+            log.info("chaos: serving a copy of the state (%.1f MB, %d shards, %.3fs) to %d shadow(s)",
+                     snapshot.manifest.total_bytes / 1e6, len(snapshot.manifest.shards), time.monotonic() - t0,
+                     len(newcomers))
+        try:
+            member.collective(torch.ones(1))  # every copy is published
+            mine = training_state(member, light=True) if rank == holders[0] else None
+            state = broadcast_tree(mine, holders[0], rank)
+        except RuntimeError as exc:  # gloo: a peer reset the connection
+            raise CollectiveFailed(f"state broadcast: {exc}") from exc
+        self.shadows = newcomers
+        member.trace.emit("shadow_switch", holders=len(holders), shadows=list(newcomers),
+                          copy_s=time.monotonic() - t0 if holding else None)
+        if holding:
+            member.adopt_shared(state["host"])
+            return
+        load_training_state(member, state)
+        sources = [member.member_at(r) for r in holders]
+        self.shadow_pull = BackgroundPull(lambda: self._pull_from(member, sources))
+
+    def end_shadow(self) -> None:
+        """The shadows caught up, or the group changes: stop serving the copy
+        and forget the pull (one still in flight finishes unread)."""
+        if self._serving_copy and self._server is not None:
+            self._server.retract()
+        self._serving_copy = False
+        self.shadows = ()
+        self.shadow_pull = None
+
+    def take_pulled(self, member: ElasticMember, pulled: tuple[PullResult, dict[str, str]]) -> dict[str, Any]:
+        """A finished background pull's state tree (recorded like a pull)."""
+        result, node_of = pulled
+        self._record_pull(member, result, node_of, load_s=0.0)
+        return unpack_tree(result.meta, result.tensors)
 
     def _pull_from(self, member: ElasticMember, holders: list[Any]) -> tuple[PullResult, dict[str, str]] | None:
         """The state pulled from ``holders`` (several at once, on the
@@ -297,6 +373,10 @@ class StateSync:
                 dst.copy_(src)
         load_training_state(member, state["training"])
         self.received = True
+        self._record_pull(member, result, node_of, load_s=time.monotonic() - t0)
+
+    def _record_pull(self, member: ElasticMember, result: PullResult, node_of: dict[str, str], *,
+                     load_s: float) -> None:
         self.last_pull = result
         monitor = member.monitor
         if monitor is not None:
@@ -305,6 +385,6 @@ class StateSync:
                     monitor.record_transfer(node_of[report.addr], report.bytes, report.seconds, "down")
         log.info("chaos: pulled %.1f MB from %d members in %.3fs", result.total_bytes / 1e6, len(node_of), result.seconds)
         member.trace.emit(
-            "pull", bytes=result.total_bytes, seconds=result.seconds, load_s=time.monotonic() - t0,
+            "pull", bytes=result.total_bytes, seconds=result.seconds, load_s=load_s,
             sources=[{"node": node_of.get(r.addr, r.addr), "bytes": r.bytes, "seconds": r.seconds} for r in result.sources],
         )

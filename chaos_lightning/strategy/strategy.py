@@ -95,6 +95,8 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         switch_timeout: float | None = None,
         sideline_timeout: float | None = None,
         record_samples: bool | None = None,
+        stop_free_join: bool | None = None,
+        catch_up_steps: int | None = None,
         **kwargs: Any,
     ) -> None:
         if membership is not None and preset is not None:
@@ -104,7 +106,7 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
             membership=membership if preset is None else preset,
             min_nodes=min_nodes, global_batch_size=global_batch_size, max_sources=max_sources, join_timeout=join_timeout,
             collective_timeout=collective_timeout, switch_timeout=switch_timeout, sideline_timeout=sideline_timeout,
-            record_samples=record_samples,
+            record_samples=record_samples, stop_free_join=stop_free_join, catch_up_steps=catch_up_steps,
         )))
         super().__init__(
             cluster_environment=ChaosEnvironment(), process_group_backend="gloo",
@@ -172,6 +174,44 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
     @override
     def adopt_shared(self, state: dict[str, Any]) -> None:
         internals.adopt_output_paths(self._trainer(), state["paths"])
+
+    # ---------------------------------------------------------------- the stop-free join (ElasticMember)
+    @override
+    def shadow_capable(self) -> bool:
+        return bool(self.optimizers)
+
+    @override
+    def light_replica_state(self) -> dict[str, Any]:
+        state = self.replica_state()
+        state["optimizers"] = [{"state": {}, "param_groups": s["param_groups"]} for s in state["optimizers"]]
+        return state
+
+    @override
+    def shadow_optimizers(self) -> list[torch.optim.Optimizer]:
+        return list(self.optimizers)
+
+    @override
+    def replica_params(self) -> list[torch.Tensor]:
+        return list(self.lightning_module.parameters())
+
+    @override
+    def pulled_optimizer_states(self, host_state: dict[str, Any]) -> list[dict[str, Any]]:
+        return host_state["optimizers"]
+
+    @override
+    def evaluating(self) -> bool:
+        trainer = self._trainer()
+        return trainer is not None and bool(trainer.validating or trainer.sanity_checking)
+
+    @override
+    def must_catch_up(self) -> bool:
+        """A validation runs after this batch, or the fit stops (max_steps,
+        an early stop already decided)."""
+        trainer = self._trainer()
+        if trainer is None:
+            return False
+        last = trainer.should_stop or (trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps)
+        return last or internals.validation_due(trainer)
 
     @override
     def grad_scaler(self) -> Any:
@@ -376,6 +416,9 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         self._reductions = 0
         self._journal.clear()
         decision = self._settle_step(steps, trainer.global_step)
+        if self.relayout_due:  # stop-free joiners caught up: they train their share from the next step
+            self.relayout_due = False
+            self._relayout(trainer, new_epoch=False)
         if self.step_applied:
             self._counted = internals.step_counters(trainer)
         else:
@@ -387,6 +430,9 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
             return
         if decision.action is Action.LEAVE:
             self._leave(trainer)
+            if self._shadow_failed:
+                raise RuntimeError("chaos: this node could not join: it could not pull the training state (see the "
+                                   "log lines above); it left the cluster, whose members train on without it")
             return
         t0 = time.monotonic()
         failed = not self.step_applied
@@ -404,7 +450,7 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         self._switched(trainer, time.monotonic() - t0, joined=False, failed_step=failed)
 
     def _relayout(self, trainer: Any, *, new_epoch: bool) -> None:
-        self.elastic_sampler.reconfigure(self.global_rank, self.world_size)
+        self.elastic_sampler.reconfigure(self.global_rank, self.world_size, self._sync.shadows)
         internals.set_epoch_length(trainer, self.elastic_sampler.steps_remaining(), new_epoch=new_epoch)
         internals.reset_val_dataloaders(trainer)
 

@@ -47,24 +47,32 @@ class Control:
     group's); ``leavers``: the ranks that asked to leave, in rank order;
     ``epochs``: each rank's newest known view epoch, in rank order (one slot
     per rank, so every rank learns whether they all know the same view:
-    :func:`adoptable`).
+    :func:`adoptable`).  While a stop-free joiner trains as a shadow
+    (:mod:`.shadow`): ``ready``, the ranks whose replica is exact (members
+    always, a shadow once it caught up), and ``digests``, each rank's
+    parameter digest when the step carries them (0 otherwise).
     """
 
     samples: int
     epoch_sum: int
     leavers: tuple[int, ...] = ()
     epochs: tuple[int, ...] = ()
+    ready: tuple[int, ...] = ()
+    digests: tuple[int, ...] = ()
 
-    #: slots before the per-rank leave flags (then one epoch slot per rank)
+    #: slots before the per-rank leave flags (then one epoch slot, one ready
+    #: flag and one digest slot per rank)
     HEADER = 2
+    PER_RANK = 4
 
     @staticmethod
     def size(world: int) -> int:
         """Integers in the record of a group of ``world`` ranks."""
-        return Control.HEADER + 2 * world
+        return Control.HEADER + Control.PER_RANK * world
 
     @staticmethod
-    def local(*, rank: int, world: int, samples: int, epoch: int, leaving: bool) -> list[int]:
+    def local(*, rank: int, world: int, samples: int, epoch: int, leaving: bool, ready: bool = False,
+              digest: int = 0) -> list[int]:
         """This rank's contribution, to be summed with everyone else's."""
         values = [0] * Control.size(world)
         values[0] = samples
@@ -72,15 +80,22 @@ class Control:
         if leaving:
             values[Control.HEADER + rank] = 1
         values[Control.HEADER + world + rank] = epoch
+        values[Control.HEADER + 2 * world + rank] = int(ready)
+        values[Control.HEADER + 3 * world + rank] = digest
         return values
 
     @classmethod
     def decode(cls, summed: Sequence[int]) -> Control:
         """The record from the summed values (each leave flag is 0 or 1 after the sum)."""
-        world = (len(summed) - cls.HEADER) // 2
-        flags = summed[cls.HEADER : cls.HEADER + world]
-        epochs = tuple(int(e) for e in summed[cls.HEADER + world : cls.HEADER + 2 * world])
-        return cls(int(summed[0]), int(summed[1]), tuple(r for r, f in enumerate(flags) if f > 0), epochs)
+        world = (len(summed) - cls.HEADER) // cls.PER_RANK
+        h = cls.HEADER
+
+        def part(i: int) -> tuple[int, ...]:
+            return tuple(int(v) for v in summed[h + i * world : h + (i + 1) * world])
+
+        flags = part(0)
+        return cls(int(summed[0]), int(summed[1]), tuple(r for r, f in enumerate(flags) if f > 0), part(1), part(2),
+                   part(3))
 
 
 class Action(Enum):

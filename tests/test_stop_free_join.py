@@ -1,0 +1,183 @@
+"""The stop-free join (``CHAOS_STOP_FREE_JOIN=1``) with real processes and real gloo.
+
+A joiner enters the group at once as a shadow (zero weight), pulls a copy of
+the state behind the members' steps, replays the steps it saw, and
+contributes once every rank's parameter digest agrees (docs/join.md).
+Checked as for every join: identical parameters, optimizer state and
+``global_step`` at the end, exact cover for the members, and what the joiner
+went through (its log: caught up, the steps it replayed).  Workers:
+``_train_worker.py``; processes: ``_procs.py``.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from test_strategy import assert_identical_and_exactly_once, join, start
+
+STOP_FREE = {"CHAOS_STOP_FREE_JOIN": "1"}
+#: about 1 MB of state (model and Adam), each member serving at most 300 kB/s:
+#: the pull takes seconds, many steps
+SLOW_PULL = {"CHAOS_TEST_HIDDEN": "8192", "CHAOS_TEST_SERVE_BPS": "300000"}
+
+
+def _replayed(log: Path) -> int:
+    found = re.findall(r"caught up: pulled in [0-9.]+s, replayed (\d+) step", log.read_text())
+    assert found, log.read_text()[-3000:]
+    return int(found[-1])
+
+
+@pytest.mark.timeout(300)
+def test_a_shadow_joins_while_the_members_train_and_ends_identical(tmp_path):
+    """Three members, a fourth joins stop-free.  Its pull is slowed (each
+    member serves at most 200 kB/s), so it runs several steps as a shadow
+    before it catches up: the members never wait for the transfer (their
+    step times stay near normal), and every replica ends identical."""
+    n, epochs, sleep = 240, 4, 0.05
+    env = {**STOP_FREE, **SLOW_PULL, "CHAOS_TEST_SCHED": "1", "CHAOS_TEST_CLIP": "0.5"}
+    members = start(3, tmp_path, n, epochs, sleep, env=env)
+    nodes = list(members)
+    try:
+        for m in members:
+            m.wait(lambda r: r["event"] == "step" and r["step"] >= 2, 90)
+        joiner = join(members[1], tmp_path, "joiner", n, epochs, sleep, env=env)
+        nodes.append(joiner)
+        first = joiner.wait(lambda r: r["event"] == "step", 90)
+        assert first["world"] == 4, first
+        results = [x.wait(lambda r: r["event"] == "done", 180) for x in nodes]
+        for x in nodes:
+            assert x.proc.wait(timeout=30) == 0, x.log
+        assert_identical_and_exactly_once(results[:3], epochs, n)
+        assert len({(r["params"], r["optim"], r["global_step"]) for r in results}) == 1, results
+        assert _replayed(joiner.log) >= 3  # the members trained on while it pulled
+        for m in members:
+            assert "could not pull" not in m.log.read_text()
+    finally:
+        for x in nodes:
+            x.stop()
+
+
+def _run_join(tmp_path: Path, env: dict[str, str], *, n: int = 240, epochs: int = 3, sleep: float = 0.05,
+              members: int = 3):
+    """``members`` nodes train, a joiner joins stop-free; returns the nodes (joiner last)."""
+    nodes = start(members, tmp_path, n, epochs, sleep, env=env)
+    for m in nodes:
+        m.wait(lambda r: r["event"] == "step" and r["step"] >= 2, 90)
+    nodes.append(join(nodes[1], tmp_path, "joiner", n, epochs, sleep, env=env))
+    return nodes
+
+
+def _finish(nodes, n: int, epochs: int, timeout: float = 180):
+    results = [x.wait(lambda r: r["event"] == "done", timeout) for x in nodes]
+    for x in nodes:
+        assert x.proc.wait(timeout=30) == 0, x.log
+    assert len({(r["params"], r["optim"], r["global_step"]) for r in results}) == 1, results
+    return results
+
+
+@pytest.mark.timeout(300)
+def test_a_validation_due_while_a_shadow_pulls_makes_it_catch_up_first(tmp_path):
+    """Validation every 4 batches, a slow pull: the validation after the join
+    finds the shadow behind, so it waits for its pull and replays before it
+    evaluates.  Every validation after the join counts all 40 samples once
+    (``sync_dist`` sum over the four ranks, the shadow included once it holds
+    the state), and the replicas end identical."""
+    n, epochs = 200, 3
+    env = {**STOP_FREE, **SLOW_PULL, "CHAOS_TEST_VAL": "40", "CHAOS_TEST_VAL_EVERY": "4"}
+    nodes = _run_join(tmp_path, env, n=n, epochs=epochs)
+    try:
+        results = _finish(nodes, n, epochs)
+        assert_identical_and_exactly_once(results[:3], epochs, n)
+        joiner = nodes[-1]
+        assert "waiting up to" in joiner.log.read_text()
+        vals = [r for r in joiner.records if r["event"] == "val"]
+        assert vals and all(v["count"] == 40.0 and v["world"] == 4 for v in vals), vals
+    finally:
+        for x in nodes:
+            x.stop()
+
+
+@pytest.mark.timeout(300)
+def test_parameters_changed_outside_the_optimizer_fall_back_to_a_pull_at_the_boundary(tmp_path):
+    """A WGAN-style clamp after every batch changes the parameters outside
+    ``optimizer.step``: the replayed replica differs, every rank sees the
+    digests disagree, and the joiner takes the state at that boundary
+    instead.  The replicas end identical all the same."""
+    n, epochs = 200, 3
+    env = {**STOP_FREE, **SLOW_PULL, "CHAOS_TEST_CLAMP": "0.05"}  # several steps replayed without their clamps
+    nodes = _run_join(tmp_path, env, n=n, epochs=epochs)
+    try:
+        results = _finish(nodes, n, epochs)
+        assert_identical_and_exactly_once(results[:3], epochs, n)
+        for x in nodes:
+            assert "after catch-up the replicas differ" in x.log.read_text(), x.log
+    finally:
+        for x in nodes:
+            x.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_shadow_whose_pull_fails_leaves_and_the_members_train_on(tmp_path):
+    """Every member's shard server is closed: the shadow's background pull
+    fails, so it leaves with a clear error (exit code 1), and the members
+    never waited for it: they finish identical, with exact cover."""
+    n, epochs = 200, 3
+    env = {**STOP_FREE, "CHAOS_TEST_NO_SERVE": "1"}
+    nodes = _run_join(tmp_path, env, n=n, epochs=epochs)
+    members, joiner = nodes[:3], nodes[-1]
+    try:
+        assert joiner.proc.wait(timeout=120) != 0
+        assert "could not join" in joiner.log.read_text()
+        results = _finish(members, n, epochs)
+        assert_identical_and_exactly_once(results, epochs, n)
+    finally:
+        for x in nodes:
+            x.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_source_killed_while_a_shadow_pulls_leaves_every_replica_identical(tmp_path):
+    """``kill -9`` of a member (one of the shadow's sources) while the shadow
+    pulls: the survivors switch, the shadow is a newcomer again in the new
+    view and pulls there; the survivors and the joiner end identical."""
+    n, epochs = 240, 3
+    env = {**STOP_FREE, **SLOW_PULL}
+    nodes = _run_join(tmp_path, env, n=n, epochs=epochs)
+    joiner, victim = nodes[-1], nodes[2]
+    try:
+        deadline = time.monotonic() + 90
+        while "serving a copy of the state" not in victim.log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, "the members never served the shadow"
+            time.sleep(0.02)
+        joiner.wait(lambda r: r["event"] == "step", 90)
+        victim.proc.send_signal(signal.SIGKILL)
+        survivors = [nodes[0], nodes[1], joiner]
+        results = _finish(survivors, n, epochs)
+        assert results[0]["global_step"] > 0
+    finally:
+        for x in nodes:
+            x.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_shadow_killed_while_it_catches_up_leaves_the_members_unaffected(tmp_path):
+    """``kill -9`` of the joiner while it is still a shadow: the members lose
+    no sample (it trained none) and end identical, with exact cover."""
+    n, epochs = 240, 3
+    env = {**STOP_FREE, **SLOW_PULL}
+    nodes = _run_join(tmp_path, env, n=n, epochs=epochs)
+    members, joiner = nodes[:3], nodes[-1]
+    try:
+        joiner.wait(lambda r: r["event"] == "step", 90)
+        assert "caught up" not in joiner.log.read_text()
+        joiner.proc.send_signal(signal.SIGKILL)
+        results = _finish(members, n, epochs)
+        assert_identical_and_exactly_once(results, epochs, n)
+    finally:
+        for x in nodes:
+            x.stop()
