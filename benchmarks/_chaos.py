@@ -23,7 +23,11 @@ Systems (DESIGN.md "Baselines"):
 - ``chaos-etcd``: the same with the etcd rendezvous on a real etcd server
   (the central control plane);
 - ``chaos-1src``: the same with ``CHAOS_MAX_SOURCES=1`` (single-source
-  transfer, EDL/Horovod-like).
+  transfer, EDL/Horovod-like);
+- ``chaos-stopfree``: the same with ``CHAOS_STOP_FREE_JOIN=1`` on every node
+  (a joiner trains as a shadow while it pulls, docs/join.md).  Its warm and
+  cold scale-out run to the step from which the joiner *contributes* (its
+  shadow steps carry weight 0), not to its first step.
 
 ``measure(...)`` has the signature of every baseline module's; each record is
 one event of one round.
@@ -44,7 +48,7 @@ from chaos_lightning.scenario import report as scenario_report
 from chaos_lightning.scenario.runner import Runner, check_invariants
 from chaos_lightning.scenario.timeline import parse
 
-SYSTEMS = ("chaos", "chaos-etcd", "chaos-1src")
+SYSTEMS = ("chaos", "chaos-etcd", "chaos-1src", "chaos-stopfree")
 #: seconds from a join to the next event, by state size.  The runner holds
 #: an event on a joiner until it trains (start-up is 5-9 s here), so this is
 #: the settling time after its first step, for the step time and the
@@ -127,6 +131,12 @@ def records(result: dict[str, Any], system: str, nodes: int, hidden: int,
         if event == "join":
             so = (a.get("scale_out") or {}).get(name) or {}
             rec["scale_out_cold_s"], rec["scale_out_warm_s"] = _num(so.get("cold_s")), _num(so.get("warm_s"))
+            shadow = so.get("shadow")
+            if isinstance(shadow, dict):  # a stop-free join: scale-out ends when it contributes
+                rec["scale_out_cold_s"] = _num(shadow.get("cold_contributes_s"))
+                rec["scale_out_warm_s"] = _num(shadow.get("warm_contributes_s"))
+                rec["shadow_steps"] = shadow.get("replayed")
+                rec["first_shadow_step_warm_s"] = _num(so.get("warm_s"))
             pull = (a.get("pulls") or {}).get(name) or {}
             rec["transfer_s"] = _num(pull.get("seconds"))
             rec["transfer_mb"] = round(pull["bytes"] / 1e6, 1) if _num(pull.get("bytes")) else None
@@ -164,6 +174,8 @@ def measure(
             env = {"CHAOS_BACKEND": "etcd", "CHAOS_ETCD_ENDPOINTS": stack.enter_context(etcd_server(workdir / "etcd"))}
         if system == "chaos-1src":
             env = {"CHAOS_MAX_SOURCES": "1"}
+        if system == "chaos-stopfree":
+            env = {"CHAOS_STOP_FREE_JOIN": "1"}
         out = io.StringIO() if quiet else sys.stdout
         Runner(parse(text, f"<{system} benchmark>"), run_dir, env=env, node_env=one_source, out=out).run()
     result = scenario_report.analyze(run_dir)

@@ -51,11 +51,12 @@ sys.path.insert(0, str(REPO))
 import _chaos  # noqa: E402
 import _machine  # noqa: E402
 
-SYSTEM_ORDER = ("chaos", "chaos-etcd", "chaos-1src", "ckpt-restart", "torchft")
+SYSTEM_ORDER = ("chaos", "chaos-stopfree", "chaos-etcd", "chaos-1src", "ckpt-restart", "torchft")
 SYSTEM_LABEL = {
     "chaos": "chaos (peer, multi-source)",
     "chaos-etcd": "chaos, etcd control plane",
     "chaos-1src": "chaos, single-source pull",
+    "chaos-stopfree": "chaos, stop-free join (CHAOS_STOP_FREE_JOIN=1)",
     "ckpt-restart": "torchrun + etcd, checkpoint-restart",
     "torchft": "TorchFT 0.2.0 (lighthouse)",
 }
@@ -95,6 +96,7 @@ QUICK = Plan(
     "quick",
     [
         Job("chaos", 4, BIG, events=("join", "leave", "kill"), single_source=True),
+        Job("chaos-stopfree", 4, BIG, events=("join",)),
         Job("chaos-etcd", 4, BIG, events=("kill",)),
         Job("ckpt-restart", 4, BIG, events=("join", "kill")),
         Job("torchft", 4, BIG, events=("join", "kill")),
@@ -120,6 +122,7 @@ FULL = Plan(
           for n in (2, 4, 8)),
         *(Job(s, 4 if h == BIG else 3, h, events=("join", "kill"), single_source=s == "chaos")
           for h in (BIG, GIANT) for s in ("chaos", "ckpt-restart", "torchft")),
+        *(Job("chaos-stopfree", 4 if h != GIANT else 3, h, events=("join",)) for h in (SMALL, BIG, GIANT)),
         *(Job(s, 4, SMALL, events=("join", "kill")) for s in ("ckpt-restart", "torchft")),
         Job("chaos-etcd", 4, SMALL, events=("join", "leave", "kill")),
         Job("chaos-etcd", 8, SMALL, events=("leave", "kill")),

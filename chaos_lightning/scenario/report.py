@@ -678,6 +678,19 @@ def _scale_out(run: _Run, name: str, act: dict) -> tuple[dict, dict | None]:
         else:
             cell["warm_s"] = _r(step["t"] - request["t"])
             cell["breakdown"] = _warm_breakdown(node, request, group, step)
+        # a stop-free join: the first step above is a shadow's (weight 0);
+        # it contributes once every rank's digest agreed
+        promoted = node.first("shadows_promoted", after=group["t"])
+        caught = node.first("caught_up", after=group["t"])
+        if node.first("shadow_switch", after=act["t"]) is not None:
+            cell["shadow"] = {
+                "caught_up": run.rel(caught["t"]) if caught is not None else None,
+                "replayed": caught.get("replayed") if caught is not None else None,
+                "contributes": run.rel(promoted["t"]) if promoted is not None else None,
+                "warm_contributes_s": _r(promoted["t"] - request["t"]) if promoted is not None and request else None,
+                "cold_contributes_s": _r(promoted["t"] - start["proc_start"])
+                if promoted is not None and start is not None and _num(start.get("proc_start")) is not None else None,
+            }
     cell["reason"] = "; ".join(reasons) or None
     rec = node.first("pull", after=act["t"])
     return cell, (_pull(run, name, rec) if rec is not None else {"reason": f"no pull record from {name}"})
@@ -697,9 +710,10 @@ def _warm_breakdown(node: _Node, request: dict, group: dict, step: dict) -> dict
     init = _num(group.get("group_init_s"))
     pulled = _num(pull.get("seconds")) if pull is not None else None
     load = _num(pull.get("load_s")) if pull is not None else None
+    behind = node.first("shadow_switch", after=request["t"]) is not None  # stop-free: the pull is not in the switch
     rest = None
     if switch is not None and init is not None:
-        rest = max(0.0, switch - init - (pulled or 0.0) - (load or 0.0))
+        rest = max(0.0, switch - init - (0.0 if behind else (pulled or 0.0) + (load or 0.0)))
     return {"admission_s": _r(admission), "group_s": _r(init), "pull_s": _r(pulled), "load_s": _r(load),
             "rest_s": _r(rest), "first_step_s": _r(step["t"] - group["t"])}
 
