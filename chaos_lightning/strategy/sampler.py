@@ -60,6 +60,9 @@ __all__ = [
     "split_sizes",
 ]
 
+#: samples a rank with no share (a stop-free joiner's shadow) runs each step on
+STAND_IN_SAMPLES = 2
+
 # Bumped when the state_dict layout changes; a joiner refuses a state it
 # cannot read rather than guessing (DESIGN.md: nothing lost on bad input).
 STATE_VERSION = 1
@@ -155,10 +158,14 @@ class _Layout:
         return blk[lo:hi]
 
     def stand_in(self, step: int) -> list[int]:
-        """What a rank with no share runs the step on: the first contributing
-        rank's batch (real data of a real size for the user's step), weighted 0."""
+        """What a rank with no share runs the step on: the first
+        :data:`STAND_IN_SAMPLES` samples of the first contributing rank's
+        batch (real data for the user's step), weighted 0.  Two, not one: a
+        ``BatchNorm`` in training mode refuses a batch of one; not the whole
+        batch: a shadow's compute is thrown away, and it competes with the
+        members' (and with its own pull) for the machine."""
         first = next((r for r in range(self.world_size) if r not in self.shadows), 0)
-        return self.batch(step, first) or self.block(step)[:1]
+        return (self.batch(step, first) or self.block(step))[:STAND_IN_SAMPLES]
 
 
 class ElasticSampler(Sampler[int]):
