@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from chaos_lightning.strategy.sampler import ElasticSampler
-from chaos_lightning.strategy.shadow import BackgroundPull, StepLog, param_digest
+from chaos_lightning.strategy.shadow import Background, StepLog, param_digest
 
 
 def _model(seed: int) -> torch.nn.Module:
@@ -110,9 +110,9 @@ def test_a_background_pull_reports_a_failure_as_none():
     def boom() -> None:
         raise OSError("refused")
 
-    pull = BackgroundPull(boom)
+    pull = Background(boom)
     assert pull.wait(5) and pull.result() is None
-    ok = BackgroundPull(lambda: 42)
+    ok = Background(lambda: 42)
     assert ok.wait(5) and ok.result() == 42 and ok.seconds is not None
 
 

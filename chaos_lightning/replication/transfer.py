@@ -194,6 +194,7 @@ class ShardServer:
         self.handshake_timeout = handshake_timeout
         self.stats = ServerStats()
         self._snapshot: Snapshot | None = None
+        self._expecting = False  # a snapshot is being prepared: manifest requests wait for it
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
@@ -233,10 +234,19 @@ class ShardServer:
     def publish(self, snapshot: Snapshot) -> None:
         """Serve ``snapshot`` from now on (replacing any earlier one)."""
         self._snapshot = snapshot
+        self._expecting = False
+
+    def expect(self) -> None:
+        """A snapshot is being prepared (copied on another thread): a joiner
+        asking for the manifest meanwhile waits for it (up to the send
+        timeout) instead of being refused.  :meth:`publish` or
+        :meth:`retract` ends the wait."""
+        self._expecting = True
 
     def retract(self) -> None:
         """Stop serving the current snapshot (its tensors may be modified again)."""
         self._snapshot = None
+        self._expecting = False
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -303,6 +313,11 @@ class ShardServer:
                     await self._send_shard(conn, msg)
                 elif isinstance(msg, GetManifest):
                     snap = self._snapshot
+                    waited = 0.0
+                    while snap is None and self._expecting and waited < self.send_timeout:
+                        await asyncio.sleep(0.005)
+                        waited += 0.005
+                        snap = self._snapshot
                     if snap is None:
                         await self._refuse(conn, "no snapshot published")
                     else:

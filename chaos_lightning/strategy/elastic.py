@@ -312,6 +312,7 @@ class ElasticMember:
         and reduce them with the control record and rank 0's buffers in one
         launch; False (no gradients, the buffers of the last sync) if the
         reduction failed."""
+        self._sync.copied()  # a holder's copy for a stop-free joiner is done before the update can change anything
         sampler = self.elastic_sampler
         # The samples this rank's accumulated gradient covers (every micro-batch
         # of the window) and all ranks' together: both follow from the shared

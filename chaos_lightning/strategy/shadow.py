@@ -5,8 +5,8 @@ admits a joiner moves only the small state (the loop, sampler, schedulers,
 scaler, callbacks, the optimizers' hyperparameters); the holders *copy* the
 parameters and optimizer state into a snapshot at that boundary and train
 on.  The joiner trains in lockstep as a *shadow*: a rank with zero weight
-whose own parameters are wrong, while :class:`BackgroundPull` fetches the
-copy.  :class:`StepLog` records the exact input of every ``optimizer.step``
+whose own parameters are wrong, while a :class:`Background` thread fetches
+the copy (and, on each holder, another makes it).  :class:`StepLog` records the exact input of every ``optimizer.step``
 it takes meanwhile (the averaged gradients after clipping and unscaling,
 and each group's hyperparameters) and applies none.  Once the copy has
 arrived, :meth:`StepLog.catch_up` loads it and replays the recorded steps through the raw optimizers: the
@@ -34,7 +34,7 @@ import torch
 
 log = logging.getLogger("chaos_lightning.strategy")
 
-__all__ = ["BackgroundPull", "StepLog", "param_digest"]
+__all__ = ["Background", "StepLog", "param_digest"]
 
 _INT_OF_SIZE = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
@@ -62,26 +62,28 @@ def param_digest(params: list[torch.Tensor]) -> int:
     return h % ((1 << DIGEST_BITS) - 1) + 1
 
 
-class BackgroundPull:
-    """A pull running in a thread: :meth:`result` once it is done.
+class Background:
+    """Work on its own thread (a shadow's pull, a holder's copy):
+    :meth:`result` once it is done.
 
-    ``fetch`` returns what it pulled, or None if every attempt failed; an
-    exception counts as a failure (logged)."""
+    ``fetch`` returns its result, or None if it failed; an exception counts
+    as a failure (logged)."""
 
-    def __init__(self, fetch: Callable[[], Any]) -> None:
+    def __init__(self, fetch: Callable[[], Any], what: str = "the background state pull") -> None:
         self._fetch = fetch
+        self._what = what
         self._result: Any = None
         self._done = threading.Event()
         self.started = time.monotonic()
         self.seconds: float | None = None
-        self._thread = threading.Thread(target=self._run, name="chaos-shadow-pull", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="chaos-shadow", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
             self._result = self._fetch()
         except Exception:  # noqa: BLE001 - reported as a failed pull, in the log
-            log.exception("chaos: the background state pull failed")
+            log.exception("chaos: %s failed", self._what)
             self._result = None
         finally:
             self.seconds = time.monotonic() - self.started
