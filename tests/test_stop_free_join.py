@@ -181,3 +181,27 @@ def test_a_shadow_killed_while_it_catches_up_leaves_the_members_unaffected(tmp_p
     finally:
         for x in nodes:
             x.stop()
+
+
+@pytest.mark.timeout(300)
+def test_two_joiners_at_once_both_shadow_and_end_identical(tmp_path):
+    """Two joiners started together: both train as shadows (in one switch,
+    or the second's admission resets the first, which is a newcomer again in
+    the next view), pull from the same members, and all five replicas end
+    identical."""
+    n, epochs, sleep = 240, 3, 0.05
+    env = {**STOP_FREE, **SLOW_PULL}
+    nodes = start(3, tmp_path, n, epochs, sleep, env=env)
+    try:
+        for m in nodes:
+            m.wait(lambda r: r["event"] == "step" and r["step"] >= 2, 90)
+        nodes += [join(nodes[1], tmp_path, "ja", n, epochs, sleep, env=env),
+                  join(nodes[2], tmp_path, "jb", n, epochs, sleep, env=env)]
+        results = _finish(nodes, n, epochs)
+        assert_identical_and_exactly_once(results[:3], epochs, n)
+        for joiner in nodes[3:]:
+            assert _replayed(joiner.log) >= 1
+        assert any(r["world"] == 5 for r in nodes[0].records if r.get("event") == "step")
+    finally:
+        for x in nodes:
+            x.stop()
