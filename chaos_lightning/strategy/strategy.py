@@ -178,7 +178,9 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
     # ---------------------------------------------------------------- the stop-free join (ElasticMember)
     @override
     def shadow_capable(self) -> bool:
-        return bool(self.optimizers)
+        # LBFGS evaluates its closure several times inside one step: a
+        # recorded gradient is not what it applies, and its step needs a closure
+        return bool(self.optimizers) and not any(isinstance(o, torch.optim.LBFGS) for o in self.optimizers)
 
     @override
     def light_replica_state(self) -> dict[str, Any]:
