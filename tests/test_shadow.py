@@ -139,3 +139,59 @@ def test_shadow_ranks_take_no_share_and_run_two_of_the_first_contributors_sample
     assert sorted(seen) == list(range(60))
     with pytest.raises(ValueError):
         s0.reconfigure(0, 2, shadows=(0, 1))
+
+
+class _ThreadGroup:
+    """``world`` ranks in threads of this process; ``all_reduce`` combines
+    every rank's tensor with the operation given (SUM, MAX, MIN), as gloo would."""
+
+    def __init__(self, world: int) -> None:
+        import threading
+
+        self.world = world
+        self._barrier = threading.Barrier(world, timeout=10)
+        self._slots: list[torch.Tensor | None] = [None] * world
+
+    def rank_view(self, rank: int):
+        from types import SimpleNamespace
+
+        import torch.distributed as dist
+
+        def all_reduce(t: torch.Tensor, *, abort, timeout, op=None) -> None:
+            self._slots[rank] = t.clone()
+            self._barrier.wait()
+            stacked = torch.stack(self._slots)
+            if op == dist.ReduceOp.MAX:
+                out = stacked.max(0).values
+            elif op == dist.ReduceOp.MIN:
+                out = stacked.min(0).values
+            else:
+                out = stacked.sum(0)
+            self._barrier.wait()
+            t.copy_(out)
+
+        return SimpleNamespace(rank=rank, world_size=self.world, all_reduce=all_reduce)
+
+
+@pytest.mark.parametrize("name, expected", [("mean", 2.0), ("sum", 6.0), ("max", 3.0), ("min", 1.0)])
+def test_a_shadows_value_counts_in_no_reduction(name, expected):
+    """Ranks 0, 1, 3 log 1, 2, 3; rank 2 is a shadow whose value (100, on a
+    stand-in batch and wrong parameters) must not count: the mean is over
+    the three others, and max, min and sum ignore it."""
+    import threading
+
+    from chaos_lightning.strategy import collectives
+
+    group = _ThreadGroup(4)
+    values = [1.0, 2.0, 100.0, 3.0]
+    out: list[torch.Tensor | None] = [None] * 4
+
+    def rank(r: int) -> None:
+        out[r] = collectives.reduce(group.rank_view(r), torch.tensor([values[r]]), name, None, 10, absent=r == 2)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert all(o is not None and o.shape == (1,) and o.item() == expected for o in out), out
