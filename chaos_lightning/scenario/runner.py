@@ -50,7 +50,8 @@ every other one must exit 0 (:func:`check_invariants` reports it otherwise).
 The run directory holds ``trace/<name>.jsonl`` (each node's strategy trace),
 ``actions.jsonl`` (what the runner did, when), ``logs/<name>.log`` (each
 node's output), ``done/<name>.json`` (each finished node's digests and sample
-ledger), ``links.json`` (testbed link rates) and, after the report,
+ledger), ``ckpt/`` (the latest checkpoint, with ``set ckpt_every``),
+``links.json`` (testbed link rates) and, after the report,
 ``report.json`` and ``timeline.png``.
 
 Every wait is bounded, and every process (and namespace) is gone when
@@ -70,7 +71,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from chaos_lightning.scenario.timeline import Action, Timeline, rate_bps
+from chaos_lightning.scenario.timeline import WORKLOAD_SETTINGS, Action, Timeline, rate_bps
 from chaos_lightning.testbed.procs import free_port
 
 #: the peer rendezvous port on the testbed (every node has its own address)
@@ -200,7 +201,7 @@ class Runner:
     # ------------------------------------------------------------------ processes
     def _workload_argv(self, name: str) -> list[str]:
         argv = [sys.executable, "-m", "chaos_lightning.scenario.workload", "--run-dir", str(self.run_dir), "--name", name]
-        for key in ("samples", "batch_size", "hidden", "step_sleep"):
+        for key in WORKLOAD_SETTINGS:
             if key in self.timeline.settings:
                 argv += [f"--{key.replace('_', '-')}", str(self.timeline.settings[key])]
         if self._testbed is None:

@@ -3,7 +3,7 @@
 A timeline is a text file, one action per line, ``#`` starting a comment::
 
     # seconds  action    arguments
-    set        hidden    512             # workload and testbed settings (before any action)
+    set        hidden    512             # workload and testbed settings (before any action; SETTINGS)
     0          start     n0 n1 n2 n3     # the nodes training starts with (n0 founds the cluster)
     8          join      n4              # a new node starts and joins through a live member
     20         leave     n1              # graceful leave at the next step boundary (SIGTERM)
@@ -62,9 +62,14 @@ SETTINGS: dict[str, type] = {
     "batch_size": int,  # per-node batch size
     "hidden": int,  # MLP width: the state to transfer grows with its square
     "step_sleep": float,  # seconds of stand-in compute per step
+    "val_every": int,  # validate every N training batches (default 0: never)
+    "val_sleep": float,  # seconds of stand-in work per validation batch
+    "ckpt_every": int,  # save a checkpoint every N global steps into RUN/ckpt (default 0: never)
     "link": str,  # testbed: every node's link rate at start (e.g. 100mbit); default unshaped
     "preset": str,  # membership timing preset (local, lan, edge)
 }
+#: the settings that are the workload's command-line flags (``--step-sleep`` for ``step_sleep``)
+WORKLOAD_SETTINGS = ("samples", "batch_size", "hidden", "step_sleep", "val_every", "val_sleep", "ckpt_every")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 _RATE = re.compile(r"^(?P<num>\d+(?:\.\d+)?)(?P<unit>kbit|mbit|gbit)$", re.IGNORECASE)
 _UNIT_BITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}

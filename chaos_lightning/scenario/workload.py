@@ -8,6 +8,17 @@ seconds, standing in for the compute of a bigger model, so that a handful of
 nodes on a 2-core machine do not just fight over the CPU.  The strategy
 writes this node's trace (``CHAOS_TRACE``, set by the runner).
 
+Validation and checkpoints are opt-in (off by default, so a scenario without
+them runs the loop it always ran): ``--val-every N`` validates every N
+training batches (``val_check_interval=N``, counted over the whole run, not
+per epoch) on a small held-out set, ``VAL_BATCHES`` batches per node whatever
+the world, each sleeping ``--val-sleep`` seconds; ``--ckpt-every N`` saves a
+checkpoint every N global steps into ``RUN/ckpt`` (``ModelCheckpoint``, the
+latest one kept).  The node's trace then also holds ``val_start``/``val_end``
+around each validation and ``ckpt_start``/``ckpt_end`` around each save, so
+a report can tell what the cluster was doing at an event
+(:mod:`chaos_lightning.scenario.report`).
+
 Ending a run: all replicas must stop at the same global step, or the last
 collective would wait for those that stopped.  The runner writes a step
 number into ``RUN/stop``; every node stops when its global step reaches it
@@ -38,10 +49,17 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import chaos_lightning  # noqa: F401  (registers strategy="chaos")
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+#: validation batches per node (``limit_val_batches``): the same at any world
+#: size, so a validation lasts about ``VAL_BATCHES * val_sleep`` everywhere
+VAL_BATCHES = 4
+#: held-out samples, in batches: enough for ``VAL_BATCHES`` per node at up to 16 nodes
+VAL_SET_BATCHES = 16 * VAL_BATCHES
 
 
 class Synthetic(Dataset):
@@ -52,6 +70,14 @@ class Synthetic(Dataset):
         self.x = torch.randn(n, dim, generator=g)
         w1, w2 = torch.randn(dim, 16, generator=g), torch.randn(16, 1, generator=g)
         self.y = torch.tanh(self.x @ w1) @ w2 + 0.1 * torch.randn(n, 1, generator=g)
+        self._w = (w1, w2)
+
+    def held_out(self, n: int) -> TensorDataset:
+        """``n`` other samples of the same function (their own seed: the training set is unchanged)."""
+        g = torch.Generator().manual_seed(1)
+        w1, w2 = self._w
+        x = torch.randn(n, w1.shape[0], generator=g)
+        return TensorDataset(x, torch.tanh(x @ w1) @ w2 + 0.1 * torch.randn(n, 1, generator=g))
 
     def __len__(self) -> int:
         return len(self.x)
@@ -78,6 +104,50 @@ class MLP(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+class ValidatedMLP(MLP):
+    """The MLP with a validation step: ``val_sleep`` seconds of stand-in work
+    per batch, and the loss reduced over the current members (``sync_dist``:
+    a collective outside the training step, as in a real project)."""
+
+    def __init__(self, val_sleep: float = 0.0, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.val_sleep = val_sleep
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        time.sleep(self.val_sleep)
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y), on_epoch=True, sync_dist=True,
+                 batch_size=len(x))
+
+
+class ValidationMarks(pl.Callback):
+    """``val_start``/``val_end`` in the node's trace around each validation."""
+
+    def on_validation_start(self, trainer: pl.Trainer, *args: object) -> None:
+        if not trainer.sanity_checking:
+            trainer.strategy.trace.emit("val_start", step=trainer.global_step, world=trainer.world_size)
+
+    def on_validation_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if not trainer.sanity_checking:
+            trainer.strategy.trace.emit("val_end", step=trainer.global_step)
+
+
+class MarkedCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` with ``ckpt_start``/``ckpt_end`` in the node's trace
+    around each save (every rank: rank 0 writes, the others wait in the
+    save's barrier)."""
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        trace = trainer.strategy.trace
+        trace.emit("ckpt_start", step=trainer.global_step)
+        ok = False
+        try:
+            super()._save_checkpoint(trainer, filepath)
+            ok = True
+        finally:
+            trace.emit("ckpt_end", step=trainer.global_step, ok=ok)
 
 
 class StopAtStep(pl.Callback):
@@ -157,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="per-node batch size")
     p.add_argument("--hidden", type=int, default=256, help="hidden width (the state grows with its square)")
     p.add_argument("--step-sleep", type=float, default=0.05, help="seconds of stand-in compute per step")
+    p.add_argument("--val-every", type=int, default=0, help="validate every N training batches (default 0: never)")
+    p.add_argument("--val-sleep", type=float, default=0.0, help="seconds of stand-in work per validation batch")
+    p.add_argument("--ckpt-every", type=int, default=0, help="save a checkpoint every N global steps (default 0: never)")
     p.add_argument("--allow-fault-injection", action="store_true",
                    help="serve the runner's link-cut requests (loopback scenarios; off in production)")
     args = p.parse_args(argv)
@@ -169,14 +242,32 @@ def main(argv: list[str] | None = None) -> int:
         from chaos_lightning.agent import enable_fault_injection
 
         enable_fault_injection()  # the agent the strategy builds serves LinkFault
-    model = MLP(hidden=args.hidden, step_sleep=args.step_sleep)
+    callbacks: list[pl.Callback] = [StopAtStep(args.run_dir / "stop"),
+                                    LedgerDump(args.run_dir / "ledger" / f"{args.name}-{os.getpid()}")]
+    options: dict[str, object] = {}
+    data = Synthetic(args.samples)
+    loaders: dict[str, DataLoader] = {"train_dataloaders": DataLoader(data, batch_size=args.batch_size, shuffle=True)}
+    if args.val_every > 0:
+        model: MLP = ValidatedMLP(hidden=args.hidden, step_sleep=args.step_sleep, val_sleep=args.val_sleep)
+        # every N batches of the whole run (check_val_every_n_epoch=None): an
+        # epoch's length follows the world, so a per-epoch count could exceed it
+        options.update(val_check_interval=args.val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                       limit_val_batches=VAL_BATCHES)
+        loaders["val_dataloaders"] = DataLoader(data.held_out(VAL_SET_BATCHES * args.batch_size), batch_size=args.batch_size)
+        callbacks.append(ValidationMarks())
+    else:
+        model = MLP(hidden=args.hidden, step_sleep=args.step_sleep)
+    if args.ckpt_every > 0:
+        # the latest checkpoint only (save_top_k=1, no monitor): a scenario
+        # saves often, and every save replaces the one before
+        callbacks.append(MarkedCheckpoint(args.run_dir / "ckpt", "{step}", every_n_train_steps=args.ckpt_every,
+                                          save_top_k=1))
     trainer = pl.Trainer(
-        strategy="chaos", accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[StopAtStep(args.run_dir / "stop"), LedgerDump(args.run_dir / "ledger" / f"{args.name}-{os.getpid()}")],
+        strategy="chaos", accelerator="cpu", devices=1, max_epochs=-1, logger=False,
+        enable_checkpointing=args.ckpt_every > 0, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=callbacks, **options,
     )
-    loader = DataLoader(Synthetic(args.samples), batch_size=args.batch_size, shuffle=True)
-    trainer.fit(model, loader)
+    trainer.fit(model, **loaders)
 
     strategy = trainer.strategy
     for cb in trainer.callbacks:
