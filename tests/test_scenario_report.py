@@ -400,3 +400,75 @@ def test_a_joins_idle_is_against_the_new_groups_steps_and_its_warm_time_is_broke
     assert parts == {"admission_s": approx(0.05), "group_s": approx(0.3), "pull_s": approx(0.4), "load_s": approx(0.02),
                      "rest_s": approx(0.23), "first_step_s": approx(0.256)}
     assert join["scale_out"]["n3"]["warm_s"] == approx(1.256)
+
+
+# -- what a kill hit: the phase of the cluster at the kill instant ------------------------------------
+#
+# The scenario workload marks validations (val_start/val_end) and checkpoint
+# saves (ckpt_start/ckpt_end) in each node's trace.  Below, every node has
+# validated three times before (0.3 s each, its normal length); n2 is
+# killed at 4.0 (its trace stops inside what it was doing), the survivors'
+# collective with it fails and they switch at 4.7, train again from 4.8.
+
+
+def marked(s: Scenario, phase: str, names: list[str], start: float, end: float | None) -> None:
+    begin, finish = rep.PHASES[phase]
+    for n in names:
+        s.rec(n, start, begin, step=0)
+        if end is not None:
+            s.rec(n, end, finish, step=0)
+
+
+def with_validations(s: Scenario) -> Scenario:
+    for start in (0.2, 0.9, 1.6):
+        marked(s, "validation", ["n0", "n1", "n2"], start, start + 0.3)
+    return s
+
+
+def test_a_kill_between_two_steps_is_a_step_kill(result):
+    kill = by_action(result, "kill")
+    assert kill["phase"] == "step" and kill["phase_nodes"] == {n: "step" for n in ("n0", "n1", "n2", "n3")}
+    assert kill["phase_since_s"] == approx(0.044)  # n3 recorded step 36 last, at 3.956
+    assert "net_s" not in kill["first_step"] and "net_max_s" not in kill["survivor_idle"]  # no markers: as before
+    assert "phase" not in by_action(result, "join") and "kill (step)" in rep.summary_table(result, use_rich=False)
+
+
+def test_a_kill_during_validation_and_the_survivors_idle_net_of_their_own_validation(tmp_path):
+    s = with_validations(scenario())
+    # the survivors validate from 3.96; the kill makes their metric reduction
+    # wait for its detection: they end at 4.5, 0.24 s late
+    marked(s, "validation", ["n0", "n1", "n3"], 3.96, 4.5)
+    marked(s, "validation", ["n2"], 3.96, None)  # killed in it
+    kill = by_action(rep.analyze(s.write(tmp_path / "run")), "kill")
+    assert kill["phase"] == "validation" and set(kill["phase_nodes"].values()) == {"validation"}
+    assert kill["phase_since_s"] == approx(0.04)
+    idle = kill["survivor_idle"]
+    assert idle["per_node"]["n0"] == approx(0.75)  # as ever: 3.95 -> 4.8, minus a 0.1 s step
+    # its validation at its normal length (0.3 s) was its own work; the 0.24 s the kill added to it was not
+    assert idle["work_s"]["n0"] == approx(0.3) and idle["net_per_node"]["n0"] == approx(0.45)
+    # n3 validated once only (0.54 s, lengthened): its normal length is every node's, 0.3 s
+    assert idle["work_s"]["n3"] == approx(0.3) and idle["net_max_s"] == approx(0.45)
+    # kill -> first step (0.806 s at n3) less what a normal validation had left at the kill (0.3 - 0.04)
+    assert kill["first_step"]["s"] == approx(0.806) and kill["first_step"]["net_s"] == approx(0.546)
+
+
+def test_a_save_in_progress_makes_a_checkpoint_kill_even_where_a_node_validates(tmp_path):
+    s = with_validations(scenario())
+    marked(s, "checkpoint", ["n0", "n1", "n3"], 1.2, 1.25)  # one save before: 50 ms is its normal length
+    marked(s, "checkpoint", ["n1", "n3"], 3.97, 4.45)
+    marked(s, "checkpoint", ["n2"], 3.97, None)
+    marked(s, "validation", ["n0"], 3.96, 4.5)
+    kill = by_action(rep.analyze(s.write(tmp_path / "run")), "kill")
+    assert kill["phase"] == "checkpoint" and kill["phase_since_s"] == approx(0.03)
+    assert kill["phase_nodes"] == {"n0": "validation", "n1": "checkpoint", "n2": "checkpoint", "n3": "checkpoint"}
+    assert kill["survivor_idle"]["work_s"]["n3"] == approx(0.05)
+
+
+def test_a_killed_processs_unfinished_validation_ends_at_its_kill(tmp_path):
+    s = with_validations(scenario())
+    marked(s, "validation", ["n2"], 3.96, None)
+    s.action(9.5, "kill", ["n3"])  # much later, between two steps
+    result = rep.analyze(s.write(tmp_path / "run"))
+    first, later = [a for a in result["actions"] if a["action"] == "kill"]
+    assert first["phase"] == "validation" and first["phase_nodes"]["n2"] == "validation"
+    assert later["phase"] == "step" and "n2" not in later["phase_nodes"]  # n2 is long gone

@@ -39,6 +39,19 @@ that compute them):
   the 10 steps before; ``baseline`` says which), floored at 0; for an
   undetected stop, each other trainer's first step after the action minus
   its last before;
+- *phase* of a ``kill`` (and a ``restart``, a kill too): what the cluster
+  was doing at the kill instant, from the markers the scenario workload
+  writes with ``set val_every``/``set ckpt_every``: ``checkpoint`` when a
+  node (the victim or a survivor) was between ``ckpt_start`` and
+  ``ckpt_end``, else ``validation`` between ``val_start`` and ``val_end``,
+  else ``step`` (training).  A marker with no end lasts to the process's
+  end: the action that killed, restarted or let it leave, else its last
+  record.  A save wins over a validation: it is the shorter window, and the
+  one a kill lands in less often.  With markers, the idle and the first
+  step also come *net* of the survivors' own validations and saves in
+  their gap (each counted at its normal length, the median of that node's
+  runs, so what a kill adds to a validation still counts): a survivor
+  validating when a member dies idles through its validation either way;
 - *scale-out*: the joiner's ``proc_start`` (cold) or ``join_request`` (warm)
   to its first step, and where the warm part went (``breakdown``: admission
   to the view, the group formed around it, the pull, the load, the first
@@ -78,6 +91,13 @@ EVENTS = ("join", "leave", "kill", "stop", "cut", "restore", "partition", "heal"
 #: actions that only mark the timeline (no row in the table)
 MARKERS = ("start", "end", "cont")
 _DIGITS = 6  # output rounding: microseconds
+#: what a node does besides training, by the scenario workload's trace
+#: markers (start, end); the first that holds at an instant names the phase
+PHASES = {"checkpoint": ("ckpt_start", "ckpt_end"), "validation": ("val_start", "val_end")}
+#: actions that kill a process, and get a phase
+KILLS = ("kill", "restart")
+#: a node's own runs of a phase that make its normal length (fewer: every node's)
+NORMAL_RUNS = 3
 
 
 # -- reading the run directory --------------------------------------------------------------------
@@ -127,6 +147,8 @@ class _Run:
     links: dict | None
     warnings: list[str]
     member_names: dict[str, str]
+    #: name -> phase -> (start, end, normal length, ended) of each run of it (:func:`_spans`)
+    spans: dict[str, dict[str, list[tuple[float, float, float, bool]]]] = field(default_factory=dict)
 
     def name_of(self, member: str) -> str | None:
         return self.member_names.get(member)
@@ -242,7 +264,9 @@ def _load(run_dir: Path) -> _Run:
         except ValueError as exc:
             warnings.append(f"links.json unreadable ({exc}): no transfer bounds")
             links = None
-    return _Run(run_dir, nodes, actions, origin, links, warnings, member_names)
+    run = _Run(run_dir, nodes, actions, origin, links, warnings, member_names)
+    run.spans = _spans(run)
+    return run
 
 
 # -- the cluster's timeline -----------------------------------------------------------------------
@@ -300,6 +324,105 @@ def _series(run: _Run, steps: list[dict], bin_s: float) -> tuple[dict, list[dict
                 stalls.append({"start": run.rel(a["t"]), "end": run.rel(b["t"]), "duration_s": _r(b["t"] - a["t"]),
                                "after_step": a["step"], "next_step": b["step"]})
     return {"throughput": throughput, "world": {"t": wt, "world": ww}}, stalls, median
+
+
+# -- what the nodes were doing besides training ---------------------------------------------------
+
+
+def _runs(run: _Run, node: _Node, begin: str, end: str) -> list[tuple[float, float, bool]]:
+    """The node's runs from a ``begin`` to an ``end`` record: ``(start, end,
+    ended)``.  Paired within one process (``pid``: a restart writes on in
+    the same file); a run with no end (``ended`` false) lasts to the action
+    that killed, restarted or let the process leave, else to its last record."""
+    runs: list[tuple[float, float, bool]] = []
+    open_at: float | None = None
+    last_t = -math.inf
+    pid = None
+
+    def close_open() -> None:
+        if open_at is not None:
+            gone = next((a["t"] for a in run.actions if a["t"] >= open_at and a["action"] in ("kill", "restart", "leave")
+                         and node.name in a["nodes"]), None)
+            runs.append((open_at, gone if gone is not None else last_t, False))
+
+    for r in node.records:
+        if r.get("pid") != pid:
+            close_open()
+            open_at, pid = None, r.get("pid")
+        if r["ev"] == begin and open_at is None:
+            open_at = r["t"]
+        elif r["ev"] == end and open_at is not None:
+            runs.append((open_at, r["t"], True))
+            open_at = None
+        last_t = r["t"]
+    close_open()
+    return runs
+
+
+def _spans(run: _Run) -> dict[str, dict[str, list[tuple[float, float, float, bool]]]]:
+    """Per node and phase (:data:`PHASES`), each run of it: ``(start, end,
+    normal, ended)`` (:func:`_runs`).  ``normal`` is the length the run
+    would have had without an event: the median of the node's complete runs
+    of that phase with at least :data:`NORMAL_RUNS` of them (one run that an
+    event lengthened is then outvoted), else the median over every node's
+    (they validate and save the same), else the run's own length."""
+    raw = {name: {phase: _runs(run, node, *marks) for phase, marks in PHASES.items()} for name, node in run.nodes.items()}
+    everyone = {phase: [e - b for per in raw.values() for b, e, done in per[phase] if done] for phase in PHASES}
+    out: dict[str, dict[str, list[tuple[float, float, float, bool]]]] = {}
+    for name, per in raw.items():
+        out[name] = {}
+        for phase, runs in per.items():
+            own = [e - b for b, e, done in runs if done]
+            pool = own if len(own) >= NORMAL_RUNS else everyone[phase]
+            normal = statistics.median(pool) if pool else None
+            if runs:
+                out[name][phase] = [(b, e, normal if normal is not None else e - b, done) for b, e, done in runs]
+    return out
+
+
+def _phase_at(run: _Run, name: str, t: float) -> tuple[str, float | None]:
+    """What ``name`` was doing at ``t``: a phase of :data:`PHASES` and since
+    when, else ``("step", None)``."""
+    for phase in PHASES:
+        for b, e, _, ended in run.spans.get(name, {}).get(phase, ()):
+            if b <= t < e or (not ended and b <= t <= e):  # a process killed in it was in it at its kill
+                return phase, b
+    return "step", None
+
+
+def _phase(run: _Run, act: dict) -> dict:
+    """The phase of a kill: what the cluster was doing at the kill instant
+    (module docstring), from the traces of every node alive then (one with
+    a record before the kill and one after it, or the victim)."""
+    t = act["t"]
+    per_node: dict[str, str] = {}
+    since: dict[str, float] = {}
+    for name, node in run.nodes.items():
+        if not node.records or node.records[0]["t"] > t:
+            continue
+        if name not in act["nodes"] and node.records[-1]["t"] < t:
+            continue  # gone before the kill
+        per_node[name], b = _phase_at(run, name, t)
+        if b is not None:
+            since[name] = b
+    phase = next((p for p in PHASES if p in per_node.values()), "step")
+    if phase == "step":
+        last = [r["t"] for n in per_node for r in [run.nodes[n].last("step", t)] if r is not None]
+        began = max(last) if last else None  # the step in progress began when the last one ended
+    else:
+        began = min(since[n] for n, p in per_node.items() if p == phase)
+    return {"phase": phase, "per_node": per_node, "since_s": None if began is None else _r(t - began)}
+
+
+def _work(run: _Run, name: str, a: float, b: float) -> float:
+    """Seconds of ``name``'s validations and saves inside ``[a, b]``, each
+    at its normal length from its start: the node's own scheduled work in
+    a gap, not time a membership event cost it."""
+    total = 0.0
+    for runs in run.spans.get(name, {}).values():
+        for start, _, normal, _ in runs:
+            total += max(0.0, min(b, start + normal) - max(a, start))
+    return total
 
 
 # -- one action -----------------------------------------------------------------------------------
@@ -489,6 +612,8 @@ def _first_step(run: _Run, act: dict, view: dict) -> tuple[dict, dict[str, dict]
         return cell, switches
     last = max(times, key=lambda n: times[n])
     cell.update(s=_r(times[last] - t0), last_node=last, per_node={n: _r(t - t0) for n, t in times.items()})
+    if any(run.spans.values()):  # net of each trainer's own validations and saves since the event
+        cell["net_s"] = _r(max(max(0.0, t - t0 - _work(run, n, t0, t)) for n, t in times.items()))
     return cell, switches
 
 
@@ -591,6 +716,11 @@ def _survivor_idle(run: _Run, act: dict, view: dict, first: dict, switches: dict
     worst = max(idle, key=lambda n: idle[n])
     cell.update(per_node={n: _r(v) for n, v in idle.items()}, sum_s=_r(sum(idle.values())), max_s=_r(idle[worst]),
                 max_node=worst)
+    if any(run.spans.values()):  # net of each survivor's own validations and saves in its gap
+        work = {n: _work(run, n, before["t"], after["t"]) for n, (before, after) in spans.items()}
+        net = {n: max(0.0, idle[n] - work[n]) for n in idle}
+        cell.update(work_s={n: _r(v) for n, v in work.items()}, net_per_node={n: _r(v) for n, v in net.items()},
+                    net_max_s=_r(max(net.values())))
     return cell
 
 
@@ -746,6 +876,9 @@ def _action(run: _Run, index: int, act: dict) -> dict:
         out["view_everywhere"] = view
         out["first_step"] = first
         out["survivor_idle"] = _survivor_idle(run, act, view, first, switches)
+    if kind in KILLS:
+        phase = _phase(run, act)
+        out["phase"], out["phase_nodes"], out["phase_since_s"] = phase["phase"], phase["per_node"], phase["since_s"]
     if kind in ("join", "restart"):
         out["scale_out"], out["pulls"] = {}, {}
         for name in out["nodes"]:
@@ -831,7 +964,8 @@ def _rows(result: dict) -> tuple[list[list[str]], list[str]]:
     rows = []
     for a in result.get("actions", []):
         at = a.get("at")
-        row = [f"{at:g}" if isinstance(at, (int, float)) else f"{a['t']:.1f}", a["action"], " ".join(a["nodes"])]
+        action = a["action"] + (f" ({a['phase']})" if a.get("phase") else "")  # what a kill hit
+        row = [f"{at:g}" if isinstance(at, (int, float)) else f"{a['t']:.1f}", action, " ".join(a["nodes"])]
         if "view_everywhere" not in a:
             rows.append(row + ["-"] * 5)
             continue
