@@ -510,6 +510,9 @@ class _Pull:
         self.t0 = time.monotonic()
         self.orphans: deque[int] = deque()
         self.duplicated: set[int] = set()
+        #: shards being checked and written in place on a worker thread (so
+        #: another copy of one, an endgame duplicate, is dropped on arrival)
+        self.accepting: set[int] = set()
         self.asm: Assembler | None = None
         self.sizes: list[int] = []
         self.changed = asyncio.Event()
@@ -598,7 +601,7 @@ class _Pull:
 
     def _wanted(self, k: int) -> bool:
         assert self.asm is not None
-        return not self.asm.has(k)
+        return not self.asm.has(k) and k not in self.accepting
 
     def _pick(self, s: _Src) -> int | None:
         """The next shard ``s`` should request, or None (module docstring: own queue,
@@ -707,10 +710,15 @@ class _Pull:
         s.current_got = 0
         s.report.seconds += now - max(s.last_arrival, s.requested_at.pop(k))
         s.last_arrival = now
-        if self.asm.has(k):
+        if self.asm.has(k) or k in self.accepting:
             return  # the other copy of an endgame duplicate won
+        self.accepting.add(k)
         try:
-            self.asm.accept(k, buf[:size])
+            # the checksum and the copy into place on a worker thread (both
+            # release the GIL): the loop goes on receiving (and checking the
+            # frame tags of) the other sources' shards meanwhile.  This
+            # source's buffer is reused only after this returns.
+            await asyncio.get_running_loop().run_in_executor(None, self.asm.accept, k, buf[:size])
         except ChecksumMismatch as exc:
             s.report.corrupt += 1
             self.result_counts["corrupt"] += 1
@@ -720,6 +728,8 @@ class _Pull:
             if s.report.corrupt > self.max_corrupt:
                 raise _SourceFailed(f"{s.report.addr} sent {s.report.corrupt} corrupt shards") from None
             return
+        finally:
+            self.accepting.discard(k)
         s.report.bytes += size
         s.report.shards += 1
         self.received += size
