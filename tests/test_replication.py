@@ -33,6 +33,7 @@ from chaos_lightning.replication.snapshot import (
     UnknownShard,
     WrongShardSize,
     default_shard_bytes,
+    shard_checksums,
 )
 from chaos_lightning.replication.transfer import (
     GetShard,
@@ -166,6 +167,21 @@ def test_assembler_writes_large_and_small_pieces_from_writable_and_read_only_buf
         assert asm.accept(k, bytearray(payload) if k % 2 == 0 else payload) is True
     _, got = asm.result()
     assert _same(got, [t.contiguous() for t in ts])
+
+
+def test_holders_checksumming_a_share_each_make_the_same_manifest_as_one_holder_alone():
+    """Three holders each checksum every third shard; the sum of their lists
+    (one all-reduce in the strategy) builds the manifest a single holder
+    computing every checksum builds, snapshot id included."""
+    ts = _mixed_tensors()
+    whole = Snapshot(b"meta", ts, shard_bytes=64 * KiB)
+    shares = [shard_checksums([t.contiguous() for t in ts], part, 3, shard_bytes=64 * KiB) for part in range(3)]
+    assert all(len(share) == len(whole.manifest.shards) for share in shares)
+    summed = [sum(column) for column in zip(*shares)]
+    split = Snapshot(b"meta", ts, shard_bytes=64 * KiB, crcs=summed)
+    assert split.manifest == whole.manifest
+    with pytest.raises(ValueError, match="checksums for"):
+        Snapshot(b"meta", ts, shard_bytes=64 * KiB, crcs=summed[:-1])
 
 
 def test_manifest_validation_refuses_inconsistent_or_oversized_layouts():
