@@ -32,36 +32,6 @@ def _replayed(log: Path) -> int:
     return int(found[-1])
 
 
-@pytest.mark.timeout(300)
-def test_a_shadow_joins_while_the_members_train_and_ends_identical(tmp_path):
-    """Three members, a fourth joins stop-free.  Its pull is slowed (each
-    member serves at most 200 kB/s), so it runs several steps as a shadow
-    before it catches up: the members never wait for the transfer (their
-    step times stay near normal), and every replica ends identical."""
-    n, epochs, sleep = 240, 4, 0.05
-    env = {**STOP_FREE, **SLOW_PULL, "CHAOS_TEST_SCHED": "1", "CHAOS_TEST_CLIP": "0.5"}
-    members = start(3, tmp_path, n, epochs, sleep, env=env)
-    nodes = list(members)
-    try:
-        for m in members:
-            m.wait(lambda r: r["event"] == "step" and r["step"] >= 2, 90)
-        joiner = join(members[1], tmp_path, "joiner", n, epochs, sleep, env=env)
-        nodes.append(joiner)
-        first = joiner.wait(lambda r: r["event"] == "step", 90)
-        assert first["world"] == 4, first
-        results = [x.wait(lambda r: r["event"] == "done", 180) for x in nodes]
-        for x in nodes:
-            assert x.proc.wait(timeout=30) == 0, x.log
-        assert_identical_and_exactly_once(results[:3], epochs, n)
-        assert len({(r["params"], r["optim"], r["global_step"]) for r in results}) == 1, results
-        assert _replayed(joiner.log) >= 3  # the members trained on while it pulled
-        for m in members:
-            assert "could not pull" not in m.log.read_text()
-    finally:
-        for x in nodes:
-            x.stop()
-
-
 def _run_join(tmp_path: Path, env: dict[str, str], *, n: int = 240, epochs: int = 3, sleep: float = 0.05,
               members: int = 3):
     """``members`` nodes train, a joiner joins stop-free; returns the nodes (joiner last)."""
@@ -86,9 +56,13 @@ def test_a_validation_due_while_a_shadow_pulls_makes_it_catch_up_first(tmp_path)
     finds the shadow behind, so it waits for its pull and replays before it
     evaluates.  Every validation after the join counts all 40 samples once
     (``sync_dist`` sum over the four ranks, the shadow included once it holds
-    the state), and the replicas end identical."""
+    the state), and the replicas end identical.  A checkpoint is saved at
+    every step, the join's boundary too."""
     n, epochs = 200, 3
-    env = {**STOP_FREE, **SLOW_PULL, "CHAOS_TEST_VAL": "40", "CHAOS_TEST_VAL_EVERY": "4"}
+    env = {**STOP_FREE, **SLOW_PULL, "CHAOS_TEST_VAL": "40", "CHAOS_TEST_VAL_EVERY": "4",
+           # a save at every step: the join's boundary has one due, which the
+           # members make alone (the joiner starts at the next batch)
+           "CHAOS_TEST_CKPT_DIR": str(tmp_path / "ckpt"), "CHAOS_TEST_CKPT_EVERY": "1"}
     nodes = _run_join(tmp_path, env, n=n, epochs=epochs)
     try:
         results = _finish(nodes, n, epochs)
@@ -97,6 +71,7 @@ def test_a_validation_due_while_a_shadow_pulls_makes_it_catch_up_first(tmp_path)
         assert "waiting up to" in joiner.log.read_text()
         vals = [r for r in joiner.records if r["event"] == "val"]
         assert vals and all(v["count"] == 40.0 and v["world"] == 4 for v in vals), vals
+        assert len(list((tmp_path / "ckpt").glob("*.ckpt"))) >= results[0]["global_step"] - 1
     finally:
         for x in nodes:
             x.stop()
@@ -187,10 +162,12 @@ def test_a_shadow_killed_while_it_catches_up_leaves_the_members_unaffected(tmp_p
 def test_two_joiners_at_once_both_shadow_and_end_identical(tmp_path):
     """Two joiners started together: both train as shadows (in one switch,
     or the second's admission resets the first, which is a newcomer again in
-    the next view), pull from the same members, and all five replicas end
-    identical."""
+    the next view) while the members train on: their pull is slowed (each
+    member serves at most 300 kB/s), so each replays several steps before it
+    catches up.  A step LR schedule and gradient clipping run inside the
+    replayed steps.  All five replicas end identical, with exact cover."""
     n, epochs, sleep = 240, 3, 0.05
-    env = {**STOP_FREE, **SLOW_PULL}
+    env = {**STOP_FREE, **SLOW_PULL, "CHAOS_TEST_SCHED": "1", "CHAOS_TEST_CLIP": "0.5"}
     nodes = start(3, tmp_path, n, epochs, sleep, env=env)
     try:
         for m in nodes:
@@ -200,7 +177,7 @@ def test_two_joiners_at_once_both_shadow_and_end_identical(tmp_path):
         results = _finish(nodes, n, epochs)
         assert_identical_and_exactly_once(results[:3], epochs, n)
         for joiner in nodes[3:]:
-            assert _replayed(joiner.log) >= 1
+            assert _replayed(joiner.log) >= 3  # the members trained on while it pulled
         assert any(r["world"] == 5 for r in nodes[0].records if r.get("event") == "step")
     finally:
         for x in nodes:

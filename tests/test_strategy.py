@@ -110,7 +110,11 @@ def test_a_node_joins_a_running_fit_and_ends_identical(tmp_path):
     encrypted frames (a component left in plain mode would be refused)."""
     pytest.importorskip("cryptography")
     n, epochs, sleep = 240, 6, 0.1
-    env = {"CHAOS_SECRET": "test-strategy-secret-0123", "CHAOS_ENCRYPT": "1"}
+    env = {"CHAOS_SECRET": "test-strategy-secret-0123", "CHAOS_ENCRYPT": "1",
+           # a save at every step: the join's boundary has one due, which the
+           # members make alone (the joiner starts at the next batch; until
+           # 2026-12-07 gloo aborted a member and the joiner there)
+           "CHAOS_TEST_CKPT_DIR": str(tmp_path / "ckpt"), "CHAOS_TEST_CKPT_EVERY": "1"}
     members = start(3, tmp_path, n, epochs, sleep, env=env)
     nodes = list(members)
     try:

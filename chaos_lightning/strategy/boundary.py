@@ -62,6 +62,11 @@ class ChaosCallback(Callback):
             internals.set_epoch_length(trainer, sampler.steps_remaining(), new_epoch=True)
 
     @override
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        if self._ours(trainer):
+            self._strategy.on_batch_start()
+
+    @override
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         if not self._ours(trainer):
             return

@@ -152,6 +152,12 @@ class ElasticMember:
         self.relayout_due = False
         self._shadow_failed = False  # this shadow's pull failed: it leaves, then raises
         self._no_shadow_next = False  # the next sync pulls at the boundary (a digest disagreed)
+        #: between a switch that admitted a newcomer and the next batch: the
+        #: members are still in the batch that ended (its end hooks: a
+        #: ModelCheckpoint save with its broadcast and barrier), which the
+        #: newcomer, starting at the next batch, never runs.  Their
+        #: collectives then stay local (:meth:`_local_only`)
+        self.newcomer_window = False
 
     def rebind(self, bind: str) -> None:
         """Listen at ``bind`` instead (before :meth:`_open_member`: the
@@ -201,6 +207,20 @@ class ElasticMember:
         return self.group.all_reduce(tensor, timeout)
 
     # ---------------------------------------------------------------- the user's collectives
+    def _local_only(self, what: str) -> bool:
+        """In the rest of a batch whose end admitted a newcomer
+        (:attr:`newcomer_window`), a collective would meet the newcomer's
+        next gradient all-reduce instead of its own (gloo aborts the process
+        on the size mismatch, measured: SIGABRT of a member and the joiner):
+        it stays on this member, and this says so once."""
+        if not self.newcomer_window:
+            return False
+        if not getattr(self, "_said_local", False):
+            log.info("chaos: %s at the end of the batch where a newcomer joined stays on this member "
+                     "(the newcomer starts at the next batch)", what)
+            self._said_local = True
+        return True
+
     def _user_reduce(self, tensor: Any, reduce_op: Any, fallback: Callable[[], Any]) -> Any:
         """A metric reduction on the current group (abortable: this rank's
         value if a member fails meanwhile); ``fallback`` for what we do not carry.
@@ -208,6 +228,8 @@ class ElasticMember:
         out: a mean is over the other ranks."""
         name = collectives.reduce_op_name(reduce_op)
         g = self.group
+        if isinstance(tensor, torch.Tensor) and self._local_only("a reduction"):
+            return tensor
         if not isinstance(tensor, torch.Tensor) or g.pg.group is None or name is None:
             return fallback()
         # a shadow counts only once it caught up, and then in evaluation alone
@@ -223,12 +245,15 @@ class ElasticMember:
             return tensor.unsqueeze(0) if isinstance(tensor, torch.Tensor) else fallback()
         if not isinstance(tensor, torch.Tensor):
             return fallback()
+        if self._local_only("an all_gather"):
+            # every row this member's: the newcomer has no row of this batch
+            return torch.stack([tensor] * self.world_size)
         if sync_grads:
             return collectives.all_gather_with_grad(g.pg, tensor, g.abort, self.config.collective_timeout)
         return collectives.all_gather(g.pg, tensor, g.abort, self.config.collective_timeout)
 
     def _user_barrier(self) -> None:
-        if self.group.pg.group is not None:
+        if self.group.pg.group is not None and not self._local_only("a barrier"):
             collectives.barrier(self.group.pg, self.group.abort, self.config.collective_timeout)
 
     def _user_broadcast(self, obj: Any, src: int) -> Any:
@@ -237,7 +262,7 @@ class ElasticMember:
         path (see :mod:`.collectives`).  Alone, nothing crosses the network, but
         the object is checked all the same, so a fit that works alone does not
         start failing when a second node joins."""
-        if self.group.pg.group is None:
+        if self.group.pg.group is None or self._local_only("a broadcast"):
             collectives.pack_object(obj)
             return obj
         return collectives.broadcast_object(self.group.pg, obj, src, self.group.abort, self.config.collective_timeout)

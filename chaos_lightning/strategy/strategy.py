@@ -440,8 +440,13 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         failed = not self.step_applied
         self._switch(decision)
         self._relayout(trainer, new_epoch=False)
-        if self.admitted_newcomer and internals.skip_next_validation(trainer):  # a newcomer starts at the next batch
-            log.warning("chaos: the validation due at step %d is skipped: a newcomer joined there", trainer.global_step)
+        if self.admitted_newcomer:
+            # a newcomer starts at the next batch: the rest of this one (its
+            # end hooks) is the members' alone
+            self.newcomer_window = True
+            if internals.skip_next_validation(trainer):
+                log.warning("chaos: the validation due at step %d is skipped: a newcomer joined there",
+                            trainer.global_step)
         if self._orphaned:
             # back from the sideline, and no member left that trained on:
             # training again from our stale state would repeat samples
@@ -474,8 +479,14 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, trainer.global_step)
 
+    def on_batch_start(self) -> None:
+        """A batch starts (the companion callback's ``on_train_batch_start``):
+        every member of the group, newcomers included, is in it."""
+        self.newcomer_window = False
+
     @override
     def on_train_end(self) -> None:
+        self.newcomer_window = False
         self._hand_over_at_end()  # after every callback's on_train_end
 
     @override
