@@ -133,15 +133,15 @@ class AimedRunner(Runner):
         self.aim_log: dict[int, dict[str, Any]] = {}  # line -> what the aim found, and its wait
         self._round = 0
 
-    def _carry_out(self, a: Action) -> None:
-        if a.action == "kill" and a.line in self.aimed:
-            t0 = time.time()
-            found = self._aim(a.args[0], self.aimed[a.line], _spread(self._round) * 0.6 + 0.2)
-            waited = time.time() - t0
-            self._round += 1
-            self._shift += waited
-            self.aim_log[a.line] = {"aim": self.aimed[a.line], "found": found, "wait_s": round(waited, 3)}
-        super()._carry_out(a)
+    def before(self, a: Action) -> float:
+        if a.action != "kill" or a.line not in self.aimed:
+            return 0.0
+        t0 = time.time()
+        found = self._aim(a.args[0], self.aimed[a.line], _spread(self._round) * 0.6 + 0.2)
+        waited = time.time() - t0
+        self._round += 1
+        self.aim_log[a.line] = {"aim": self.aimed[a.line], "found": found, "wait_s": round(waited, 3)}
+        return waited
 
     def _aim(self, name: str, phase: str, frac: float) -> bool:
         """Wait until ``name`` is ``frac`` into a training step (``step``),

@@ -503,6 +503,14 @@ class Runner:
         self.say(f"restart {name}: kill -9 pid {old.proc.pid}, new pid {node.proc.pid} at {node.addr} (through {peers[0]})")
         return node
 
+    def before(self, a: Action) -> float:
+        """Called right before each action is carried out (after its time
+        and the runner's own waits).  A subclass may hold the action back
+        (``benchmarks/kills.py`` aims a kill at a phase of its victim); it
+        returns the seconds it waited, which move the rest of the timeline
+        back.  Nothing by default."""
+        return 0.0
+
     def _carry_out(self, a: Action) -> None:
         names = a.nodes
         now = time.time()
@@ -651,6 +659,7 @@ class Runner:
                 if self.settle:
                     self._await_settled(a)
                 self._await_training(a)
+                self._shift += self.before(a)
                 self._carry_out(a)
             self._sleep_until(self.t0 + self._shift + self.timeline.duration)
             if self.settle:
