@@ -510,9 +510,6 @@ class _Pull:
         self.t0 = time.monotonic()
         self.orphans: deque[int] = deque()
         self.duplicated: set[int] = set()
-        #: shards being checked and written in place on a worker thread (so
-        #: another copy of one, an endgame duplicate, is dropped on arrival)
-        self.accepting: set[int] = set()
         self.asm: Assembler | None = None
         self.sizes: list[int] = []
         self.changed = asyncio.Event()
@@ -601,7 +598,7 @@ class _Pull:
 
     def _wanted(self, k: int) -> bool:
         assert self.asm is not None
-        return not self.asm.has(k) and k not in self.accepting
+        return not self.asm.has(k)
 
     def _pick(self, s: _Src) -> int | None:
         """The next shard ``s`` should request, or None (module docstring: own queue,
@@ -710,15 +707,10 @@ class _Pull:
         s.current_got = 0
         s.report.seconds += now - max(s.last_arrival, s.requested_at.pop(k))
         s.last_arrival = now
-        if self.asm.has(k) or k in self.accepting:
+        if self.asm.has(k):
             return  # the other copy of an endgame duplicate won
-        self.accepting.add(k)
         try:
-            # the checksum and the copy into place on a worker thread (both
-            # release the GIL): the loop goes on receiving (and checking the
-            # frame tags of) the other sources' shards meanwhile.  This
-            # source's buffer is reused only after this returns.
-            await asyncio.get_running_loop().run_in_executor(None, self.asm.accept, k, buf[:size])
+            self.asm.accept(k, buf[:size])
         except ChecksumMismatch as exc:
             s.report.corrupt += 1
             self.result_counts["corrupt"] += 1
@@ -728,8 +720,6 @@ class _Pull:
             if s.report.corrupt > self.max_corrupt:
                 raise _SourceFailed(f"{s.report.addr} sent {s.report.corrupt} corrupt shards") from None
             return
-        finally:
-            self.accepting.discard(k)
         s.report.bytes += size
         s.report.shards += 1
         self.received += size
