@@ -156,9 +156,9 @@ def test_assembler_accepts_shards_in_any_order_and_refuses_bad_ones():
     assert meta == b"meta" and _same(got, [t.contiguous() for t in ts])
 
 
-def test_assembler_writes_large_and_small_pieces_from_writable_and_read_only_buffers():
-    """Large pieces go through torch's copy (GIL released), small ones and
-    read-only buffers through a memoryview: the same bytes either way."""
+def test_assembler_writes_shards_from_writable_and_read_only_buffers_alike():
+    """Shards spanning large and small tensors of three dtypes, from a
+    bytearray (the pull's receive buffer) or from bytes: the same tensors."""
     ts = [torch.randn(300_000), torch.arange(7, dtype=torch.int64), torch.randn(50, 3).to(torch.bfloat16)]
     snap = Snapshot(b"m", ts, shard_bytes=512 * KiB)
     asm = Assembler(snap.manifest)
