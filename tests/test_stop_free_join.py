@@ -11,9 +11,11 @@ went through (its log: caught up, the steps it replayed).  Workers:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,14 +34,24 @@ def _replayed(log: Path) -> int:
     return int(found[-1])
 
 
-def _run_join(tmp_path: Path, env: dict[str, str], *, n: int = 240, epochs: int = 3, sleep: float = 0.05,
-              members: int = 3):
-    """``members`` nodes train, a joiner joins stop-free; returns the nodes (joiner last)."""
-    nodes = start(members, tmp_path, n, epochs, sleep, env=env)
-    for m in nodes:
-        m.wait(lambda r: r["event"] == "step" and r["step"] >= 2, 90)
-    nodes.append(join(nodes[1], tmp_path, "joiner", n, epochs, sleep, env=env))
-    return nodes
+@contextlib.contextmanager
+def _joined(tmp_path: Path, env: dict[str, str], *, n: int = 240, epochs: int = 3, sleep: float = 0.05,
+            members: int = 3, joiners: int = 1) -> Iterator[list]:
+    """``members`` nodes train, then ``joiners`` join stop-free (through the
+    members in turn); yields the nodes (joiners last) and stops every one of
+    them on the way out, whatever happened."""
+    nodes: list = []
+    try:
+        nodes += start(members, tmp_path, n, epochs, sleep, env=env)
+        for m in nodes:
+            m.wait(lambda r: r["event"] == "step" and r["step"] >= 2, 90)
+        for j in range(joiners):
+            name = "joiner" if joiners == 1 else f"joiner{j}"
+            nodes.append(join(nodes[1 + j % (members - 1)], tmp_path, name, n, epochs, sleep, env=env))
+        yield nodes
+    finally:
+        for x in nodes:
+            x.stop()
 
 
 def _finish(nodes, n: int, epochs: int, timeout: float = 180):
@@ -63,8 +75,7 @@ def test_a_validation_due_while_a_shadow_pulls_makes_it_catch_up_first(tmp_path)
            # a save at every step: the join's boundary has one due, which the
            # members make alone (the joiner starts at the next batch)
            "CHAOS_TEST_CKPT_DIR": str(tmp_path / "ckpt"), "CHAOS_TEST_CKPT_EVERY": "1"}
-    nodes = _run_join(tmp_path, env, n=n, epochs=epochs)
-    try:
+    with _joined(tmp_path, env, n=n, epochs=epochs) as nodes:
         results = _finish(nodes, n, epochs)
         assert_identical_and_exactly_once(results[:3], epochs, n)
         joiner = nodes[-1]
@@ -72,9 +83,6 @@ def test_a_validation_due_while_a_shadow_pulls_makes_it_catch_up_first(tmp_path)
         vals = [r for r in joiner.records if r["event"] == "val"]
         assert vals and all(v["count"] == 40.0 and v["world"] == 4 for v in vals), vals
         assert len(list((tmp_path / "ckpt").glob("*.ckpt"))) >= results[0]["global_step"] - 1
-    finally:
-        for x in nodes:
-            x.stop()
 
 
 @pytest.mark.timeout(300)
@@ -85,15 +93,11 @@ def test_parameters_changed_outside_the_optimizer_fall_back_to_a_pull_at_the_bou
     instead.  The replicas end identical all the same."""
     n, epochs = 200, 3
     env = {**STOP_FREE, **SLOW_PULL, "CHAOS_TEST_CLAMP": "0.05"}  # several steps replayed without their clamps
-    nodes = _run_join(tmp_path, env, n=n, epochs=epochs)
-    try:
+    with _joined(tmp_path, env, n=n, epochs=epochs) as nodes:
         results = _finish(nodes, n, epochs)
         assert_identical_and_exactly_once(results[:3], epochs, n)
         for x in nodes:
             assert "after catch-up the replicas differ" in x.log.read_text(), x.log
-    finally:
-        for x in nodes:
-            x.stop()
 
 
 @pytest.mark.timeout(300)
@@ -103,16 +107,12 @@ def test_a_shadow_whose_pull_fails_leaves_and_the_members_train_on(tmp_path):
     never waited for it: they finish identical, with exact cover."""
     n, epochs = 200, 3
     env = {**STOP_FREE, "CHAOS_TEST_NO_SERVE": "1"}
-    nodes = _run_join(tmp_path, env, n=n, epochs=epochs)
-    members, joiner = nodes[:3], nodes[-1]
-    try:
+    with _joined(tmp_path, env, n=n, epochs=epochs) as nodes:
+        members, joiner = nodes[:3], nodes[-1]
         assert joiner.proc.wait(timeout=120) != 0
         assert "could not join" in joiner.log.read_text()
         results = _finish(members, n, epochs)
         assert_identical_and_exactly_once(results, epochs, n)
-    finally:
-        for x in nodes:
-            x.stop()
 
 
 @pytest.mark.timeout(300)
@@ -122,9 +122,8 @@ def test_a_source_killed_while_a_shadow_pulls_leaves_every_replica_identical(tmp
     view and pulls there; the survivors and the joiner end identical."""
     n, epochs = 240, 3
     env = {**STOP_FREE, **SLOW_PULL}
-    nodes = _run_join(tmp_path, env, n=n, epochs=epochs)
-    joiner, victim = nodes[-1], nodes[2]
-    try:
+    with _joined(tmp_path, env, n=n, epochs=epochs) as nodes:
+        joiner, victim = nodes[-1], nodes[2]
         deadline = time.monotonic() + 90
         while "serving a copy of the state" not in victim.log.read_text(errors="replace"):
             assert time.monotonic() < deadline, "the members never served the shadow"
@@ -134,9 +133,6 @@ def test_a_source_killed_while_a_shadow_pulls_leaves_every_replica_identical(tmp
         survivors = [nodes[0], nodes[1], joiner]
         results = _finish(survivors, n, epochs)
         assert results[0]["global_step"] > 0
-    finally:
-        for x in nodes:
-            x.stop()
 
 
 @pytest.mark.timeout(300)
@@ -145,17 +141,13 @@ def test_a_shadow_killed_while_it_catches_up_leaves_the_members_unaffected(tmp_p
     no sample (it trained none) and end identical, with exact cover."""
     n, epochs = 240, 3
     env = {**STOP_FREE, **SLOW_PULL}
-    nodes = _run_join(tmp_path, env, n=n, epochs=epochs)
-    members, joiner = nodes[:3], nodes[-1]
-    try:
+    with _joined(tmp_path, env, n=n, epochs=epochs) as nodes:
+        members, joiner = nodes[:3], nodes[-1]
         joiner.wait(lambda r: r["event"] == "step", 90)
         assert "caught up" not in joiner.log.read_text()
         joiner.proc.send_signal(signal.SIGKILL)
         results = _finish(members, n, epochs)
         assert_identical_and_exactly_once(results, epochs, n)
-    finally:
-        for x in nodes:
-            x.stop()
 
 
 @pytest.mark.timeout(300)
@@ -166,19 +158,11 @@ def test_two_joiners_at_once_both_shadow_and_end_identical(tmp_path):
     member serves at most 300 kB/s), so each replays several steps before it
     catches up.  A step LR schedule and gradient clipping run inside the
     replayed steps.  All five replicas end identical, with exact cover."""
-    n, epochs, sleep = 240, 3, 0.05
+    n, epochs = 240, 3
     env = {**STOP_FREE, **SLOW_PULL, "CHAOS_TEST_SCHED": "1", "CHAOS_TEST_CLIP": "0.5"}
-    nodes = start(3, tmp_path, n, epochs, sleep, env=env)
-    try:
-        for m in nodes:
-            m.wait(lambda r: r["event"] == "step" and r["step"] >= 2, 90)
-        nodes += [join(nodes[1], tmp_path, "ja", n, epochs, sleep, env=env),
-                  join(nodes[2], tmp_path, "jb", n, epochs, sleep, env=env)]
+    with _joined(tmp_path, env, n=n, epochs=epochs, joiners=2) as nodes:
         results = _finish(nodes, n, epochs)
         assert_identical_and_exactly_once(results[:3], epochs, n)
         for joiner in nodes[3:]:
             assert _replayed(joiner.log) >= 3  # the members trained on while it pulled
         assert any(r["world"] == 5 for r in nodes[0].records if r.get("event") == "step")
-    finally:
-        for x in nodes:
-            x.stop()
