@@ -154,7 +154,8 @@ def test_the_strategys_broadcast_never_reaches_the_pickled_path(monkeypatch):
             if isinstance(pg, PeerPG):
                 pg.group = object()
             me = SimpleNamespace(group=SimpleNamespace(pg=pg, abort=threading.Event()),
-                                 config=SimpleNamespace(collective_timeout=5.0))
+                                 config=SimpleNamespace(collective_timeout=5.0), newcomer_window=False)
+            me._local_only = ElasticMember._local_only.__get__(me)
             me._user_broadcast = ElasticMember._user_broadcast.__get__(me)
             assert cls.broadcast(me, ("ckpt", None), 0) == ("ckpt", None)
             if isinstance(pg, PeerPG):
