@@ -15,6 +15,9 @@ and ``CHAOS_TEST_CLIP=v`` set gradient accumulation and clipping;
 ``CHAOS_TEST_PAUSE=s:t`` makes this node sleep t seconds in a user callback
 after global step s (a slow checkpoint write: the agent thread keeps
 answering, so nobody evicts it; event "paused" when it resumes);
+``CHAOS_TEST_HOLD=s:path`` holds this node after global step s (event
+"holding") until ``path`` exists, at most 30 s (a test that signals the
+process then knows where its fit stands);
 ``CHAOS_TEST_NO_SERVE=1`` closes this node's shard server once training
 starts (a joiner's pull from it fails: connection refused);
 ``CHAOS_TEST_VAL_EVERY=k`` validates every k batches (with ``CHAOS_TEST_VAL``);
@@ -182,6 +185,21 @@ def main() -> None:
                     say(event="paused", step=trainer.global_step, seconds=time.monotonic() - t0)
 
         trainer.callbacks.append(Pause())
+    if env.get("CHAOS_TEST_HOLD"):
+        at, gate = env["CHAOS_TEST_HOLD"].split(":", 1)
+
+        class Hold(pl.Callback):
+            done = False
+
+            def on_train_batch_end(self, trainer, *args):
+                if not self.done and trainer.global_step >= int(at):
+                    self.done = True
+                    say(event="holding", step=trainer.global_step)
+                    deadline = time.monotonic() + 30
+                    while not os.path.exists(gate) and time.monotonic() < deadline:
+                        time.sleep(0.005)
+
+        trainer.callbacks.append(Hold())
     if env.get("CHAOS_TEST_NO_SERVE"):
         # fault injector: nothing listens at this node's shard address any more
         class NoServe(pl.Callback):

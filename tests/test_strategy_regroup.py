@@ -89,17 +89,20 @@ def test_a_rank_sigstopped_past_the_collective_timeout_but_not_evicted_rejoins_t
     import signal
     import time
 
-    # 50 steps: the stop lands mid-fit even when this test's reading of the
-    # step records lags (in a CI run, 15 steps of 0.05 s were once over
-    # before the SIGSTOP, and no step failed)
-    n, epochs = 120, 5
+    # the stopped node holds after step 3 until the test has sent SIGSTOP, so
+    # the stop lands mid-fit however late this test reads the step records
+    # (two CI runs once read them after the fit was over, and no step failed)
+    n, epochs = 120, 2
+    gate = tmp_path / "stopped"
     nodes = start(3, tmp_path, [str(n), str(epochs), "0.05"],
-                  lambda i: {"CHAOS_PRESET": "lan", "CHAOS_MEMBERSHIP": "suspicion_mult=20"})
+                  lambda i: {"CHAOS_PRESET": "lan", "CHAOS_MEMBERSHIP": "suspicion_mult=20",
+                             **({"CHAOS_TEST_HOLD": f"3:{gate}"} if i == 2 else {})})
     stopped = nodes[2]
     try:
         pids = [x.event("ready", 90)["pid"] for x in nodes]
-        stopped.wait(lambda r: r["event"] == "step" and r["step"] >= 3, 120)
+        stopped.event("holding", 120)
         stopped.proc.send_signal(signal.SIGSTOP)
+        gate.touch()
         try:
             time.sleep(6.5)
         finally:
