@@ -50,6 +50,9 @@ variable                   setting                                      default
 ``CHAOS_RECORD_SAMPLES``   keep the ledger of trained samples (1/0)     0 (off)
 ``CHAOS_STOP_FREE_JOIN``   a joiner pulls behind the members' steps     0 (off)
 ``CHAOS_CATCH_UP_STEPS``   most steps such a joiner replays             32
+``CHAOS_SHARES``           each member's share of the global batch:     ``equal``
+                           ``equal`` or ``adaptive`` (by measured speed)
+``CHAOS_METRICS``          ``host:port`` of the Prometheus endpoint     unset (off)
 ``CHAOS_ETCD_*``           the etcd baseline: ``ENDPOINTS``,            ``127.0.0.1:2379``,
                            ``PREFIX``, ``TTL``, ``OP_TIMEOUT``          ``/chaos``, 2, 5
 =========================  ===========================================  ======================
@@ -139,6 +142,12 @@ class NodeConfig:
     stop_free_join: bool = False
     #: the most steps a shadow replays; past it the joiner waits for its pull
     catch_up_steps: int = 32
+    #: how a step's samples are split over the members: ``equal``, or
+    #: ``adaptive`` (each member's share follows its measured speed, so slow
+    #: and fast members finish each step together; docs/shares.md)
+    shares: str = "equal"
+    #: ``host:port`` of this node's Prometheus metrics endpoint, or None (off)
+    metrics: str | None = None
     #: the etcd baseline: ``host:port[,host:port...]``, key prefix, lease TTL and per-call bound (s)
     etcd_endpoints: str = "127.0.0.1:2379"
     etcd_prefix: str = "/chaos"
@@ -181,6 +190,8 @@ class NodeConfig:
             record_samples=r.boolean("record_samples", "CHAOS_RECORD_SAMPLES", cls.record_samples),
             stop_free_join=r.boolean("stop_free_join", "CHAOS_STOP_FREE_JOIN", cls.stop_free_join),
             catch_up_steps=r.integer("catch_up_steps", "CHAOS_CATCH_UP_STEPS", cls.catch_up_steps),
+            shares=r.choice("shares", "CHAOS_SHARES", cls.shares, ("equal", "adaptive")),
+            metrics=r.address("metrics", "CHAOS_METRICS", None),
             etcd_endpoints=r.endpoints("etcd_endpoints", "CHAOS_ETCD_ENDPOINTS", cls.etcd_endpoints),
             etcd_prefix=r.prefix("etcd_prefix", "CHAOS_ETCD_PREFIX", cls.etcd_prefix),
             etcd_ttl=r.seconds("etcd_ttl", "CHAOS_ETCD_TTL", cls.etcd_ttl),
@@ -331,7 +342,15 @@ class _Resolver:
             raise ConfigError(name, f"must be an installed rendezvous backend ({', '.join(names) or 'none installed'})", value)
         return value
 
-    def address(self, arg: str, var: str, default: str) -> str:
+    def choice(self, arg: str, var: str, default: str, choices: tuple[str, ...]) -> str:
+        name, value = self._pick(arg, var)
+        if value is None:
+            return default
+        if value not in choices:
+            raise ConfigError(name, f"must be one of {', '.join(choices)}", value)
+        return value
+
+    def address(self, arg: str, var: str, default: str | None) -> str | None:
         name, value = self._pick(arg, var)
         if value is None:
             return default

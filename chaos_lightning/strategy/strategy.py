@@ -97,6 +97,8 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         record_samples: bool | None = None,
         stop_free_join: bool | None = None,
         catch_up_steps: int | None = None,
+        shares: str | None = None,
+        metrics: str | None = None,
         **kwargs: Any,
     ) -> None:
         if membership is not None and preset is not None:
@@ -107,6 +109,7 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
             min_nodes=min_nodes, global_batch_size=global_batch_size, max_sources=max_sources, join_timeout=join_timeout,
             collective_timeout=collective_timeout, switch_timeout=switch_timeout, sideline_timeout=sideline_timeout,
             record_samples=record_samples, stop_free_join=stop_free_join, catch_up_steps=catch_up_steps,
+            shares=shares, metrics=metrics,
         )))
         super().__init__(
             cluster_environment=ChaosEnvironment(), process_group_backend="gloo",
