@@ -39,6 +39,11 @@ variable                   setting                                      default
 ``CHAOS_MEMBERSHIP``       field overrides of the preset,               none
                            ``probe_interval=0.3,suspicion_mult=3``
 ``CHAOS_MIN_NODES``        members before training starts               1
+``CHAOS_TARGET_NODES``     members the cluster admits joiners up to;    unset (no bound)
+                           more wait as standbys (founder's value)
+``CHAOS_MAX_NODES``        members above which the newest retire        unset (no bound)
+``CHAOS_STANDBY``          this process is a warm standby: no join      0 (off)
+                           timeout while the cluster is at its target
 ``CHAOS_GLOBAL_BATCH_SIZE`` constant global batch                       unset
 ``CHAOS_MAX_SOURCES``      members a joiner pulls the state from        8
 ``CHAOS_JOIN_TIMEOUT``     seconds to become a member                   120
@@ -117,6 +122,16 @@ class NodeConfig:
     membership: Config = field(default_factory=_default_membership)
     #: training starts once a view has this many members
     min_nodes: int = 1
+    #: the size policy (``membership/policy.py``): joiners are admitted while
+    #: a view has fewer than ``target_nodes`` members (never above
+    #: ``max_nodes``); the rest wait as standbys; members above ``max_nodes``
+    #: retire, newest first.  None: no bound.  A founder's values are the
+    #: cluster's (written into its views); a joiner's are ignored
+    target_nodes: int | None = None
+    max_nodes: int | None = None
+    #: this process is a warm standby: its ``fit`` waits as a pending joiner
+    #: for as long as the cluster stays at its target (no join timeout)
+    standby: bool = False
     #: samples per step over the whole world (None: the DataLoader's batch per node)
     global_batch_size: int | None = None
     #: members a joiner pulls the state from at once
@@ -169,6 +184,17 @@ class NodeConfig:
         r = _Resolver(env, given)
         bind = r.address("bind", "CHAOS_BIND", cls.bind)
         encrypt = r.boolean("encrypt", ENCRYPT_ENV, cls.encrypt)
+        min_nodes = r.integer("min_nodes", "CHAOS_MIN_NODES", cls.min_nodes)
+        target_nodes = r.integer("target_nodes", "CHAOS_TARGET_NODES", None)
+        max_nodes = r.integer("max_nodes", "CHAOS_MAX_NODES", None)
+        # min <= target <= max: training must be able to start under the policy
+        if target_nodes is not None and min_nodes > target_nodes:
+            raise ConfigError(r.name_of("target_nodes", "CHAOS_TARGET_NODES"),
+                              f"must be >= min_nodes ({min_nodes}): no more would ever be admitted", target_nodes)
+        floor = max(min_nodes, target_nodes or 0)
+        if max_nodes is not None and max_nodes < floor:
+            raise ConfigError(r.name_of("max_nodes", "CHAOS_MAX_NODES"),
+                              f"must be >= min_nodes and target_nodes ({floor})", max_nodes)
         return cls(
             backend=r.backend("backend", "CHAOS_BACKEND", cls.backend),
             bind=bind,
@@ -178,7 +204,10 @@ class NodeConfig:
             # no preset named: local on loopback, lan on any other address
             membership=r.membership("membership", "CHAOS_PRESET", "CHAOS_MEMBERSHIP",
                                     default=default_preset(parse_hostport(bind, allow_port0=True)[0])),
-            min_nodes=r.integer("min_nodes", "CHAOS_MIN_NODES", cls.min_nodes),
+            min_nodes=min_nodes,
+            target_nodes=target_nodes,
+            max_nodes=max_nodes,
+            standby=r.boolean("standby", "CHAOS_STANDBY", cls.standby),
             global_batch_size=r.integer("global_batch_size", "CHAOS_GLOBAL_BATCH_SIZE", None),
             max_sources=r.integer("max_sources", "CHAOS_MAX_SOURCES", cls.max_sources),
             join_timeout=r.seconds("join_timeout", "CHAOS_JOIN_TIMEOUT", cls.join_timeout),
@@ -205,8 +234,11 @@ class NodeConfig:
 
     def rendezvous_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`chaos_lightning.rendezvous.create` this configuration fixes."""
+        membership = self.membership
+        if self.target_nodes or self.max_nodes:  # the policy this node writes into a cluster it founds
+            membership = replace(membership, target_nodes=self.target_nodes or 0, max_nodes=self.max_nodes or 0)
         return dict(
-            backend=self.backend, bind=self.bind, peers=self.peers, secret=self.secret, membership=self.membership,
+            backend=self.backend, bind=self.bind, peers=self.peers, secret=self.secret, membership=membership,
             etcd_endpoints=self.etcd_endpoints, etcd_prefix=self.etcd_prefix, etcd_ttl=self.etcd_ttl,
             etcd_op_timeout=self.etcd_op_timeout,
         )
@@ -319,6 +351,10 @@ class _Resolver:
     def __init__(self, env: Mapping[str, str], given: Mapping[str, Any]):
         self.env = env
         self.given = given
+
+    def name_of(self, arg: str, var: str) -> str:
+        """The name an error about this setting blames (the argument if given, else the variable)."""
+        return self._pick(arg, var)[0] if self._pick(arg, var)[1] is not None else var
 
     def _pick(self, arg: str, var: str) -> tuple[str, Any]:
         """(the name to blame, the raw value), or (var, None) when neither is set."""

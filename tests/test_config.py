@@ -78,6 +78,12 @@ def test_a_backend_is_an_installed_entry_point() -> None:
     ({"CHAOS_MIN_NODES": "0"}, "chaos: CHAOS_MIN_NODES must be an integer >= 1, got '0'"),
     ({"CHAOS_MIN_NODES": "1e99"}, "chaos: CHAOS_MIN_NODES must be an integer >= 1, got '1e99'"),
     ({"CHAOS_GLOBAL_BATCH_SIZE": "-4"}, "chaos: CHAOS_GLOBAL_BATCH_SIZE must be an integer >= 1, got '-4'"),
+    ({"CHAOS_TARGET_NODES": "0"}, "chaos: CHAOS_TARGET_NODES must be an integer >= 1, got '0'"),
+    ({"CHAOS_MIN_NODES": "3", "CHAOS_TARGET_NODES": "2"},
+     "chaos: CHAOS_TARGET_NODES must be >= min_nodes (3): no more would ever be admitted, got 2"),
+    ({"CHAOS_TARGET_NODES": "3", "CHAOS_MAX_NODES": "2"},
+     "chaos: CHAOS_MAX_NODES must be >= min_nodes and target_nodes (3), got 2"),
+    ({"CHAOS_STANDBY": "maybe"}, "chaos: CHAOS_STANDBY must be 1 or 0 (true or false), got 'maybe'"),
     ({"CHAOS_SHARES": "fair"}, "chaos: CHAOS_SHARES must be one of equal, adaptive, got 'fair'"),
     ({"CHAOS_METRICS": "9400"}, "chaos: CHAOS_METRICS must be HOST:PORT, got '9400'"),
     ({"CHAOS_MAX_SOURCES": "many"}, "chaos: CHAOS_MAX_SOURCES must be an integer >= 1, got 'many'"),
@@ -187,6 +193,9 @@ README_VALUES: dict[str, tuple[str, str, object]] = {
     "CHAOS_BIND": ("[::1]:7000", "bind", "[::1]:7000"),
     "CHAOS_PEERS": ("10.0.0.1:7000, node-2:7000", "peers", ("10.0.0.1:7000", "node-2:7000")),
     "CHAOS_MIN_NODES": ("4", "min_nodes", 4),
+    "CHAOS_TARGET_NODES": ("3", "target_nodes", 3),
+    "CHAOS_MAX_NODES": ("5", "max_nodes", 5),
+    "CHAOS_STANDBY": ("1", "standby", True),
     "CHAOS_MAX_SOURCES": ("3", "max_sources", 3),
     "CHAOS_TRACE": ("/tmp/trace.jsonl", "trace", "/tmp/trace.jsonl"),
     "CHAOS_RECORD_SAMPLES": ("1", "record_samples", True),
@@ -226,6 +235,13 @@ def test_every_variable_the_readme_documents_is_read_by_node_config(var: str) ->
 
 #: what a variable needs besides itself to resolve
 NEEDS = {"CHAOS_ENCRYPT": {"CHAOS_SECRET": "s3cret-s3cret-s3cret"}}
+
+
+def test_the_size_policy_reaches_the_membership_config_a_founder_writes_into_its_views() -> None:
+    cfg = NodeConfig.resolve(env={"CHAOS_TARGET_NODES": "2", "CHAOS_MAX_NODES": "3"})
+    membership = cfg.rendezvous_kwargs()["membership"]
+    assert (membership.target_nodes, membership.max_nodes) == (2, 3)
+    assert NodeConfig.resolve(env={}).rendezvous_kwargs()["membership"] == PRESETS["local"]
 
 
 def test_encryption_travels_with_the_secret_and_needs_one() -> None:

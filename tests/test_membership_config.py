@@ -26,8 +26,8 @@ BEFORE = {
 }
 
 
-# fields added since (issue 14), the same in every preset: the safe defaults
-ADDED = dict(allow_minority=False, proof_of_death=True)
+# fields added since (issues 14, 16), the same in every preset: the safe defaults
+ADDED = dict(allow_minority=False, proof_of_death=True, target_nodes=0, max_nodes=0)  # issue 16: no size bound
 
 
 @pytest.mark.parametrize("name", sorted(BEFORE))

@@ -574,6 +574,10 @@ class Agent:
             log.info("%s: %s", self.node_id, e)
         elif isinstance(e, ev.Proposed):
             log.debug("%s: proposed %s (%s)", self.node_id, e.view.describe(), e.reason)
+        elif isinstance(e, ev.Held):  # the size policy's decisions, each with its reason
+            log.info("chaos: size policy: holding %s as a standby (%s)", e.node, e.reason)
+        elif isinstance(e, ev.Retire):
+            log.warning("chaos: size policy: this node retires (%s); leaving at the next step boundary", e.reason)
 
     def _arm_timer(self) -> None:
         m = self.machine

@@ -99,6 +99,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping
 
 from chaos_lightning.membership import events as ev
+from chaos_lightning.membership import policy
 from chaos_lightning.membership.messages import Accept, Accepted, Commit, Nack, Prepare, Promise
 from chaos_lightning.membership.view import Member, View
 
@@ -131,6 +132,8 @@ def next_view(
     # in the call that decides, whose time the paper bounds at 1 ms
     remove = [n for n in {**leaves, **dead} if n in view]
     add = [m for nid, m in joins.items() if nid not in view]
+    if add:  # the size policy: the rest stay pending joins (standbys)
+        add, _held = policy.admit(view, view.size - len(remove), add)
     synced = synced or {}
     gone = set(remove)
     promote = [
@@ -167,6 +170,16 @@ def next_view(
     if not nxt.members:
         return None
     return nxt, "; ".join(reasons)
+
+
+def held_joins(view: View, joins: Mapping[str, Member], leaves: Mapping[str, object],
+               dead: Mapping[str, object]) -> list[Member]:
+    """The pending joiners that :func:`next_view` leaves out under the size
+    policy (the standbys), for the coordinator's log."""
+    if policy.capacity(view) is None:
+        return []
+    staying = view.size - sum(1 for n in {**leaves, **dead} if n in view)
+    return policy.admit(view, staying, [m for nid, m in joins.items() if nid not in view])[1]
 
 
 @dataclass
@@ -206,6 +219,8 @@ class Agreement:
         self.max_round = 0
         self.round0_used = 0  # the epoch for which we spent ballot (0, us)
         self._handlers = {Promise: self.on_promise, Accepted: self.on_accepted, Nack: self.on_nack}
+        #: (node, incarnation) of the standbys this node reported holding (bounded below)
+        self._held_reported: dict[tuple[str, int], bool] = {}
 
     def on_view(self, view: View) -> None:
         """A view was installed: a new Paxos instance (for ``view.epoch + 1``)."""
@@ -234,6 +249,22 @@ class Agreement:
         assert m.view is not None
         g = m.gossip
         return next_view(m.view, g.joins, g.leaves, m.detector.dead_nodes, m.detector.links, g.synced)
+
+    def _report_held(self, out: "Output") -> None:
+        """A ``Held`` event for each standby this coordinator has not reported yet."""
+        m = self._m
+        view = m.view
+        assert view is not None
+        g = m.gossip
+        for x in held_joins(view, g.joins, g.leaves, m.detector.dead_nodes):
+            key = (x.id, x.inc)
+            if key in self._held_reported:
+                continue
+            self._held_reported[key] = True
+            while len(self._held_reported) > 1024:  # standbys that went away long ago
+                del self._held_reported[next(iter(self._held_reported))]
+            out.events.append(ev.Held(x.id, f"the view has {view.size} members, at its {policy.describe(view)}; "
+                                            f"{x.id} waits as a standby"))
 
     def quorum_rule(self, *, minority: bool | None = None) -> tuple[tuple[str, ...], int]:
         """(voters held dead, answers needed) for a proposal made now.
@@ -274,6 +305,8 @@ class Agreement:
             return
         if not self.dirty or now < self.next_proposal_at or m.coordinator() != m.id:
             return
+        if m.gossip.joins and policy.capacity(m.view) is not None:
+            self._report_held(out)
         desired = self.desired()
         if desired is None:
             self.dirty = False

@@ -73,6 +73,12 @@ class Config:
     #: or a reset, which reads as refused): there a partition could pass for
     #: death, and both halves would go on.
     proof_of_death: bool = True
+    #: the size policy a node *founding* a cluster writes into its first view
+    #: (``membership/policy.py``; 0: no bound).  Joiners' values are ignored:
+    #: the cluster's policy is the one in its views, so every proposer admits
+    #: alike.  Set from ``CHAOS_TARGET_NODES``/``CHAOS_MAX_NODES``
+    target_nodes: int = 0
+    max_nodes: int = 0
 
     def suspicion_timeout(self, n: int) -> float:
         return self.suspicion_mult * max(1.0, math.log10(max(n, 1))) * self.probe_interval

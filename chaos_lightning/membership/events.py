@@ -116,6 +116,29 @@ class Proposed:
     reason: str
 
 
+@dataclass(frozen=True)
+class Held:
+    """This node, as coordinator, holds ``node`` outside the view as a
+    standby: the view is at its size policy's bound (``reason`` says which).
+    Reported once per (node, incarnation) and coordinator; the node stays a
+    pending join and is admitted by the first view with room
+    (``membership/policy.py``)."""
+
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Retire:
+    """The committed ``view`` has more members than its ``max_nodes`` and
+    this node is among the newest ones: it should leave gracefully (the
+    strategy does, at its next step boundary).  Reported to the surplus
+    member only, with every view that still lists it above the bound."""
+
+    view: View
+    reason: str
+
+
 Event = (
     ViewChanged
     | Removed
@@ -126,4 +149,6 @@ Event = (
     | QuorumLost
     | QuorumRegained
     | Proposed
+    | Held
+    | Retire
 )

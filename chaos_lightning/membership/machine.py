@@ -80,6 +80,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from chaos_lightning.membership import events as ev
+from chaos_lightning.membership import policy
 from chaos_lightning.membership.agreement import Agreement
 from chaos_lightning.membership.config import Config
 from chaos_lightning.membership.detector import Detector, MemberStatus
@@ -223,7 +224,8 @@ class Membership:
         """Found a new cluster: commit epoch 1 with this node alone."""
         out = Output()
         self.phase = Phase.JOINING
-        self._install(View(1, (self.me,)), now, out)
+        cfg = self.config  # the size policy is the founder's, carried by every later view
+        self._install(View(1, (self.me,), target_nodes=cfg.target_nodes, max_nodes=cfg.max_nodes), now, out)
         return out
 
     def join(self, contacts: list[str], now: float) -> Output:
@@ -688,6 +690,9 @@ class Membership:
                 self.phase = Phase.MEMBER
                 self.detector.start(now)
             out.events.append(ev.ViewChanged(view))
+            if self.id in policy.surplus(view) and self.phase is Phase.MEMBER:
+                out.events.append(ev.Retire(view, f"above max_nodes={view.max_nodes} ({view.size} members): "
+                                                  "the newest members retire first"))
             self._update_quorum(out)
             if self._synced:  # news only if not reported yet; a promotion ends the retries
                 self._report_synced(now, out)

@@ -83,6 +83,14 @@ class View:
     #: joiners are admitted as learners from then on.  False in a fresh
     #: cluster, whose founders are voters
     trained: bool = False
+    #: the cluster's size policy (``membership/policy.py``): pending joiners
+    #: are admitted while the view has fewer than min(target, max) members,
+    #: and members above ``max_nodes`` retire.  Written by the founder into
+    #: epoch 1 and carried into every later view, so every proposer decides
+    #: from the same numbers.  0: no bound (and what an older peer's view,
+    #: without these appended fields, decodes to)
+    target_nodes: int = 0
+    max_nodes: int = 0
 
     # -- derived, cached (cached_property writes the instance __dict__, so it
     # works on a frozen dataclass and is not a field the wire would encode) --
@@ -226,7 +234,8 @@ class View:
             # they hold trained state is the strategy's question (it refuses
             # to start over from random weights), not the protocol's
             learners = ()
-        return View(self.epoch + 1, tuple(kept), tuple(sorted(links)), learners, is_trained)
+        return View(self.epoch + 1, tuple(kept), tuple(sorted(links)), learners, is_trained,
+                    self.target_nodes, self.max_nodes)
 
     def describe(self) -> str:
         """One line for logs: ``epoch 7: a,b,c (down: a-b)``."""
