@@ -17,6 +17,10 @@ taking its switch port down.  Veths are created from inside the switch
 namespace, so no interface ever appears in the host namespace and two
 testbeds never collide on names.
 
+A node can also be slowed: :meth:`Testbed.limit_cpu` gives it a CPU quota
+(a cgroup, :mod:`.cpu`) that every process started in it afterwards runs
+under, so nodes of different speed share one machine (issue 16).
+
 Needs root, iproute2 ``ip`` and ``tc``; netem is not assumed (no delay
 emulation).  :func:`available` says whether this machine can do it.
 """
@@ -284,6 +288,7 @@ class Testbed:
         self._cut_nodes: set[int] = set()
         self._cut_pairs: set[frozenset[int]] = set()
         self._created: list[str] = []
+        self._cpu: dict[int, Any] = {}  # node -> its CpuLimit (chaos_lightning.testbed.cpu)
         self._started = False
         self._closed = False
 
@@ -412,11 +417,17 @@ class Testbed:
                 pass
         # Node namespaces first, the switch last; deleting a namespace
         # deletes the veth ends in it, and with them their peers.
-        for ns in reversed(list(self._created)):
-            _kill_netns_and_delete(ns)
-        self._created.clear()
-        with _live_lock:
-            _live.pop(id(self), None)
+        try:
+            for ns in reversed(list(self._created)):
+                _kill_netns_and_delete(ns)
+            self._created.clear()
+        finally:
+            # after the namespaces: their processes are dead, the groups empty
+            for limit in list(self._cpu.values()):
+                limit.close()
+            self._cpu.clear()
+            with _live_lock:
+                _live.pop(id(self), None)
 
     @staticmethod
     def _signal(p: subprocess.Popen, sig: int) -> None:
@@ -442,7 +453,31 @@ class Testbed:
     def _exec_argv(self, node: int, argv: Sequence[str]) -> list[str]:
         if not self._started or self._closed:
             raise TestbedError("testbed is not running (use it as a context manager)")
-        return ["ip", "netns", "exec", self.netns(node), *map(str, argv)]
+        argv = ["ip", "netns", "exec", self.netns(node), *map(str, argv)]
+        # `ip netns exec` execs the command (no fork): it stays in the group
+        return self._cpu[node].argv(argv) if node in self._cpu else argv
+
+    def limit_cpu(self, node: int, cpus: float) -> Any:
+        """Cap ``node`` at ``cpus`` CPUs (0.25: a quarter of one) from now on.
+
+        Every process :meth:`popen` or :meth:`run` starts in the node
+        afterwards runs in one cgroup with that quota (all of them together:
+        the node is one device), from before its ``exec``.  Returns the
+        :class:`~chaos_lightning.testbed.cpu.CpuLimit` (its
+        :meth:`~chaos_lightning.testbed.cpu.CpuLimit.attach` moves in a
+        process started otherwise).  Again on the same node: a new quota for
+        the same group.  Removed on :meth:`close`.
+        """
+        from chaos_lightning.testbed.cpu import CpuLimit
+
+        self._check(node)
+        if not self._started or self._closed:
+            raise TestbedError("testbed is not running (use it as a context manager)")
+        if node in self._cpu:
+            self._cpu[node].set_cpus(cpus)
+        else:
+            self._cpu[node] = CpuLimit(cpus, name=self.netns(node)).start()
+        return self._cpu[node]
 
     def popen(self, node: int, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
         """Start ``argv`` inside ``node``; the testbed kills it on close.
