@@ -9,6 +9,7 @@ order, on every member; a joiner starts from another member's state_dict.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import msgpack
@@ -39,6 +40,7 @@ class Cluster:
     ledger: Ledger
     iters: list = field(default_factory=list)
     epochs_checked: list[int] = field(default_factory=list)
+    weights: tuple[int, ...] | None = None  # adaptive shares (None: equal)
 
     @classmethod
     def start(cls, n: int, world: int, **kw) -> Cluster:
@@ -52,9 +54,12 @@ class Cluster:
         return self.members[0]
 
     def relayout(self) -> None:
-        """A view switch: every member re-splits the rest; the DataLoaders are re-iterated."""
+        """A view switch (equal shares) or new ``weights`` for the same
+        members: every member re-splits the rest; the DataLoaders are re-iterated."""
+        if self.weights is not None and len(self.weights) != len(self.members):
+            self.weights = None  # the members changed: shares start equal again
         for r, m in enumerate(self.members):
-            m.reconfigure(r, len(self.members))
+            m.reconfigure(r, len(self.members), weights=self.weights)
         self.iters = [iter(ElasticBatchSampler(m)) for m in self.members]
         self.assert_full_plans_agree()
 
@@ -88,7 +93,11 @@ class Cluster:
         for r, b in enumerate(batches):
             assert len(b) <= lead.per_rank_batch_size(r)
         sizes = [len(b) for b in batches]
-        assert max(sizes) - min(sizes) <= 1  # a short block is split evenly, never padded
+        if self.weights is None:
+            assert max(sizes) - min(sizes) <= 1  # a short block is split evenly, never padded
+        else:  # each slice within one sample of its weighted share
+            total = sum(self.weights)
+            assert all(abs(n - len(block) * w / total) < 1 for n, w in zip(sizes, self.weights))
         return batches
 
     def step(self, lost: list[int] | None = None) -> None:
@@ -141,6 +150,14 @@ class Cluster:
 
     def leave(self, who: int) -> None:
         del self.members[who]
+        self.relayout()
+
+    def reshare(self, seed: int) -> None:
+        """Adaptive shares: the same members, the block split by new weights."""
+        rng = random.Random(seed)
+        self.weights = tuple(rng.choice([0, 1, 2, 5, 4096, 65536]) for _ in self.members)
+        if not any(self.weights):
+            self.weights = None
         self.relayout()
 
     def maybe_next_epoch(self) -> None:
@@ -307,7 +324,7 @@ def churn(draw):
     )
     events = draw(
         st.lists(
-            st.tuples(st.sampled_from(["steps", "join", "leave", "crash", "lose"]), st.integers(0, 10**6)),
+            st.tuples(st.sampled_from(["steps", "join", "leave", "crash", "lose", "reshare"]), st.integers(0, 10**6)),
             max_size=30,
         )
     )
@@ -332,6 +349,8 @@ def test_churn_every_epoch_is_an_exact_cover_and_ranks_stay_in_lockstep(case):
             c.crash_mid_step(arg % size)
         elif kind == "lose" and size > 1 and c.lead.steps_remaining():
             c.step(lost=[arg % size])
+        elif kind == "reshare":
+            c.reshare(arg)
         c.assert_lockstep()
     c.finish_epoch()
     event(f"epochs completed: {min(len(c.epochs_checked), 3)}+")

@@ -47,11 +47,12 @@ def summed(records: list[list[int]]) -> list[int]:
 def test_the_control_record_sums_and_decodes_exactly_beyond_bfloat16s_integers() -> None:
     # 3 ranks of batch 101 in epoch 300: the values bf16 misread (304 for 303)
     world, epoch = 3, 300
-    records = [Control.local(rank=r, world=world, samples=101, epoch=epoch, leaving=r == 2) for r in range(world)]
+    records = [Control.local(rank=r, world=world, samples=101, epoch=epoch, leaving=r == 2, busy_us=1000 * (r + 1))
+               for r in range(world)]
     assert all(len(r) == Control.size(world) for r in records)
     via_int64 = torch.stack([torch.tensor(r, dtype=torch.int64) for r in records]).sum(0).tolist()
     assert Control.decode(via_int64) == Control(samples=303, epoch_sum=900, leavers=(2,), epochs=(300, 300, 300),
-                                             ready=(0, 0, 0), digests=(0, 0, 0))
+                                             ready=(0, 0, 0), digests=(0, 0, 0), busy=(1000, 2000, 3000))
     # the reason the record is not in the parameters' dtype
     via_bf16 = torch.stack([torch.tensor(r, dtype=torch.bfloat16) for r in records]).sum(0)
     assert int(via_bf16[0].item()) != 303

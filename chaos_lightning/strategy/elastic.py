@@ -273,7 +273,12 @@ class ElasticMember:
         whoever has trained (if anyone)."""
         cfg = self.config
         self.trace.emit("join_request")
+        from chaos_lightning.strategy.standby import retire_hook
+
+        self.group.rdv.subscribe(retire_hook(self.request_leave))  # above max_nodes: leave at a step boundary
         view = self.group.join(cfg.min_nodes, deadline)
+        if cfg.standby:  # admitted after an unbounded wait (standby.py): the join's bound starts now
+            deadline = time.monotonic() + cfg.join_timeout
         self._cluster_trained = self._ask_what_was_trained(view)
 
         def usable(v: View) -> bool:

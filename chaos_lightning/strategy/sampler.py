@@ -99,16 +99,38 @@ def _slice_bounds(total: int, parts: int, rank: int) -> tuple[int, int]:
     return lo, lo + base + (1 if rank < extra else 0)
 
 
-def _share_bounds(total: int, world: int, shadows: tuple[int, ...], rank: int) -> tuple[int, int]:
+def _share_bounds(
+    total: int, world: int, shadows: tuple[int, ...], rank: int, weights: tuple[int, ...] | None = None
+) -> tuple[int, int]:
     """``rank``'s slice of a block of ``total`` when the ``shadows`` take none
     (a stop-free joiner before it caught up): the block is split over the
-    other ranks, in rank order."""
-    if not shadows:
-        return _slice_bounds(total, world, rank)
+    other ranks, in rank order.  With ``weights`` (one positive integer per
+    rank: the adaptive shares of :mod:`.shares`) the split follows them: rank
+    ``r`` takes ``total * W_r / W`` samples, rounded down at both cumulative
+    ends, so the slices tile the block exactly and each is within one sample
+    of its proportional share."""
+    if weights is None:
+        if not shadows:
+            return _slice_bounds(total, world, rank)
+        if rank in shadows:
+            return 0, 0
+        index = rank - sum(1 for s in shadows if s < rank)
+        return _slice_bounds(total, world - len(shadows), index)
     if rank in shadows:
         return 0, 0
-    index = rank - sum(1 for s in shadows if s < rank)
-    return _slice_bounds(total, world - len(shadows), index)
+    w = [0 if r in shadows else weights[r] for r in range(world)]
+    below, whole = sum(w[:rank]), sum(w)
+    return total * below // whole, total * (below + w[rank]) // whole
+
+
+def check_weights(weights: Iterable[int] | None, world: int, shadows: tuple[int, ...] = ()) -> tuple[int, ...] | None:
+    """``weights`` as a tuple, validated for a world of ``world`` ranks (None: equal shares)."""
+    if weights is None:
+        return None
+    out = tuple(int(w) for w in weights)
+    if len(out) != world or any(w < 0 for w in out) or not any(w > 0 for r, w in enumerate(out) if r not in shadows):
+        raise ValueError(f"share weights {out} must be {world} non-negative integers, some contributing rank's > 0")
+    return out
 
 
 @dataclass(frozen=True)
@@ -128,6 +150,7 @@ class _Layout:
     capacity: int
     drop_last: bool
     shadows: tuple[int, ...] = ()
+    weights: tuple[int, ...] | None = None
 
     @property
     def samples_remaining(self) -> int:
@@ -154,7 +177,7 @@ class _Layout:
 
     def batch(self, step: int, rank: int) -> list[int]:
         blk = self.block(step)
-        lo, hi = _share_bounds(len(blk), self.world_size, self.shadows, rank)
+        lo, hi = _share_bounds(len(blk), self.world_size, self.shadows, rank, self.weights)
         return blk[lo:hi]
 
     def stand_in(self, step: int) -> list[int]:
@@ -239,6 +262,10 @@ class ElasticSampler(Sampler[int]):
         # they run every step on a stand-in batch with weight 0.  Set with the
         # world at reconfigure; like rank and world, not part of the shared state.
         self.shadows: tuple[int, ...] = ()
+        # The members' adaptive shares (one integer weight per rank, set at a
+        # reconfigure; None: equal).  Like shadows, not part of the shared
+        # state: every member sets the same at the same step boundary.
+        self.weights: tuple[int, ...] | None = None
         # Changes whenever a plan made by an iterator becomes wrong (see
         # StaleLayoutError).  Local only: not part of the shared state.
         self.generation = 0
@@ -261,7 +288,7 @@ class ElasticSampler(Sampler[int]):
         rank = self.rank if rank is None else rank
         if rank in self.shadows:
             rank = next((r for r in range(self.world_size) if r not in self.shadows), 0)
-        lo, hi = _share_bounds(self.capacity, self.world_size, self.shadows, rank)
+        lo, hi = _share_bounds(self.capacity, self.world_size, self.shadows, rank, self.weights)
         return hi - lo
 
     def _layout(self) -> _Layout:
@@ -274,6 +301,7 @@ class ElasticSampler(Sampler[int]):
             capacity=self.capacity,
             drop_last=self.drop_last,
             shadows=self.shadows,
+            weights=self.weights,
         )
 
     def samples_remaining(self) -> int:
@@ -305,7 +333,7 @@ class ElasticSampler(Sampler[int]):
         blk = self.block(step)
         out = []
         for r in range(self.world_size):
-            lo, hi = _share_bounds(len(blk), self.world_size, self.shadows, r)
+            lo, hi = _share_bounds(len(blk), self.world_size, self.shadows, r, self.weights)
             out.append(blk[lo:hi])
         return out
 
@@ -325,7 +353,7 @@ class ElasticSampler(Sampler[int]):
         blk = len(self.block(step))
         if blk == 0:
             return 0.0
-        lo, hi = _share_bounds(blk, self.world_size, self.shadows, self.rank if rank is None else rank)
+        lo, hi = _share_bounds(blk, self.world_size, self.shadows, self.rank if rank is None else rank, self.weights)
         return self.world_size * (hi - lo) / blk
 
     # -- the strategy's calls ----------------------------------------------------
@@ -345,12 +373,15 @@ class ElasticSampler(Sampler[int]):
         self.steps_committed = 0
         self.generation += 1
 
-    def reconfigure(self, rank: int, world_size: int, shadows: Iterable[int] = ()) -> None:
+    def reconfigure(self, rank: int, world_size: int, shadows: Iterable[int] = (),
+                    weights: Iterable[int] | None = None) -> None:
         """Switch to a new view at a step boundary: re-split what remains over it.
 
         Every member (joiners included, after :meth:`load_state_dict`) calls
-        it with its own rank and the same ``world_size`` and ``shadows`` (the
-        ranks that take no share yet: stop-free joiners catching up).
+        it with its own rank and the same ``world_size``, ``shadows`` (the
+        ranks that take no share yet: stop-free joiners catching up) and
+        ``weights`` (each rank's share of a block, :mod:`.shares`; None:
+        equal).  The global batch stays what it was: only its split changes.
         """
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -359,6 +390,7 @@ class ElasticSampler(Sampler[int]):
         shadows = tuple(sorted(set(shadows)))
         if any(not 0 <= r < world_size for r in shadows) or len(shadows) >= world_size:
             raise ValueError(f"shadow ranks {shadows} must be some, not all, of a world of size {world_size}")
+        self.weights = check_weights(weights, world_size, shadows)
         self.rank = rank
         self.world_size = world_size
         self.shadows = shadows
@@ -392,7 +424,7 @@ class ElasticSampler(Sampler[int]):
         lost_set = set(lost)
         trained: list[int] = []
         for r in range(self.world_size):
-            lo, hi = _share_bounds(len(blk), self.world_size, self.shadows, r)
+            lo, hi = _share_bounds(len(blk), self.world_size, self.shadows, r, self.weights)
             (handed_back if r in lost_set else trained).extend(blk[lo:hi])
         self.returned = handed_back + self.returned
         # Iterators assumed the whole block was consumed.
@@ -418,10 +450,10 @@ class ElasticSampler(Sampler[int]):
         """Number of indices :meth:`__iter__` yields on this rank."""
         cap, remaining = self.capacity, self.samples_remaining()
         full, tail = divmod(remaining, cap)
-        lo, hi = _share_bounds(cap, self.world_size, self.shadows, self.rank)
+        lo, hi = _share_bounds(cap, self.world_size, self.shadows, self.rank, self.weights)
         n = full * (hi - lo)
         if tail and not self.drop_last:
-            lo, hi = _share_bounds(tail, self.world_size, self.shadows, self.rank)
+            lo, hi = _share_bounds(tail, self.world_size, self.shadows, self.rank, self.weights)
             n += hi - lo
         return n
 

@@ -59,11 +59,12 @@ class Control:
     epochs: tuple[int, ...] = ()
     ready: tuple[int, ...] = ()
     digests: tuple[int, ...] = ()
+    busy: tuple[int, ...] = ()
 
     #: slots before the per-rank leave flags (then one epoch slot, one ready
-    #: flag and one digest slot per rank)
+    #: flag, one digest slot and one busy-time slot per rank)
     HEADER = 2
-    PER_RANK = 4
+    PER_RANK = 5
 
     @staticmethod
     def size(world: int) -> int:
@@ -72,7 +73,7 @@ class Control:
 
     @staticmethod
     def local(*, rank: int, world: int, samples: int, epoch: int, leaving: bool, ready: bool = False,
-              digest: int = 0) -> list[int]:
+              digest: int = 0, busy_us: int = 0) -> list[int]:
         """This rank's contribution, to be summed with everyone else's."""
         values = [0] * Control.size(world)
         values[0] = samples
@@ -82,6 +83,7 @@ class Control:
         values[Control.HEADER + world + rank] = epoch
         values[Control.HEADER + 2 * world + rank] = int(ready)
         values[Control.HEADER + 3 * world + rank] = digest
+        values[Control.HEADER + 4 * world + rank] = busy_us
         return values
 
     @classmethod
@@ -95,7 +97,7 @@ class Control:
 
         flags = part(0)
         return cls(int(summed[0]), int(summed[1]), tuple(r for r, f in enumerate(flags) if f > 0), part(1), part(2),
-                   part(3))
+                   part(3), part(4))
 
 
 class Action(Enum):

@@ -1,0 +1,162 @@
+"""Adaptive shares: each member's part of the global batch follows its measured speed.
+
+Role in the whole: a synchronous step ends when its slowest member reaches
+the gradient all-reduce.  With equal shares, one member at half speed halves
+everyone's throughput.  With ``CHAOS_SHARES=adaptive`` the strategy measures
+each rank's *busy time* per step (from the end of its previous all-reduce to
+the start of this one: data loading, forward, backward, the optimizer step
+and the hooks, never the wait inside the all-reduce) and carries it in the
+step's control record (:class:`~.switch.Control`), so every rank learns
+every rank's time at the same step with no extra round trip.  This module
+turns that shared history into integer *weights*, one per rank, which the
+sampler (:func:`~.sampler._share_bounds`) splits each block by.  The global
+batch is unchanged (``global_batch_size`` still fixes it) and the gradient
+average stays sample-weighted (the strategy weights each rank's gradient by
+its samples over the block's), so exactly-once and bit-identical replicas
+hold whatever the weights are.
+
+Lockstep: every rank calls :meth:`ShareBalancer.observe` with the same
+values (the summed record and the shared layout) and so gets the same answer
+at the same step; the arithmetic is IEEE ``+ - * /`` and comparisons only.
+The history is dropped at every relayout (a view change, shadows promoted,
+new weights), so a joiner, which never saw the old history, starts from the
+same empty state as everyone else.
+
+The rule, per rank ``r`` with ``n_r`` samples and busy time ``t_r``:
+
+* its rate is the median of its last :attr:`window` values of ``n_r / t_r``
+  (a median: a validation, a checkpoint save or the first step after a
+  relayout makes one step slow without saying anything about speed);
+* with every contributing rank measured :attr:`min_steps` times, the
+  proposed weights are the rates (scaled to integers), each at least
+  1/:attr:`max_skew` of the largest and at most :attr:`max_over` times the
+  equal share (a fast rank's batch, and its memory, stay bounded);
+* they are taken when the step time they predict, ``max(n'_r / rate_r)``
+  over the whole-sample split ``n'`` they give the same block, is shorter
+  than the current ``max(n_r / rate_r)`` by more than :attr:`tolerance`
+  (whole samples: with 8 samples over a fast and a slow rank, 6 and 2 may
+  already be the best split, and the fractional optimum would propose it
+  again at every step, measured).
+
+Why this converges even where a step has a fixed cost ``a_r`` besides the
+per-sample one (``t_r = a_r + n_r / s_r``): weights proportional to
+``n_r / t_r`` shrink the share of every rank whose step is longer than the
+others' and grow the rest, so the fixed point is equal busy times, which is
+what a synchronous step wants (not equal per-sample rates).  The tolerance
+stops the iteration once the predicted gain is small, so balanced members
+are not relaid out on noise (each relayout restarts the data loader's
+iterator).
+
+What it never does: measure time, touch tensors or the sampler.  Tested in
+one process with generated speed models (``tests/test_shares.py``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from chaos_lightning.strategy.sampler import _share_bounds
+
+__all__ = ["ShareBalancer", "WEIGHT_SCALE"]
+
+#: the largest weight: rates are scaled so that the fastest rank gets this
+WEIGHT_SCALE = 1 << 16
+
+
+@dataclass
+class ShareBalancer:
+    """Decides the members' weights from their measured busy times (see the module docstring)."""
+
+    #: steps every contributing rank is measured before the first decision
+    min_steps: int = 3
+    #: steps per rank the median is taken over
+    window: int = 5
+    #: the predicted step time must drop by more than this fraction
+    tolerance: float = 0.08
+    #: the slowest rank's weight is at least the fastest's over this
+    max_skew: int = 16
+    #: a rank's share is at most this many times the equal share
+    max_over: float = 2.0
+    _rates: list[deque[float]] = field(default_factory=list, init=False, repr=False)
+    #: the last decision's rates (samples/s per rank) and the busy time of a
+    #: step it predicted before and after, seconds, for reports
+    rates: tuple[float, ...] = field(default=(), init=False)
+    predicted: tuple[float, float] = field(default=(0.0, 0.0), init=False)
+
+    def reset(self) -> None:
+        """A relayout: the ranks, their shares or their number changed."""
+        self._rates = []
+
+    def observe(self, samples: Sequence[int], busy_us: Sequence[int],
+                members: Sequence[int] | None = None) -> tuple[int, ...] | None:
+        """One successful step: each rank's samples and busy time (µs; 0:
+        not measured).  ``members``: the ranks that take a share (not the
+        shadows; default: every rank).  Returns new weights when a rebalance
+        is due, else None.
+
+        A rank adds a rate only when it trained samples and was measured.  A
+        member with no rate at all (its share rounded to nothing in a tiny
+        block) is given the median of the others' rates, so it is measured
+        again after the next relayout rather than starved for good.
+        """
+        world = len(samples)
+        if len(busy_us) != world:
+            raise ValueError(f"{world} sample counts but {len(busy_us)} busy times")
+        members = list(range(world)) if members is None else sorted(members)
+        if len(self._rates) != world:
+            self._rates = [deque(maxlen=self.window) for _ in range(world)]
+        for r in members:
+            if samples[r] > 0 and busy_us[r] > 0:
+                self._rates[r].append(samples[r] * 1e6 / busy_us[r])
+        active = [r for r in members if samples[r] > 0]
+        if not active or any(len(self._rates[r]) < self.min_steps for r in active):
+            return None
+        known = {r: _median(self._rates[r]) for r in members if self._rates[r]}
+        fallback = _median(list(known.values()))
+        rates = tuple(known.get(r, fallback) if r in members else 0.0 for r in range(world))
+        weights = self.weights_for(rates, members)
+        # the step time predicted from the rates, under the current split and
+        # under the split the new weights give the same samples (whole
+        # samples: a proportional share that rounds to the current split is
+        # no gain, and relaying out for it would restart the data loader for nothing)
+        total = sum(samples)
+        shadows = tuple(r for r in range(world) if r not in members)
+        split = [hi - lo for lo, hi in (_share_bounds(total, world, shadows, r, weights) for r in range(world))]
+        now = max(samples[r] / rates[r] for r in members)
+        then = max(split[r] / rates[r] for r in members)
+        if split == list(samples) or then * (1.0 + self.tolerance) >= now:
+            return None
+        self.rates = rates
+        self.predicted = (now, then)
+        self.reset()
+        return weights
+
+    def weights_for(self, rates: Sequence[float], members: Sequence[int]) -> tuple[int, ...]:
+        """Integer weights proportional to ``rates`` over the ``members`` (the
+        other ranks 0), bounded by :attr:`max_skew` and :attr:`max_over`."""
+        top = max(rates[r] for r in members)
+        floor = WEIGHT_SCALE // self.max_skew
+        raw = {r: max(floor, int(WEIGHT_SCALE * rates[r] / top)) for r in members}
+        # at most max_over times the equal share (a fast rank's batch, and
+        # its memory, stay bounded): the largest weights are lowered to the
+        # level c where c = max_over / k of the capped total; what they give
+        # up goes to the others through the proportional split
+        limit = self.max_over / len(raw)
+        if limit < 1:
+            ordered = sorted(raw.values(), reverse=True)
+            for capped in range(1, len(ordered)):
+                if capped * limit >= 1:
+                    break
+                level = limit * sum(ordered[capped:]) / (1 - capped * limit)
+                if ordered[capped] <= level < ordered[capped - 1]:
+                    raw = {r: min(w, int(level)) for r, w in raw.items()}
+                    break
+        return tuple(raw.get(r, 0) for r in range(len(rates)))
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
