@@ -22,7 +22,8 @@ process then knows where its fit stands);
 starts (a joiner's pull from it fails: connection refused);
 ``CHAOS_TEST_VAL_EVERY=k`` validates every k batches (with ``CHAOS_TEST_VAL``);
 ``CHAOS_TEST_CLAMP=c`` clamps every parameter to [-c, c] after each batch, as
-a WGAN critic does (parameters changed outside ``optimizer.step``)."""
+a WGAN critic does (parameters changed outside ``optimizer.step``);
+``CHAOS_TEST_CSV=dir`` logs to a ``CSVLogger`` in ``dir`` every step."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import chaos_lightning  # registers "chaos"
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 from _say import say  # one whole line per record (tests/_say.py)
 
@@ -157,7 +159,8 @@ def main() -> None:
         callbacks.append(LedgerAt(every))
     trainer = pl.Trainer(
         strategy="chaos", accelerator="cpu", devices=int(env.get("CHAOS_TEST_DEVICES", 1)), max_epochs=epochs,
-        logger=False, callbacks=callbacks,
+        logger=CSVLogger(env["CHAOS_TEST_CSV"], name="run") if env.get("CHAOS_TEST_CSV") else False,
+        log_every_n_steps=1 if env.get("CHAOS_TEST_CSV") else 50, callbacks=callbacks,
         enable_checkpointing=bool(env.get("CHAOS_TEST_CKPT_DIR")), enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0,
         accumulate_grad_batches=int(env.get("CHAOS_TEST_ACCUM", 1)),

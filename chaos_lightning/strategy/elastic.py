@@ -123,6 +123,7 @@ class ElasticMember:
         self._sync = StateSync(secret=config.secret, max_sources=config.max_sources, join_timeout=config.join_timeout)
         self.trace = Trace(config.trace)  # this node's timeline as JSON lines
         self.group = ElasticGroup(config, self.trace)
+        self.metrics_exporter: Any = None  # this node's Prometheus endpoint (chaos_lightning.metrics), when configured
         self._orphaned = False  # came back stale to nobody to take the state from
         self._leave_requested = False
         self.left = False
@@ -169,6 +170,11 @@ class ElasticMember:
         """Serve the state, bind and start the agent (no join yet); SIGTERM leaves."""
         host = self.config.bind_host
         pin_gloo_interface(host)
+        if self.config.metrics:  # before the agent, so it sees the first views; prometheus_client only when on
+            from chaos_lightning.metrics import start_metrics
+
+            self.metrics_exporter = start_metrics(self.config.metrics, secret=self.config.secret, trace=self.trace,
+                                                  monitor=lambda: self.monitor, port_offset=getattr(self, "local_rank", 0))
         served = self._sync.serve(host)  # every node serves the state; its address rides in the member's meta
         self.group.open({REPL_META_KEY: served})
         agent = getattr(self.group.rdv, "agent", None)
@@ -684,3 +690,5 @@ class ElasticMember:
         self.group.close(left=self.left)
         self._sync.close()
         self.trace.close()
+        if self.metrics_exporter is not None:
+            self.metrics_exporter.close()

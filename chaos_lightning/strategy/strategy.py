@@ -257,6 +257,9 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
             # first, so a step is committed before any other callback's
             # on_train_batch_end (ModelCheckpoint must save the committed cursor)
             trainer.callbacks.insert(0, ChaosCallback(self))
+            from chaos_lightning.strategy.loggers import LogClusterMetrics
+
+            trainer.callbacks.insert(1, LogClusterMetrics(self))  # views, stalls, shares to trainer.loggers
         if trainer is not None:
             internals.defer_cli_config(trainer)  # LightningCLI's config.yaml: once, after the join
         super().setup_environment()
