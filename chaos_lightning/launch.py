@@ -13,6 +13,7 @@ Usage (see ``chaos-run --help``)::
 
     chaos-run --bind HOST:PORT [--peers HOST:PORT,...] [--min-nodes K] train.py ARGS...   # one node
     chaos-run --nodes N [--host H] [--base-port P] train.py ARGS...                      # N local nodes
+    chaos-run --nodes N --standby S [--target-nodes K] train.py ARGS...                 # ... and S warm standbys
     chaos-run --join HOST:PORT train.py ARGS...                                          # join a running cluster
     chaos-run leave --pid PID | --node HOST:PORT [--wait S]                              # graceful leave
     chaos-run status --peer HOST:PORT [--json]                                           # view, links, resources
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import json
 import logging
@@ -133,6 +135,13 @@ modes:
                   node 0 founds, nodes 1..N-1 join through it; training starts
                   once N nodes are members (--min-nodes); every output line is
                   prefixed with [nodeI]; exit code non-zero if any node failed
+  warm standbys   chaos-run --nodes N --standby S train.py ARGS...
+                  also S processes with CHAOS_STANDBY=1 (ports after the
+                  nodes'): each runs the script up to trainer.fit and waits
+                  outside the cluster (size policy: --target-nodes, default N;
+                  --max-nodes); one is admitted when a member fails or leaves.
+                  Standbys still waiting when the fit has ended are stopped.
+                  An admitted standby is not replaced (docs/standby.md)
   join            chaos-run --join HOST:PORT train.py ARGS...
                   one node joining a running cluster through any of its members
                   (CHAOS_MIN_NODES=1); with --nodes N, N nodes join
@@ -176,6 +185,14 @@ def _launch_parser() -> _Parser:
     where.add_argument("--min-nodes", type=int, default=None, metavar="K",
                        help="training starts once a view has K members (CHAOS_MIN_NODES; default: N with --nodes, "
                        "1 with --join, else $CHAOS_MIN_NODES or 1)")
+    where.add_argument("--standby", type=int, default=0, metavar="N",
+                       help="with --nodes: also keep N warm standby processes (CHAOS_STANDBY=1: script run up to "
+                       "trainer.fit, then waiting outside the cluster); admitted when a member fails or leaves")
+    where.add_argument("--target-nodes", type=int, default=None, metavar="K",
+                       help="size policy: admit joiners while a view has fewer than K members, the rest wait as "
+                       "standbys (CHAOS_TARGET_NODES; default with --standby: N of --nodes)")
+    where.add_argument("--max-nodes", type=int, default=None, metavar="M",
+                       help="size policy: never more than M members; the newest above it retire (CHAOS_MAX_NODES)")
     where.add_argument("--secret-env", default="CHAOS_SECRET", metavar="VAR",
                        help="environment variable holding the cluster secret, passed as CHAOS_SECRET (default %(default)s)")
     where.add_argument("--preset", default=None, help="membership timing preset: local, lan, edge (CHAOS_PRESET)")
@@ -234,6 +251,9 @@ class NodeSpec:
     index: int
     env: dict[str, str]
     argv: list[str]
+    #: a warm standby (``CHAOS_STANDBY=1``): stopped with SIGTERM once every
+    #: other node's fit has ended, and that exit is not a failure
+    standby: bool = False
 
 
 def _secret(var: str) -> str | None:
@@ -273,6 +293,15 @@ def plan(args: argparse.Namespace) -> list[NodeSpec]:
         common["CHAOS_MEMBERSHIP"] = args.membership
     if args.backend:
         common["CHAOS_BACKEND"] = args.backend
+    if args.standby < 0:
+        raise LaunchError("--standby must be at least 0")
+    if args.standby and args.nodes is None:
+        raise LaunchError("--standby needs --nodes (the standbys join the nodes this launcher starts)")
+    target = args.target_nodes if args.target_nodes is not None else (args.nodes if args.standby else None)
+    if target is not None:
+        common["CHAOS_TARGET_NODES"] = str(target)
+    if args.max_nodes is not None:
+        common["CHAOS_MAX_NODES"] = str(args.max_nodes)
     if args.grace <= 0:
         raise LaunchError("--grace must be positive")
     if args.min_nodes is not None and args.min_nodes < 1:
@@ -292,16 +321,27 @@ def plan(args: argparse.Namespace) -> list[NodeSpec]:
             raise LaunchError(f"--base-port {args.base_port}: ports {args.base_port}..{last} are out of range")
         if not is_loopback(host) and not secret:
             raise LaunchError(f"--host {host} is not loopback: set the cluster secret in ${args.secret_env}")
-        addrs = [format_hostport(host, args.base_port + i) for i in range(args.nodes)]
-        for i in range(args.nodes):
+        total = args.nodes + args.standby
+        if args.base_port + total - 1 > 65535:
+            raise LaunchError(f"--base-port {args.base_port}: ports {args.base_port}..{args.base_port + total - 1} "
+                              "are out of range")
+        addrs = [format_hostport(host, args.base_port + i) for i in range(total)]
+        for i in range(total):
             _check_port_free(host, args.base_port + i)
         min_nodes = args.min_nodes if args.min_nodes is not None else (1 if peers else args.nodes)
         specs = []
-        for i, addr in enumerate(addrs):
+        for i, addr in enumerate(addrs[:args.nodes]):
             node_peers = peers if peers else ([] if i == 0 else [addrs[0]])
             env = {**common, "CHAOS_BIND": addr, "CHAOS_PEERS": ",".join(node_peers),
                    "CHAOS_MIN_NODES": str(min_nodes), "CHAOS_LAUNCH_INDEX": str(i)}
             specs.append(NodeSpec(i, env, argv))
+        for i, addr in enumerate(addrs[args.nodes:], start=args.nodes):
+            # every node's address as a seed: a standby must still reach the
+            # cluster after the member it would have asked first has died
+            seeds = peers if peers else addrs[:args.nodes]
+            env = {**common, "CHAOS_BIND": addr, "CHAOS_PEERS": ",".join(seeds), "CHAOS_MIN_NODES": "1",
+                   "CHAOS_STANDBY": "1", "CHAOS_LAUNCH_INDEX": str(i)}
+            specs.append(NodeSpec(i, env, argv, standby=True))
         for spec in specs:
             _check_config(spec.env, args)
         return specs
@@ -381,6 +421,7 @@ class _Child:
     proc: subprocess.Popen
     readers: list[threading.Thread] = field(default_factory=list)
     reported: bool = False
+    released: bool = False  # a standby this launcher stopped after the fit ended
 
 
 class Supervisor:
@@ -435,7 +476,8 @@ class Supervisor:
                 raise LaunchError(f"cannot start {spec.argv[0]}: {exc.strerror or exc}") from None
             self.children.append(_Child(spec, proc))
             if self.prefix:
-                self._say(f"node {spec.index}: pid {proc.pid}, bind {spec.env['CHAOS_BIND']}, "
+                self._say(f"node {spec.index}{' (standby)' if spec.standby else ''}: pid {proc.pid}, "
+                          f"bind {spec.env['CHAOS_BIND']}, "
                           f"peers {spec.env['CHAOS_PEERS'] or '(founds the cluster)'}")
         if self.prefix:
             for child in self.children:
@@ -487,6 +529,7 @@ class Supervisor:
         signal); the first non-zero exit code, else 0."""
         while any(c.proc.poll() is None for c in self.children):
             self._report()
+            self._release_standbys()
             if self._stop_at is not None and time.monotonic() > self._stop_at:
                 self._say(f"children still running {self.grace:g}s after the signal: killing them")
                 self._kill_all()
@@ -494,11 +537,30 @@ class Supervisor:
             time.sleep(0.05)
         self._report()
         self._join_relays(5.0)
-        codes = [_exit_code(c.proc.returncode) for c in self.children]
+        codes = [_exit_code(c.proc.returncode) for c in self.children if not c.released]
         failed = [c for c in codes if c != 0]
         if self.prefix and failed:
             self._say(f"{len(failed)} of {len(codes)} nodes failed")
         return failed[0] if failed else 0
+
+    def _release_standbys(self) -> None:
+        """Once every node that is not a standby has exited 0 (the fit ended),
+        the standbys still running have nothing left to wait for: SIGTERM
+        (a waiting standby exits at once; an admitted one leaves at its next
+        step boundary, after the last one), and their exit is no failure.
+        Nodes that died otherwise leave the standbys running: they may be
+        the cluster now."""
+        nodes = [c for c in self.children if not c.spec.standby]
+        if not nodes or any(c.proc.poll() != 0 for c in nodes):
+            return
+        for c in self.children:
+            if c.spec.standby and not c.released and c.proc.poll() is None:
+                c.released = True
+                self._say(f"node {c.spec.index} (standby, pid {c.proc.pid}): the fit ended; stopping it")
+                with contextlib.suppress(ProcessLookupError):
+                    c.proc.send_signal(signal.SIGTERM)
+                if self._stop_at is None:
+                    self._stop_at = time.monotonic() + self.grace
 
     def _join_relays(self, timeout: float) -> None:
         # bounded: a grandchild that inherited the pipe may keep it open

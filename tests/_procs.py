@@ -110,18 +110,19 @@ def cluster(
     k: int,
     tmp: Path,
     *,
-    env: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | Callable[[int], Mapping[str, str]] | None = None,
     prefix: str = "n",
 ) -> list[Node]:
     """``k`` chaos nodes started at once (node 0 founds the cluster, the others
     join through it); training starts once all ``k`` are members.  ``argv``
-    may depend on the node's index."""
+    and ``env`` may depend on the node's index."""
     from chaos_lightning.testbed.procs import free_port
 
     addrs = [f"127.0.0.1:{free_port()}" for _ in range(k)]
     return [
         Node(script, argv(i) if callable(argv) else argv, {
-            "CHAOS_BIND": a, "CHAOS_PEERS": "" if i == 0 else addrs[0], "CHAOS_MIN_NODES": str(k), **(env or {}),
+            "CHAOS_BIND": a, "CHAOS_PEERS": "" if i == 0 else addrs[0], "CHAOS_MIN_NODES": str(k),
+            **((env(i) if callable(env) else env) or {}),
         }, tmp / f"{prefix}{i}.log")
         for i, a in enumerate(addrs)
     ]

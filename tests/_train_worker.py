@@ -15,6 +15,8 @@ and ``CHAOS_TEST_CLIP=v`` set gradient accumulation and clipping;
 ``CHAOS_TEST_PAUSE=s:t`` makes this node sleep t seconds in a user callback
 after global step s (a slow checkpoint write: the agent thread keeps
 answering, so nobody evicts it; event "paused" when it resumes);
+``CHAOS_TEST_SAMPLE_SLEEP=t`` adds t seconds per sample of each training
+batch (a node of that speed: the adaptive shares' test);
 ``CHAOS_TEST_HOLD=s:path`` holds this node after global step s (event
 "holding") until ``path`` exists, at most 30 s (a test that signals the
 process then knows where its fit stands);
@@ -65,6 +67,7 @@ class Regressor(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         time.sleep(self.step_sleep)  # make steps long enough to kill a peer mid-step
+        time.sleep(len(x) * float(os.environ.get("CHAOS_TEST_SAMPLE_SLEEP", 0)))
         return torch.nn.functional.mse_loss(self.net(x), y)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -76,7 +79,7 @@ class Regressor(pl.LightningModule):
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         say(
             event="step", step=self.trainer.global_step, world=self.trainer.world_size, pid=os.getpid(), lr=lr,
-            epoch=self.current_epoch, batch=batch_idx,
+            epoch=self.current_epoch, batch=batch_idx, n=len(batch[0]),
         )
 
     def configure_optimizers(self):

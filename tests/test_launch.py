@@ -49,7 +49,8 @@ TINY = textwrap.dedent(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
         signal.signal(signal.SIGTERM, lambda *a: (print("got SIGTERM", flush=True), sys.exit(0)))
-    if "--sleep" in args or "--ignore-term" in args:
+    standby_waits = "--standby-waits" in args and os.environ.get("CHAOS_STANDBY") == "1"
+    if "--sleep" in args or "--ignore-term" in args or standby_waits:
         for _ in range(600):
             time.sleep(0.1)
     sys.exit(int(args[args.index("--exit") + 1]) if "--exit" in args else 0)
@@ -320,6 +321,28 @@ def test_nodes_prefix_env_signal_forwarding_and_reaping(tiny: Path) -> None:
         assert wait_dead(pids, 5)
     finally:
         run.close()
+
+
+def test_standbys_get_every_node_as_seed_the_policy_and_are_stopped_when_the_fit_ends(tiny: Path) -> None:
+    """``--nodes 2 --standby 1``: a third process with CHAOS_STANDBY=1, the
+    next port, every node's address as a seed and the target 2 (the nodes
+    too: the founder's policy is the cluster's).  The nodes end (exit 0)
+    while the standby still waits: the launcher stops it, and that is no failure."""
+    base = free_ports(3)
+    result = chaos_run("--nodes", "2", "--standby", "1", "--base-port", str(base), str(tiny), "--standby-waits")
+    assert result.returncode == 0, result.stderr
+    envs = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1])["env"]
+            for line in result.stdout.splitlines() if line.split(" ", 1)[1].startswith("{")}
+    assert set(envs) == {"[node0]", "[node1]", "[node2]"}
+    standby = envs["[node2]"]
+    assert standby["CHAOS_STANDBY"] == "1" and standby["CHAOS_BIND"] == f"127.0.0.1:{base + 2}"
+    assert standby["CHAOS_PEERS"] == f"127.0.0.1:{base},127.0.0.1:{base + 1}" and standby["CHAOS_MIN_NODES"] == "1"
+    assert all(e["CHAOS_TARGET_NODES"] == "2" for e in envs.values())
+    assert "CHAOS_STANDBY" not in envs["[node0]"] and "CHAOS_STANDBY" not in envs["[node1]"]
+    assert "[node2] got SIGTERM" in result.stdout
+    assert "node 2 (standby" in result.stderr and "the fit ended; stopping it" in result.stderr
+    bad = chaos_run("--standby", "1", str(tiny))
+    assert bad.returncode == 2 and "--standby needs --nodes" in bad.stderr
 
 
 def test_nodes_failure_is_nonzero(tiny: Path) -> None:

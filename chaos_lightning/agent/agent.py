@@ -218,6 +218,7 @@ class Agent:
         self._seeds: tuple[str, ...] = ()  # the contacts of the last join
         self._seed_errors: dict[str, str] = {}  # seed -> why its last dial failed (while joining)
         self._seeds_reported = False
+        self._seeds_refused: dict[str, bool] = {}  # seeds whose last dial was refused (none reached since)
         #: what the process above reports of its training, shown in the status:
         #: a callable returning ``{"step": N, "ended": bool, "checkpoint": path
         #: or None}`` (called on the agent's thread at each status request) or
@@ -299,6 +300,7 @@ class Agent:
         now = self._now()
         contacts = [p for p in peers if p and p != self.addr]
         self._seeds, self._seed_errors, self._seeds_reported = tuple(contacts), {}, False
+        self._seeds_refused = {}
         if contacts:
             self._feed(lambda: self.machine.join(contacts, now))
         else:
@@ -677,12 +679,22 @@ class Agent:
         if addr not in self._seeds or self._phase is not Phase.JOINING:
             return
         self._seed_errors[addr] = dial_error(exc)
+        if isinstance(exc, ConnectionRefusedError):
+            self._seeds_refused[addr] = True
         if not self._seeds_reported and set(self._seed_errors) >= set(self._seeds):
             self._seeds_reported = True
             log.warning(
                 "%s: no seed answers: %s; still trying until the join timeout (check CHAOS_PEERS and that a member "
                 "runs there; if the fit has ended there is nothing left to join)", self.node_id, self.seed_errors(),
             )
+
+    def seeds_gone(self) -> bool:
+        """While joining: every seed's last dial was refused (nothing listens
+        at any of them) and none has been reached since.  A warm standby
+        waits without a join timeout; this is how it tells that the cluster
+        it waits for has ended (the strategy's ``standby.py``)."""
+        return (self._phase is Phase.JOINING and bool(self._seeds)
+                and all(a in self._seeds_refused for a in self._seeds))
 
     def seed_errors(self) -> str:
         """Why each seed of the current join could not be dialled, in one line ("" if none failed)."""
@@ -721,6 +733,7 @@ class Agent:
                         conn = await open_connection(
                             host, port, secret=self._secret, timeout=max(cfg.probe_timeout * 4, 0.5)
                         )
+                        self._seeds_refused.pop(peer.addr, None)  # reached: it listens again
                     except (OSError, WireError, TimeoutError) as exc:
                         log.debug("%s: cannot reach %s: %s", self.node_id, peer.addr, exc)
                         self._seed_failed(peer.addr, exc)

@@ -45,6 +45,7 @@ from chaos_lightning.strategy.group import ElasticGroup, VotersGone
 from chaos_lightning.strategy.process_group import CollectiveError
 from chaos_lightning.strategy.sampler import ElasticSampler, Ledger
 from chaos_lightning.strategy.shadow import StepLog, param_digest
+from chaos_lightning.strategy.shares import ShareBalancer
 from chaos_lightning.strategy.state_sync import REPL_META_KEY, NewcomerFailed, PullFailed, StateSync
 from chaos_lightning.strategy.switch import Action, Control, Decision, Window, adoptable, decide, usable_for_switch
 from chaos_lightning.strategy.sync import Freshness, SyncAction
@@ -159,6 +160,13 @@ class ElasticMember:
         #: newcomer, starting at the next batch, never runs.  Their
         #: collectives then stay local (:meth:`_local_only`)
         self.newcomer_window = False
+        # adaptive shares (CHAOS_SHARES=adaptive, .shares): the decisions from
+        # every rank's busy time, the end of this rank's last reduction (None:
+        # the next step is not measured), the weights the next boundary lays
+        # out (None: nothing due) and this window's samples per rank
+        self._balancer = ShareBalancer() if self.config.shares == "adaptive" else None
+        self._busy_since: float | None = None
+        self.shares_due: tuple[int, ...] | None = None
 
     def rebind(self, bind: str) -> None:
         """Listen at ``bind`` instead (before :meth:`_open_member`: the
@@ -348,6 +356,7 @@ class ElasticMember:
         and reduce them with the control record and rank 0's buffers in one
         launch; False (no gradients, the buffers of the last sync) if the
         reduction failed."""
+        entered = time.monotonic()  # this rank's busy time ends here (the waits below are not its speed)
         self._sync.copied()  # a holder's copy for a stop-free joiner is done before the update can change anything
         sampler = self.elastic_sampler
         # The samples this rank's accumulated gradient covers (every micro-batch
@@ -363,7 +372,8 @@ class ElasticMember:
         control = torch.tensor(
             Control.local(rank=self.global_rank, world=len(g.trainers), samples=n, epoch=known.epoch,
                           leaving=self._leave_requested, ready=ready,
-                          digest=param_digest(params) if self._sync.shadows else 0),
+                          digest=param_digest(params) if self._sync.shadows else 0,
+                          busy_us=self._busy_us(entered)),
             dtype=torch.int64,
         )
         buffers = self.replica_buffers()
@@ -375,11 +385,13 @@ class ElasticMember:
             g.suspect_peers(exc)  # a reset is evidence: probe the peers now (issue 14)
             log.warning("chaos: gradient all-reduce failed (%s); the step applies no update", exc)
             self._control = None
+            self._busy_since = None
             self._grads.drop(params, nonfinite=self.grad_scaler() is not None)
             if buffers and not self._buffers.restore(buffers):
                 log.warning("chaos: no synced copy of the module buffers to restore after the failed step")
             return False
         self._control = Control.decode(control.tolist())
+        self._busy_since = time.monotonic() if self._balancer is not None else None
         if self._control.samples != total:
             # every rank derives its share from the same layout; a mismatch is a bug
             log.error("chaos: ranks trained %d samples, the layout says %d", self._control.samples, total)
@@ -394,6 +406,8 @@ class ElasticMember:
         control, self._control = self._control, None
         failed = control is None
         self.step_applied = not failed
+        # each rank's samples of the window, from the layout before the commit moves it
+        samples = self._window_samples(steps) if self._balancer is not None and not failed else None
         if not failed:
             self._buffers.commit()
             for _ in range(steps):  # one optimizer step trained the window's blocks
@@ -414,7 +428,53 @@ class ElasticMember:
             decision = Decision(Action.STAY)  # the same trainers in a newer view: the group stays as it is
         if self._sync.shadows and decision.action in (Action.STAY, Action.DEFER):
             return self._shadow_boundary(control) or decision
+        if samples is not None and decision.action is Action.STAY:
+            self._balance(samples, control)
         return decision
+
+    # ---------------------------------------------------------------- adaptive shares
+    def _busy_us(self, entered: float) -> int:
+        """This rank's busy time since its last reduction, µs (0: not measured)."""
+        if self._balancer is None or self._busy_since is None:
+            return 0
+        return max(1, int((entered - self._busy_since) * 1e6))
+
+    def _window_samples(self, steps: int) -> list[int]:
+        sampler = self.elastic_sampler
+        per_rank = [0] * len(self.group.trainers)
+        for j in range(steps):
+            for r, part in enumerate(sampler.step_slices(j)):
+                per_rank[r] += len(part)
+        return per_rank
+
+    def _balance(self, samples: list[int], control: Control) -> None:
+        """A committed step's busy times, the same on every rank: new weights
+        for the next boundary when the predicted step gets enough shorter."""
+        members = [r for r in range(len(samples)) if r not in self._sync.shadows]
+        weights = self._balancer.observe(samples, control.busy, members)
+        if weights is None:
+            return
+        self.shares_due = weights
+        now, then = self._balancer.predicted
+        log.info("chaos: shares follow the measured speeds (samples/s per rank %s): a step's busy time "
+                 "%.0f ms -> about %.0f ms", [round(x, 1) for x in self._balancer.rates], now * 1e3, then * 1e3)
+
+    def _lay_out(self, weights: tuple[int, ...] | None = None) -> None:
+        """Re-split what remains of the epoch over the current group: equal
+        shares (a view change, shadows promoted: the measurements start
+        again) or ``weights``."""
+        self.elastic_sampler.reconfigure(self.global_rank, self.world_size, self._sync.shadows, weights)
+        self.shares_due = None
+        self._busy_since = None
+        if self._balancer is None:
+            return
+        if weights is None:
+            self._balancer.reset()
+            return
+        shares = [len(part) for part in self.elastic_sampler.step_slices(0)]
+        self.trace.emit("shares", samples=shares, rates=list(self._balancer.rates), weights=list(weights),
+                        reason="measured speeds")
+        log.info("chaos: samples per rank per step now %s", shares)
 
     # ---------------------------------------------------------------- the stop-free join
     @property

@@ -327,7 +327,7 @@ class ChaosFabricStrategy(ElasticMember, DDPStrategy):
             _set_rank_zero(_NOT_YET_RANKED)  # nothing of the run is here: write nothing
             return
         self._done = self._joined_at_the_end()
-        self.elastic_sampler.reconfigure(self.global_rank, self.world_size)
+        self._lay_out()
         self._now_training(time.monotonic() - t0, joined=True, failed_step=False)
         if self.elastic_sampler.epoch > 0 and not self._epochs_used:
             log.warning(
@@ -379,11 +379,13 @@ class ChaosFabricStrategy(ElasticMember, DDPStrategy):
         """Between two steps (the training loader's next batch): make a due switch."""
         decision, self._due = self._due, None
         if decision is None:
+            if self.shares_due is not None:  # adaptive shares: the loader plans again (a new generation)
+                self._lay_out(self.shares_due)
             return
         t0 = time.monotonic()
         failed = not self.step_applied
         self._switch(decision)
-        self.elastic_sampler.reconfigure(self.global_rank, self.world_size)
+        self._lay_out()
         if self._orphaned:
             log.error("chaos: no member holds the training state any more (they finished or failed); stopping")
             self.trace.emit("orphaned", epoch=self.group.view.epoch)

@@ -211,7 +211,13 @@ class ElasticGroup:
         seeds = ", ".join(self.config.peers) or "none: founding the cluster"
         log.info("chaos: waiting to join (seeds: %s; join timeout %gs)", seeds, self.config.join_timeout)
         with sigterm_ends_wait("waiting to join"):
-            view = self.rdv.join(self.config.join_timeout)
+            if self.config.standby:  # held by the size policy: no join timeout (standby.py)
+                from chaos_lightning.strategy.standby import wait_as_standby
+
+                view = wait_as_standby(self.rdv)
+                deadline = time.monotonic() + self.config.join_timeout  # the join's bound starts at admission
+            else:
+                view = self.rdv.join(self.config.join_timeout)
             if view.size >= min_nodes:
                 return view
             with sigterm_ends_wait(f"waiting for min_nodes={min_nodes}"), progress(

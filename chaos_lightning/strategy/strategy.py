@@ -427,6 +427,8 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         if self.relayout_due:  # stop-free joiners caught up: they train their share from the next step
             self.relayout_due = False
             self._relayout(trainer, new_epoch=False)
+        elif self.shares_due is not None:  # adaptive shares: the next step splits the batch by speed
+            self._relayout(trainer, new_epoch=False, weights=self.shares_due)
         if self.step_applied:
             self._counted = internals.step_counters(trainer)
         else:
@@ -462,10 +464,11 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
             return
         self._switched(trainer, time.monotonic() - t0, joined=False, failed_step=failed)
 
-    def _relayout(self, trainer: Any, *, new_epoch: bool) -> None:
-        self.elastic_sampler.reconfigure(self.global_rank, self.world_size, self._sync.shadows)
+    def _relayout(self, trainer: Any, *, new_epoch: bool, weights: tuple[int, ...] | None = None) -> None:
+        self._lay_out(weights)
         internals.set_epoch_length(trainer, self.elastic_sampler.steps_remaining(), new_epoch=new_epoch)
-        internals.reset_val_dataloaders(trainer)
+        if weights is None:  # the members changed (new shares keep them): validate over the current ones
+            internals.reset_val_dataloaders(trainer)
 
     def _leave(self, trainer: Any) -> None:
         internals.hand_over_logs(trainer.loggers)

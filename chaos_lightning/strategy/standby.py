@@ -1,0 +1,97 @@
+"""Warm standbys: the join path of a process that waits outside a full cluster.
+
+Role in the whole: a standby (``CHAOS_STANDBY=1``, started by ``chaos-run
+--standby N``) runs the user's script like any node: imports, model and data
+loaders are built before ``trainer.fit``, so all of that is off the critical
+path when a member dies.  In ``fit`` it asks to join like any joiner; the
+cluster's size policy (``membership/policy.py``) holds it as a pending join
+while the view is at its ``target_nodes``, and admits it with the view that
+removes a failed or leaving member.  From there it joins exactly as a joiner
+does (group formation, the multi-source state pull, the exactly-once and
+bit-identical guarantees): this module only replaces the *bounded* wait for
+the first view (``CHAOS_JOIN_TIMEOUT``) with an unbounded one, since being
+held is the standby's job, not a failure.
+
+The wait still ends, with one clear line:
+
+* SIGTERM: exit 143 at once (:func:`sigterm_ends_wait`; there is nothing to
+  leave: the standby holds no slot, and its pending join is harmless);
+* the cluster ended: every seed refused our connection (nothing listens at
+  any of them) for :data:`CLUSTER_GONE_S` seconds in a row: a
+  :class:`StandbyOrphaned` error naming the seeds.  Seeds should therefore
+  list several members (the launcher passes every address it started).
+
+It also owns the strategy's answer to the policy's other rule: a member told
+to retire (:class:`~chaos_lightning.membership.events.Retire`, above
+``max_nodes``) leaves gracefully at its next step boundary
+(:func:`retire_hook`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from chaos_lightning.membership import events as ev
+from chaos_lightning.membership.view import View
+from chaos_lightning.rendezvous.base import RendezvousClosed, RendezvousError
+from chaos_lightning.strategy.environment import sigterm_ends_wait
+
+log = logging.getLogger(__name__)
+
+#: seconds every seed must refuse us before a standby concludes that the
+#: cluster is gone: long enough for a member restarted at the same address
+#: by its launcher (measured: ~5-9 s of Python start-up on these machines),
+#: short against a standby's useful life
+CLUSTER_GONE_S = 10.0
+
+#: seconds per slice of the wait (SIGTERM and the seeds are checked between slices)
+POLL_S = 1.0
+
+
+class StandbyOrphaned(RuntimeError):
+    """The cluster a standby waited for has ended (no seed listens any more)."""
+
+
+def wait_as_standby(rdv: Any, *, gone_after: float = CLUSTER_GONE_S, poll: float = POLL_S) -> View:
+    """Ask to join through ``rdv`` and wait, without a timeout, for the view
+    that admits this node; the first view that lists it is returned."""
+    agent = getattr(rdv, "agent", None)
+    log.info("chaos: warm standby: waiting to be admitted (held while the cluster is at its size target)")
+    t0 = time.monotonic()
+    gone_since: float | None = None
+    with sigterm_ends_wait("waiting as a warm standby"):
+        while True:
+            try:
+                view = rdv.join(poll)
+            except RendezvousClosed:
+                raise
+            except RendezvousError:
+                view = None  # held (or a seed still starting): wait on
+            if view is not None:
+                log.info("chaos: warm standby admitted in view %s after %.1fs", view.describe(), time.monotonic() - t0)
+                return view
+            now = time.monotonic()
+            if agent is not None and agent.seeds_gone():
+                gone_since = gone_since if gone_since is not None else now
+                if now - gone_since >= gone_after:
+                    raise StandbyOrphaned(
+                        f"chaos: the cluster this standby waited for has ended: no seed listens any more "
+                        f"({agent.seed_errors()}) for {gone_after:g}s")
+            else:
+                gone_since = None
+
+
+def retire_hook(request_leave: Callable[[], None]) -> Callable[[object], None]:
+    """A membership-event subscriber: on :class:`~ev.Retire` (this member is
+    above the cluster's ``max_nodes``), ask for a graceful leave at the next
+    step boundary, once.  Called on the agent's thread: it only sets a flag."""
+    told = []
+
+    def on_event(event: object) -> None:
+        if isinstance(event, ev.Retire) and not told:
+            told.append(True)
+            request_leave()
+
+    return on_event

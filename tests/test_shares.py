@@ -1,0 +1,186 @@
+"""Adaptive shares (chaos_lightning.strategy.shares), in one process.
+
+The balancer is fed what every rank learns from a step's summed control
+record: each rank's samples (from the shared layout) and busy time.  A speed
+model stands in for the machines: rank ``r``'s busy time for ``n`` samples is
+``overhead + n / speed[r]`` (with noise); the samples come from the sampler's
+own split (``_share_bounds``), so what is checked is the loop the strategy
+runs: measure, decide, lay out.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from _procs import cluster
+from chaos_lightning.strategy.sampler import _share_bounds, check_weights
+from chaos_lightning.strategy.shares import WEIGHT_SCALE, ShareBalancer
+
+
+def run(speeds, *, steps, capacity=96, overhead_ms=4.0, noise=0.03, seed=0, slow_from=None, shadows=()):
+    """Drive a balancer through ``steps`` steps; returns (busy per step, decisions, final weights).
+
+    ``slow_from``: (step, rank, factor): from that step the rank's speed is divided by factor."""
+    rng = random.Random(seed)
+    speeds = list(speeds)
+    world = len(speeds)
+    members = [r for r in range(world) if r not in shadows]
+    b, weights, step_ms, decisions = ShareBalancer(), None, [], []
+    for step in range(steps):
+        if slow_from and step == slow_from[0]:
+            speeds[slow_from[1]] /= slow_from[2]
+        samples = [hi - lo for lo, hi in (_share_bounds(capacity, world, tuple(shadows), r, weights)
+                                          for r in range(world))]
+        busy = [0 if r in shadows else
+                (overhead_ms + samples[r] / speeds[r]) * (1 + rng.uniform(-noise, noise)) for r in range(world)]
+        step_ms.append(max(busy))
+        new = b.observe(samples, [int(t * 1000) for t in busy], members)
+        if new is not None:
+            weights = check_weights(new, world, tuple(shadows))
+            decisions.append(step)
+    return step_ms, decisions, weights
+
+
+def ideal_ms(speeds, capacity=96, overhead_ms=4.0):
+    """The step time when every rank is busy equally long: overhead + capacity / sum(speeds)."""
+    return overhead_ms + capacity / sum(speeds)
+
+
+def test_one_node_at_half_speed_gets_half_the_share_and_every_step_ends_together():
+    speeds = [2.0, 2.0, 2.0, 1.0]  # samples per ms
+    step_ms, decisions, weights = run(speeds, steps=60)
+    equal = 4.0 + 24 / 1.0  # the slow rank's 24 samples set the pace
+    assert step_ms[0] > 0.95 * equal
+    settled = sum(step_ms[-20:]) / 20
+    assert settled < 1.08 * ideal_ms(speeds), (settled, ideal_ms(speeds), decisions)
+    assert equal / settled > 1.5
+    assert 1 <= len(decisions) <= 4 and decisions[-1] < 40, decisions  # converges, then stays
+    assert weights[3] < weights[0] and abs(weights[3] / weights[0] - 0.5) < 0.1
+
+
+def test_a_split_that_whole_samples_cannot_improve_is_not_proposed_again():
+    # 8 samples over a fast and a slow rank: 6 and 2 is the best whole split
+    # (the fractional optimum, 6.3 and 1.7, once proposed it at every step)
+    b = ShareBalancer()
+    decisions = [b.observe([6, 2], [int(6 / 210 * 1e6), int(2 / 55 * 1e6)]) for _ in range(20)]
+    assert decisions == [None] * 20
+
+
+def test_balanced_members_are_never_relaid_out_on_noise():
+    _, decisions, weights = run([1.0, 1.0, 1.0], steps=200, noise=0.05)
+    assert decisions == [] and weights is None
+
+
+def test_a_member_that_slows_down_later_loses_share_within_a_few_steps():
+    speeds = [1.0, 1.0, 1.0, 1.0]
+    step_ms, decisions, weights = run(speeds, steps=80, slow_from=(30, 1, 3.0))
+    assert decisions and decisions[0] >= 30 and decisions[0] <= 30 + 6, decisions
+    assert weights[1] < weights[0] / 2
+    assert sum(step_ms[-10:]) / 10 < 1.1 * ideal_ms([1.0, 1 / 3, 1.0, 1.0])
+
+
+def test_shadows_get_nothing_and_do_not_hold_a_decision_back():
+    _, decisions, weights = run([2.0, 1.0, 2.0], steps=30, shadows=(1,))
+    assert decisions == [] and weights is None  # the two contributing members are equal
+    _, decisions, weights = run([2.0, 1.0, 1.0], steps=30, shadows=(1,))
+    assert decisions and weights[1] == 0 and weights[0] > weights[2] > 0
+
+
+def test_a_very_slow_member_keeps_a_bounded_share_and_a_fast_one_a_bounded_batch():
+    b = ShareBalancer()
+    weights = b.weights_for([100.0, 1.0, 100.0, 100.0], [0, 1, 2, 3])
+    assert weights[1] == WEIGHT_SCALE // b.max_skew  # not starved: it is still measured
+    weights = b.weights_for([100.0, 1.0, 1.0, 1.0], [0, 1, 2, 3])
+    assert weights[0] / sum(weights) <= b.max_over / 4 and weights[0] > weights[1]
+
+
+def test_a_member_whose_share_rounded_to_nothing_is_measured_again():
+    # a block of 4 over 4 ranks whose weights leave rank 3 with nothing: its
+    # rate is unknown, so it is given the others' median, not zero
+    b = ShareBalancer(min_steps=1, window=1, tolerance=0.0)
+    new = b.observe([1, 2, 1, 0], [1000, 8000, 1000, 0], [0, 1, 2, 3])
+    assert new is not None and new[3] > 0
+    assert b.predicted[1] < b.predicted[0]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 64), min_size=4, max_size=4),
+                          st.lists(st.integers(0, 10**6), min_size=4, max_size=4)), max_size=40),
+       st.sets(st.integers(0, 3), max_size=3))
+def test_every_rank_decides_alike_and_the_weights_are_always_a_valid_layout(steps, shadows):
+    """Two ranks fed the same records make the same decisions at the same
+    steps (the lockstep rule), and every decision lays out a block exactly."""
+    members = [r for r in range(4) if r not in shadows]
+    a, b = ShareBalancer(), ShareBalancer()
+    for samples, busy in steps:
+        samples = [0 if r in shadows else n for r, n in enumerate(samples)]
+        wa, wb = a.observe(samples, busy, members), b.observe(samples, busy, members)
+        assert wa == wb
+        if wa is not None:
+            w = check_weights(wa, 4, tuple(sorted(shadows)))
+            assert all(w[r] > 0 for r in members) and all(w[r] == 0 for r in shadows)
+            for total in (0, 1, 7, 96):
+                bounds = [_share_bounds(total, 4, tuple(sorted(shadows)), r, w) for r in members]
+                assert bounds[0][0] == 0 and bounds[-1][1] == total  # the members' slices tile the block
+                assert all(bounds[i][1] == bounds[i + 1][0] for i in range(len(bounds) - 1))
+
+
+# ---------------------------------------------------------------------- real processes
+WORKER = Path(__file__).with_name("_train_worker.py")
+
+
+@pytest.mark.timeout(180)
+def test_a_slow_node_gets_a_smaller_share_and_a_leave_re_decides_the_shares(tmp_path):
+    """Three processes with ``CHAOS_SHARES=adaptive``; node 2 takes four times
+    as long per sample (``CHAOS_TEST_SAMPLE_SLEEP``).  Its share drops below
+    the others' while the replicas stay identical; then node 1 leaves
+    (SIGTERM): the shares start equal in the new view and are decided again,
+    and every epoch is still an exact cover on the nodes that stay."""
+    n, epochs = 240, 4
+    slow = {0: 0.004, 1: 0.004, 2: 0.016}
+    nodes = cluster(WORKER, [str(n), str(epochs), "0"], 3, tmp_path,
+                    env=lambda i: {"CHAOS_SHARES": "adaptive", "CHAOS_TEST_SAMPLE_SLEEP": str(slow[i])})
+    fast, leaver, slow_node = nodes
+    try:
+        for x in nodes:
+            x.event("ready", 90)
+        # the shares settle: the slow node's batch is below the equal 4
+        slow_node.wait(lambda r: r["event"] == "step" and r["n"] <= 2, 90)
+        sent = time.monotonic()
+        leaver.proc.send_signal(signal.SIGTERM)
+        # in the view of two (a block of 8), equal shares first, then by speed again
+        after = lambda r: r["event"] == "step" and r["world"] == 2 and r["_t"] > sent  # noqa: E731
+        slow_node.wait(lambda r: after(r) and r["n"] == 4, 60)
+        slow_node.wait(lambda r: after(r) and r["n"] <= 2, 60)
+        results = [fast.event("done", 120), slow_node.event("done", 120)]
+        assert leaver.event("done", 60)["left"] is True
+        for x in nodes:
+            assert x.exit_code(30) == 0, x.log
+            assert "Traceback" not in x.log.read_text(), x.log
+        assert len({(r["params"], r["optim"], r["global_step"]) for r in results}) == 1, results
+        for r in results:
+            for epoch in range(epochs):
+                counts = dict(r["epochs"][str(epoch)])
+                assert sorted(counts) == list(range(n)) and set(counts.values()) == {1}, f"epoch {epoch}"
+        # the two split their blocks of 8 unevenly (by speed) once decided (a
+        # step record names the world after the boundary's switch: the first
+        # one of the view of two is the last batch of the view of three)
+        steps = {}
+        for x in (fast, slow_node):
+            for r in x.records:
+                if r["event"] == "step" and r["world"] == 2 and r["_t"] > sent:
+                    steps.setdefault(r["step"], []).append(r["n"])
+        pairs = [v for k, v in sorted(steps.items())[1:] if len(v) == 2]
+        assert pairs and all(sum(v) <= 8 for v in pairs), steps  # a short last block has fewer
+        assert any(sorted(v) != [4, 4] for v in pairs), steps
+        assert "shares follow the measured speeds" in fast.log.read_text()
+    finally:
+        for x in nodes:
+            x.stop()

@@ -1,0 +1,89 @@
+"""A warm standby in real processes: held out while the cluster is at its
+target, admitted when a member is ``kill -9``-ed, and then a replica like
+any other.
+
+Two trainers with ``CHAOS_TARGET_NODES=2`` and one ``CHAOS_STANDBY=1``
+process (model and loaders built, waiting in ``fit``).  The standby trains
+no step while both members live; the founder (rank 0, the coordinator) is
+killed; the survivor and the standby finish with identical replicas, every
+epoch an exact cover, and the standby's pid unchanged (it never restarted).
+Prints kill -> world size restored.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _procs import Node  # noqa: E402
+
+from chaos_lightning.testbed.procs import free_port  # noqa: E402
+
+WORKER = Path(__file__).with_name("_train_worker.py")
+POLICY = {"CHAOS_TARGET_NODES": "2", "CHAOS_MAX_NODES": "2", "CHAOS_JOIN_TIMEOUT": "60",
+          "CHAOS_COLLECTIVE_TIMEOUT": "10"}
+
+
+def standby_run(tmp: Path, *, n: int = 160, epochs: int = 2, sleep: float = 0.05) -> dict:
+    """Run the scenario; returns the records and the timing (seconds from the kill)."""
+    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    argv = [str(n), str(epochs), str(sleep)]
+    members = [Node(WORKER, argv, {**POLICY, "CHAOS_BIND": a, "CHAOS_PEERS": "" if i == 0 else addrs[0],
+                                   "CHAOS_MIN_NODES": "2"}, tmp / f"n{i}.log") for i, a in enumerate(addrs[:2])]
+    standby = Node(WORKER, argv, {**POLICY, "CHAOS_BIND": addrs[2], "CHAOS_PEERS": ",".join(addrs[:2]),
+                                  "CHAOS_MIN_NODES": "1", "CHAOS_STANDBY": "1"}, tmp / "standby.log")
+    nodes = [*members, standby]
+    try:
+        pid = standby.event("ready", 90)["pid"]
+        victim, survivor = members
+        survivor.wait(lambda r: r["event"] == "step" and r["world"] == 2 and r["step"] >= 4, 90)
+        # the standby asked to join long ago (it was ready before the members' 4th step) and stays out
+        held_at = time.monotonic()
+        survivor.wait(lambda r: r["event"] == "step" and r["_t"] > held_at + 1.0, 30)
+        trained_before = [r for r in standby.records if r.get("event") == "step"]
+        worlds_before = {r["world"] for r in survivor.records if r.get("event") == "step"}
+        victim.proc.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        joined = standby.event("step", 60)  # its first step: the world is 2 again, with the standby in it
+        # the same step at the survivor (a record of the old group may arrive after the kill: not this one)
+        first = survivor.wait(lambda r: r["event"] == "step" and r["step"] >= joined["step"], 60)
+        done = [survivor.event("done", 120), standby.event("done", 120)]
+        codes = [survivor.exit_code(30), standby.exit_code(30), victim.exit_code(10)]
+        return {"pid": pid, "trained_before": trained_before, "worlds_before": worlds_before,
+                "restore_s": max(first["_t"], joined["_t"]) - killed, "done": done,
+                "codes": codes, "n": n, "epochs": epochs,
+                "logs": {x.log.name: x.log.read_text() for x in nodes}}
+    finally:
+        for x in nodes:
+            x.stop()
+
+
+@pytest.mark.timeout(150)
+def test_a_warm_standby_stays_out_at_target_and_replaces_a_killed_member_without_restarting(tmp_path):
+    r = standby_run(tmp_path)
+    print(f"kill -9 -> world size 2 restored (the first step with the standby, done at both) {r['restore_s']:.2f} s")
+    logs = r["logs"]
+    assert not r["trained_before"], "the standby trained while the cluster was at its target"
+    assert r["worlds_before"] == {2}
+    assert "holding" in logs["n0.log"] and "as a standby" in logs["n0.log"], "the coordinator logs why it holds it"
+    assert "warm standby: waiting to be admitted" in logs["standby.log"]
+    assert "warm standby admitted" in logs["standby.log"]
+    assert r["codes"] == [0, 0, -signal.SIGKILL], logs
+    for name in ("n1.log", "standby.log"):
+        assert "Traceback" not in logs[name], logs[name]
+    survivor, standby = r["done"]
+    assert standby["pid"] == r["pid"], "the standby is the process that was warm (never restarted)"
+    assert (survivor["params"], survivor["optim"], survivor["global_step"]) == (
+        standby["params"], standby["optim"], standby["global_step"]), r["done"]
+    for epoch in range(r["epochs"]):  # the survivor saw the whole fit: every epoch an exact cover
+        counts = dict(survivor["epochs"][str(epoch)])
+        assert sorted(counts) == list(range(r["n"])) and set(counts.values()) == {1}, f"epoch {epoch}"
+        # the standby's ledger starts at its admission: what it saw, the survivor saw, each sample once
+        mine = dict(standby["epochs"][str(epoch)])
+        assert set(mine.values()) <= {1} and set(mine) <= set(counts), f"epoch {epoch}"
+    assert sum(len(standby["epochs"][str(e)]) for e in range(r["epochs"])) > 0, "the standby trained"
