@@ -67,6 +67,7 @@ def main() -> None:
             with fabric.no_backward_sync(model, enabled=not stepping):
                 loss = nn.functional.mse_loss(model(x), y)
                 fabric.backward(loss / accumulate)
+                time.sleep(len(x) * float(os.environ.get("CHAOS_TEST_SAMPLE_SLEEP", 0)))  # this node's speed
             if not stepping:
                 continue
             fabric.clip_gradients(model, optimizer, max_norm=5.0)

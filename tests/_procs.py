@@ -158,7 +158,8 @@ def run_to_end(nodes: Sequence[Node], timeout: float) -> list[Record]:
 
 
 def churn_cluster(
-    script: Path, argv: Sequence[str], tmp: Path, prefix: str, kill: Callable[[Node], None] | None = None
+    script: Path, argv: Sequence[str], tmp: Path, prefix: str, kill: Callable[[Node], None] | None = None,
+    env: Callable[[int], Mapping[str, str]] | None = None,
 ) -> tuple[list[Node], list[Record]]:
     """Three founders; a fourth joins mid-fit; once it trains, the founder that
     is rank 0 is SIGTERMed (a graceful leave: rank 0 moves); once the view
@@ -167,14 +168,15 @@ def churn_cluster(
     nodes (leaver, the founder that stays, victim, joiner) and the ``done``
     records of the founder that stays and the joiner, after checking exit
     codes and that no log holds a traceback.  The worker prints ``ready``,
-    ``step`` records with ``step`` and ``world``, and ``done`` with ``left``."""
-    nodes = cluster(script, argv, 3, tmp, prefix=prefix)
+    ``step`` records with ``step`` and ``world``, and ``done`` with ``left``.
+    ``env(i)``: what node ``i`` adds to its environment (the joiner is 3)."""
+    nodes = cluster(script, argv, 3, tmp, prefix=prefix, env=env)
     try:
         for node in nodes:
             node.event("ready", 90)
         leaver, first, victim = nodes  # node 0 founds the cluster: rank 0 until it leaves
         leaver.wait(lambda r: r["event"] == "step" and r["step"] >= 4, 120)
-        late = joiner(script, argv, first, tmp, f"{prefix}-joiner")
+        late = joiner(script, argv, first, tmp, f"{prefix}-joiner", env(3) if env else None)
         nodes.append(late)
         late.wait(lambda r: r["event"] == "step", 120)
         sent = time.monotonic()

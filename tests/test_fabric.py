@@ -36,9 +36,17 @@ def check(done: list[dict]) -> None:
 @pytest.mark.timeout(360)
 @pytest.mark.parametrize("accumulate", [1, 2], ids=["step-per-batch", "accumulate-2"])
 def test_a_fabric_loop_survives_join_leave_and_kill(tmp_path, accumulate):
+    # with accumulation, adaptive shares too (CHAOS_SHARES=adaptive): node 1,
+    # the founder that stays, is slower per sample; its share drops, and the
+    # windows still cover every sample once
+    env = None
+    if accumulate == 2:
+        env = lambda i: {"CHAOS_SHARES": "adaptive", "CHAOS_TEST_SAMPLE_SLEEP": "0.012" if i == 1 else "0"}  # noqa: E731
     nodes, done = churn_cluster(WORKER, [str(SAMPLES), str(EPOCHS), str(SLEEP), str(accumulate), str(tmp_path / "run")],
-                                tmp_path, f"fabric{accumulate}")
+                                tmp_path, f"fabric{accumulate}", env=env)
     check(done)
+    if env is not None:
+        assert "shares follow the measured speeds" in nodes[1].log.read_text(), nodes[1].log
     # the CSV log is one history whoever is rank 0 (the leaver was): one
     # version folder, the first rank 0's steps and the last one's, no gap
     # beyond the flush interval (a rank 0 killed loses what it buffered)

@@ -471,7 +471,7 @@ class ElasticMember:
         if weights is None:
             self._balancer.reset()
             return
-        shares = [len(part) for part in self.elastic_sampler.step_slices(0)]
+        shares = [self.elastic_sampler.per_rank_batch_size(r) for r in range(self.world_size)]  # of a full block
         self.trace.emit("shares", samples=shares, rates=list(self._balancer.rates), weights=list(weights),
                         reason="measured speeds")
         log.info("chaos: samples per rank per step now %s", shares)
