@@ -29,26 +29,35 @@ POLICY = {"CHAOS_TARGET_NODES": "2", "CHAOS_MAX_NODES": "2", "CHAOS_JOIN_TIMEOUT
           "CHAOS_COLLECTIVE_TIMEOUT": "10"}
 
 
-def standby_run(tmp: Path, *, n: int = 160, epochs: int = 2, sleep: float = 0.05) -> dict:
-    """Run the scenario; returns the records and the timing (seconds from the kill)."""
+def standby_run(tmp: Path, *, n: int = 160, epochs: int = 2, sleep: float = 0.05, cold: bool = False,
+                hidden: int = 16) -> dict:
+    """Run the scenario; returns the records and the timing (seconds from the kill).
+    ``cold`` (the benchmark's baseline): no standby; the replacement is a
+    plain joiner started after the kill, as a person would."""
     addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
     argv = [str(n), str(epochs), str(sleep)]
-    members = [Node(WORKER, argv, {**POLICY, "CHAOS_BIND": a, "CHAOS_PEERS": "" if i == 0 else addrs[0],
+    env = {**POLICY, "CHAOS_TEST_HIDDEN": str(hidden)}
+    members = [Node(WORKER, argv, {**env, "CHAOS_BIND": a, "CHAOS_PEERS": "" if i == 0 else addrs[0],
                                    "CHAOS_MIN_NODES": "2"}, tmp / f"n{i}.log") for i, a in enumerate(addrs[:2])]
-    standby = Node(WORKER, argv, {**POLICY, "CHAOS_BIND": addrs[2], "CHAOS_PEERS": ",".join(addrs[:2]),
-                                  "CHAOS_MIN_NODES": "1", "CHAOS_STANDBY": "1"}, tmp / "standby.log")
-    nodes = [*members, standby]
+    spare = {**env, "CHAOS_BIND": addrs[2], "CHAOS_PEERS": ",".join(addrs[:2]), "CHAOS_MIN_NODES": "1"}
+    nodes = list(members)
     try:
-        pid = standby.event("ready", 90)["pid"]
+        if not cold:
+            nodes.append(Node(WORKER, argv, {**spare, "CHAOS_STANDBY": "1"}, tmp / "standby.log"))
+            pid = nodes[-1].event("ready", 90)["pid"]
         victim, survivor = members
         survivor.wait(lambda r: r["event"] == "step" and r["world"] == 2 and r["step"] >= 4, 90)
         # the standby asked to join long ago (it was ready before the members' 4th step) and stays out
         held_at = time.monotonic()
         survivor.wait(lambda r: r["event"] == "step" and r["_t"] > held_at + 1.0, 30)
-        trained_before = [r for r in standby.records if r.get("event") == "step"]
+        trained_before = [r for r in nodes[2].records if r.get("event") == "step"] if not cold else []
         worlds_before = {r["world"] for r in survivor.records if r.get("event") == "step"}
         victim.proc.send_signal(signal.SIGKILL)
         killed = time.monotonic()
+        if cold:
+            nodes.append(Node(WORKER, argv, spare, tmp / "standby.log"))
+            pid = nodes[-1].event("ready", 90)["pid"]
+        standby = nodes[2]
         joined = standby.event("step", 60)  # its first step: the world is 2 again, with the standby in it
         # the same step at the survivor (a record of the old group may arrive after the kill: not this one)
         first = survivor.wait(lambda r: r["event"] == "step" and r["step"] >= joined["step"], 60)
