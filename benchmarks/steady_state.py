@@ -152,9 +152,14 @@ MODES = {
 
 # ---------------------------------------------------------------------- processes
 class Node:
-    """One worker process; its JSON lines are collected by a reader thread."""
+    """One worker process; its JSON lines are collected by a reader thread.
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], logdir: Path, bind: str = "") -> None:
+    ``worker`` is the script (this benchmark's by default) and ``popen``
+    what starts it (:class:`subprocess.Popen` by default; the heterogeneity
+    benchmark passes a namespace testbed's ``popen`` for its node)."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], logdir: Path, bind: str = "", *,
+                 worker: Path = WORKER, popen: Callable[..., subprocess.Popen] = subprocess.Popen) -> None:
         self.name = name
         self.bind = bind
         self.log = logdir / f"{name}.log"
@@ -163,8 +168,8 @@ class Node:
         self._eof = False
         self._cond = threading.Condition()
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, str(WORKER), *argv], cwd=REPO, env=env,
+        self.proc = popen(
+            [sys.executable, str(worker), *argv], cwd=REPO, env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._err, text=True,
         )
         threading.Thread(target=self._read, name=f"read-{name}", daemon=True).start()

@@ -30,6 +30,19 @@ def need_netns():
         pytest.skip(f"namespace testbed unavailable: {why} (under CI=true this fails)")
 
 
+@pytest.fixture
+def need_cgroup():
+    """Skip without a writable cgroup for the testbed's CPU limits on a
+    workstation; fail under CI=true (root there, as for the namespaces)."""
+    from chaos_lightning.testbed.cpu import available
+
+    ok, why = available()
+    if not ok:
+        if _ci():
+            pytest.fail(f"no usable cgroup for a CPU limit under CI=true: {why}")
+        pytest.skip(f"no usable cgroup for a CPU limit: {why} (under CI=true this fails)")
+
+
 # -- etcd (baseline rendezvous) -------------------------------------------------
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from chaos_lightning.testbed.cpu import CpuLimit, CpuLimitError, available, cleanup_stale, detect
+from chaos_lightning.testbed.cpu import CpuLimit, CpuLimitError, cleanup_stale, detect
 
 PY = sys.executable
 #: prints the CPU seconds this process used over ``seconds`` of wall time of busy looping
@@ -29,19 +29,6 @@ while time.monotonic() - t0 < seconds:
     pass
 print((time.process_time() - c0) / (time.monotonic() - t0), flush=True)
 """
-
-
-def _ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-@pytest.fixture
-def need_cgroup():
-    ok, why = available()
-    if not ok:
-        if _ci():
-            pytest.fail(f"no usable cgroup for a CPU limit under CI=true: {why}")
-        pytest.skip(f"no usable cgroup for a CPU limit: {why} (under CI=true this fails)")
 
 
 def _groups() -> set[str]:
