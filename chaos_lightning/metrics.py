@@ -369,25 +369,38 @@ class _HeadTimeout(Exception):
 class _HeadReader:
     """The connection's input with the request head's limits: at most
     ``MAX_HEAD_BYTES`` and ``REQUEST_TIMEOUT_S`` for all of it, however slowly
-    it comes (a per-read timeout alone lets a client drip a byte a second)."""
+    it comes.  It reads the socket itself: a buffered reader's ``readline``
+    applies the socket timeout to each ``recv``, so a client dripping a byte
+    every second would hold it for as long as the byte budget lasts."""
 
-    def __init__(self, raw: Any, sock: socket.socket) -> None:
-        self._raw, self._sock = raw, sock
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buf = b""
         self._left = MAX_HEAD_BYTES
         self._deadline = time.monotonic() + REQUEST_TIMEOUT_S
 
     def readline(self, limit: int = -1) -> bytes:
         if self._left <= 0:
             raise _HeadTooLarge
-        remaining = self._deadline - time.monotonic()
-        if remaining <= 0:
-            raise _HeadTimeout
-        self._sock.settimeout(remaining)
         want = self._left if limit is None or limit < 0 else min(limit, self._left)
-        try:
-            line = self._raw.readline(want)
-        except TimeoutError:  # socket.timeout: our own, not the handler's (which would answer nothing)
-            raise _HeadTimeout from None
+        while True:
+            end = self._buf.find(b"\n", 0, want)
+            if end >= 0 or len(self._buf) >= want:
+                cut = end + 1 if end >= 0 else want
+                line, self._buf = self._buf[:cut], self._buf[cut:]
+                break
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                raise _HeadTimeout
+            self._sock.settimeout(remaining)
+            try:
+                chunk = self._sock.recv(4096)
+            except TimeoutError:
+                raise _HeadTimeout from None
+            if not chunk:  # the client closed: what came is all there is
+                line, self._buf = self._buf, b""
+                break
+            self._buf += chunk
         self._left -= len(line)
         if self._left <= 0 and not line.endswith(b"\n"):
             raise _HeadTooLarge
@@ -397,7 +410,7 @@ class _HeadReader:
         return b""
 
     def close(self) -> None:
-        self._raw.close()
+        pass  # the socket is the server's to close
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -414,7 +427,8 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         # what send_error reads, before a request line was parsed
         self.requestline, self.request_version, self.command = "", self.default_request_version, None
-        self.rfile = _HeadReader(self.rfile, self.connection)  # type: ignore[assignment]
+        self.rfile.close()  # the buffered reader is never used: it could read past the limits
+        self.rfile = _HeadReader(self.connection)  # type: ignore[assignment]
 
     def handle(self) -> None:
         try:
@@ -433,8 +447,27 @@ class _Handler(BaseHTTPRequestHandler):
         log.info("chaos: metrics: %s from %s: %d", why, self.client_address[0], code)
         try:
             self.send_error(code, why)
+            self.wfile.flush()
+            self._linger()
         except OSError:
             pass
+
+    def _linger(self) -> None:
+        """Read and drop what the client still sends, briefly, before closing:
+        closing with unread input makes the kernel send a reset, which can
+        destroy the error answer before the client reads it (Apache's
+        "lingering close").  At most 64 KiB and 0.5 s."""
+        sock, left, deadline = self.connection, 65536, time.monotonic() + 0.5
+        sock.shutdown(socket.SHUT_WR)
+        while left > 0 and (remaining := deadline - time.monotonic()) > 0:
+            sock.settimeout(remaining)
+            try:
+                chunk = sock.recv(min(left, 16384))
+            except (TimeoutError, OSError):
+                return
+            if not chunk:
+                return
+            left -= len(chunk)
 
     def do_GET(self) -> None:
         self._answer(body=True)
