@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -320,3 +321,18 @@ def test_with_no_preset_named_a_loopback_bind_gets_local_and_any_other_gets_lan(
     import dataclasses
 
     assert tuned.membership == dataclasses.replace(LAN, probe_interval=0.3)
+
+
+def test_the_strategy_takes_every_training_setting_by_keyword() -> None:
+    """``ChaosStrategy(...)`` names every setting a training script may give
+    in code (the etcd baseline's, the leave bound and the trace file stay
+    environment-only: they belong to how a node is run, not to the script)."""
+    import inspect
+
+    import chaos_lightning
+
+    params = set(inspect.signature(chaos_lightning.ChaosStrategy.__init__).parameters)
+    env_only = {"etcd_endpoints", "etcd_op_timeout", "etcd_prefix", "etcd_ttl", "leave_timeout", "trace"}
+    assert {f.name for f in fields(NodeConfig)} - params == env_only
+    s = chaos_lightning.ChaosStrategy(target_nodes=2, max_nodes=3, shares="adaptive")
+    assert (s.config.target_nodes, s.config.max_nodes, s.config.shares) == (2, 3, "adaptive")
