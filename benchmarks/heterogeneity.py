@@ -16,6 +16,13 @@ driver and the kernel).  It runs once per shares setting, on fresh
 processes, and checks in every run that the replicas are bit-identical and
 every epoch an exact cover.
 
+The members run the ``lan`` membership preset (``--preset``), also on
+loopback: under ``local`` (80 ms probe timeout, 0.4 s suspicion) the node
+at 0.2 CPU, whose agent thread gets what the training thread leaves of 2 ms
+per 10 ms, was declared failed once in a quick run (it rejoined; the
+run's throughput then is not a steady state).  A run with a membership
+event still reports, with ``failed_batches`` and ``worlds`` in its row.
+
 A node's limit is applied when it prints ``ready`` (imports done, data and
 model built): start-up is not what is measured, and at 0.2 CPU it would
 take half a minute.  Everything it does in ``fit``, the strategy's agent and
@@ -37,15 +44,19 @@ Rows (JSON ``rows``; the table prints them):
     training throughput of the whole cluster, the samples all members
     trained in global steps ``warmup+1 .. last`` over the time from the end
     of step ``warmup`` to the end of the last step (median over the members
-    of that span; the members end each step within a millisecond of one
-    another).  The same window in both runs; it leaves out start-up and,
+    of that span; the members end each step together, at its all-reduce).  The same window in both runs; it leaves out start-up and,
     with adaptive shares, the first relayouts.  ``samples_per_s_all``: the
-    same from the end of step 1 (the relayouts included).
+    same from the end of step 1 (the first relayouts included).
+    ``step_ms`` is the window's mean step, ``step_ms_median`` its median
+    step (what a step costs without the occasional slow one: a relayout
+    restarts the data loader's iterator); ``relayouts_in_window`` counts
+    the ``shares`` records inside the window.
     ``ideal_samples_per_s``: the sum over the nodes of their class's
     calibration rate; ``vs_ideal`` the ratio.  ``node_samples``: each
     member's median samples per step in the window (its share);
     ``shares_trace``: the strategy's ``shares`` trace records of member 0
-    (``CHAOS_TRACE``), when the strategy emits them.  ``exact_cover``:
+    (``CHAOS_TRACE``; ``samples`` per rank, measured ``rates``, ``weights``),
+    ``t`` in seconds after the end of global step 1.  ``exact_cover``:
     every epoch of every member's sample ledger (``CHAOS_RECORD_SAMPLES=1``)
     has each sample exactly once; ``identical``: one digest of parameters
     and optimizer state and one ``global_step`` over all members.
@@ -266,8 +277,19 @@ def _shares_trace(path: Path, t_first: float) -> list[dict[str, Any]]:
     return out
 
 
+def _committed(steps: list[dict[str, Any]], last: int) -> list[dict[str, Any]]:
+    """One record per global step 1..``last``: the batch that committed it
+    (a failed step, which applies no update, prints the global step it left
+    unchanged; the batch after it with the same number is the one that counted)."""
+    by_step = {s["gs"]: s for s in steps}
+    missing = [g for g in range(1, last + 1) if g not in by_step]
+    if missing:
+        raise BenchError(f"global steps {missing[:5]} ({len(missing)}) never committed")
+    return [by_step[g] for g in range(1, last + 1)]
+
+
 def cluster_run(p: Params, shares: str, logdir: Path, say: Callable[[str], None], *, netns: bool = False,
-                link_mbit: float = 1000.0) -> dict[str, Any]:
+                link_mbit: float = 1000.0, preset: str = "lan") -> dict[str, Any]:
     """One cluster of ``p.nodes`` fresh processes with ``CHAOS_SHARES=shares``; its ``run`` row."""
     k = p.nodes
     secret = secrets.token_hex(16)
@@ -276,16 +298,19 @@ def cluster_run(p: Params, shares: str, logdir: Path, say: Callable[[str], None]
     with Placement(k, netns, link_mbit, shares) as place:
         envs = [steady_state.clean_env(
             1, CHAOS_BIND=place.binds[i], CHAOS_PEERS="" if i == 0 else place.binds[0], CHAOS_MIN_NODES=str(k),
-            CHAOS_SHARES=shares, CHAOS_RECORD_SAMPLES="1", CHAOS_TRACE=str(traces[i]), CHAOS_SECRET=secret)
+            CHAOS_SHARES=shares, CHAOS_RECORD_SAMPLES="1", CHAOS_TRACE=str(traces[i]), CHAOS_SECRET=secret,
+            CHAOS_PRESET=preset)
             for i in range(k)]
         nodes = _start_limited(place, p.cpus, p.worker_args(p.samples, p.epochs), envs, logdir,
                                [f"{shares}-n{i}" for i in range(k)])
         done = _wait_done(nodes, p.steps)
-    steps = [n.steps() for n in nodes]
-    for n, st in zip(nodes, steps):
-        if [s["gs"] for s in st] != list(range(1, p.steps + 1)) or {s["world"] for s in st} != {k}:
-            raise BenchError(f"{n.name}: steps {[s['gs'] for s in st][:5]}... of {len(st)}, "
-                             f"worlds {sorted({s['world'] for s in st})}; log {n.log}")
+    batches = [n.steps() for n in nodes]
+    steps = [_committed(b, p.steps) for b in batches]
+    failed = sum(len(b) - p.steps for b in batches)
+    worlds = sorted({s["world"] for b in batches for s in b})
+    if failed or worlds != [k]:
+        say(f"{shares}: the run had a membership event ({failed} failed batches over the members, worlds "
+            f"{worlds}): its throughput is not a steady state; see the traces in {logdir}")
     w = p.warmup
     window = [sum(st[i]["n"] for st in steps) for i in range(w, p.steps)]  # samples of global steps w+1..last
     span = statistics.median(st[-1]["t1"] - st[w - 1]["t1"] for st in steps)
@@ -300,23 +325,30 @@ def cluster_run(p: Params, shares: str, logdir: Path, say: Callable[[str], None]
         "samples_per_s_all": samples_all / span_all,
         "ideal_samples_per_s": None, "vs_ideal": None,
         "step_ms": 1e3 * span / len(window),
+        "step_ms_median": 1e3 * statistics.median(
+            statistics.median(b["t1"] - a["t1"] for a, b in zip(st[w - 1:], st[w:])) for st in steps),
         "window": f"global steps {w + 1}..{p.steps}: end of step {w} -> end of step {p.steps}",
+        "step_intervals_ms": [round(1e3 * (b["t1"] - a["t1"]), 1) for a, b in zip(steps[0][w - 1:], steps[0][w:])],
         "node_samples": [statistics.median(s["n"] for s in st[w:]) for st in steps],
         "node_cpu_ms": [1e3 * (st[-1]["cpu"] - st[w - 1]["cpu"]) / len(window) for st in steps],
         "global_batch": p.global_batch, "global_step": sorted({d["global_step"] for d in done}),
+        "failed_batches": failed, "worlds": worlds, "preset": preset,
         "exact_cover": epochs_ok, "identical": len(digests) == 1 and len({d["global_step"] for d in done}) == 1,
         "epochs": {n.name: d["epochs"] for n, d in zip(nodes, done)},
-        "shares_trace": _shares_trace(traces[0], time.time() - (time.monotonic() - steps[0][0]["t1"])),
+        # trace times are wall clock, step stamps monotonic: relative to the end of step 1
+        "shares_trace": _shares_trace(traces[0], time.time() - time.monotonic() + steps[0][0]["t1"]),
         "where": f"network namespaces, links {link_mbit:g} Mbit/s" if netns else "loopback",
         "loadavg": [round(load0, 2), round(steady_state.loadavg(), 2)],
     }
+    window_from = steps[0][w - 1]["t1"] - steps[0][0]["t1"]  # seconds after the end of step 1
+    row["relayouts_in_window"] = sum(1 for r in row["shares_trace"] if r["t"] > window_from)
     say(f"{shares:8s}: {row['samples_per_s']:.0f} samples/s ({row['step_ms']:.0f} ms/step), shares "
         f"{[round(x) for x in row['node_samples']]}, exact cover {row['exact_cover']}, identical {row['identical']}")
     return row
 
 
 def run(p: Params, logdir: Path, say: Callable[[str], None], *, netns: bool = False,
-        link_mbit: float = 1000.0) -> list[dict[str, Any]]:
+        link_mbit: float = 1000.0, preset: str = "lan") -> list[dict[str, Any]]:
     """Calibration (unless ``p.ideal`` is off), one run per shares setting, the ratio row."""
     rows: list[dict[str, Any]] = []
     cal = calibrate(p, logdir, say) if p.ideal else {}
@@ -324,7 +356,7 @@ def run(p: Params, logdir: Path, say: Callable[[str], None], *, netns: bool = Fa
     ideal = sum(cal[c]["samples_per_s"] for c in p.cpus) if cal else None
     runs = {}
     for shares in p.shares:
-        row = cluster_run(p, shares, logdir, say, netns=netns, link_mbit=link_mbit)
+        row = cluster_run(p, shares, logdir, say, netns=netns, link_mbit=link_mbit, preset=preset)
         if ideal:
             row["ideal_samples_per_s"], row["vs_ideal"] = ideal, row["samples_per_s"] / ideal
         runs[shares] = row
@@ -342,13 +374,15 @@ def run(p: Params, logdir: Path, say: Callable[[str], None], *, netns: bool = Fa
 # ---------------------------------------------------------------------- output
 def print_table(params: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """One plain-text table (shares, throughput, ideal, shares per node, invariants) and the ratios."""
-    head = ["shares", "samples/s", "ideal", "vs ideal", "ms/step", "samples/step per node", "exact cover", "identical"]
+    head = ["shares", "samples/s", "ideal", "vs ideal", "ms/step", "median", "samples/step per node", "exact cover",
+            "identical"]
     body = [head]
     for r in rows:
         if r["kind"] == "run":
             body.append([r["shares"], f"{r['samples_per_s']:.0f}",
                          "-" if r["ideal_samples_per_s"] is None else f"{r['ideal_samples_per_s']:.0f}",
                          "-" if r["vs_ideal"] is None else f"{r['vs_ideal']:.2f}", f"{r['step_ms']:.0f}",
+                         f"{r['step_ms_median']:.0f}",
                          " ".join(f"{x:.0f}" for x in r["node_samples"]), str(r["exact_cover"]), str(r["identical"])])
     widths = [max(len(b[i]) for b in body) for i in range(len(head))]
     print(f"{params['nodes']} nodes at {', '.join(f'{c:g}' for c in params['cpus'])} CPU, MLP "
@@ -369,7 +403,7 @@ def print_table(params: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     for r in rows:
         if r["kind"] == "run" and r["shares_trace"]:
             last = r["shares_trace"][-1]
-            print(f"{r['shares']}: {len(r['shares_trace'])} shares records, the last at {last['t']:.1f} s: "
+            print(f"{r['shares']}: {len(r['shares_trace'])} shares records ({r['relayouts_in_window']} in the window), the last at {last['t']:.1f} s: "
                   f"{ {k: v for k, v in last.items() if k != 't'} }")
     print(f"samples/s: the cluster's samples in global steps {params['warmup'] + 1}..{params['steps']} over the "
           f"time from the end of step {params['warmup']} to the end of the last (median over members); ideal: the "
@@ -387,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-ideal", action="store_true", help="skip the calibration runs (no ideal_samples_per_s)")
     ap.add_argument("--netns", action="store_true", help="nodes in network namespaces with shaped links (root)")
     ap.add_argument("--link-mbit", type=float, default=1000.0, help="with --netns: each node's link, both ways")
+    ap.add_argument("--preset", default="lan", choices=("local", "lan", "edge"),
+                    help="the members' membership timing (CHAOS_PRESET; see the module docstring)")
     args = ap.parse_args(argv)
     p = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
     if args.shares:
@@ -409,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     with steady_state.log_dir() as logs:
-        rows = run(p, logs, say, netns=args.netns, link_mbit=args.link_mbit)
+        rows = run(p, logs, say, netns=args.netns, link_mbit=args.link_mbit, preset=args.preset)
     inputs, hidden, layers, classes = p.inputs, p.hidden, p.layers, p.classes
     n_params = inputs * hidden + hidden + (layers - 1) * (hidden * hidden + hidden) + hidden * classes + classes
     params = {
