@@ -61,6 +61,10 @@ DEFAULT_BASE_PORT = 29500
 DEFAULT_GRACE = 30.0
 #: signals forwarded to the children
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: seconds between two status polls of each waiting standby (is it a member
+#: now?): a replacement starts within this of an admission; the poll is one
+#: authenticated request per waiting standby, bounded by the same time
+STANDBY_POLL_S = 1.0
 
 
 class LaunchError(Exception):
@@ -141,7 +145,10 @@ modes:
                   outside the cluster (size policy: --target-nodes, default N;
                   --max-nodes); one is admitted when a member fails or leaves.
                   Standbys still waiting when the fit has ended are stopped.
-                  An admitted standby is not replaced (docs/standby.md)
+                  An admitted standby is replaced: the launcher polls each
+                  waiting standby's agent (as chaos-run status does) and,
+                  once it is a member, starts a new one on the next free
+                  port, so S wait again (docs/standby.md)
   join            chaos-run --join HOST:PORT train.py ARGS...
                   one node joining a running cluster through any of its members
                   (CHAOS_MIN_NODES=1); with --nodes N, N nodes join
@@ -187,7 +194,8 @@ def _launch_parser() -> _Parser:
                        "1 with --join, else $CHAOS_MIN_NODES or 1)")
     where.add_argument("--standby", type=int, default=0, metavar="N",
                        help="with --nodes: also keep N warm standby processes (CHAOS_STANDBY=1: script run up to "
-                       "trainer.fit, then waiting outside the cluster); admitted when a member fails or leaves")
+                       "trainer.fit, then waiting outside the cluster); admitted when a member fails or leaves, "
+                       "and then replaced by a new one")
     where.add_argument("--target-nodes", type=int, default=None, metavar="K",
                        help="size policy: admit joiners while a view has fewer than K members, the rest wait as "
                        "standbys (CHAOS_TARGET_NODES; default with --standby: N of --nodes)")
@@ -370,6 +378,23 @@ def plan(args: argparse.Namespace) -> list[NodeSpec]:
     return [NodeSpec(0, env, argv)]
 
 
+def replacement_standby(spec: NodeSpec, index: int, taken: set[int], tries: int = 64) -> NodeSpec | None:
+    """A new standby like ``spec`` (same script, seeds, policy, secret), node
+    ``index``, on the first port after ``spec``'s that no child of this
+    launcher uses and that is free now (None if none of ``tries`` is)."""
+    host, port = parse_hostport(spec.env["CHAOS_BIND"])
+    for candidate in range(port + 1, min(port + 1 + tries, 65536)):
+        if candidate in taken:
+            continue
+        try:
+            _check_port_free(host, candidate)
+        except LaunchError:
+            continue
+        env = {**spec.env, "CHAOS_BIND": format_hostport(host, candidate), "CHAOS_LAUNCH_INDEX": str(index)}
+        return NodeSpec(index, env, list(spec.argv), standby=True)
+    return None
+
+
 def _from_env(var: str) -> NodeConfig:
     """The one setting ``var`` of this environment, parsed as a child would (one line naming it if bad)."""
     try:
@@ -396,14 +421,20 @@ def _check_config(env: dict[str, str], args: argparse.Namespace) -> NodeConfig:
 
 
 def _pdeathsig_preexec(parent: int) -> Callable[[], None]:
-    """A ``preexec_fn``: SIGTERM this child when the launcher dies (Linux; a no-op elsewhere)."""
+    """A ``preexec_fn``: SIGTERM this child when the launcher dies (Linux; a no-op elsewhere).
+
+    libc is looked up here, in the launcher: the function runs in the forked
+    child, where (a replacement standby is started while relay threads run)
+    it should do no more than a C call and two system calls."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        prctl = None
 
     def preexec() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
+        if prctl is None:
             return
+        prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the launcher died before prctl took effect
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -422,6 +453,7 @@ class _Child:
     readers: list[threading.Thread] = field(default_factory=list)
     reported: bool = False
     released: bool = False  # a standby this launcher stopped after the fit ended
+    admitted: bool = False  # a standby seen as a member (then replaced by a new one)
 
 
 class Supervisor:
@@ -429,11 +461,22 @@ class Supervisor:
 
     ``prefix``: relay each child's stdout/stderr line by line as ``[nodeI] line``
     (several nodes); otherwise children inherit the launcher's stdio.
+
+    Standbys are kept at their number: every :data:`STANDBY_POLL_S` seconds
+    each standby not yet admitted is asked for its agent's status (what
+    ``chaos-run status`` reads; bounded by the same interval); once it is a
+    member, a new standby is started (:func:`replacement_standby`), unless
+    the launcher is stopping or the fit has ended.  Why the status and not
+    the child's output: the script's output is the user's (its logging may
+    be off), the agent's phase is the protocol's own answer.
     """
 
     def __init__(self, specs: Sequence[NodeSpec], *, prefix: bool, grace: float = DEFAULT_GRACE,
-                 out: IO[str] | None = None, err: IO[str] | None = None) -> None:
+                 out: IO[str] | None = None, err: IO[str] | None = None,
+                 standby_poll: float | None = None) -> None:
         self.specs = list(specs)
+        self.standby_poll = STANDBY_POLL_S if standby_poll is None else standby_poll
+        self._next_poll = 0.0
         self.prefix = prefix
         self.grace = grace
         self.out = out or sys.stdout
@@ -460,34 +503,72 @@ class Supervisor:
         stream.close()
 
     # -- life
-    def start(self) -> None:
-        """Spawn every process (all before any relay thread: ``preexec_fn`` is
-        not safe once threads run), then start the relays."""
-        parent = os.getpid()
+    def _spawn(self, spec: NodeSpec) -> _Child:
         pipe = subprocess.PIPE if self.prefix else None
-        for spec in self.specs:
-            try:
-                proc = subprocess.Popen(
-                    spec.argv, env={**os.environ, **spec.env}, stdout=pipe, stderr=pipe,
-                    stdin=subprocess.DEVNULL if self.prefix else None,
-                    start_new_session=True, preexec_fn=_pdeathsig_preexec(parent),
-                )
-            except OSError as exc:
-                raise LaunchError(f"cannot start {spec.argv[0]}: {exc.strerror or exc}") from None
-            self.children.append(_Child(spec, proc))
-            if self.prefix:
-                self._say(f"node {spec.index}{' (standby)' if spec.standby else ''}: pid {proc.pid}, "
-                          f"bind {spec.env['CHAOS_BIND']}, "
-                          f"peers {spec.env['CHAOS_PEERS'] or '(founds the cluster)'}")
+        try:
+            proc = subprocess.Popen(
+                spec.argv, env={**os.environ, **spec.env}, stdout=pipe, stderr=pipe,
+                stdin=subprocess.DEVNULL if self.prefix else None,
+                start_new_session=True, preexec_fn=_pdeathsig_preexec(os.getpid()),
+            )
+        except OSError as exc:
+            raise LaunchError(f"cannot start {spec.argv[0]}: {exc.strerror or exc}") from None
+        child = _Child(spec, proc)
+        self.children.append(child)
         if self.prefix:
-            for child in self.children:
-                for stream, sink in ((child.proc.stdout, self.out), (child.proc.stderr, self.err)):
-                    assert stream is not None
-                    t = threading.Thread(
-                        target=self._relay, args=(child, stream, sink), name=f"relay{child.spec.index}", daemon=True
-                    )
-                    t.start()
-                    child.readers.append(t)
+            self._say(f"node {spec.index}{' (standby)' if spec.standby else ''}: pid {proc.pid}, "
+                      f"bind {spec.env['CHAOS_BIND']}, "
+                      f"peers {spec.env['CHAOS_PEERS'] or '(founds the cluster)'}")
+        return child
+
+    def _start_relays(self, child: _Child) -> None:
+        if not self.prefix:
+            return
+        for stream, sink in ((child.proc.stdout, self.out), (child.proc.stderr, self.err)):
+            assert stream is not None
+            t = threading.Thread(
+                target=self._relay, args=(child, stream, sink), name=f"relay{child.spec.index}", daemon=True
+            )
+            t.start()
+            child.readers.append(t)
+
+    def start(self) -> None:
+        """Spawn every process (all before any relay thread: the fork is
+        simplest with one thread), then start the relays."""
+        for spec in self.specs:
+            self._spawn(spec)
+        for child in self.children:
+            self._start_relays(child)
+
+    def _replenish_standbys(self) -> None:
+        """Each standby seen as a member now is replaced by a new standby
+        (see the class docstring).  A status that fails (the standby still
+        starting, or gone) is asked again at the next poll."""
+        now = time.monotonic()
+        if now < self._next_poll or self._stop_at is not None:
+            return
+        self._next_poll = now + self.standby_poll
+        for child in list(self.children):
+            spec = child.spec
+            if not spec.standby or child.admitted or child.released or child.proc.poll() is not None:
+                continue
+            try:
+                snap = fetch_status(spec.env["CHAOS_BIND"], secret=spec.env.get("CHAOS_SECRET"),
+                                    timeout=self.standby_poll)
+            except LaunchError:
+                continue
+            if (snap.get("membership") or {}).get("phase") != "member":
+                continue
+            child.admitted = True
+            taken = {int(c.spec.env["CHAOS_BIND"].rsplit(":", 1)[1]) for c in self.children}
+            new = replacement_standby(spec, 1 + max(c.spec.index for c in self.children), taken)
+            if new is None:
+                self._say(f"node {spec.index} (standby, pid {child.proc.pid}) is a member now; "
+                          "no free port for a new standby")
+                continue
+            self._say(f"node {spec.index} (standby, pid {child.proc.pid}) is a member now; "
+                      f"starting standby node {new.index}")
+            self._start_relays(self._spawn(new))
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals.append(signum)
@@ -530,6 +611,7 @@ class Supervisor:
         while any(c.proc.poll() is None for c in self.children):
             self._report()
             self._release_standbys()
+            self._replenish_standbys()
             if self._stop_at is not None and time.monotonic() > self._stop_at:
                 self._say(f"children still running {self.grace:g}s after the signal: killing them")
                 self._kill_all()

@@ -345,6 +345,43 @@ def test_standbys_get_every_node_as_seed_the_policy_and_are_stopped_when_the_fit
     assert bad.returncode == 2 and "--standby needs --nodes" in bad.stderr
 
 
+def test_an_admitted_standby_is_replaced_so_that_s_standbys_wait_again() -> None:
+    """``--nodes 1 --standby 1 --target-nodes 2`` with real rendezvous nodes
+    (``-m chaos_lightning.rendezvous`` reads the same CHAOS_* variables as the
+    strategy): the view has room, so the standby is admitted at once; the
+    launcher sees it a member (its agent's status) and starts a new standby on
+    the next port, which the full cluster holds.  SIGTERM ends all three."""
+    base = free_ports(3)
+    env = {"CHAOS_SECRET": SECRET, "CHAOS_LEAVE_TIMEOUT": "3"}
+    run = Launched("--nodes", "1", "--standby", "1", "--target-nodes", "2", "--base-port", str(base),
+                   "-m", "chaos_lightning.rendezvous", env=env)
+    addrs = [f"127.0.0.1:{base + i}" for i in range(3)]
+    try:
+        deadline = time.monotonic() + 30
+        while not any(line.startswith("[node2]") and '"event":"ready"' in line for line in run.out):
+            assert time.monotonic() < deadline and run.proc.poll() is None, (run.out, run.err)
+            time.sleep(0.1)
+        assert any("node 1 (standby" in line and "is a member now; starting standby node 2" in line for line in run.err)
+        assert any(f"node 2 (standby): pid" in line and f"bind {addrs[2]}" in line for line in run.err), run.err
+        # the replacement asks to join and is held: the cluster is at its target of 2
+        deadline = time.monotonic() + 10
+        while True:
+            snap = json.loads(chaos_run("status", "--peer", addrs[0], "--json", env=env).stdout)
+            if sorted(snap["view"]["members"]) == addrs[:2]:
+                break
+            assert time.monotonic() < deadline, snap["view"]
+            time.sleep(0.2)
+        time.sleep(1.5)  # a poll or two later: still held, and no fourth process
+        held = json.loads(chaos_run("status", "--peer", addrs[2], "--json", env=env).stdout)
+        assert held["membership"]["phase"] != "member", held["membership"]
+        assert not any(line.startswith("[node3]") for line in run.out + run.err)
+        run.proc.send_signal(signal.SIGTERM)
+        out, err = run.finish(timeout=30)
+        assert run.proc.returncode == 0, err
+    finally:
+        run.close()
+
+
 def test_nodes_failure_is_nonzero(tiny: Path) -> None:
     base = free_ports(2)
     result = chaos_run("--nodes", "2", "--base-port", str(base), str(tiny), "--exit", "3")

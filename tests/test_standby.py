@@ -33,7 +33,8 @@ def standby_run(tmp: Path, *, n: int = 160, epochs: int = 2, sleep: float = 0.05
                 hidden: int = 16) -> dict:
     """Run the scenario; returns the records and the timing (seconds from the kill).
     ``cold`` (the benchmark's baseline): no standby; the replacement is a
-    plain joiner started after the kill, as a person would."""
+    plain joiner started after the kill, as a person would (``startup_s``:
+    the kill to its model built, its ``ready`` record; None when warm)."""
     addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
     argv = [str(n), str(epochs), str(sleep)]
     env = {**POLICY, "CHAOS_TEST_HIDDEN": str(hidden)}
@@ -54,17 +55,19 @@ def standby_run(tmp: Path, *, n: int = 160, epochs: int = 2, sleep: float = 0.05
         worlds_before = {r["world"] for r in survivor.records if r.get("event") == "step"}
         victim.proc.send_signal(signal.SIGKILL)
         killed = time.monotonic()
+        startup_s = None
         if cold:
             nodes.append(Node(WORKER, argv, spare, tmp / "standby.log"))
-            pid = nodes[-1].event("ready", 90)["pid"]
+            ready = nodes[-1].event("ready", 90)
+            pid, startup_s = ready["pid"], ready["_t"] - killed  # kill -> the replacement's model built
         standby = nodes[2]
         joined = standby.event("step", 60)  # its first step: the world is 2 again, with the standby in it
         # the same step at the survivor (a record of the old group may arrive after the kill: not this one)
-        first = survivor.wait(lambda r: r["event"] == "step" and r["step"] >= joined["step"], 60)
+        first = survivor.wait(lambda r: r["event"] == "step" and r["world"] == 2 and r["step"] >= joined["step"], 60)
         done = [survivor.event("done", 120), standby.event("done", 120)]
         codes = [survivor.exit_code(30), standby.exit_code(30), victim.exit_code(10)]
         return {"pid": pid, "trained_before": trained_before, "worlds_before": worlds_before,
-                "restore_s": max(first["_t"], joined["_t"]) - killed, "done": done,
+                "restore_s": max(first["_t"], joined["_t"]) - killed, "startup_s": startup_s, "done": done,
                 "codes": codes, "n": n, "epochs": epochs,
                 "logs": {x.log.name: x.log.read_text() for x in nodes}}
     finally:
@@ -96,3 +99,65 @@ def test_a_warm_standby_stays_out_at_target_and_replaces_a_killed_member_without
         mine = dict(standby["epochs"][str(epoch)])
         assert set(mine.values()) <= {1} and set(mine) <= set(counts), f"epoch {epoch}"
     assert sum(len(standby["epochs"][str(e)]) for e in range(r["epochs"])) > 0, "the standby trained"
+
+
+@pytest.mark.timeout(90)
+def test_a_standby_never_takes_the_seat_of_a_founding_node_that_starts_late(tmp_path):
+    """The founder and a standby are up; the second founding node starts 2 s
+    later (slower imports).  Before the fix the standby, asking first, was
+    admitted into the forming cluster, and the late node, held as a surplus
+    joiner with a bounded join, exited 1 before its first step.  Now the
+    standby asks only once the cluster trains: the late node trains at world
+    2, the standby trains nothing and then waits as a standby."""
+    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    env = {**POLICY, "CHAOS_JOIN_TIMEOUT": "15"}
+    argv = ["400", "1", "0.05"]
+    founder = Node(WORKER, argv, {**env, "CHAOS_BIND": addrs[0], "CHAOS_PEERS": "", "CHAOS_MIN_NODES": "2"},
+                   tmp_path / "n0.log")
+    standby = Node(WORKER, argv, {**env, "CHAOS_BIND": addrs[2], "CHAOS_PEERS": ",".join(addrs[:2]),
+                                  "CHAOS_MIN_NODES": "1", "CHAOS_STANDBY": "1"}, tmp_path / "standby.log")
+    nodes = [founder, standby]
+    try:
+        founder.event("ready", 60)
+        standby.event("ready", 60)
+        time.sleep(2.0)  # both in fit: the founder alone in its view, the standby free to ask
+        late = Node(WORKER, argv, {**env, "CHAOS_BIND": addrs[1], "CHAOS_PEERS": addrs[0], "CHAOS_MIN_NODES": "2"},
+                    tmp_path / "n1.log")
+        nodes.append(late)
+        late.wait(lambda r: r["event"] == "step" and r["world"] == 2 and r["step"] >= 3, 60)
+        deadline = time.monotonic() + 15
+        while "waiting to be admitted" not in standby.log.read_text():
+            assert time.monotonic() < deadline and standby.proc.poll() is None, standby.log.read_text()
+            time.sleep(0.1)
+        assert "waiting for the cluster to train before asking to join" in standby.log.read_text()
+        assert not [r for r in standby.records if r.get("event") == "step"], "the standby took a founder's seat"
+        assert late.proc.poll() is None and founder.proc.poll() is None
+    finally:
+        for x in nodes:
+            x.stop()
+
+
+def test_a_standby_waits_for_training_and_knows_when_the_cluster_is_gone():
+    """``wait_for_training`` against a stand-in status query: a seed that
+    refuses, one still forming (no step), then one that trains; and every
+    seed refusing for ``gone_after`` is a clear StandbyOrphaned."""
+    import lightning.pytorch  # noqa: F401  (first: importing the strategy package before lightning is circular)
+
+    from chaos_lightning.strategy.standby import StandbyOrphaned, wait_for_training
+
+    answers = iter([None, {"step": 0}, {"step": 5, "ended": False}])
+
+    def ask(seed, *, secret, timeout):
+        if seed == "a:1":
+            raise ConnectionRefusedError(111, "Connection refused")
+        return {"training": next(answers)}
+
+    assert wait_for_training(["a:1", "b:2"], None, poll=0.01, ask=ask) == "b:2"
+
+    def refuse(seed, *, secret, timeout):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    t0 = time.monotonic()
+    with pytest.raises(StandbyOrphaned, match=r"no seed listens \(a:1 \(connection refused"):
+        wait_for_training(["a:1"], None, gone_after=0.2, poll=0.01, ask=refuse)
+    assert time.monotonic() - t0 < 5

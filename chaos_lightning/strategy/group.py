@@ -214,7 +214,7 @@ class ElasticGroup:
             if self.config.standby:  # held by the size policy: no join timeout (standby.py)
                 from chaos_lightning.strategy.standby import wait_as_standby
 
-                view = wait_as_standby(self.rdv)
+                view = wait_as_standby(self.rdv, seeds=self.config.peers, secret=self.config.secret)
                 deadline = time.monotonic() + self.config.join_timeout  # the join's bound starts at admission
             else:
                 view = self.rdv.join(self.config.join_timeout)

@@ -12,7 +12,20 @@ bit-identical guarantees): this module only replaces the *bounded* wait for
 the first view (``CHAOS_JOIN_TIMEOUT``) with an unbounded one, since being
 held is the standby's job, not a failure.
 
-The wait still ends, with one clear line:
+A standby asks to join only once the cluster *trains* (a seed's agent status
+reports a step, :func:`wait_for_training`).  Why: admission takes whoever
+asks while a view has room, and a cluster being founded has room for the
+nodes started to found it.  A standby that asked then (measured: it reached
+``fit`` before the second node of ``chaos-run --nodes 2 --standby 1`` when
+that node's imports were slower) took that node's seat; the node, held as a
+surplus joiner with an ordinary, bounded join, exited 1 after
+``CHAOS_JOIN_TIMEOUT`` before its first step, and the cluster had no standby
+left.  A cluster trains only once its ``min_nodes`` founders are members, so
+from then on every seat a standby can take is a vacancy (or room below a
+``target_nodes`` above the founders).  The price: a standby never stands in
+for a founder that never starts (the founders' join timeout reports that).
+
+Both waits still end, with one clear line:
 
 * SIGTERM: exit 143 at once (:func:`sigterm_ends_wait`; there is nothing to
   leave: the standby holds no slot, and its pending join is harmless);
@@ -31,7 +44,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from chaos_lightning.membership import events as ev
 from chaos_lightning.membership.view import View
@@ -54,14 +67,56 @@ class StandbyOrphaned(RuntimeError):
     """The cluster a standby waited for has ended (no seed listens any more)."""
 
 
-def wait_as_standby(rdv: Any, *, gone_after: float = CLUSTER_GONE_S, poll: float = POLL_S) -> View:
-    """Ask to join through ``rdv`` and wait, without a timeout, for the view
-    that admits this node; the first view that lists it is returned."""
-    agent = getattr(rdv, "agent", None)
-    log.info("chaos: warm standby: waiting to be admitted (held while the cluster is at its size target)")
-    t0 = time.monotonic()
+def wait_for_training(seeds: Sequence[str], secret: Any, *, gone_after: float = CLUSTER_GONE_S,
+                      poll: float = POLL_S, ask: Callable[..., dict] | None = None) -> str:
+    """Wait, without a timeout, until one of ``seeds`` reports (agent status,
+    ``training.step`` > 0) that the cluster trains; that seed is returned.
+    :class:`StandbyOrphaned` once every seed refused connections for
+    ``gone_after`` seconds in a row.  ``ask``: the status query (a test's stand-in
+    for :func:`chaos_lightning.agent.status`)."""
+    if ask is None:
+        from chaos_lightning.agent import status as ask
+    log.info("chaos: warm standby: waiting for the cluster to train before asking to join (seeds: %s)",
+             ", ".join(seeds))
     gone_since: float | None = None
+    while True:
+        refused: dict[str, str] = {}
+        for seed in seeds:
+            try:
+                report = ask(seed, secret=secret, timeout=poll).get("training")
+            except ConnectionRefusedError as exc:
+                refused[seed] = f"connection refused: {exc.strerror or exc}"
+                continue
+            except Exception as exc:  # noqa: BLE001 - starting, timed out: ask again next round
+                log.debug("chaos: warm standby: no status from %s: %s", seed, exc)
+                continue
+            if isinstance(report, dict) and int(report.get("step", 0)) > 0:
+                return seed
+        now = time.monotonic()
+        if len(refused) == len(seeds):
+            gone_since = gone_since if gone_since is not None else now
+            if now - gone_since >= gone_after:
+                raise StandbyOrphaned(
+                    "chaos: the cluster this standby waited for has ended (or never started): no seed listens "
+                    f"({', '.join(f'{a} ({why})' for a, why in refused.items())}) for {gone_after:g}s")
+        else:
+            gone_since = None
+        time.sleep(poll)
+
+
+def wait_as_standby(rdv: Any, *, seeds: Sequence[str] = (), secret: Any = None, gone_after: float = CLUSTER_GONE_S,
+                    poll: float = POLL_S) -> View:
+    """Once the cluster trains (:func:`wait_for_training` on ``seeds``; skipped
+    without seeds or without an agent, e.g. the etcd backend), ask to join
+    through ``rdv`` and wait, without a timeout, for the view that admits
+    this node; the first view that lists it is returned."""
+    agent = getattr(rdv, "agent", None)
     with sigterm_ends_wait("waiting as a warm standby"):
+        if seeds and agent is not None:
+            wait_for_training(seeds, secret, gone_after=gone_after, poll=poll)
+        log.info("chaos: warm standby: waiting to be admitted (held while the cluster is at its size target)")
+        t0 = time.monotonic()
+        gone_since: float | None = None
         while True:
             try:
                 view = rdv.join(poll)
