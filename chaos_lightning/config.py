@@ -58,6 +58,8 @@ variable                   setting                                      default
 ``CHAOS_SHARES``           each member's share of the global batch:     ``equal``
                            ``equal`` or ``adaptive`` (by measured speed)
 ``CHAOS_METRICS``          ``host:port`` of the Prometheus endpoint     unset (off)
+``CHAOS_GC_FREEZE``        freeze the heap out of full garbage          1 (on)
+                           collections when training starts
 ``CHAOS_ETCD_*``           the etcd baseline: ``ENDPOINTS``,            ``127.0.0.1:2379``,
                            ``PREFIX``, ``TTL``, ``OP_TIMEOUT``          ``/chaos``, 2, 5
 =========================  ===========================================  ======================
@@ -163,6 +165,11 @@ class NodeConfig:
     shares: str = "equal"
     #: ``host:port`` of this node's Prometheus metrics endpoint, or None (off)
     metrics: str | None = None
+    #: when training starts, move what the process holds into the
+    #: interpreter's permanent generation (``gc.freeze``), so that a full
+    #: garbage collection, one node at a time, stops stalling every member's
+    #: step (``strategy.environment.freeze_heap``)
+    gc_freeze: bool = True
     #: the etcd baseline: ``host:port[,host:port...]``, key prefix, lease TTL and per-call bound (s)
     etcd_endpoints: str = "127.0.0.1:2379"
     etcd_prefix: str = "/chaos"
@@ -221,6 +228,7 @@ class NodeConfig:
             catch_up_steps=r.integer("catch_up_steps", "CHAOS_CATCH_UP_STEPS", cls.catch_up_steps),
             shares=r.choice("shares", "CHAOS_SHARES", cls.shares, ("equal", "adaptive")),
             metrics=r.address("metrics", "CHAOS_METRICS", None),
+            gc_freeze=r.boolean("gc_freeze", "CHAOS_GC_FREEZE", cls.gc_freeze),
             etcd_endpoints=r.endpoints("etcd_endpoints", "CHAOS_ETCD_ENDPOINTS", cls.etcd_endpoints),
             etcd_prefix=r.prefix("etcd_prefix", "CHAOS_ETCD_PREFIX", cls.etcd_prefix),
             etcd_ttl=r.seconds("etcd_ttl", "CHAOS_ETCD_TTL", cls.etcd_ttl),

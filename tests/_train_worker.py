@@ -29,6 +29,7 @@ a WGAN critic does (parameters changed outside ``optimizer.step``);
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
@@ -227,7 +228,7 @@ def main() -> None:
         event="done", pid=os.getpid(), left=strategy.left, global_step=trainer.global_step,
         params=digest(model.parameters()), optim=digest(opt_tensors),
         epochs={str(e): sorted(ledger.counts(e).items()) for e in range(epochs)} if ledger else {},
-        switches=strategy.events, lr=opt.param_groups[0]["lr"],
+        switches=strategy.events, lr=opt.param_groups[0]["lr"], frozen=gc.get_freeze_count(),
     )
 
 

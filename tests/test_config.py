@@ -203,6 +203,7 @@ README_VALUES: dict[str, tuple[str, str, object]] = {
     "CHAOS_STOP_FREE_JOIN": ("1", "stop_free_join", True),
     "CHAOS_CATCH_UP_STEPS": ("4", "catch_up_steps", 4),
     "CHAOS_SHARES": ("adaptive", "shares", "adaptive"),
+    "CHAOS_GC_FREEZE": ("0", "gc_freeze", False),
     "CHAOS_METRICS": ("127.0.0.1:9400", "metrics", "127.0.0.1:9400"),
     "CHAOS_GLOBAL_BATCH_SIZE": ("96", "global_batch_size", 96),
     "CHAOS_JOIN_TIMEOUT": ("42", "join_timeout", 42.0),

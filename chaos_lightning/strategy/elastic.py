@@ -39,7 +39,7 @@ from chaos_lightning.config import NodeConfig
 from chaos_lightning.membership.view import View
 from chaos_lightning.strategy import collectives
 from chaos_lightning.strategy.buffers import BufferSync
-from chaos_lightning.strategy.environment import pin_gloo_interface, take_sigterm
+from chaos_lightning.strategy.environment import freeze_heap, pin_gloo_interface, take_sigterm
 from chaos_lightning.strategy.gradients import GradientBuffer
 from chaos_lightning.strategy.group import ElasticGroup, VotersGone
 from chaos_lightning.strategy.process_group import CollectiveError
@@ -687,6 +687,8 @@ class ElasticMember:
         self.events.append({"epoch": epoch, "world": world, "stall_s": took, **(
             {"joined": True} if joined else {"failed_step": failed_step})})
         log.info("chaos: training in epoch %d with world %d (%.3fs)", epoch, world, took)
+        if joined and self.config.gc_freeze:
+            log.debug("chaos: %d objects frozen out of the full garbage collections", freeze_heap())
         switch = self.group.pg.last_switch
         self.trace.emit(
             "trainers", epoch=epoch, world=world, trainers=list(self.group.trainers), stall_s=took, joined=joined,

@@ -99,6 +99,7 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         catch_up_steps: int | None = None,
         shares: str | None = None,
         metrics: str | None = None,
+        gc_freeze: bool | None = None,
         target_nodes: int | None = None,
         max_nodes: int | None = None,
         standby: bool | None = None,
@@ -112,7 +113,7 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
             min_nodes=min_nodes, global_batch_size=global_batch_size, max_sources=max_sources, join_timeout=join_timeout,
             collective_timeout=collective_timeout, switch_timeout=switch_timeout, sideline_timeout=sideline_timeout,
             record_samples=record_samples, stop_free_join=stop_free_join, catch_up_steps=catch_up_steps,
-            shares=shares, metrics=metrics, target_nodes=target_nodes, max_nodes=max_nodes, standby=standby,
+            shares=shares, metrics=metrics, gc_freeze=gc_freeze, target_nodes=target_nodes, max_nodes=max_nodes, standby=standby,
         )))
         super().__init__(
             cluster_environment=ChaosEnvironment(), process_group_backend="gloo",
