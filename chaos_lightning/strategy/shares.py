@@ -36,6 +36,8 @@ The rule, per rank ``r`` with ``n_r`` samples and busy time ``t_r``:
 * they are taken when the step time they predict, ``max(n'_r / rate_r)``
   over the whole-sample split ``n'`` they give the same block, is shorter
   than the current ``max(n_r / rate_r)`` by more than :attr:`tolerance`
+  plus what the ranks' own noise explains (:meth:`_noise`: two standard
+  errors of a median, from each rank's median absolute deviation)
   (whole samples: with 8 samples over a fast and a slow rank, 6 and 2 may
   already be the best split, and the fractional optimum would propose it
   again at every step, measured).
@@ -142,12 +144,29 @@ class ShareBalancer:
         split = [hi - lo for lo, hi in (_share_bounds(total, world, shadows, r, weights) for r in range(world))]
         now = max(samples[r] / rates[r] for r in members)
         then = max(split[r] / rates[r] for r in members)
-        if split == list(samples) or then * (1.0 + self.tolerance) >= now:
+        if split == list(samples) or then * (1.0 + self.tolerance + self._noise(active)) >= now:
             return None
         self.rates = rates
         self.predicted = (now, then)
         self._since = 0
         return weights
+
+    def _noise(self, ranks: Sequence[int]) -> float:
+        """How far apart two ranks' median rates may be by chance alone: about
+        two standard errors of the median (1.25 sigma / sqrt(n)), sigma from
+        each rank's median absolute deviation, the noisiest rank's.  Measured
+        on benchmarks/heterogeneity.py (a CFS quota per node): +-8 % per step,
+        so medians of 9 differed by up to 7 % and a fixed 8 % bar was crossed
+        every few decisions on noise alone."""
+        worst = 0.0
+        for r in ranks:
+            values = self._rates[r]
+            mid = _median(values)
+            if len(values) < 3 or mid <= 0:
+                continue
+            mad = _median([abs(v - mid) for v in values])
+            worst = max(worst, 2 * 1.25 * 1.4826 * mad / mid / len(values) ** 0.5)
+        return worst
 
     def weights_for(self, rates: Sequence[float], members: Sequence[int]) -> tuple[int, ...]:
         """Integer weights proportional to ``rates`` over the ``members`` (the
