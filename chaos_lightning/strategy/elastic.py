@@ -39,7 +39,7 @@ from chaos_lightning.config import NodeConfig
 from chaos_lightning.membership.view import View
 from chaos_lightning.strategy import collectives
 from chaos_lightning.strategy.buffers import BufferSync
-from chaos_lightning.strategy.environment import freeze_heap, pin_gloo_interface, take_sigterm
+from chaos_lightning.strategy.process import freeze_heap, pin_gloo_interface, take_sigterm
 from chaos_lightning.strategy.gradients import GradientBuffer
 from chaos_lightning.strategy.group import ElasticGroup, VotersGone
 from chaos_lightning.strategy.process_group import CollectiveError

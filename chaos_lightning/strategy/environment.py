@@ -6,19 +6,13 @@ committed view (they change at every switch; the processes are the user's,
 so there is no launcher); :func:`pin_gloo_interface` makes gloo talk on the
 interface of the address the node binds; :func:`take_sigterm` turns SIGTERM
 into a graceful leave; :func:`freeze_heap` keeps the interpreter's full
-garbage collections off the step.
+garbage collections off the step.  The last four live in :mod:`.process`
+(no Lightning import) and are re-exported here.
 """
 
 from __future__ import annotations
 
-import gc
-import logging
 import os
-import signal
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
 
 from lightning.fabric.plugins.environments.cluster_environment import ClusterEnvironment
 from typing_extensions import override
@@ -76,88 +70,11 @@ class ChaosEnvironment(ClusterEnvironment):
         return self._rank
 
 
-def pin_gloo_interface(host: str) -> None:
-    """Make gloo use the interface of the address we bind.
+from chaos_lightning.strategy.process import (  # noqa: E402  (re-exported: they need no Lightning)
+    freeze_heap,
+    pin_gloo_interface,
+    sigterm_ends_wait,
+    take_sigterm,
+)
 
-    Gloo picks its address from the host name unless ``GLOO_SOCKET_IFNAME``
-    names an interface; inside a network namespace (or on a host whose name
-    resolves to loopback) the name gave an address the peers cannot reach
-    (measured on the testbed: "connectFullMesh failed ... Connection
-    refused", and no group ever formed).  A user's own setting wins.
-    """
-    import ipaddress
-
-    import psutil
-
-    if os.environ.get("GLOO_SOCKET_IFNAME"):
-        return
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return  # a host name: leave it to gloo
-    if ip.is_loopback or ip.is_unspecified:
-        return
-    for name, addrs in psutil.net_if_addrs().items():
-        if any(a.address.split("%", 1)[0] == str(ip) for a in addrs):
-            os.environ["GLOO_SOCKET_IFNAME"] = name
-            return
-
-
-def take_sigterm(leave: Callable[[], None]) -> None:
-    """SIGTERM calls ``leave`` (the node leaves at the next step boundary).
-
-    The strategy calls this at setup and again at train start, because
-    Lightning's signal connector installs its own SIGTERM handler in between
-    and would chain ours behind one that ends fit with SIGTERMException.
-    Ours replaces it, not chained.  Only the main thread may set handlers.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        logging.getLogger("chaos_lightning.strategy").info("chaos: SIGTERM, leaving at the next step boundary")
-        leave()
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-
-
-@contextmanager
-def sigterm_ends_wait(what: str) -> Iterator[None]:
-    """While this node waits outside any group (to join, for ``min_nodes``),
-    SIGTERM ends the process within the wait's next wake-up: one line, exit
-    143 (128 + SIGTERM), no traceback.  There is nothing to leave yet, so
-    "leave at the next step boundary" would wait for a boundary that never
-    comes (issue 12: a SIGTERM at 20 s was honoured at 124 s)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        logging.getLogger("chaos_lightning.strategy").warning("chaos: SIGTERM while %s: exiting", what)
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def freeze_heap() -> int:
-    """Move every object alive now (imports, Lightning, the model, the data
-    set: what a training process keeps to its end) into the interpreter's
-    permanent generation (:func:`gc.freeze`); returns how many.
-
-    Why: CPython's full (generation-2) collection walks every tracked object,
-    and a training process holds hundreds of thousands from start-up (370,000
-    in benchmarks/heterogeneity.py's worker).  One took 0.40 s at 0.4 CPU,
-    every 3-5 s, each node at its own moment; in a synchronous step every
-    member waits for each one, so the cluster lost a pause per node: 22,485
-    against 28,230 samples/s with equal shares, 33,714 against 46,389 with
-    adaptive ones (4 nodes, one run each, 2026-12-07).  Frozen, the same
-    collection walks only what was allocated since: 4-20 ms.  No collection
-    runs first (at a joiner's first step it would be the members' wait); the
-    little garbage alive now (40-812 objects in those runs) stays frozen.
-    ``CHAOS_GC_FREEZE=0`` turns it off."""
-    gc.freeze()
-    return gc.get_freeze_count()
+__all__ = ["ChaosEnvironment", "freeze_heap", "pin_gloo_interface", "sigterm_ends_wait", "take_sigterm"]

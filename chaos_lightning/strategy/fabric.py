@@ -55,7 +55,8 @@ from chaos_lightning.strategy import _lightning_internals as internals
 from chaos_lightning.strategy import collectives
 from chaos_lightning.strategy.devices import child_options, launcher_for
 from chaos_lightning.strategy.elastic import ElasticMember
-from chaos_lightning.strategy.environment import ChaosEnvironment, take_sigterm
+from chaos_lightning.strategy.environment import ChaosEnvironment
+from chaos_lightning.strategy.process import take_sigterm
 from chaos_lightning.strategy.sampler import StaleLayoutError, elastic_dataloader
 from chaos_lightning.strategy.switch import Action, Decision
 

@@ -28,7 +28,7 @@ from chaos_lightning.config import NodeConfig
 from chaos_lightning.membership import events as ev
 from chaos_lightning.membership.view import View
 from chaos_lightning.rendezvous import create as create_rendezvous
-from chaos_lightning.strategy.environment import sigterm_ends_wait
+from chaos_lightning.strategy.process import sigterm_ends_wait
 from chaos_lightning.strategy.trace import progress
 from chaos_lightning.strategy.process_group import CollectiveAborted, CollectiveError, ElasticProcessGroup
 from chaos_lightning.strategy.trace import Trace

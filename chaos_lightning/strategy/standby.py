@@ -49,7 +49,7 @@ from typing import Any, Callable, Sequence
 from chaos_lightning.membership import events as ev
 from chaos_lightning.membership.view import View
 from chaos_lightning.rendezvous.base import RendezvousClosed, RendezvousError
-from chaos_lightning.strategy.environment import sigterm_ends_wait
+from chaos_lightning.strategy.process import sigterm_ends_wait
 
 log = logging.getLogger(__name__)
 
