@@ -81,7 +81,6 @@ import argparse
 import contextlib
 import functools
 import json
-import math
 import os
 import platform
 import secrets
@@ -456,15 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": version("torch"), "lightning": version("lightning"), "python": platform.python_version(),
         "cpus_host": os.cpu_count(), "wall_s": round(time.monotonic() - started, 1),
     }
-    for r in rows:
-        for key, v in r.items():
-            if isinstance(v, float) and not math.isfinite(v):
-                raise BenchError(f"{r['kind']} {key} is not finite")
-    print_table(params, rows)
-    print(f"total {params['wall_s']:.0f}s wall")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"params": params, "rows": rows}, indent=1))
-        print(f"wrote {args.json}")
+    steady_state.finish(params, rows, args.json, print_table)
     broken = [r["shares"] for r in rows if r["kind"] == "run" and not (r["exact_cover"] and r["identical"])]
     if broken:
         print(f"invariants broken in: {', '.join(broken)}", file=sys.stderr)

@@ -532,6 +532,21 @@ def print_table(params: dict[str, Any], rows: list[dict[str, Any]]) -> None:
 
 
 # ---------------------------------------------------------------------- main
+def finish(params: dict[str, Any], rows: list[dict[str, Any]], json_path: str | None,
+           table: Callable[[dict[str, Any], list[dict[str, Any]]], None]) -> None:
+    """Refuse a non-finite number in any row, print the table and the wall
+    time, and write ``{"params", "rows"}`` to ``json_path`` (if given)."""
+    for r in rows:
+        for k, v in r.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise BenchError(f"{r['kind']} {k} is not finite")
+    table(params, rows)
+    print(f"total {params['wall_s']:.0f}s wall")
+    if json_path:
+        Path(json_path).write_text(json.dumps({"params": params, "rows": rows}, indent=1))
+        print(f"wrote {json_path}")
+
+
 @contextlib.contextmanager
 def log_dir() -> Iterator[Path]:
     """The workers' stderr logs: removed after a clean run, kept (and named) after a failure."""
@@ -572,15 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(), "wall_s": round(time.monotonic() - started, 1),
         "order": "ABBA: round r runs ddp then chaos when r is even, chaos then ddp when odd",
     }
-    for r in rows:
-        for k, v in r.items():
-            if isinstance(v, float) and not math.isfinite(v):
-                raise BenchError(f"{r['kind']} {k} is not finite")
-    print_table(params, rows)
-    print(f"total {params['wall_s']:.0f}s wall")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"params": params, "rows": rows}, indent=1))
-        print(f"wrote {args.json}")
+    finish(params, rows, args.json, print_table)
     return 0
 
 

@@ -49,8 +49,9 @@ def _restore_environ() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def params(endpoint: str, min_nodes: int = 2, max_nodes: int = 3, **conf: str) -> RendezvousParameters:
-    return RendezvousParameters("chaos", endpoint, "run-1", min_nodes, max_nodes, **conf)
+def params(endpoint: str, min_nodes: int = 2, max_nodes: int | None = None, **conf: str) -> RendezvousParameters:
+    """``--nnodes MIN`` (MAX = MIN, as torchrun sets it) or ``MIN:MAX``."""
+    return RendezvousParameters("chaos", endpoint, "run-1", min_nodes, max_nodes or min_nodes, **conf)
 
 
 def chaos_env() -> dict[str, str]:
@@ -147,6 +148,24 @@ def test_a_bad_rdzv_conf_is_one_clear_line(conf: dict[str, str], words: str) -> 
     with pytest.raises(ChaosRendezvousError) as err:
         ChaosRendezvousHandler(params(f"127.0.0.1:{free_port()}", **conf))
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_size_policy_and_standby_reach_the_workers_counted_in_members() -> None:
+    """``--nnodes 1:3 --rdzv-conf standby=1,target_nodes=2``: the workers wait
+    as standbys; the policy counts members (nodes times --nproc-per-node: 1
+    here); a plain ``--nnodes N`` (MAX = MIN) caps nothing."""
+    handler = ChaosRendezvousHandler(params(f"127.0.0.1:{free_port()}", min_nodes=1, max_nodes=3, is_host="0",
+                                            standby="1", target_nodes="2"))
+    handler.next_rendezvous()
+    env = chaos_env()
+    assert (env["CHAOS_STANDBY"], env["CHAOS_TARGET_NODES"], env["CHAOS_MAX_NODES"]) == ("1", "2", "3")
+    handler.nproc = 2
+    assert handler._members("3") == "6"
+    plain = ChaosRendezvousHandler(params(f"127.0.0.1:{free_port()}", min_nodes=2, max_nodes=2, is_host="0"))
+    plain.founds = False  # a joining node (what next_rendezvous decides first)
+    assert "CHAOS_MAX_NODES" not in plain.chaos_env()
+    with pytest.raises(ChaosRendezvousError, match="target_nodes"):
+        ChaosRendezvousHandler(params(f"127.0.0.1:{free_port()}", target_nodes="many"))
 
 
 def test_torch_timeouts_are_accepted_and_ignored() -> None:

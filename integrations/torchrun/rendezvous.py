@@ -36,12 +36,17 @@ separated by ``;``: torchrun splits the conf at commas, so
 ``chaos_backend`` (chaos rendezvous backend, ``peer`` by default; ``backend``
 itself cannot be a conf key, torchrun would pass it twice), ``secret_env``
 (the name of the variable holding the cluster secret: never the secret
-itself on the command line).  torch's generic timeouts (``timeout``,
+itself on the command line), and the size policy (docs/standby.md):
+``standby=1`` (this node's workers wait as warm standbys) and
+``target_nodes=K`` (in nodes, like ``--nnodes``: times ``--nproc-per-node``
+members; the founder's value is the cluster's).
+torch's generic timeouts (``timeout``,
 ``join_timeout``, ...) are accepted and ignored: the strategy's own bounded
 waits apply.  Every value is checked through
 :class:`chaos_lightning.config.NodeConfig` (over the environment the workers
-inherit) before any worker starts.  ``--nnodes MIN:MAX``: MIN becomes ``CHAOS_MIN_NODES``; MAX is not
-enforced (peers admit any joiner).  ``--nproc-per-node N``: every worker
+inherit) before any worker starts.  ``--nnodes MIN:MAX``: MIN becomes ``CHAOS_MIN_NODES``; a MAX above MIN
+becomes ``CHAOS_MAX_NODES`` (the size policy: joiners beyond it wait as
+standbys; a plain ``--nnodes N`` caps nothing).  ``--nproc-per-node N``: every worker
 is a member (``CHAOS_MIN_NODES`` is MIN x N); the workers share the node's
 ``CHAOS_BIND`` and split it by ``LOCAL_RANK`` (``CHAOS_SPLIT_BY_LOCAL_RANK=1``:
 local rank k binds port + k, or a free port on a joining node, and joins
@@ -88,7 +93,7 @@ BACKEND = "chaos"
 #: ``--rdzv-conf`` keys this backend reads (``chaos_backend``, not ``backend``:
 #: torchrun passes the conf as keyword arguments of ``RendezvousParameters``,
 #: whose own ``backend`` argument would clash: a TypeError before any plugin runs)
-CONF_KEYS = ("is_host", "preset", "membership", "chaos_backend", "secret_env")
+CONF_KEYS = ("is_host", "preset", "membership", "chaos_backend", "secret_env", "standby", "target_nodes")
 #: torch's generic rendezvous options, accepted (torchrun always passes
 #: ``timeout``) and ignored: peers bound their own waits
 IGNORED_CONF_KEYS = ("timeout", "join_timeout", "last_call_timeout", "close_timeout", "read_timeout")
@@ -283,6 +288,13 @@ class ChaosRendezvousHandler(RendezvousHandler):
         self.membership: str | None = params.get("membership")
         self.backend: str | None = params.get("chaos_backend")
         self.secret_env: str | None = params.get("secret_env")
+        # the size policy and warm standbys (docs/standby.md), in nodes (agents) like --nnodes
+        self.standby: str | None = params.get("standby")
+        self.target_nodes: str | None = params.get("target_nodes")
+        # --nnodes MIN:MAX with MAX above MIN caps the members (a plain --nnodes N
+        # sets MAX = N too, and caps nothing, as before the policy)
+        self.max_nodes: str | None = str(params.max_nodes) if params.max_nodes > params.min_nodes else None
+        self.nproc = 1  # --nproc-per-node, read at the round
         self.secret: str | None = None
         if self.secret_env is not None:
             self.secret = os.environ.get(self.secret_env) or None
@@ -295,7 +307,6 @@ class ChaosRendezvousHandler(RendezvousHandler):
         self.founds: bool | None = None  # decided at the first round
         self.env: dict[str, str] = {}  # what the last round set in os.environ
         self.rounds = 0
-        self.nproc = 1  # --nproc-per-node, read at the round
         self._claim = EndpointClaim(self.host, self.port)
         self._closed = threading.Event()
 
@@ -309,6 +320,9 @@ class ChaosRendezvousHandler(RendezvousHandler):
             "CHAOS_MIN_NODES": ("--nnodes", min_nodes),
             "CHAOS_BIND": ("the bind address", bind),
             "CHAOS_PEERS": ("--rdzv-endpoint", peers),
+            "CHAOS_STANDBY": ("--rdzv-conf standby", self.standby),
+            "CHAOS_TARGET_NODES": ("--rdzv-conf target_nodes", self._members(self.target_nodes)),
+            "CHAOS_MAX_NODES": ("--nnodes MAX", self._members(self.max_nodes)),
         }
         if self.secret_env is not None:
             flags["CHAOS_SECRET"] = (f"${self.secret_env}", self.secret)
@@ -316,6 +330,13 @@ class ChaosRendezvousHandler(RendezvousHandler):
             return resolve_flags(flags)
         except ConfigError as exc:
             raise ChaosRendezvousError(f"chaos rendezvous: {str(exc).removeprefix('chaos: ')}") from None
+
+    def _members(self, nodes: str | None) -> str | None:
+        """A node count of the conf as members (every worker is one), or the
+        text as given when it is no integer (NodeConfig then names the key)."""
+        if nodes is None or not nodes.strip().isdigit():
+            return nodes
+        return str(int(nodes) * self.nproc)
 
     # -- RendezvousHandler
     def get_backend(self) -> str:
@@ -412,6 +433,11 @@ class ChaosRendezvousHandler(RendezvousHandler):
             env["CHAOS_BACKEND"] = self.backend
         if self.secret:
             env["CHAOS_SECRET"] = self.secret
+        if self.standby:
+            env["CHAOS_STANDBY"] = self.standby
+        for var, nodes in (("CHAOS_TARGET_NODES", self.target_nodes), ("CHAOS_MAX_NODES", self.max_nodes)):
+            if nodes:
+                env[var] = self._members(nodes)
         return env
 
 
