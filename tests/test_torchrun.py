@@ -263,10 +263,11 @@ def test_torchrun_two_nodes_a_third_joins_the_founder_is_killed_survivors_never_
         founders = [i for i, e in enumerate(envs) if e["CHAOS_PEERS"] == ""]
         assert len(founders) == 1, envs
         founder, other = agents[founders[0]], agents[1 - founders[0]]
-        # the handler's three, and the agent's own CHAOS_RECORD_SAMPLES passed through
-        assert envs[founders[0]] == {"CHAOS_BIND": endpoint, "CHAOS_PEERS": "", "CHAOS_MIN_NODES": "2", **RECORD}
-        assert envs[1 - founders[0]] == {
-            "CHAOS_BIND": "127.0.0.1:0", "CHAOS_PEERS": endpoint, "CHAOS_MIN_NODES": "2", **RECORD}
+        # the handler's four (--nnodes 2:3: at most 3 members), and the
+        # agent's own CHAOS_RECORD_SAMPLES passed through
+        cap = {"CHAOS_MIN_NODES": "2", "CHAOS_MAX_NODES": "3"}
+        assert envs[founders[0]] == {"CHAOS_BIND": endpoint, "CHAOS_PEERS": "", **cap, **RECORD}
+        assert envs[1 - founders[0]] == {"CHAOS_BIND": "127.0.0.1:0", "CHAOS_PEERS": endpoint, **cap, **RECORD}
         other.wait(lambda r: r.get("event") == "step" and r["world"] == 2 and r["step"] >= 3, 60)
 
         late = Agent(endpoint, argv, tmp_path / "agent2.log")
