@@ -144,3 +144,24 @@ def test_joiners_that_lose_every_member_holding_the_state_stop_with_a_clear_erro
         assert "chaos: no member holding the training state is left (the cluster had trained to global step" in text, n.log
         assert f"resume the run from its last checkpoint ({ckpt}" in text, n.log
         assert not [r for r in n.records if r["event"] == "step"], "trained nothing from random weights"
+
+
+def test_the_way_back_names_a_checkpoint_any_member_reported(monkeypatch):
+    """What a joiner learns at its admission: the furthest step any member
+    reports, and the newest checkpoint any of them names, even when the
+    furthest report names none (a member between its commit and its save, a
+    learner that took the state).  A CI run once ended the error of the test
+    above without the path."""
+    from types import SimpleNamespace
+
+    import chaos_lightning.agent as agent_pkg
+    from chaos_lightning.strategy.elastic import ElasticMember
+
+    reports = {"a:1": {"step": 7, "checkpoint": None}, "b:1": {"step": 6, "checkpoint": "/ckpt/step=6.ckpt"},
+               "c:1": {"step": 5, "checkpoint": "/ckpt/step=5.ckpt"}}
+    monkeypatch.setattr(agent_pkg, "status", lambda addr, **kw: {"training": reports[addr]})
+    me = SimpleNamespace(group=SimpleNamespace(rdv=SimpleNamespace(agent=object())), node_id="me",
+                         config=SimpleNamespace(secret=None))
+    view = SimpleNamespace(ids=["me", "a", "b", "c"], member=lambda n: SimpleNamespace(addr=f"{n}:1"))
+    seen = ElasticMember._ask_what_was_trained(me, view)
+    assert (seen["step"], seen["checkpoint"], seen["node"]) == (7, "/ckpt/step=6.ckpt", "a")

@@ -309,6 +309,7 @@ class ElasticMember:
         if getattr(self.group.rdv, "agent", None) is None:
             return None  # a backend with no agents (etcd)
         best: dict[str, Any] | None = None
+        saved: tuple[int, str] | None = None  # the newest checkpoint any of them names, and its step
         for node in [n for n in view.ids if n != self.node_id][:most]:
             try:
                 report = status(view.member(node).addr, secret=self.config.secret, timeout=1.0).get("training")
@@ -318,6 +319,12 @@ class ElasticMember:
             if isinstance(report, dict) and int(report.get("step", 0)) > 0:
                 if best is None or report["step"] > best["step"] or report.get("ended"):
                     best = {**report, "node": node}
+                if report.get("checkpoint") and (saved is None or report["step"] > saved[0]):
+                    saved = (report["step"], report["checkpoint"])
+        if best is not None and not best.get("checkpoint") and saved is not None:
+            # the furthest report named none (a member between its commit and
+            # its save, a synced learner): another member's is still the way back
+            best["checkpoint"] = saved[1]
         return best
 
     def _training_report(self) -> dict[str, Any] | None:
