@@ -115,6 +115,17 @@ def _worker_main(node_id: str) -> None:
             abort_at[0] = None
             emit(ev="allreduce", ok=True, values=sorted({float(x) for t in ts for x in t.flatten().tolist()}),
                  ms=1e3 * (done - t0), recovery_ms=recovery)
+        elif op == "reduce":  # Lightning's reduce_op through the strategy's abortable reduction
+            from chaos_lightning.strategy import collectives
+
+            name = collectives.reduce_op_name(getattr(torch.distributed.ReduceOp, msg["torch_op"])
+                                              if msg.get("torch_op") else msg["name"])
+            t = torch.tensor(msg["values"], dtype=getattr(torch, msg["dtype"]))
+            try:
+                out = collectives.reduce(epg, t, name, abort, 10.0, absent=msg.get("absent"))
+                emit(ev="reduced", name=name, values=out.tolist(), dtype=str(out.dtype).split(".")[-1])
+            except TypeError as e:
+                emit(ev="reduced", name=name, error=str(e))
         elif op == "exit":
             pending = epg.close(timeout=float(msg.get("wait", 2.0)))
             host.close()
@@ -238,6 +249,44 @@ def _fmt(replies: list[dict], *keys: str) -> str:
     return "; ".join(" ".join(f"{k}={r[k]:.2f}" for k in keys if r.get(k) is not None) for r in replies)
 
 
+def reduce(group: list[Node], values: list[list], dtype: str, name: str = "", torch_op: str = "",
+           absent: list[bool] | None = None) -> list[dict]:
+    for i, (n, v) in enumerate(zip(group, values)):
+        n.send("reduce", values=v, dtype=dtype, name=name, torch_op=torch_op,
+               absent=None if absent is None else absent[i])
+    return [n.expect("reduced") for n in group]
+
+
+def check_reduce_ops(group: list[Node]) -> None:
+    """Every op gloo has goes through the abortable reduction (issue 14: a
+    product or a bitwise op used to fall back to plain ``torch.distributed``,
+    where a member's death is noticed only at the collective timeout): the
+    results are gloo's, ``ReduceOp.AVG`` (which gloo lacks) is a mean, an
+    absent rank (a stop-free joiner) sends the op's identity, and a float
+    given to a bitwise op is refused on every rank before any collective."""
+    ints = [[3, 5, 0, -1], [6, 1, 7, -1], [2, 3, 1, 4]]
+    expect = {
+        "product": [36, 15, 0, 4], "band": [2, 1, 0, 4], "bor": [7, 7, 7, -1], "bxor": [7, 7, 6, 4],
+    }
+    for name, want in expect.items():
+        for how in ({"name": name.upper() if name == "bor" else name}, {"torch_op": name.upper()}):
+            got = reduce(group, ints, "int64", **how)
+            assert all(r["values"] == want and r["dtype"] == "int64" for r in got), (name, how, got)
+    flags = [[True, True, False], [True, False, False], [True, True, True]]
+    assert all(r["values"] == [True, False, False] for r in reduce(group, flags, "bool", "band"))
+    assert all(r["values"] == [True, True, True] for r in reduce(group, flags, "bool", "bor"))
+    # the third rank absent: the identity of each op in its place
+    absent = [False, False, True]
+    assert all(r["values"] == [18, 5, 0, 1] for r in reduce(group, ints, "int64", "product", absent=absent))
+    assert all(r["values"] == [2, 1, 0, -1] for r in reduce(group, ints, "int64", "band", absent=absent))
+    assert all(r["values"] == [True, False, False] for r in reduce(group, flags, "bool", "band", absent=absent))
+    assert all(r["values"] == [5, 4, 7, 0] for r in reduce(group, ints, "int64", "bxor", absent=absent))
+    assert all(r["values"] == [1.5, 2.0, 2.5] for r in reduce(group, [[1.0, 2.0, 3.0], [2.0, 2.0, 2.0], [1.5, 2.0, 2.5]],
+                                                              "float32", torch_op="AVG"))
+    refused = reduce(group, [[1.0], [2.0], [3.0]], "float32", "bxor")
+    assert all("needs an integer or bool tensor" in r.get("error", "") for r in refused), refused
+
+
 # --------------------------------------------------------------------------- scenarios
 def test_three_nodes_one_leaves_one_joins_survivors_keep_their_processes(nodes):
     a, b, c, d = nodes("a", "b", "c", "d")  # d is warm and idle until it joins
@@ -256,6 +305,8 @@ def test_three_nodes_one_leaves_one_joins_survivors_keep_their_processes(nodes):
     assert s3[2]["teardown_ms"] < 1  # d had no group before
     all_reduce([a, b, d], [1, 2, 4])
     all_reduce([a, b, d], [1, 2, 4], bucket=True)
+
+    check_reduce_ops([a, b, d])
 
     assert not any(r["abandoned"] for r in s1 + s2 + s3)
     assert {n.id: n.pid for n in (a, b)} == pids and a.alive() and b.alive()

@@ -36,11 +36,19 @@ from chaos_lightning.strategy.state import UnsupportedState, pack_tree, unpack_t
 
 log = logging.getLogger("chaos_lightning.strategy")
 
-#: Lightning's reduce_op names: (gloo op, divide by the world afterwards)
+#: Lightning's reduce_op names: (gloo op, divide by the world afterwards).
+#: Every op gloo has: ``sync_ddp`` takes a name as ``ReduceOp`` attribute, so
+#: "product", "band", "bor" and "bxor" reach gloo's own ops there too.
 REDUCE_OPS = {
     "mean": ("SUM", True), "avg": ("SUM", True), "sum": ("SUM", False), "max": ("MAX", False), "min": ("MIN", False),
+    "product": ("PRODUCT", False), "band": ("BAND", False), "bor": ("BOR", False), "bxor": ("BXOR", False),
 }
-_TORCH_OPS = {dist.ReduceOp.SUM: "sum", dist.ReduceOp.MAX: "max", dist.ReduceOp.MIN: "min"}
+#: ``ReduceOp.AVG``, which gloo lacks (Lightning's own path fails on it), is a mean
+_TORCH_OPS = {
+    dist.ReduceOp.SUM: "sum", dist.ReduceOp.MAX: "max", dist.ReduceOp.MIN: "min", dist.ReduceOp.AVG: "mean",
+    dist.ReduceOp.PRODUCT: "product", dist.ReduceOp.BAND: "band", dist.ReduceOp.BOR: "bor", dist.ReduceOp.BXOR: "bxor",
+}
+_BITWISE = ("BAND", "BOR", "BXOR")
 
 
 def reduce_op_name(reduce_op: Any) -> str | None:
@@ -60,6 +68,10 @@ def reduce(pg: ElasticProcessGroup, tensor: torch.Tensor, name: str, abort: Abor
     operation's identity instead of its value; a mean is then over the ranks
     that count, whose number rides in the same all-reduce."""
     op, mean = REDUCE_OPS[name]
+    if op in _BITWISE and (tensor.is_floating_point() or tensor.is_complex()):
+        # what gloo says, but before the collective and alike on every rank
+        # (a failed op would read as a member's failure)
+        raise TypeError(f"chaos: reduce_op={name!r} needs an integer or bool tensor, not {tensor.dtype}")
     result = tensor.clone() if tensor.is_floating_point() or not mean else tensor.float()
     if absent:
         result.fill_(_identity(op, result.dtype))
@@ -78,8 +90,12 @@ def reduce(pg: ElasticProcessGroup, tensor: torch.Tensor, name: str, abort: Abor
 
 def _identity(op: str, dtype: torch.dtype) -> float | int | bool:
     """The value that leaves ``op``'s result unchanged."""
-    if op == "SUM":
+    if op in ("SUM", "BOR", "BXOR"):
         return 0
+    if op == "PRODUCT":
+        return 1
+    if op == "BAND":  # every bit set
+        return True if dtype == torch.bool else (torch.iinfo(dtype).max if dtype == torch.uint8 else -1)
     if dtype == torch.bool:
         return op == "MIN"
     info = torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)
