@@ -28,11 +28,13 @@ BEFORE = {
 
 # fields added since (issues 14, 16), the same in every preset: the safe defaults
 ADDED = dict(allow_minority=False, proof_of_death=True, target_nodes=0, max_nodes=0)  # issue 16: no size bound
+# added since, per preset: pending joins expire after ten join retries (issue 16)
+EXPIRY = {"local": dict(join_expiry=5.0), "lan": dict(join_expiry=10.0), "edge": dict(join_expiry=20.0)}
 
 
 @pytest.mark.parametrize("name", sorted(BEFORE))
 def test_each_preset_keeps_its_values(name):
-    assert dataclasses.asdict(PRESETS[name]) == {**BEFORE[name], **ADDED}
+    assert dataclasses.asdict(PRESETS[name]) == {**BEFORE[name], **ADDED, **EXPIRY[name]}
 
 
 def test_presets_are_lan_with_named_changes_and_overridable_by_name():

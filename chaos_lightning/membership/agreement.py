@@ -266,6 +266,10 @@ class Agreement:
             out.events.append(ev.Held(x.id, f"the view has {view.size} members, at its {policy.describe(view)}; "
                                             f"{x.id} waits as a standby"))
 
+    def forget_held(self, x: Member) -> None:
+        """A pending join expired: if it asks again, it is held (and reported) anew."""
+        self._held_reported.pop((x.id, x.inc), None)
+
     def quorum_rule(self, *, minority: bool | None = None) -> tuple[tuple[str, ...], int]:
         """(voters held dead, answers needed) for a proposal made now.
 
@@ -305,6 +309,9 @@ class Agreement:
             return
         if not self.dirty or now < self.next_proposal_at or m.coordinator() != m.id:
             return
+        # whatever call brought us here (a tick, a message): a joiner not
+        # heard asking for join_expiry is no candidate of this proposal
+        m.gossip.expire(now)
         if m.gossip.joins and policy.capacity(m.view) is not None:
             self._report_held(out)
         desired = self.desired()
@@ -407,6 +414,7 @@ class Agreement:
         if best[1] is not None and best[0][0] >= 0:
             prop.value, prop.reason = best[1], "recovering a proposal of " + best[0][1]
         else:
+            m.gossip.expire(now)  # a value computed now: no expired joiner in it
             desired = self.desired()
             if desired is None:
                 self.proposal = None

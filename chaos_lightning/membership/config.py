@@ -15,7 +15,9 @@ How the numbers combine (n = members of the current view):
 * ``link_confirm`` consecutive periods of "direct failed, indirect succeeded"
   make a *link-down*, a single success a *link-up*;
 * a proposed view that gets no majority within ``proposal_timeout`` is retried
-  with a higher ballot.
+  with a higher ballot;
+* a joiner asks every ``join_retry``; its pending join is dropped where it
+  was not heard asking for ``join_expiry`` (ten retries).
 
 Crash detection time is therefore about one to two probe periods plus the
 suspicion timeout; ``benchmarks/membership.py`` measures it.
@@ -48,6 +50,21 @@ class Config:
     proposal_timeout: float = 1.0
     #: seconds between join (and leave) requests while not yet answered
     join_retry: float = 1.0
+    #: seconds after which a pending join whose joiner was not heard asking
+    #: again is dropped (0: never), so a standby that died while the size
+    #: policy held it is never admitted (admitted, it costs one more view
+    #: change, a rebuild of the training group, to remove it and admit a live
+    #: standby in its place).  Ten retries in every
+    #: preset: a joiner asks one contact per ``join_retry``, round robin, and
+    #: every request that reaches a live member reaches the coordinator and
+    #: the member next in line for it (the contact forwards it), so they hear
+    #: a live joiner every retry, or every c-th one when only one of its c
+    #: contacts lives; ten also outlasts a few lost requests.  A joiner
+    #: expired anyway is news again at its next request.  Other members hear
+    #: a joiner only when they learn it and may drop it sooner: they do not
+    #: propose.  (``CHAOS_MEMBERSHIP`` takes values above 0 only; a large one
+    #: turns expiry off in practice.)
+    join_expiry: float = 10.0
     #: a node removed against its will (a healed partition) joins again
     auto_rejoin: bool = True
     #: seconds a coordinator waits after the first pending join (or learner
@@ -127,6 +144,7 @@ LOCAL = replace(
     link_confirm=2,
     proposal_timeout=0.5,
     join_retry=0.5,
+    join_expiry=5.0,
     join_batch=0.02,
 )
 
@@ -139,6 +157,7 @@ EDGE = replace(
     suspicion_mult=5.0,
     proposal_timeout=3.0,
     join_retry=2.0,
+    join_expiry=20.0,
     join_batch=0.2,
 )
 

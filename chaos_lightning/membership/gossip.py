@@ -6,7 +6,9 @@ What this file owns:
   the node, whether it was observed here (a probe's verdict, a join request,
   our own leave) or heard from a peer; :meth:`absorb` filters what peers
   piggyback (only gossip from our own epoch counts, join requests aside);
-* the fact table of requested changes: pending joins, pending leaves, the
+* the fact table of requested changes: pending joins (each dropped when its
+  joiner has not been heard asking for ``Config.join_expiry`` seconds: a
+  standby that died while it waited is never admitted), pending leaves, the
   members that reported their state sync done (``synced``: a learner among
   them is promoted to voter by the next view; a voter among them makes the
   cluster *trained*, so later joiners enter as learners), and the
@@ -71,6 +73,12 @@ class Dissemination:
         self.queue: dict[tuple, list] = {}
         self.joins: dict[str, Member] = {}
         self.joins_since = 0.0  # when the oldest pending join arrived
+        # pending joiner -> [when it first asked, when it was last heard
+        # asking] (a JoinRequest, or its JOIN fact again by gossip or a
+        # forward).  Kept in the order of the latter, a hearing moves the
+        # joiner to the back: expiry looks at the front only (O(1) per tick,
+        # however many standbys wait).  The same keys as ``joins``.
+        self.asked: dict[str, list[float]] = {}
         self.leaves: dict[str, bool] = {}
         # member -> the incarnation in which it reported its state sync done
         # (members only: pruned at each view)
@@ -87,6 +95,7 @@ class Dissemination:
         """Forget the pending changes of a cluster we were removed from."""
         self.queue.clear()
         self.joins.clear()
+        self.asked.clear()
         self.leaves.clear()
         self.synced.clear()
 
@@ -131,7 +140,11 @@ class Dissemination:
             if x is None or x.id != f.node:
                 return False
             pending = self.joins.get(x.id)
-            if (pending is not None and pending.inc >= x.inc) or x.inc <= self.departed.get(x.id, -1):
+            if pending is not None and pending.inc >= x.inc:
+                if pending.inc == x.inc:  # the joiner still asks: not news, but alive
+                    self._heard(x.id, now)
+                return False
+            if x.inc <= self.departed.get(x.id, -1):
                 return False
             if view is not None and x.id in view:
                 slot = view.member(x.id)
@@ -147,6 +160,8 @@ class Dissemination:
             if not self.joins:
                 self.joins_since = now
             self.joins[f.node] = x
+            self.asked.pop(f.node, None)  # a new incarnation asks anew
+            self.asked[f.node] = [now, now]
             if x.addr:
                 m._addrs.setdefault(x.id, x.addr)
             return True
@@ -169,6 +184,59 @@ class Dissemination:
             self.synced[f.node] = f.inc
             return True
         return False
+
+    # ------------------------------------------------------------ expiry
+    def _heard(self, nid: str, now: float) -> None:
+        """The pending joiner ``nid`` was heard asking again: to the back."""
+        entry = self.asked.pop(nid)
+        entry[1] = now
+        self.asked[nid] = entry
+
+    def next_expiry(self) -> float:
+        """When the pending join heard from longest ago expires (inf: none,
+        or expiry off)."""
+        ttl = self._m.config.join_expiry
+        if ttl <= 0 or not self.asked:
+            return float("inf")
+        return next(iter(self.asked.values()))[1] + ttl
+
+    def expire(self, now: float) -> list[Member]:
+        """Drop the pending joins not heard asking for ``join_expiry``
+        seconds, and everything kept for them alone: their queued gossip
+        (else this node would teach the join again to nodes that dropped
+        it), their address (unless a member holds that id) and the
+        coordinator's note that it reported them held.  A proposal computed
+        from now on cannot admit them; one asked again later is news again.
+        The dropped joins, in the order they were last heard."""
+        ttl = self._m.config.join_expiry
+        asked = self.asked
+        if ttl <= 0 or not asked:
+            return []
+        gone = []
+        while asked:
+            nid, (_, last) = next(iter(asked.items()))
+            if now < last + ttl:
+                break
+            del asked[nid]
+            gone.append(self.joins.pop(nid))
+        if not gone:
+            return []
+        m = self._m
+        view = m.view
+        for x in gone:
+            self.queue.pop((JOIN, x.id), None)
+            if view is None or x.id not in view:
+                m._addrs.pop(x.id, None)
+            m.agreement.forget_held(x)
+        self._rebase_joins_since()
+        m.agreement.dirty = True  # (removing a candidate never calls for a view; cheap to confirm)
+        return gone
+
+    def _rebase_joins_since(self) -> None:
+        """``joins_since`` after joins left the table: the first request of
+        the oldest one still pending (batching measures from it)."""
+        if self.asked:
+            self.joins_since = min(first for first, _ in self.asked.values())
 
     def pending_promotions(self) -> bool:
         """Does a learner of the current view wait for its promotion?"""
@@ -221,8 +289,12 @@ class Dissemination:
         def admitted(x: Member | None) -> bool:  # a join this view settled
             return x is not None and x.id in view and view.member(x.id).inc >= x.inc
 
-        for nid in [n for n, x in self.joins.items() if admitted(x)]:
+        settled_joins = [n for n, x in self.joins.items() if admitted(x)]
+        for nid in settled_joins:
             del self.joins[nid]
+            del self.asked[nid]
+        if settled_joins:
+            self._rebase_joins_since()
         for nid in [n for n in self.leaves if n not in view]:
             del self.leaves[nid]
         for nid in [n for n, inc in self.synced.items() if n not in view or view.member(n).inc != inc]:

@@ -296,8 +296,9 @@ class Membership:
         if self.phase in _INERT:
             return float("inf")
         if self.phase is Phase.JOINING:
-            return self._retry_at
-        t = min(self.detector.next_deadline(), self.agreement.next_deadline(), self._synced_retry_at)
+            return self._retry_at  # (pending joins it heard of expire at its retries)
+        t = min(self.detector.next_deadline(), self.agreement.next_deadline(), self._synced_retry_at,
+                self.gossip.next_expiry())
         if self.phase is Phase.LEAVING:
             t = min(t, self._retry_at)
         return t
@@ -305,12 +306,16 @@ class Membership:
     def tick(self, now: float) -> Output:
         out = Output()
         if self.phase is Phase.JOINING:
+            self.gossip.expire(now)
             self._tick_join(now, out)
             return out
         if self.phase not in _ACTIVE:
             return out
         self.detector.tick(now, out)
         self.agreement.tick(now)
+        # before the proposer looks: a proposal computed from here on never
+        # admits a joiner that stopped asking (a standby that died waiting)
+        self.gossip.expire(now)
         if self.phase is Phase.LEAVING and now >= self._retry_at:
             self._retry_at = now + self.config.join_retry
             self._send_to_coordinator(Facts(self._epoch(), (Fact(LEAVE, self.id, self._inc),)), out)
@@ -470,6 +475,20 @@ class Membership:
                 return m.id
         return None
 
+    def _coordinators(self) -> list[str]:
+        """The coordinator and its successor, the member that coordinates
+        if it dies (the next one this node believes alive), in rank order."""
+        if self.view is None:
+            return []
+        dead = self.detector.dead
+        found = []
+        for m in self.view.members:
+            if m.id == self.id or not dead(m.id):
+                found.append(m.id)
+                if len(found) == 2:
+                    break
+        return found
+
     # ------------------------------------------------------------ joining
     def _tick_join(self, now: float, out: Output) -> None:
         if now < self._retry_at or not self._contacts:
@@ -510,8 +529,15 @@ class Membership:
         if not self._learn(fact, now, out, from_self=True):
             # known already, yet the joiner is still asking: the coordinator
             # may never have heard (a lost Facts, a coordinator that changed);
-            # each retry of the joiner is forwarded once
-            self._send_to_coordinator(Facts(self._epoch(), (fact,)), out)
+            # each retry of the joiner is forwarded once.  Its successor hears
+            # it too: a pending join expires where it is not heard for
+            # ``join_expiry``, and the member that takes over from a dead
+            # coordinator must still hold the live standbys, so that the view
+            # without the coordinator admits one (one view change, not two)
+            msg = Facts(self._epoch(), (fact,))
+            for dest in self._coordinators():
+                if dest != self.id:
+                    self._send(dest, msg, out)
 
     def _on_stale_incarnation(self, src: str, msg: StaleIncarnation, now: float, out: Output) -> None:
         if self.phase is Phase.JOINING and self.view is None and self.me.inc <= msg.inc:

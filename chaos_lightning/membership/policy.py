@@ -49,10 +49,19 @@ The rules (the smallest that work with the existing machine):
 What the policy does not promise: the choice among standbys uses the
 proposer's own table of pending joins (gossip, not replicated state), so two
 proposers that heard of different standbys may pick different ones; Paxos
-still commits one value per epoch, and the count is the view's.  A standby
-that died while it waited stays a pending join (joins do not expire) and may
-be admitted; it is then a learner, which never blocks a quorum, and the
-failure detector removes it, after which the next standby is admitted.
+still commits one value per epoch, and the count is the view's.
+
+A standby that dies while it waits stops asking, and its pending join
+expires (``Config.join_expiry``, ten join retries): every node drops a join
+it has not heard asked for that long, and a proposal computed after that
+never admits it, so the next failure admits a live standby in its one view
+change.  The coordinator and the member next in line for it hear every
+request (the contact forwards each one to both), so a live standby stays
+pending with them, across a change of coordinator too.  A standby that dies
+within ``join_expiry`` before a slot opens may still be admitted: it is then
+a learner in a trained cluster (never blocking a quorum), and the failure
+detector removes it, after which the next standby is admitted (two view
+changes instead of one).  With ``join_expiry`` 0 joins never expire.
 """
 
 from __future__ import annotations
