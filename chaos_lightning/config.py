@@ -163,6 +163,13 @@ class NodeConfig:
     #: ``adaptive`` (each member's share follows its measured speed, so slow
     #: and fast members finish each step together; docs/shares.md)
     shares: str = "equal"
+    #: with adaptive shares: a member steps down to a standby when the
+    #: others alone would be faster by more than this fraction, even at its
+    #: smallest share (0: never; docs/shares.md)
+    straggler: float = 0.25
+    #: seconds a member that stepped down waits before asking to join again
+    #: (to be measured again); doubled each time it steps down, at most 16x
+    straggler_retry: float = 60.0
     #: ``host:port`` of this node's Prometheus metrics endpoint, or None (off)
     metrics: str | None = None
     #: when training starts, move what the process holds into the
@@ -227,6 +234,8 @@ class NodeConfig:
             stop_free_join=r.boolean("stop_free_join", "CHAOS_STOP_FREE_JOIN", cls.stop_free_join),
             catch_up_steps=r.integer("catch_up_steps", "CHAOS_CATCH_UP_STEPS", cls.catch_up_steps),
             shares=r.choice("shares", "CHAOS_SHARES", cls.shares, ("equal", "adaptive")),
+            straggler=r.fraction("straggler", "CHAOS_STRAGGLER", cls.straggler),
+            straggler_retry=r.seconds("straggler_retry", "CHAOS_STRAGGLER_RETRY", cls.straggler_retry),
             metrics=r.address("metrics", "CHAOS_METRICS", None),
             gc_freeze=r.boolean("gc_freeze", "CHAOS_GC_FREEZE", cls.gc_freeze),
             etcd_endpoints=r.endpoints("etcd_endpoints", "CHAOS_ETCD_ENDPOINTS", cls.etcd_endpoints),
@@ -325,9 +334,13 @@ def _typed(name: str, key: str, raw: str, default: object) -> object:
     except ValueError:
         kind = "an integer" if isinstance(default, int) else "a number"
         raise ConfigError(name, f"{key} must be {kind} > 0", raw) from None
-    if not (isinstance(value, int) or math.isfinite(value)) or value <= 0:
-        raise ConfigError(name, f"{key} must be > 0", raw)
+    if not (isinstance(value, int) or math.isfinite(value)) or value < 0 or (value == 0 and key not in _ZERO_OFF):
+        raise ConfigError(name, f"{key} must be > 0" + (" (or 0: off)" if key in _ZERO_OFF else ""), raw)
     return value
+
+
+#: membership settings whose 0 turns the feature off
+_ZERO_OFF = frozenset({"join_expiry"})
 
 
 def membership_config(preset: str | Config | None = None, overrides: Mapping[str, object] | None = None,
@@ -517,6 +530,19 @@ class _Resolver:
             raise ConfigError(name, "must be a number of seconds > 0", value) from None
         if not math.isfinite(number) or number <= 0:
             raise ConfigError(name, "must be a number of seconds > 0", value)
+        return number
+
+    def fraction(self, arg: str, var: str, default: float) -> float:
+        """A number >= 0 (0: off)."""
+        name, value = self._pick(arg, var)
+        if value is None:
+            return default
+        try:
+            number = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number) or number < 0:
+            raise ConfigError(name, "must be a fraction >= 0 (0: off)", value)
         return number
 
     def boolean(self, arg: str, var: str, default: bool) -> bool:

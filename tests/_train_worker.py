@@ -17,6 +17,8 @@ after global step s (a slow checkpoint write: the agent thread keeps
 answering, so nobody evicts it; event "paused" when it resumes);
 ``CHAOS_TEST_SAMPLE_SLEEP=t`` adds t seconds per sample of each training
 batch (a node of that speed: the adaptive shares' test);
+``CHAOS_TEST_SLOW_UNTIL_BACK=t`` adds t seconds to each training step until
+this node has stepped down once (a straggler for a while: the step-down test);
 ``CHAOS_TEST_HOLD=s:path`` holds this node after global step s (event
 "holding") until ``path`` exists, at most 30 s (a test that signals the
 process then knows where its fit stands);
@@ -69,6 +71,8 @@ class Regressor(pl.LightningModule):
         x, y = batch
         time.sleep(self.step_sleep)  # make steps long enough to kill a peer mid-step
         time.sleep(len(x) * float(os.environ.get("CHAOS_TEST_SAMPLE_SLEEP", 0)))
+        if self.trainer.strategy.step_downs == 0:  # slow until this node has once stepped down
+            time.sleep(float(os.environ.get("CHAOS_TEST_SLOW_UNTIL_BACK", 0)))
         return torch.nn.functional.mse_loss(self.net(x), y)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):

@@ -198,6 +198,7 @@ def test_the_coordinator_drops_an_expired_join_before_it_proposes_whatever_call_
 def test_join_expiry_is_ten_join_retries_in_every_preset_and_set_like_any_other_setting():
     assert {n: c.join_expiry / c.join_retry for n, c in PRESETS.items()} == {"local": 10, "lan": 10, "edge": 10}
     assert parse_membership_overrides("join_expiry=30") == {"join_expiry": 30.0}
+    assert parse_membership_overrides("join_expiry=0") == {"join_expiry": 0.0}  # off
     node = NodeConfig.resolve(env={"CHAOS_PRESET": "lan", "CHAOS_MEMBERSHIP": "join_expiry=2.5"})
     assert node.membership == Config.preset("lan", join_expiry=2.5)
 

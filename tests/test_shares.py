@@ -24,24 +24,33 @@ from chaos_lightning.strategy.sampler import _share_bounds, check_weights
 from chaos_lightning.strategy.shares import WEIGHT_SCALE, ShareBalancer
 
 
-def run(speeds, *, steps, capacity=96, overhead_ms=4.0, noise=0.03, seed=0, slow_from=None, shadows=()):
+def run(speeds, *, steps, capacity=96, overhead_ms=4.0, noise=0.03, seed=0, slow_from=None, shadows=(),
+        fixed_ms=None, straggler=0.0, step_downs=None):
     """Drive a balancer through ``steps`` steps; returns (busy per step, decisions, final weights).
 
-    ``slow_from``: (step, rank, factor): from that step the rank's speed is divided by factor."""
+    ``slow_from``: (step, rank, factor): from that step the rank's speed is divided by factor.
+    ``fixed_ms``: each rank's extra cost per step whatever its share (its optimizer step, a fixed wait).
+    ``straggler``: the balancer's step-down fraction; each (step, rank, with, without) it names is
+    appended to ``step_downs`` (the rank stays: what the cluster does next is the strategy's)."""
     rng = random.Random(seed)
     speeds = list(speeds)
     world = len(speeds)
+    fixed = fixed_ms or [0.0] * world
     members = [r for r in range(world) if r not in shadows]
-    b, weights, step_ms, decisions = ShareBalancer(), None, [], []
+    b, weights, step_ms, decisions = ShareBalancer(straggler=straggler), None, [], []
     for step in range(steps):
         if slow_from and step == slow_from[0]:
             speeds[slow_from[1]] /= slow_from[2]
         samples = [hi - lo for lo, hi in (_share_bounds(capacity, world, tuple(shadows), r, weights)
                                           for r in range(world))]
         busy = [0 if r in shadows else
-                (overhead_ms + samples[r] / speeds[r]) * (1 + rng.uniform(-noise, noise)) for r in range(world)]
+                (overhead_ms + fixed[r] + samples[r] / speeds[r]) * (1 + rng.uniform(-noise, noise))
+                for r in range(world)]
         step_ms.append(max(busy))
         new = b.observe(samples, [int(t * 1000) for t in busy], members)
+        if b.step_down is not None:
+            step_downs.append((step, *b.step_down))
+            b.step_down = None
         if new is not None:
             weights = check_weights(new, world, tuple(shadows))
             decisions.append(step)
@@ -121,6 +130,47 @@ def test_a_member_whose_share_rounded_to_nothing_is_measured_again():
     assert b.predicted[1] < b.predicted[0]
 
 
+# ---------------------------------------------------------------------- stepping down
+@pytest.mark.parametrize("seed", range(3))
+def test_a_member_at_half_speed_or_equal_members_never_step_down(seed):
+    """The group with a half-speed member is a third faster than without it;
+    noise (+-20 %) between equal members says nothing of speed."""
+    for speeds in ([2.0, 2.0, 2.0, 1.0], [1.0, 1.0, 1.0]):
+        named = []
+        run(speeds, steps=200, noise=0.2, seed=seed, straggler=0.25, step_downs=named)
+        assert named == [], (speeds, named)
+
+
+def test_a_member_whose_fixed_cost_outlasts_the_others_steps_steps_down_once_shares_settled():
+    """Rank 3 spends 60 ms per step whatever its share (the others' steps take
+    about 16 ms): its share falls to the floor first, then, the group without
+    it being faster by more than the fraction for ``patience`` observations
+    in a row, it is named, and only it."""
+    named = []
+    _, decisions, weights = run([2.0, 2.0, 2.0, 2.0], steps=80, fixed_ms=[0, 0, 0, 60.0], straggler=0.25,
+                                step_downs=named)
+    assert decisions and weights[3] < weights[0]  # a smaller share came first
+    assert named, decisions
+    step, rank, with_s, without_s = named[0]
+    assert rank == 3 and step > decisions[0] and with_s > 1.25 * without_s
+    assert 0.055 < with_s < 0.075 and 0.015 < without_s < 0.025, named[0]  # 60 ms + its floor share; 4 + 32 / 2
+    assert all(r == 3 for _, r, *_ in named) and len(named) <= 80 // ShareBalancer.patience
+
+
+def test_a_member_too_slow_for_its_floor_share_steps_down_and_none_when_turned_off():
+    speeds = [2.0, 2.0, 2.0, 0.02]  # 1/100 of the others: 1/16 of their weight is still too much
+    named = []
+    run(speeds, steps=60, straggler=0.25, step_downs=named)
+    assert named and {r for _, r, *_ in named} == {3}
+    assert named[0][0] < 40  # shares settle in a few decisions, then 12 observations
+    off = []
+    run(speeds, steps=60, straggler=0.0, step_downs=off)
+    assert off == []
+    b = ShareBalancer(straggler=0.25, min_steps=1, patience=1)
+    b.observe([4], [10_000])  # a group of one has nobody to step down
+    assert b.step_down is None
+
+
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(st.lists(st.tuples(st.lists(st.integers(0, 64), min_size=4, max_size=4),
                           st.lists(st.integers(0, 10**6), min_size=4, max_size=4)), max_size=40),
@@ -197,3 +247,45 @@ def test_a_slow_node_gets_a_smaller_share_and_a_leave_re_decides_the_shares(tmp_
     finally:
         for x in nodes:
             x.stop()
+
+
+@pytest.mark.timeout(180)
+def test_a_straggler_steps_down_trains_on_its_return_and_replicas_end_identical(tmp_path):
+    """Three processes with adaptive shares; node 2 spends 0.2 s more per
+    step (whatever its share) until it has stepped down once: a node slowed
+    for a while (another job on its host).  Its share falls first; then,
+    the two others alone being faster by more than ``CHAOS_STRAGGLER``, it
+    steps down at a step boundary (the lockstep leave: no failed step) and
+    stands by for ``CHAOS_STRAGGLER_RETRY`` seconds while the two train on.
+    It then asks to join again, takes the members' state like a newcomer,
+    and trains at its own, now normal, speed to the end: the three replicas
+    end identical, every epoch an exact cover."""
+    n, epochs = 240, 8
+    nodes = cluster(WORKER, [str(n), str(epochs), "0.01"], 3, tmp_path, env=lambda i: {
+        "CHAOS_SHARES": "adaptive", "CHAOS_STRAGGLER_RETRY": "2", "CHAOS_MIN_NODES": "2", "CHAOS_RECORD_SAMPLES": "1",
+        **({"CHAOS_TEST_SLOW_UNTIL_BACK": "0.2"} if i == 2 else {})})
+    try:
+        for x in nodes:
+            x.event("ready", 90)
+        results = [x.event("done", 150) for x in nodes]
+        for x in nodes:
+            assert x.exit_code(30) == 0, x.log
+            assert "Traceback" not in x.log.read_text(), x.log
+        slow_log = nodes[2].log.read_text()
+        assert slow_log.count("steps down to a standby") == 1, nodes[2].log
+        assert "stands by for 2s" in slow_log and "back in the cluster" in slow_log, nodes[2].log
+        assert "steps down to a standby" in nodes[0].log.read_text()  # every rank says why
+        # stood by: the others trained in a view of two meanwhile; back: three again
+        worlds = [r["world"] for r in nodes[0].records if r["event"] == "step"]
+        assert 2 in worlds and worlds[-1] == 3, worlds
+        assert results[2]["left"] is False
+        assert len({(r["params"], r["optim"], r["global_step"]) for r in results}) == 1, results
+        # the founder trained from the first step (with CHAOS_MIN_NODES=2 the
+        # third node may join a step or two later, and a ledger starts at its join)
+        for epoch in range(epochs):
+            counts = dict(results[0]["epochs"][str(epoch)])
+            assert sorted(counts) == list(range(n)) and set(counts.values()) == {1}, f"epoch {epoch}"
+    finally:
+        for x in nodes:
+            x.stop()
+

@@ -161,3 +161,36 @@ def test_a_standby_waits_for_training_and_knows_when_the_cluster_is_gone():
     with pytest.raises(StandbyOrphaned, match=r"no seed listens \(a:1 \(connection refused"):
         wait_for_training(["a:1"], None, gone_after=0.2, poll=0.01, ask=refuse)
     assert time.monotonic() - t0 < 5
+
+
+def test_a_stepped_down_node_sees_the_cluster_train_end_or_vanish():
+    """``ClusterWatch`` (a member that stepped down waits with it) against a
+    stand-in status query and clock: it waits its time out while any seed
+    trains (one timing out, one refusing), stops at once when a seed reports
+    the fit ended, and when every seed has refused for ``gone_after``."""
+    import lightning.pytorch  # noqa: F401  (first: importing the strategy package before lightning is circular)
+
+    from chaos_lightning.strategy.standby import ClusterWatch
+
+    now = [0.0]
+    clock, sleep = (lambda: now[0]), (lambda s: now.__setitem__(0, now[0] + s))
+    ended = {"b:2": False}
+
+    def ask(seed, *, secret, timeout):
+        if seed == "a:1":
+            raise ConnectionRefusedError(111, "Connection refused")
+        if seed == "c:3":
+            raise TimeoutError("busy")
+        return {"training": {"step": 9, "ended": ended[seed]}}
+
+    watch = ClusterWatch(["a:1", "b:2", "c:3"], None, poll=1.0, ask=ask, clock=clock, sleep=sleep)
+    assert watch.wait(30.0) is True and now[0] == 30.0  # the whole wait, one look a second
+    ended["b:2"] = True
+    assert watch.wait(30.0) is False and now[0] == 30.0  # the first look ends it
+
+    def refuse(seed, *, secret, timeout):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    gone = ClusterWatch(["a:1", "b:2"], None, gone_after=10.0, poll=1.0, ask=refuse, clock=clock, sleep=sleep)
+    assert gone.wait(60.0) is False and 39.0 < now[0] <= 41.0  # refused from 30 s on: over at 40 s
+    assert ClusterWatch([], None, ask=refuse, clock=clock, sleep=sleep).running() is True

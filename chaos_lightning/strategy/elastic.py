@@ -39,7 +39,7 @@ from chaos_lightning.config import NodeConfig
 from chaos_lightning.membership.view import View
 from chaos_lightning.strategy import collectives
 from chaos_lightning.strategy.buffers import BufferSync
-from chaos_lightning.strategy.process import freeze_heap, pin_gloo_interface, take_sigterm
+from chaos_lightning.strategy.process import freeze_heap, pin_gloo_interface, sigterm_ends_wait, take_sigterm
 from chaos_lightning.strategy.gradients import GradientBuffer
 from chaos_lightning.strategy.group import ElasticGroup, VotersGone
 from chaos_lightning.strategy.process_group import CollectiveError
@@ -164,9 +164,14 @@ class ElasticMember:
         # every rank's busy time, the end of this rank's last reduction (None:
         # the next step is not measured), the weights the next boundary lays
         # out (None: nothing due) and this window's samples per rank
-        self._balancer = ShareBalancer() if self.config.shares == "adaptive" else None
+        self._balancer = ShareBalancer(straggler=config.straggler) if self.config.shares == "adaptive" else None
         self._busy_since: float | None = None
         self.shares_due: tuple[int, ...] | None = None
+        #: this member was named a straggler (:meth:`_balance`): its leave at
+        #: the next boundary is a step-down, after which it stands by
+        #: (:meth:`_stand_by`); how many times it has stepped down
+        self.stepping_down = False
+        self.step_downs = 0
 
     def rebind(self, bind: str) -> None:
         """Listen at ``bind`` instead (before :meth:`_open_member`: the
@@ -459,12 +464,92 @@ class ElasticMember:
         for the next boundary when the predicted step gets enough shorter."""
         members = [r for r in range(len(samples)) if r not in self._sync.shadows]
         weights = self._balancer.observe(samples, control.busy, members)
+        slow, self._balancer.step_down = self._balancer.step_down, None
+        if slow is not None:
+            self._step_down(*slow, members=len(members))
         if weights is None:
             return
         self.shares_due = weights
         now, then = self._balancer.predicted
         log.info("chaos: shares follow the measured speeds (samples/s per rank %s): a step's busy time "
                  "%.0f ms -> about %.0f ms", [round(x, 1) for x in self._balancer.rates], now * 1e3, then * 1e3)
+
+    def _step_down(self, rank: int, with_s: float, without_s: float, *, members: int) -> None:
+        """Every rank alike: the balancer named ``rank`` a straggler.  It
+        leaves at the next boundary (the lockstep leave) and stands by; the
+        others log why.  Never below ``min_nodes``, and one at a time (the
+        view change starts the measurements again)."""
+        node = self.group.trainers[rank]
+        if members - 1 < max(1, self.config.min_nodes):
+            log.info("chaos: %s (rank %d) slows the group (a step %.0f ms with it, about %.0f ms without) but stays: "
+                     "min_nodes=%d", node, rank, with_s * 1e3, without_s * 1e3, self.config.min_nodes)
+            return
+        log.warning("chaos: %s (rank %d) steps down to a standby: a step's busy time is %.0f ms with it at its "
+                    "best share and about %.0f ms without it, more than CHAOS_STRAGGLER=%g slower for %d steps in "
+                    "a row", node, rank, with_s * 1e3, without_s * 1e3, self.config.straggler,
+                    self._balancer.patience)
+        self.trace.emit("step_down", node=node, rank=rank, with_ms=round(with_s * 1e3, 1),
+                        without_ms=round(without_s * 1e3, 1), reason="straggler")
+        if rank == self.global_rank and not self._leave_requested:
+            self.stepping_down = True
+            self.request_leave()
+
+    def _stand_by(self) -> bool:
+        """After a step-down's leave: wait off the group, then ask to join
+        again as a newcomer (to be measured again) and take the members'
+        state.  True once this node trains again; False if the cluster's
+        fit ended (or every member is gone) meanwhile: this node's replica
+        then stays the one it left with.  SIGTERM ends the wait (exit 143).
+
+        The wait is :attr:`NodeConfig.straggler_retry` seconds, doubled at
+        each step-down of this process (at most 16x), so a node slow for
+        good costs the group a join and a few measured steps ever less
+        often, and one slowed for a while (another job on its host) comes
+        back.  Held by the size policy on its return (a standby took its
+        seat), it waits as a standby does, without a bound."""
+        from chaos_lightning.strategy.standby import ClusterWatch
+
+        g = self.group
+        self.stepping_down = False
+        self._leave_requested = False
+        self.step_downs += 1
+        seeds = [m.addr for m in g.view.members if m.id != self.node_id and m.addr]
+        wait = self.config.straggler_retry * min(16, 2 ** (self.step_downs - 1))
+        g.leave()  # the view without us first, then our group
+        g.stale = True  # the members train on: our replica falls behind
+        self.trace.emit("standing_by", step=self.commits, wait_s=wait)
+        log.warning("chaos: this node stepped down at global step %d; it stands by for %.0fs, then asks to join "
+                    "again (its speed is measured again then)", self.commits, wait)
+        agent = g.rdv.agent
+        cluster = ClusterWatch(seeds, self.config.secret)
+        with g.pg.presence.inside(), sigterm_ends_wait("standing by after a step-down"):
+            if not cluster.wait(wait):
+                return self._stood_by_to_the_end()
+            # the agent keeps the last view that held us until a newer one does
+            gone = agent.removed.view.epoch if agent.removed is not None else g.view.epoch
+            agent.rejoin()
+            t0 = time.monotonic()
+            while (view := agent.wait_view(gone, 1.0, member=True)) is None:
+                if not cluster.running():
+                    return self._stood_by_to_the_end()
+        log.info("chaos: back in the cluster in epoch %d after %.1fs as a standby", view.epoch, time.monotonic() - t0)
+        self.trace.emit("back", epoch=view.epoch)
+        me = self.node_id
+        try:
+            self._rebuild(view, lambda v: me in v.connected(), Freshness.NONE,
+                          time.monotonic() + self.config.join_timeout)
+        except TimeoutError:
+            if cluster.running():
+                raise
+            return self._stood_by_to_the_end()  # admitted as the members finished: nobody formed the group
+        return True
+
+    def _stood_by_to_the_end(self) -> bool:
+        self.left = True
+        log.warning("chaos: the cluster's fit ended while this node stood by; its replica is the one of global "
+                    "step %d (the members' final state is theirs and in their checkpoints)", self.commits)
+        self.trace.emit("left", step=self.commits)
+        return False
 
     def _lay_out(self, weights: tuple[int, ...] | None = None) -> None:
         """Re-split what remains of the epoch over the current group: equal

@@ -369,6 +369,9 @@ class ChaosFabricStrategy(ElasticMember, DDPStrategy):
         decision = self._settle_step(steps, self.commits)
         if decision.action is Action.LEAVE:
             internals.hand_over_logs(self._fabric_loggers())  # written while still the one writing
+            if self.stepping_down:  # a straggler: it stands by at the next batch, then rejoins
+                self._due = decision
+                return out
             self._leave_cluster(self.commits)
             self._done = True
             self.set_world_ranks()
@@ -385,7 +388,14 @@ class ChaosFabricStrategy(ElasticMember, DDPStrategy):
             return
         t0 = time.monotonic()
         failed = not self.step_applied
-        self._switch(decision)
+        if decision.action is Action.LEAVE:  # a step-down (see optimizer_step)
+            if not self._stand_by():
+                self._done = True
+                self.set_world_ranks()
+                return
+            failed = False
+        else:
+            self._switch(decision)
         self._lay_out()
         if self._orphaned:
             log.error("chaos: no member holds the training state any more (they finished or failed); stopping")

@@ -51,6 +51,22 @@ stops the iteration once the predicted gain is small, so balanced members
 are not relaid out on noise (each relayout restarts the data loader's
 iterator).
 
+Stepping down (:attr:`ShareBalancer.straggler`, ``CHAOS_STRAGGLER``).  A
+smaller share cannot always make a member keep pace: its weight has a floor
+(:attr:`max_skew`), and part of a step costs the same at any share (the
+optimizer step over the whole model, the hooks, a fixed wait in the user's
+code).  At each observation with every member measured, the balancer
+compares the step time of the best split with every member (the current
+split's, if shorter) against the best split of the others alone, for the
+member whose absence helps most.  When the group without that member would
+be faster by more than ``straggler`` (a fraction) for :attr:`patience`
+observations in a row, :attr:`step_down` names it; the strategy makes it
+leave at the next boundary and stand by (``strategy/elastic.py``).  The
+others' rates are those measured at their current, smaller shares, whose
+fixed costs a larger share spreads thinner: "faster without it" is, if
+anything, underestimated.  A member at half speed is never named (the group
+with it is a third faster than without).
+
 What it never does: measure time, touch tensors or the sampler.  Tested in
 one process with generated speed models (``tests/test_shares.py``).
 """
@@ -86,6 +102,16 @@ class ShareBalancer:
     max_skew: int = 16
     #: a rank's share is at most this many times the equal share
     max_over: float = 2.0
+    #: name a member to step down when the others alone would be faster by
+    #: more than this fraction (0: never; see the module docstring)
+    straggler: float = 0.0
+    #: observations in a row that must say so
+    patience: int = 12
+    #: set by :meth:`observe` when a member should step down: (its rank, the
+    #: busy time of a step with it and without it, seconds); read and clear
+    step_down: tuple[int, float, float] | None = field(default=None, init=False)
+    _slow: tuple[int, int] = field(default=(-1, 0), init=False, repr=False)  # (rank, observations in a row)
+    _busy: list[deque[float]] = field(default_factory=list, init=False, repr=False)  # seconds, since the split
     _rates: list[deque[float]] = field(default_factory=list, init=False, repr=False)
     #: the last decision's rates (samples/s per rank) and the busy time of a
     #: step it predicted before and after, seconds, for reports
@@ -102,7 +128,10 @@ class ShareBalancer:
         equal nodes of benchmarks/heterogeneity.py were relaid out every
         four steps on their +-8 % noise)."""
         self._rates = []
+        self._busy = []
         self._since = 0
+        self._slow = (-1, 0)
+        self.step_down = None
 
     def observe(self, samples: Sequence[int], busy_us: Sequence[int],
                 members: Sequence[int] | None = None) -> tuple[int, ...] | None:
@@ -122,14 +151,16 @@ class ShareBalancer:
         members = list(range(world)) if members is None else sorted(members)
         if len(self._rates) != world:
             self._rates = [deque(maxlen=self.window) for _ in range(world)]
+        if len(self._busy) != world:
+            self._busy = [deque(maxlen=self.window) for _ in range(world)]
         for r in members:
             if samples[r] > 0 and busy_us[r] > 0:
                 self._rates[r].append(samples[r] * 1e6 / busy_us[r])
+            if busy_us[r] > 0:  # with no samples too: what a step costs it whatever its share
+                self._busy[r].append(busy_us[r] / 1e6)
         self._since += 1
         active = [r for r in members if samples[r] > 0]
         if not active or any(len(self._rates[r]) < self.min_steps for r in active):
-            return None
-        if self.rates and self._since < self.spacing:
             return None
         known = {r: _median(self._rates[r]) for r in members if self._rates[r]}
         fallback = _median(list(known.values()))
@@ -141,15 +172,51 @@ class ShareBalancer:
         # no gain, and relaying out for it would restart the data loader for nothing)
         total = sum(samples)
         shadows = tuple(r for r in range(world) if r not in members)
-        split = [hi - lo for lo, hi in (_share_bounds(total, world, shadows, r, weights) for r in range(world))]
+        split = _split(total, world, shadows, weights)
         now = max(samples[r] / rates[r] for r in members)
         then = max(split[r] / rates[r] for r in members)
-        if split == list(samples) or then * (1.0 + self.tolerance + self._noise(active)) >= now:
+        gain = split != list(samples) and then * (1.0 + self.tolerance + self._noise(active)) < now
+        if not gain or (self.rates and self._since < self.spacing):
+            if self.straggler > 0 and not gain:  # the split is as good as shares make it
+                self._watch(total, rates, members)
             return None
+        self._busy = [deque(maxlen=self.window) for _ in range(world)]  # they timed the old split
+        self._slow = (-1, 0)
         self.rates = rates
         self.predicted = (now, then)
         self._since = 0
         return weights
+
+    def _watch(self, total: int, rates: Sequence[float], members: Sequence[int]) -> None:
+        """Count the observations in a row in which the group without one
+        member (the one whose absence helps most; predicted from the others'
+        rates) is faster than the group with it (the slowest member's
+        measured busy time, a median: fixed costs included, which a rate
+        model misses for a share rounded to no samples) by more than
+        :attr:`straggler`; at :attr:`patience`, set :attr:`step_down` and
+        start counting again."""
+        if len(members) < 2 or total <= 0 or any(len(self._busy[r]) < self.min_steps for r in members):
+            self._slow = (-1, 0)
+            return
+        with_all = max(_median(self._busy[r]) for r in members)
+        world = len(rates)
+        best, without = -1, float("inf")
+        for j in members:
+            rest = [r for r in members if r != j]
+            shadows = tuple(r for r in range(world) if r not in rest)
+            split = _split(total, world, shadows, self.weights_for(rates, rest))
+            t = max(split[r] / rates[r] for r in rest)
+            if t < without:
+                best, without = j, t
+        if with_all <= (1.0 + self.straggler) * without:
+            self._slow = (-1, 0)
+            return
+        rank, count = self._slow
+        count = count + 1 if rank == best else 1
+        self._slow = (best, count)
+        if count >= self.patience:
+            self.step_down = (best, with_all, without)
+            self._slow = (-1, 0)
 
     def _noise(self, ranks: Sequence[int]) -> float:
         """How far apart two ranks' median rates may be by chance alone: about
@@ -189,6 +256,11 @@ class ShareBalancer:
                     raw = {r: min(w, int(level)) for r, w in raw.items()}
                     break
         return tuple(raw.get(r, 0) for r in range(len(rates)))
+
+
+def _split(total: int, world: int, shadows: tuple[int, ...], weights: Sequence[int]) -> list[int]:
+    """Each rank's samples of a block of ``total`` under ``weights`` (the sampler's own split)."""
+    return [hi - lo for lo, hi in (_share_bounds(total, world, shadows, r, weights) for r in range(world))]
 
 
 def _median(values: Sequence[float]) -> float:

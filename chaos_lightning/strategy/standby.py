@@ -138,6 +138,57 @@ def wait_as_standby(rdv: Any, *, seeds: Sequence[str] = (), secret: Any = None, 
                 gone_since = None
 
 
+class ClusterWatch:
+    """Whether the cluster a node stands outside of still trains, from its
+    members' agent status: ended when one reports that its fit has ended,
+    or when every one has refused our connection (nothing listens) for
+    ``gone_after`` seconds in a row.  For a member that stepped down
+    (``strategy/elastic.py``: ``_stand_by``).  ``ask``: the status query (a
+    test's stand-in for :func:`chaos_lightning.agent.status`); ``clock``
+    and ``sleep`` likewise."""
+
+    def __init__(self, seeds: Sequence[str], secret: Any, *, gone_after: float = CLUSTER_GONE_S,
+                 poll: float = POLL_S, ask: Callable[..., dict] | None = None,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+        if ask is None:
+            from chaos_lightning.agent import status as ask
+        self.seeds, self.secret, self.gone_after, self.poll = list(seeds), secret, gone_after, poll
+        self._ask, self._clock, self._sleep = ask, clock, sleep
+        self._gone_since: float | None = None
+
+    def running(self) -> bool:
+        """One look at every seed: False once the cluster has ended."""
+        refused = 0
+        for seed in self.seeds:
+            try:
+                report = self._ask(seed, secret=self.secret, timeout=self.poll).get("training")
+            except ConnectionRefusedError:
+                refused += 1
+                continue
+            except Exception as exc:  # noqa: BLE001 - busy, timed out: look again
+                log.debug("chaos: no status from %s: %s", seed, exc)
+                continue
+            if isinstance(report, dict) and report.get("ended"):
+                return False
+        now = self._clock()
+        if self.seeds and refused == len(self.seeds):
+            self._gone_since = now if self._gone_since is None else self._gone_since
+            return now - self._gone_since < self.gone_after
+        self._gone_since = None
+        return True
+
+    def wait(self, seconds: float) -> bool:
+        """Look every :attr:`poll` seconds for ``seconds``: False as soon as
+        the cluster has ended, True when the time is up and it still trains."""
+        end = self._clock() + seconds
+        while self.running():
+            left = end - self._clock()
+            if left <= 0:
+                return True
+            self._sleep(min(self.poll, left))
+        return False
+
+
 def retire_hook(request_leave: Callable[[], None]) -> Callable[[object], None]:
     """A membership-event subscriber: on :class:`~ev.Retire` (this member is
     above the cluster's ``max_nodes``), ask for a graceful leave at the next

@@ -99,6 +99,8 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         stop_free_join: bool | None = None,
         catch_up_steps: int | None = None,
         shares: str | None = None,
+        straggler: float | None = None,
+        straggler_retry: float | None = None,
         metrics: str | None = None,
         gc_freeze: bool | None = None,
         target_nodes: int | None = None,
@@ -114,7 +116,7 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
             min_nodes=min_nodes, global_batch_size=global_batch_size, max_sources=max_sources, join_timeout=join_timeout,
             collective_timeout=collective_timeout, switch_timeout=switch_timeout, sideline_timeout=sideline_timeout,
             record_samples=record_samples, stop_free_join=stop_free_join, catch_up_steps=catch_up_steps,
-            shares=shares, metrics=metrics, gc_freeze=gc_freeze, target_nodes=target_nodes, max_nodes=max_nodes, standby=standby,
+            shares=shares, straggler=straggler, straggler_retry=straggler_retry, metrics=metrics, gc_freeze=gc_freeze, target_nodes=target_nodes, max_nodes=max_nodes, standby=standby,
         )))
         super().__init__(
             cluster_environment=ChaosEnvironment(), process_group_backend="gloo",
@@ -443,15 +445,23 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         self._lr_before = self._scaler_before = None
         if decision.action in (Action.STAY, Action.DEFER):
             return
-        if decision.action is Action.LEAVE:
+        if decision.action is Action.LEAVE and self.stepping_down:  # a straggler: it stands by, then rejoins
+            internals.hand_over_logs(trainer.loggers)
+            t0 = time.monotonic()
+            if not self._stand_by():
+                trainer.should_stop = True
+                return
+            failed = False
+        elif decision.action is Action.LEAVE:
             self._leave(trainer)
             if self._shadow_failed:
                 raise RuntimeError("chaos: this node could not join: it could not pull the training state (see the "
                                    "log lines above); it left the cluster, whose members train on without it")
             return
-        t0 = time.monotonic()
-        failed = not self.step_applied
-        self._switch(decision)
+        else:
+            t0 = time.monotonic()
+            failed = not self.step_applied
+            self._switch(decision)
         self._relayout(trainer, new_epoch=False)
         if self.admitted_newcomer:
             # a newcomer starts at the next batch: the rest of this one (its
