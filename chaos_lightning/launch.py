@@ -378,11 +378,14 @@ def plan(args: argparse.Namespace) -> list[NodeSpec]:
     return [NodeSpec(0, env, argv)]
 
 
-def replacement_standby(spec: NodeSpec, index: int, taken: set[int], tries: int = 64) -> NodeSpec | None:
-    """A new standby like ``spec`` (same script, seeds, policy, secret), node
+def replacement_standby(spec: NodeSpec, index: int, taken: set[int], tries: int = 64,
+                        seeds: Sequence[str] = ()) -> NodeSpec | None:
+    """A new standby like ``spec`` (same script, policy, secret), node
     ``index``, on the first port after ``spec``'s that no child of this
-    launcher uses and that is free now (None if none of ``tries`` is)."""
+    launcher uses and that is free now (None if none of ``tries`` is).
+    Its seeds: ``seeds`` (the members alive now) first, then ``spec``'s."""
     host, port = parse_hostport(spec.env["CHAOS_BIND"])
+    peers = ",".join(dict.fromkeys([*seeds, *filter(None, spec.env.get("CHAOS_PEERS", "").split(","))]))
     for candidate in range(port + 1, min(port + 1 + tries, 65536)):
         if candidate in taken:
             continue
@@ -390,7 +393,8 @@ def replacement_standby(spec: NodeSpec, index: int, taken: set[int], tries: int 
             _check_port_free(host, candidate)
         except LaunchError:
             continue
-        env = {**spec.env, "CHAOS_BIND": format_hostport(host, candidate), "CHAOS_LAUNCH_INDEX": str(index)}
+        env = {**spec.env, "CHAOS_BIND": format_hostport(host, candidate), "CHAOS_LAUNCH_INDEX": str(index),
+               "CHAOS_PEERS": peers}
         return NodeSpec(index, env, list(spec.argv), standby=True)
     return None
 
@@ -561,7 +565,11 @@ class Supervisor:
                 continue
             child.admitted = True
             taken = {int(c.spec.env["CHAOS_BIND"].rsplit(":", 1)[1]) for c in self.children}
-            new = replacement_standby(spec, 1 + max(c.spec.index for c in self.children), taken)
+            # seeds: this launcher's members alive now (the first nodes may
+            # all have died by now), then the seeds the standbys were given
+            alive = [c.spec.env["CHAOS_BIND"] for c in self.children
+                     if c.proc.poll() is None and (not c.spec.standby or c.admitted)]
+            new = replacement_standby(spec, 1 + max(c.spec.index for c in self.children), taken, seeds=alive)
             if new is None:
                 self._say(f"node {spec.index} (standby, pid {child.proc.pid}) is a member now; "
                           "no free port for a new standby")
