@@ -32,17 +32,19 @@ class Node:
     the monotonic arrival time); stderr goes to ``log`` (named on failure)."""
 
     def __init__(
-        self, script: Path, argv: Sequence[str], env: Mapping[str, str], log: Path, *, own_group: bool = False
+        self, script: Path, argv: Sequence[str], env: Mapping[str, str], log: Path, *, own_group: bool = False,
+        wrap: Sequence[str] = (),
     ) -> None:
         """``own_group``: the process leads a new process group (a node whose
         ``devices=N`` children a test signals as one, ``kill -SIG -PGID``);
-        :meth:`stop` then kills the whole group."""
+        :meth:`stop` then kills the whole group.  ``wrap``: a command that
+        execs the worker (``ip netns exec NS``: a node of the namespace testbed)."""
         self.log = log
         self.own_group = own_group
         self.env = dict(env)  # what the test set (not the inherited environment)
         self._err = open(log, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, str(script), *argv],
+            [*wrap, sys.executable, str(script), *argv],
             cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
             stdout=subprocess.PIPE, stderr=self._err, text=True, start_new_session=own_group,
         )

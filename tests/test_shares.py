@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _procs import cluster
+from _procs import Node, cluster
 from chaos_lightning.strategy.sampler import _share_bounds, check_weights
 from chaos_lightning.strategy.shares import WEIGHT_SCALE, ShareBalancer
 
@@ -193,6 +193,19 @@ def test_every_rank_decides_alike_and_the_weights_are_always_a_valid_layout(step
                 assert all(bounds[i][1] == bounds[i + 1][0] for i in range(len(bounds) - 1))
 
 
+def test_a_candidate_is_admitted_when_its_link_keeps_the_members_step_within_the_fraction():
+    from chaos_lightning.strategy.shares import link_admission
+
+    # members: 100 ms steps, 80 ms of it busy; 4 MB of gradients
+    ok, predicted = link_admission(0.100, 0.080, 3, 4_000_000, 1.25e9, 0.25)  # 10 Gbit/s
+    assert ok and predicted < 0.100  # a fourth member shares the busy part: faster
+    ok, predicted = link_admission(0.100, 0.080, 3, 4_000_000, 125e6, 0.25)  # 1 Gbit/s: 48 ms of ring
+    assert ok and abs(predicted - (0.060 + 0.048)) < 1e-9
+    ok, predicted = link_admission(0.100, 0.080, 3, 4_000_000, 12.5e6, 0.25)  # 100 Mbit/s: 0.48 s
+    assert not ok and predicted > 0.5
+    assert link_admission(0.100, 0.080, 3, 4_000_000, 0.0, 0.25)[0] is False  # nothing measured through
+
+
 # ---------------------------------------------------------------------- real processes
 WORKER = Path(__file__).with_name("_train_worker.py")
 
@@ -288,4 +301,60 @@ def test_a_straggler_steps_down_trains_on_its_return_and_replicas_end_identical(
     finally:
         for x in nodes:
             x.stop()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.usefixtures("need_netns")
+def test_a_candidate_behind_a_slow_link_waits_as_a_standby_until_its_link_keeps_pace(tmp_path):
+    """Namespace testbed: two members train (adaptive shares); a third node
+    whose uplink is shaped to 2 Mbit/s measures it against the members'
+    reported step before asking to join (82 kB of gradients would take
+    0.65 s of ring all-reduce against a step of tens of ms), says so, and
+    waits as a standby: the members' view stays at two.  Once the link is
+    unshaped, the next measurement admits it; it joins, and the three
+    replicas end identical."""
+    from chaos_lightning.testbed import Testbed
+
+    n, epochs = 240, 30
+    secret = "link-admission-test-secret"
+    with Testbed(3) as tb:
+        tb.shape(2, 2, direction="egress")
+        addrs = [f"{tb.addr(i)}:29400" for i in range(3)]
+        common = {"CHAOS_SHARES": "adaptive", "CHAOS_STRAGGLER_RETRY": "2", "CHAOS_SECRET": secret,
+                  "CHAOS_TEST_HIDDEN": "2048", "CHAOS_RECORD_SAMPLES": "1"}
+
+        def node(i: int, peers: list[str], min_nodes: int) -> Node:
+            env = {**common, "CHAOS_BIND": addrs[i], "CHAOS_PEERS": ",".join(peers), "CHAOS_MIN_NODES": str(min_nodes)}
+            return Node(WORKER, [str(n), str(epochs), "0.02"], env, tmp_path / f"n{i}.log",
+                        wrap=["ip", "netns", "exec", tb.netns(i)])
+
+        members = [node(0, [], 2), node(1, [addrs[0]], 2)]
+        nodes = list(members)
+        try:
+            for x in members:
+                x.event("ready", 90)
+            members[0].wait(lambda r: r["event"] == "step" and r["step"] >= 20, 60)
+            candidate = node(2, addrs[:2], 1)
+            nodes.append(candidate)
+            deadline = time.monotonic() + 60
+            while "waiting as a standby: the members' step" not in candidate.log.read_text():
+                assert time.monotonic() < deadline and candidate.proc.poll() is None, candidate.log
+                time.sleep(0.2)
+            held_at = time.monotonic()
+            time.sleep(3)  # a measurement or two later: still outside
+            assert all(r["world"] == 2 for r in members[0].records if r["event"] == "step")
+            tb.unshape(2)
+            candidate.wait(lambda r: r["event"] == "step" and r["world"] == 3, 60)
+            assert time.monotonic() - held_at < 30
+            assert "link keeps pace now" in candidate.log.read_text()
+            results = [x.event("done", 120) for x in nodes]
+            for x in nodes:
+                assert x.exit_code(30) == 0, x.log
+            assert len({(r["params"], r["optim"], r["global_step"]) for r in results}) == 1, results
+            for epoch in range(epochs):
+                counts = dict(results[0]["epochs"][str(epoch)])
+                assert sorted(counts) == list(range(n)) and set(counts.values()) == {1}, f"epoch {epoch}"
+        finally:
+            for x in nodes:
+                x.stop()
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -172,6 +173,11 @@ class ElasticMember:
         #: (:meth:`_stand_by`); how many times it has stepped down
         self.stepping_down = False
         self.step_downs = 0
+        #: the last committed steps' wall time and slowest busy time, seconds
+        #: (what a candidate reads from the status to judge its link)
+        self._step_walls: deque[float] = deque(maxlen=9)
+        self._step_busy: deque[float] = deque(maxlen=9)
+        self._last_boundary: float | None = None
 
     def rebind(self, bind: str) -> None:
         """Listen at ``bind`` instead (before :meth:`_open_member`: the
@@ -291,6 +297,7 @@ class ElasticMember:
         """Join, wait for ``min_nodes``, form the group and take the state of
         whoever has trained (if anyone)."""
         cfg = self.config
+        self._wait_for_a_link_that_keeps_pace()
         self.trace.emit("join_request")
         from chaos_lightning.strategy.standby import retire_hook
 
@@ -304,6 +311,70 @@ class ElasticMember:
             return self.node_id in v.connected() and len(v.connected()) >= cfg.min_nodes
 
         self._rebuild(view, usable, Freshness.NONE, deadline)
+
+    def _wait_for_a_link_that_keeps_pace(self) -> None:
+        """Admission by link (with adaptive shares and ``CHAOS_STRAGGLER``):
+        before asking to join a cluster that trains, measure this node's
+        upload to its seeds and, from the step and busy times the members
+        report, predict their step with this node in it
+        (:func:`~.shares.link_admission`).  Slower by more than the
+        fraction: wait as a standby, measured again every
+        ``CHAOS_STRAGGLER_RETRY`` seconds (SIGTERM ends the wait: exit 143).
+        A cluster not training yet, or with no figures, is joined at once."""
+        agent = getattr(self.group.rdv, "agent", None)
+        if agent is None or self._balancer is None or self.config.straggler <= 0 or not self.config.peers:
+            return
+        grad_bytes = sum(p.numel() * p.element_size() for p in self.replica_params() if p.requires_grad)
+        held = False
+        with sigterm_ends_wait("waiting as a standby for a link that keeps pace"):
+            if self.config.standby:  # a warm standby judges its link against a cluster that trains
+                from chaos_lightning.strategy.standby import wait_for_training
+
+                wait_for_training(self.config.peers, self.config.secret)
+            while True:
+                verdict = self._link_verdict(agent, grad_bytes)
+                if verdict is None or verdict[0]:
+                    if held:
+                        log.info("chaos: this node's link keeps pace now (%s): asking to join", verdict[1] if verdict else
+                                 "no figures from the cluster")
+                        self.trace.emit("link_admitted", why=verdict[1] if verdict else None)
+                    return
+                if not held:
+                    log.warning("chaos: waiting as a standby: %s, more than CHAOS_STRAGGLER=%g slower; measured "
+                                "again every %.0fs", verdict[1], self.config.straggler, self.config.straggler_retry)
+                    self.trace.emit("held_by_link", why=verdict[1])
+                held = True
+                time.sleep(self.config.straggler_retry)
+
+    def _link_verdict(self, agent: Any, grad_bytes: int) -> tuple[bool, str] | None:
+        """(admit, why) from the first seed that reports a training step and
+        this node's slowest measured upload to up to two seeds; None when no
+        seed reports figures (the cluster is forming, or ended)."""
+        from chaos_lightning.agent import status
+        from chaos_lightning.strategy.shares import link_admission
+
+        report: dict[str, Any] | None = None
+        measured: list[float] = []
+        for seed in self.config.peers:
+            try:
+                if report is None:
+                    got = status(seed, secret=self.config.secret, timeout=2.0).get("training")
+                    if isinstance(got, dict) and got.get("step_s") and got.get("busy_s") and not got.get("ended"):
+                        report = got
+                if len(measured) < 2:
+                    measured.append(agent.probe_bandwidth(seed, min(max(grad_bytes, 1 << 16), 1 << 20), timeout=10.0))
+            except Exception as exc:  # noqa: BLE001 - a seed that does not answer says nothing of the link
+                log.debug("chaos: no status or probe from %s: %s", seed, exc)
+            if report is not None and len(measured) >= 2:
+                break
+        if report is None or not measured:
+            return None
+        bandwidth = min(measured)
+        ok, predicted = link_admission(report["step_s"], report["busy_s"], int(report.get("world") or 1),
+                                       grad_bytes, bandwidth, self.config.straggler)
+        why = (f"the members' step {report['step_s'] * 1e3:.0f} ms would take about {predicted * 1e3:.0f} ms with "
+               f"this node's upload of {bandwidth * 8 / 1e6:.1f} Mbit/s for {grad_bytes / 1e6:.1f} MB of gradients")
+        return ok, why
 
     def _ask_what_was_trained(self, view: View, most: int = 3) -> dict[str, Any] | None:
         """The furthest training any of (up to ``most``) other members of
@@ -337,7 +408,10 @@ class ElasticMember:
         through the agent's status: called on the agent's thread, it only reads."""
         if self.commits <= 0:
             return None
-        return {"step": self.commits, "ended": self.ended, "checkpoint": self.last_checkpoint()}
+        walls, busy = sorted(self._step_walls), sorted(self._step_busy)
+        return {"step": self.commits, "ended": self.ended, "checkpoint": self.last_checkpoint(),
+                "world": len(self.group.trainers), "step_s": walls[len(walls) // 2] if walls else None,
+                "busy_s": busy[len(busy) // 2] if busy else None}
 
     def _joined_without_state(self) -> bool:
         """After the join: this node holds no trained state though the
@@ -421,6 +495,12 @@ class ElasticMember:
         # each rank's samples of the window, from the layout before the commit moves it
         samples = self._window_samples(steps) if self._balancer is not None and not failed else None
         if not failed:
+            now = time.monotonic()
+            if self._last_boundary is not None:
+                self._step_walls.append(now - self._last_boundary)
+                if max(control.busy) > 0:
+                    self._step_busy.append(max(control.busy) / 1e6)
+            self._last_boundary = now
             self._buffers.commit()
             for _ in range(steps):  # one optimizer step trained the window's blocks
                 trained = sampler.commit_step()
@@ -558,6 +638,10 @@ class ElasticMember:
         self.elastic_sampler.reconfigure(self.global_rank, self.world_size, self._sync.shadows, weights)
         self.shares_due = None
         self._busy_since = None
+        self._last_boundary = None  # the next step starts after this relayout
+        if weights is None:  # other members: their steps are not these
+            self._step_walls.clear()
+            self._step_busy.clear()
         if self._balancer is None:
             return
         if weights is None:

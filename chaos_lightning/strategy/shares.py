@@ -79,7 +79,7 @@ from dataclasses import dataclass, field
 
 from chaos_lightning.strategy.sampler import _share_bounds
 
-__all__ = ["ShareBalancer", "WEIGHT_SCALE"]
+__all__ = ["ShareBalancer", "WEIGHT_SCALE", "link_admission"]
 
 #: the largest weight: rates are scaled so that the fastest rank gets this
 WEIGHT_SCALE = 1 << 16
@@ -256,6 +256,26 @@ class ShareBalancer:
                     raw = {r: min(w, int(level)) for r, w in raw.items()}
                     break
         return tuple(raw.get(r, 0) for r in range(len(rates)))
+
+
+def link_admission(step_s: float, busy_s: float, world: int, grad_bytes: int, bandwidth: float,
+                   slack: float) -> tuple[bool, float]:
+    """Would a candidate whose link carries ``bandwidth`` bytes/s slow a
+    group of ``world`` members by more than ``slack``?  Returns (admit, the
+    step time predicted with it, seconds).
+
+    The members' step (``step_s``, wall) is their busy time (``busy_s``,
+    the slowest member's) plus the rest: the all-reduce and its waits.  With
+    the candidate, the busy part is shared by one more (adaptive shares make
+    the slower ones' parts smaller; a candidate of the members' average
+    speed is assumed, and one slower steps down later), and the all-reduce
+    takes at least what the candidate's link needs for its part of a ring
+    all-reduce: ``2 (n-1)/n`` times the gradient bytes, ``n = world + 1``."""
+    rest = max(0.0, step_s - busy_s)
+    n = world + 1
+    link = 2 * (n - 1) / n * grad_bytes / bandwidth if bandwidth > 0 else float("inf")
+    predicted = busy_s * world / n + max(rest, link)
+    return predicted <= (1.0 + slack) * step_s, predicted
 
 
 def _split(total: int, world: int, shadows: tuple[int, ...], weights: Sequence[int]) -> list[int]:
