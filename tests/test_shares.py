@@ -306,16 +306,17 @@ def test_a_straggler_steps_down_trains_on_its_return_and_replicas_end_identical(
 @pytest.mark.timeout(240)
 @pytest.mark.usefixtures("need_netns")
 def test_a_candidate_behind_a_slow_link_waits_as_a_standby_until_its_link_keeps_pace(tmp_path):
-    """Namespace testbed: two members train (adaptive shares); a third node
-    whose uplink is shaped to 2 Mbit/s measures it against the members'
-    reported step before asking to join (82 kB of gradients would take
-    0.65 s of ring all-reduce against a step of tens of ms), says so, and
-    waits as a standby: the members' view stays at two.  Once the link is
-    unshaped, the next measurement admits it; it joins, and the three
-    replicas end identical."""
+    """Namespace testbed: two members train (adaptive shares); a warm
+    standby (started with them: ``CHAOS_STANDBY=1``, so it waits until they
+    train) whose uplink is shaped to 2 Mbit/s measures it against the
+    members' reported step before asking to join (82 kB of gradients would
+    take 0.65 s of ring all-reduce against a step of tens of ms), says so,
+    and waits: the members' view stays at two.  Once the link is unshaped,
+    the next measurement admits it; it joins, and the three replicas end
+    identical."""
     from chaos_lightning.testbed import Testbed
 
-    n, epochs = 240, 30
+    n, epochs = 240, 20
     secret = "link-admission-test-secret"
     with Testbed(3) as tb:
         tb.shape(2, 2, direction="egress")
@@ -323,19 +324,18 @@ def test_a_candidate_behind_a_slow_link_waits_as_a_standby_until_its_link_keeps_
         common = {"CHAOS_SHARES": "adaptive", "CHAOS_STRAGGLER_RETRY": "2", "CHAOS_SECRET": secret,
                   "CHAOS_TEST_HIDDEN": "2048", "CHAOS_RECORD_SAMPLES": "1"}
 
-        def node(i: int, peers: list[str], min_nodes: int) -> Node:
-            env = {**common, "CHAOS_BIND": addrs[i], "CHAOS_PEERS": ",".join(peers), "CHAOS_MIN_NODES": str(min_nodes)}
+        def node(i: int, peers: list[str], min_nodes: int, **extra: str) -> Node:
+            env = {**common, "CHAOS_BIND": addrs[i], "CHAOS_PEERS": ",".join(peers), "CHAOS_MIN_NODES": str(min_nodes),
+                   **extra}
             return Node(WORKER, [str(n), str(epochs), "0.02"], env, tmp_path / f"n{i}.log",
                         wrap=["ip", "netns", "exec", tb.netns(i)])
 
         members = [node(0, [], 2), node(1, [addrs[0]], 2)]
-        nodes = list(members)
+        candidate = node(2, addrs[:2], 1, CHAOS_STANDBY="1")
+        nodes = [*members, candidate]
         try:
-            for x in members:
+            for x in nodes:
                 x.event("ready", 90)
-            members[0].wait(lambda r: r["event"] == "step" and r["step"] >= 20, 60)
-            candidate = node(2, addrs[:2], 1)
-            nodes.append(candidate)
             deadline = time.monotonic() + 60
             while "waiting as a standby: the members' step" not in candidate.log.read_text():
                 assert time.monotonic() < deadline and candidate.proc.poll() is None, candidate.log

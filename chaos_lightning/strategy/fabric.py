@@ -172,6 +172,10 @@ class ChaosFabricStrategy(ElasticMember, DDPStrategy):
         return [t for m in self._modules for t in (*m.parameters(), *m.buffers())]
 
     @override
+    def replica_params(self) -> list[torch.Tensor]:
+        return [p for m in self._modules for p in m.parameters()]
+
+    @override
     def replica_buffers(self) -> list[torch.Tensor]:
         return [b for m in self._modules for b in m.buffers()]
 
