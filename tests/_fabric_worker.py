@@ -68,6 +68,8 @@ def main() -> None:
                 loss = nn.functional.mse_loss(model(x), y)
                 fabric.backward(loss / accumulate)
                 time.sleep(len(x) * float(os.environ.get("CHAOS_TEST_SAMPLE_SLEEP", 0)))  # this node's speed
+                if chaos.step_downs == 0:  # slow for a while: until this node has stepped down once
+                    time.sleep(float(os.environ.get("CHAOS_TEST_SLOW_UNTIL_BACK", 0)))
             if not stepping:
                 continue
             fabric.clip_gradients(model, optimizer, max_norm=5.0)

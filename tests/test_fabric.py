@@ -72,6 +72,37 @@ def test_a_fabric_loop_survives_join_leave_and_kill(tmp_path, accumulate):
     assert late.records[0]["event"] == "ready" and "joined in the cluster's epoch" not in late.log.read_text()
 
 
+@pytest.mark.timeout(180)
+def test_a_fabric_straggler_steps_down_stands_by_and_comes_back_identical(tmp_path):
+    """Two Fabric processes, adaptive shares; node 1 spends 0.2 s more per
+    step until it has stepped down once.  Its share falls to nothing, then
+    it steps down at a step boundary (``optimizer.step``), stands by for
+    ``CHAOS_STRAGGLER_RETRY`` at the next batch while the founder trains
+    alone, comes back as a newcomer, and the two end as replicas of each
+    other, every sample of every epoch once."""
+    epochs = 3
+    env = lambda i: {"CHAOS_SHARES": "adaptive", "CHAOS_STRAGGLER_RETRY": "1", "CHAOS_RECORD_SAMPLES": "1",  # noqa: E731
+                     **({"CHAOS_TEST_SLOW_UNTIL_BACK": "0.2", "CHAOS_MIN_NODES": "1"} if i == 1 else {})}
+    nodes = cluster(WORKER, [str(SAMPLES), str(epochs), "0.02", "1"], 2, tmp_path, prefix="down", env=env)
+    try:
+        done = [x.event("done", 150) for x in nodes]
+        for x in nodes:
+            assert x.exit_code(30) == 0, x.log
+            assert "Traceback" not in x.log.read_text(), x.log
+        slow = nodes[1].log.read_text()
+        assert "steps down to a standby" in slow and "back in the cluster" in slow, nodes[1].log
+        worlds = [r["world"] for r in nodes[0].records if r["event"] == "step"]
+        assert 1 in worlds and worlds[-1] == 2, worlds
+        keys = ("params", "optim", "scheduler", "global_step")
+        assert len({tuple(repr(r[k]) for k in keys) for r in done}) == 1, done
+        for epoch in range(epochs):
+            counts = dict(done[0]["epochs"][str(epoch)])
+            assert sorted(counts) == list(range(SAMPLES)) and set(counts.values()) == {1}, f"epoch {epoch}"
+    finally:
+        for x in nodes:
+            x.stop()
+
+
 @pytest.mark.timeout(120)
 def test_two_optimizers_are_refused_with_one_line(tmp_path):
     script = tmp_path / "two.py"
