@@ -210,6 +210,16 @@ def test_a_candidate_is_admitted_when_its_link_keeps_the_members_step_within_the
 WORKER = Path(__file__).with_name("_train_worker.py")
 
 
+def identical_and_exact(results: list[dict], ledgers: list[dict], n: int, epochs: int) -> None:
+    """Every ``done`` record the same replica (parameters, optimizer, global
+    step); every epoch of each of ``ledgers`` an exact cover of ``n`` samples."""
+    assert len({(r["params"], r["optim"], r["global_step"]) for r in results}) == 1, results
+    for r in ledgers:
+        for epoch in range(epochs):
+            counts = dict(r["epochs"][str(epoch)])
+            assert sorted(counts) == list(range(n)) and set(counts.values()) == {1}, f"epoch {epoch}"
+
+
 @pytest.mark.timeout(180)
 def test_a_slow_node_gets_a_smaller_share_and_a_leave_re_decides_the_shares(tmp_path):
     """Three processes with ``CHAOS_SHARES=adaptive``; node 2 takes four times
@@ -238,13 +248,9 @@ def test_a_slow_node_gets_a_smaller_share_and_a_leave_re_decides_the_shares(tmp_
         for x in nodes:
             assert x.exit_code(30) == 0, x.log
             assert "Traceback" not in x.log.read_text(), x.log
-        assert len({(r["params"], r["optim"], r["global_step"]) for r in results}) == 1, results
+        identical_and_exact(results, results, n, epochs)
         # CHAOS_GC_FREEZE (on by default): start-up's objects are out of the full collections
         assert all(r["frozen"] > 10_000 for r in results), [r["frozen"] for r in results]
-        for r in results:
-            for epoch in range(epochs):
-                counts = dict(r["epochs"][str(epoch)])
-                assert sorted(counts) == list(range(n)) and set(counts.values()) == {1}, f"epoch {epoch}"
         # the two split their blocks of 8 unevenly (by speed) once decided (a
         # step record names the world after the boundary's switch: the first
         # one of the view of two is the last batch of the view of three)
@@ -292,12 +298,9 @@ def test_a_straggler_steps_down_trains_on_its_return_and_replicas_end_identical(
         worlds = [r["world"] for r in nodes[0].records if r["event"] == "step"]
         assert 2 in worlds and worlds[-1] == 3, worlds
         assert results[2]["left"] is False
-        assert len({(r["params"], r["optim"], r["global_step"]) for r in results}) == 1, results
         # the founder trained from the first step (with CHAOS_MIN_NODES=2 the
         # third node may join a step or two later, and a ledger starts at its join)
-        for epoch in range(epochs):
-            counts = dict(results[0]["epochs"][str(epoch)])
-            assert sorted(counts) == list(range(n)) and set(counts.values()) == {1}, f"epoch {epoch}"
+        identical_and_exact(results, results[:1], n, epochs)
     finally:
         for x in nodes:
             x.stop()
@@ -350,10 +353,7 @@ def test_a_candidate_behind_a_slow_link_waits_as_a_standby_until_its_link_keeps_
             results = [x.event("done", 120) for x in nodes]
             for x in nodes:
                 assert x.exit_code(30) == 0, x.log
-            assert len({(r["params"], r["optim"], r["global_step"]) for r in results}) == 1, results
-            for epoch in range(epochs):
-                counts = dict(results[0]["epochs"][str(epoch)])
-                assert sorted(counts) == list(range(n)) and set(counts.values()) == {1}, f"epoch {epoch}"
+            identical_and_exact(results, results[:1], n, epochs)
         finally:
             for x in nodes:
                 x.stop()
