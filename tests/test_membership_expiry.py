@@ -78,6 +78,8 @@ def test_a_standby_killed_while_held_expires_and_the_next_failure_admits_the_liv
         assert list(g.joins) == ["s2"] and list(g.asked) == ["s2"], f"{n} dropped the dead standby only"
         assert (JOIN, "s1") not in g.queue and "s1" not in sim.nodes[n]._addrs, f"{n} keeps nothing of it"
     assert max(sim.committed) == before == 2, "expiry itself changes no view"
+    expired = [(n, e.node) for _, n, e in sim.events(ev.JoinExpired)]
+    assert expired == [(a, "s1")], "the coordinator says so, once"
 
     sim.crash(b)
     assert sim.run_until(lambda: sim.agreed(size=2, without=b, including="s2"), timeout=30), sim.summary()

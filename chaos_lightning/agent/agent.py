@@ -578,6 +578,9 @@ class Agent:
             log.debug("%s: proposed %s (%s)", self.node_id, e.view.describe(), e.reason)
         elif isinstance(e, ev.Held):  # the size policy's decisions, each with its reason
             log.info("chaos: size policy: holding %s as a standby (%s)", e.node, e.reason)
+        elif isinstance(e, ev.JoinExpired):
+            log.info("chaos: the pending join of %s expired (not heard asking for %gs: a standby gone while it "
+                     "waited)", e.node, e.after_s)
         elif isinstance(e, ev.Retire):
             log.warning("chaos: size policy: this node retires (%s); leaving at the next step boundary", e.reason)
 

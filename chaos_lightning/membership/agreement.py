@@ -311,7 +311,7 @@ class Agreement:
             return
         # whatever call brought us here (a tick, a message): a joiner not
         # heard asking for join_expiry is no candidate of this proposal
-        m.gossip.expire(now)
+        m.expire_joins(now, out)
         if m.gossip.joins and policy.capacity(m.view) is not None:
             self._report_held(out)
         desired = self.desired()
@@ -414,7 +414,7 @@ class Agreement:
         if best[1] is not None and best[0][0] >= 0:
             prop.value, prop.reason = best[1], "recovering a proposal of " + best[0][1]
         else:
-            m.gossip.expire(now)  # a value computed now: no expired joiner in it
+            m.expire_joins(now, out)  # a value computed now: no expired joiner in it
             desired = self.desired()
             if desired is None:
                 self.proposal = None

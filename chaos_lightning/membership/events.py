@@ -139,6 +139,16 @@ class Retire:
     reason: str
 
 
+@dataclass(frozen=True)
+class JoinExpired:
+    """This node, as coordinator, dropped ``node``'s pending join: it was not
+    heard asking for ``after_s`` seconds (a standby that died while it
+    waited).  Asking again later makes it a candidate again."""
+
+    node: str
+    after_s: float
+
+
 Event = (
     ViewChanged
     | Removed
@@ -150,5 +160,6 @@ Event = (
     | QuorumRegained
     | Proposed
     | Held
+    | JoinExpired
     | Retire
 )

@@ -315,7 +315,7 @@ class Membership:
         self.agreement.tick(now)
         # before the proposer looks: a proposal computed from here on never
         # admits a joiner that stopped asking (a standby that died waiting)
-        self.gossip.expire(now)
+        self.expire_joins(now, out)
         if self.phase is Phase.LEAVING and now >= self._retry_at:
             self._retry_at = now + self.config.join_retry
             self._send_to_coordinator(Facts(self._epoch(), (Fact(LEAVE, self.id, self._inc),)), out)
@@ -490,6 +490,15 @@ class Membership:
         return found
 
     # ------------------------------------------------------------ joining
+    def expire_joins(self, now: float, out: Output) -> None:
+        """Drop the pending joins not heard for ``join_expiry``; the
+        coordinator reports each (:class:`~.events.JoinExpired`), as it
+        reports the standbys it holds."""
+        gone = self.gossip.expire(now)
+        if gone and self.coordinator() == self.id:
+            for x in gone:
+                out.events.append(ev.JoinExpired(x.id, self.config.join_expiry))
+
     def _tick_join(self, now: float, out: Output) -> None:
         if now < self._retry_at or not self._contacts:
             return
