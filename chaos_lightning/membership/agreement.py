@@ -283,9 +283,8 @@ class Agreement:
         m = self._m
         view = m.view
         assert view is not None
-        believed = m.detector.dead_nodes
         # from the (few) dead, not a scan of the n voters: this runs in the deciding call
-        alive = view.voter_count - sum(1 for d in believed if view.is_voter(d))
+        alive = view.voter_count - m.detector.dead_voters(view)
         if alive >= view.quorum:
             return (), view.quorum
         proven = m.proven_dead()
@@ -296,6 +295,7 @@ class Agreement:
             return proven, need
         if m.config.allow_minority if minority is None else minority:
             voters = view.voters
+            believed = m.detector.dead_nodes
             gone = tuple(v for v in voters if v in believed or v in proven)  # rare: a scan is fine
             return gone, (len(voters) - len(gone)) // 2 + 1
         return (), view.quorum

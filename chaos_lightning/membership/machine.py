@@ -785,7 +785,7 @@ class Membership:
         if view is None or self.id not in view:
             return
         voters = view.voter_count
-        alive = voters - sum(1 for d in self.detector.dead_nodes if view.is_voter(d))
+        alive = voters - self.detector.dead_voters(view)
         _, need = self.agreement.quorum_rule(minority=False)
         quorate = alive >= need
         if quorate != self.quorate:
