@@ -130,6 +130,19 @@ def test_a_member_whose_share_rounded_to_nothing_is_measured_again():
     assert b.predicted[1] < b.predicted[0]
 
 
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.integers(0, 500), st.lists(st.integers(0, 1 << 16), min_size=1, max_size=9), st.data())
+def test_the_balancers_one_pass_split_is_the_samplers_split(total, weights, data):
+    from chaos_lightning.strategy.shares import _split
+
+    world = len(weights)
+    shadows = tuple(sorted(data.draw(st.sets(st.integers(0, world - 1), max_size=world - 1))))
+    if not any(w for r, w in enumerate(weights) if r not in shadows):
+        weights = [1] * world  # some contributing rank weighs something (check_weights' rule)
+    assert _split(total, world, shadows, weights) == [
+        hi - lo for lo, hi in (_share_bounds(total, world, shadows, r, tuple(weights)) for r in range(world))]
+
+
 # ---------------------------------------------------------------------- stepping down
 @pytest.mark.parametrize("seed", range(3))
 def test_a_member_at_half_speed_or_equal_members_never_step_down(seed):

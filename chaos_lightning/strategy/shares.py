@@ -55,10 +55,11 @@ Stepping down (:attr:`ShareBalancer.straggler`, ``CHAOS_STRAGGLER``).  A
 smaller share cannot always make a member keep pace: its weight has a floor
 (:attr:`max_skew`), and part of a step costs the same at any share (the
 optimizer step over the whole model, the hooks, a fixed wait in the user's
-code).  At each observation with every member measured, the balancer
-compares the step time of the best split with every member (the current
-split's, if shorter) against the best split of the others alone, for the
-member whose absence helps most.  When the group without that member would
+code).  At each observation where the split is as good as shares make it,
+the balancer compares the slowest member's measured busy time (the step
+with it) against the step the others alone would take over their best
+split (predicted from their rates): nobody else's absence could shorten
+the step.  When the group without that member would
 be faster by more than ``straggler`` (a fraction) for :attr:`patience`
 observations in a row, :attr:`step_down` names it; the strategy makes it
 leave at the next boundary and stand by (``strategy/elastic.py``).  The
@@ -77,7 +78,6 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from chaos_lightning.strategy.sampler import _share_bounds
 
 __all__ = ["ShareBalancer", "WEIGHT_SCALE", "link_admission"]
 
@@ -188,9 +188,9 @@ class ShareBalancer:
         return weights
 
     def _watch(self, total: int, rates: Sequence[float], members: Sequence[int]) -> None:
-        """Count the observations in a row in which the group without one
-        member (the one whose absence helps most; predicted from the others'
-        rates) is faster than the group with it (the slowest member's
+        """Count the observations in a row in which the group without its
+        slowest member (predicted from the others' rates) is faster than
+        the group with it (that member's
         measured busy time, a median: fixed costs included, which a rate
         model misses for a share rounded to no samples) by more than
         :attr:`straggler`; at :attr:`patience`, set :attr:`step_down` and
@@ -198,16 +198,14 @@ class ShareBalancer:
         if len(members) < 2 or total <= 0 or any(len(self._busy[r]) < self.min_steps for r in members):
             self._slow = (-1, 0)
             return
-        with_all = max(_median(self._busy[r]) for r in members)
+        busy = {r: _median(self._busy[r]) for r in members}
+        best = max(members, key=lambda r: (busy[r], -r))  # the slowest: nobody else's absence shortens the step
+        with_all = busy[best]
         world = len(rates)
-        best, without = -1, float("inf")
-        for j in members:
-            rest = [r for r in members if r != j]
-            shadows = tuple(r for r in range(world) if r not in rest)
-            split = _split(total, world, shadows, self.weights_for(rates, rest))
-            t = max(split[r] / rates[r] for r in rest)
-            if t < without:
-                best, without = j, t
+        rest = [r for r in members if r != best]
+        shadows = tuple(r for r in range(world) if r not in rest)
+        split = _split(total, world, shadows, self.weights_for(rates, rest))
+        without = max(split[r] / rates[r] for r in rest)
         if with_all <= (1.0 + self.straggler) * without:
             self._slow = (-1, 0)
             return
@@ -279,8 +277,15 @@ def link_admission(step_s: float, busy_s: float, world: int, grad_bytes: int, ba
 
 
 def _split(total: int, world: int, shadows: tuple[int, ...], weights: Sequence[int]) -> list[int]:
-    """Each rank's samples of a block of ``total`` under ``weights`` (the sampler's own split)."""
-    return [hi - lo for lo, hi in (_share_bounds(total, world, shadows, r, weights) for r in range(world))]
+    """Each rank's samples of a block of ``total`` under ``weights``: the
+    sampler's own split (:func:`~.sampler._share_bounds`, the same integer
+    arithmetic), in one pass over the ranks rather than one per rank."""
+    w = [0 if r in shadows else weights[r] for r in range(world)]
+    whole, below, out = sum(w), 0, []
+    for x in w:
+        out.append(total * (below + x) // whole - total * below // whole)
+        below += x
+    return out
 
 
 def _median(values: Sequence[float]) -> float:
