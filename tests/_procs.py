@@ -75,6 +75,8 @@ class Node:
                 return rec
         while True:
             left = deadline - time.monotonic()
+            if left <= 0:
+                self._dump_stacks()
             assert left > 0, f"timed out after {timeout}s; last records {self.records[-3:]}; {self._state()}"
             try:
                 rec = self._lines.get(timeout=min(left, 1.0))
@@ -86,6 +88,14 @@ class Node:
                 continue
             if pred(rec):
                 return rec
+
+    def _dump_stacks(self) -> None:
+        """A worker still running when a wait times out: SIGUSR1 makes it
+        write every thread's stack to its log (``tests/_say.py``)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGUSR1)
+            time.sleep(0.5)
 
     def _state(self) -> str:
         return f"exit code {self.proc.poll()}, log {self.log}"
