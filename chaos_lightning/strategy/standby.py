@@ -74,33 +74,18 @@ def wait_for_training(seeds: Sequence[str], secret: Any, *, gone_after: float = 
     :class:`StandbyOrphaned` once every seed refused connections for
     ``gone_after`` seconds in a row.  ``ask``: the status query (a test's stand-in
     for :func:`chaos_lightning.agent.status`)."""
-    if ask is None:
-        from chaos_lightning.agent import status as ask
+    watch = ClusterWatch(seeds, secret, gone_after=gone_after, poll=poll, ask=ask)
     log.info("chaos: warm standby: waiting for the cluster to train before asking to join (seeds: %s)",
              ", ".join(seeds))
-    gone_since: float | None = None
     while True:
-        refused: dict[str, str] = {}
+        reports, refused = watch.look()
         for seed in seeds:
-            try:
-                report = ask(seed, secret=secret, timeout=poll).get("training")
-            except ConnectionRefusedError as exc:
-                refused[seed] = f"connection refused: {exc.strerror or exc}"
-                continue
-            except Exception as exc:  # noqa: BLE001 - starting, timed out: ask again next round
-                log.debug("chaos: warm standby: no status from %s: %s", seed, exc)
-                continue
-            if isinstance(report, dict) and int(report.get("step", 0)) > 0:
+            if int(reports.get(seed, {}).get("step", 0)) > 0:
                 return seed
-        now = time.monotonic()
-        if len(refused) == len(seeds):
-            gone_since = gone_since if gone_since is not None else now
-            if now - gone_since >= gone_after:
-                raise StandbyOrphaned(
-                    "chaos: the cluster this standby waited for has ended (or never started): no seed listens "
-                    f"({', '.join(f'{a} ({why})' for a, why in refused.items())}) for {gone_after:g}s")
-        else:
-            gone_since = None
+        if watch.gone:
+            raise StandbyOrphaned(
+                "chaos: the cluster this standby waited for has ended (or never started): no seed listens "
+                f"({', '.join(f'{a} ({why})' for a, why in refused.items())}) for {gone_after:g}s")
         time.sleep(poll)
 
 
@@ -155,27 +140,38 @@ class ClusterWatch:
         self.seeds, self.secret, self.gone_after, self.poll = list(seeds), secret, gone_after, poll
         self._ask, self._clock, self._sleep = ask, clock, sleep
         self._gone_since: float | None = None
+        #: every seed has refused our connection for ``gone_after`` seconds (as of the last look)
+        self.gone = False
 
-    def running(self) -> bool:
-        """One look at every seed: False once the cluster has ended."""
-        refused = 0
+    def look(self) -> tuple[dict[str, dict], dict[str, str]]:
+        """One look at every seed: the training reports of those that
+        answered, and why each refused (connection refused: nothing listens);
+        :attr:`gone` says whether every seed has refused for ``gone_after``."""
+        reports: dict[str, dict] = {}
+        refused: dict[str, str] = {}
         for seed in self.seeds:
             try:
                 report = self._ask(seed, secret=self.secret, timeout=self.poll).get("training")
-            except ConnectionRefusedError:
-                refused += 1
+            except ConnectionRefusedError as exc:
+                refused[seed] = f"connection refused: {exc.strerror or exc}"
                 continue
-            except Exception as exc:  # noqa: BLE001 - busy, timed out: look again
+            except Exception as exc:  # noqa: BLE001 - starting, busy, timed out: look again
                 log.debug("chaos: no status from %s: %s", seed, exc)
                 continue
-            if isinstance(report, dict) and report.get("ended"):
-                return False
+            if isinstance(report, dict):
+                reports[seed] = report
         now = self._clock()
-        if self.seeds and refused == len(self.seeds):
+        if self.seeds and len(refused) == len(self.seeds):
             self._gone_since = now if self._gone_since is None else self._gone_since
-            return now - self._gone_since < self.gone_after
-        self._gone_since = None
-        return True
+        else:
+            self._gone_since = None
+        self.gone = self._gone_since is not None and now - self._gone_since >= self.gone_after
+        return reports, refused
+
+    def running(self) -> bool:
+        """One look at every seed: False once the cluster has ended."""
+        reports, _ = self.look()
+        return not self.gone and not any(r.get("ended") for r in reports.values())
 
     def wait(self, seconds: float) -> bool:
         """Look every :attr:`poll` seconds for ``seconds``: False as soon as
