@@ -55,6 +55,8 @@ variable                   setting                                      default
 ``CHAOS_RECORD_SAMPLES``   keep the ledger of trained samples (1/0)     0 (off)
 ``CHAOS_STOP_FREE_JOIN``   a joiner pulls behind the members' steps     0 (off)
 ``CHAOS_CATCH_UP_STEPS``   most steps such a joiner replays             32
+``CHAOS_FINISH_FAILED_STEPS`` a step a member's failure broke is        1 (on)
+                           finished by the others in the next group
 ``CHAOS_SHARES``           each member's share of the global batch:     ``equal``
                            ``equal`` or ``adaptive`` (by measured speed)
 ``CHAOS_METRICS``          ``host:port`` of the Prometheus endpoint     unset (off)
@@ -159,6 +161,11 @@ class NodeConfig:
     stop_free_join: bool = False
     #: the most steps a shadow replays; past it the joiner waits for its pull
     catch_up_steps: int = 32
+    #: a step whose gradient reduction a member's failure broke is finished
+    #: by the others in the next group, with their own gradients of it (the
+    #: failed member's samples go back to the epoch); off: the step is
+    #: trained again from its start (docs/strategy.md)
+    finish_failed_steps: bool = True
     #: how a step's samples are split over the members: ``equal``, or
     #: ``adaptive`` (each member's share follows its measured speed, so slow
     #: and fast members finish each step together; docs/shares.md)
@@ -233,6 +240,7 @@ class NodeConfig:
             record_samples=r.boolean("record_samples", "CHAOS_RECORD_SAMPLES", cls.record_samples),
             stop_free_join=r.boolean("stop_free_join", "CHAOS_STOP_FREE_JOIN", cls.stop_free_join),
             catch_up_steps=r.integer("catch_up_steps", "CHAOS_CATCH_UP_STEPS", cls.catch_up_steps),
+            finish_failed_steps=r.boolean("finish_failed_steps", "CHAOS_FINISH_FAILED_STEPS", cls.finish_failed_steps),
             shares=r.choice("shares", "CHAOS_SHARES", cls.shares, ("equal", "adaptive")),
             straggler=r.fraction("straggler", "CHAOS_STRAGGLER", cls.straggler),
             straggler_retry=r.seconds("straggler_retry", "CHAOS_STRAGGLER_RETRY", cls.straggler_retry),

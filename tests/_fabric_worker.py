@@ -95,7 +95,7 @@ def main() -> None:
         params=digest(model.parameters()),
         optim=digest(v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)),
         scheduler=scheduler.state_dict()["last_epoch"],
-        epochs={str(e): sorted(ledger.counts(e).items()) for e in range(epochs)},
+        epochs={str(e): sorted(ledger.counts(e).items()) for e in range(epochs)}, switches=chaos.events,
     )
 
 

@@ -58,7 +58,11 @@ def test_a_fabric_loop_survives_join_leave_and_kill(tmp_path, accumulate):
     assert all(b - a <= 10 for a, b in zip(logged, logged[1:])), f"a gap in the history: {logged}"
     first, late = nodes[1], nodes[3]
     applied = [r["applied"] for r in first.records if r["event"] == "step"]
-    assert False in applied, "the kill -9 failed a step"
+    # the kill -9 failed a step: the survivors finished it in the next group
+    # (killed inside it), or it applied nothing (killed between steps: the
+    # next step failed before it was reduced, ... or finished too)
+    switches = next(r for r in first.records if r["event"] == "done")["switches"]
+    assert False in applied or any(e.get("finished_step") for e in switches), switches
     assert done[0]["global_step"] == sum(applied), "a failed step counts nowhere"
     assert done[0]["scheduler"] == done[0]["global_step"], "the scheduler stepped once per applied step"
     vals = {r["epoch"]: r["loss"] for r in first.records if r["event"] == "val"}

@@ -362,6 +362,26 @@ def test_churn_every_epoch_is_an_exact_cover_and_ranks_stay_in_lockstep(case):
 # -- state, epochs, modes --------------------------------------------------------
 
 
+@given(world=st.integers(1, 5), steps=st.integers(1, 4), data=st.data())
+@settings(max_examples=60, deadline=None)
+def test_a_window_finished_without_some_ranks_hands_back_exactly_their_slices(world, steps, data):
+    """A failed step finished by the survivors (gradient accumulation: one
+    update over ``steps`` micro-batches): every block of the window is
+    consumed, the lost ranks' slices of all of them come first in the queue,
+    in order, and the epoch still trains every sample once."""
+    lost = data.draw(st.sets(st.integers(0, world - 1), max_size=world - 1))
+    m = ElasticSampler(97, 3, rank=0, world_size=world, seed=5)
+    slices = [[m.batch_for(j, r) for r in range(world)] for j in range(steps)]
+    trained = m.commit_steps(steps, lost)
+    assert trained == [i for j in range(steps) for r in range(world) if r not in lost for i in slices[j][r]]
+    back = [i for j in range(steps) for r in sorted(lost) for i in slices[j][r]]
+    assert m.block(0)[: len(back)] == back[: len(m.block(0))]
+    seen = list(trained)
+    while m.steps_remaining():
+        seen += m.commit_step()
+    assert sorted(seen) == list(range(97))
+
+
 def test_state_roundtrip_through_msgpack_continues_identically():
     a = ElasticSampler(300, 6, rank=1, world_size=3, seed=42)
     a.commit_step()

@@ -76,7 +76,7 @@ def test_three_nodes_one_hangs_survivors_recover_within_detection_not_gloo_timeo
     """SIGSTOP: the peer is alive but silent, so gloo never errors; the
     survivors' collective is abandoned when the membership layer confirms the
     failure (~0.6 s with the local preset), far below the 30 s collective
-    timeout."""
+    timeout, and they finish the step they were in without it."""
     nodes = start(3, tmp_path)
     hung, survivors = nodes[2], nodes[:2]
     try:
@@ -93,6 +93,12 @@ def test_three_nodes_one_hangs_survivors_recover_within_detection_not_gloo_timeo
         print(f"longest pause between steps: {longest:.2f}s; switches {results[0]['switches']}")
         assert longest < 5.0, "recovery is bounded by failure detection, not by gloo's 30 s timeout"
         assert [e["world"] for e in results[0]["switches"] if "failed_step" in e] == [2]
+        # the survivors were inside the step's all-reduce when the hung node
+        # was removed: they finish that step in the group of two (their own
+        # gradients of it; the hung node's samples go back to the epoch),
+        # rather than train it again from its start
+        for r in results:
+            assert [e["world"] for e in r["switches"] if e.get("finished_step")] == [2], r["switches"]
     finally:
         hung.proc.send_signal(signal.SIGCONT)
         for n in nodes:

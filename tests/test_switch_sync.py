@@ -36,7 +36,7 @@ from chaos_lightning.strategy.sampler import ElasticSampler, Ledger
 from chaos_lightning.strategy.switch import Action, Control, Decision, Window, adoptable, decide, usable_for_switch
 from chaos_lightning.strategy.sync import Claim, Freshness, SyncAction, SyncPlan, plan_sync
 
-NONE, ABORTED, APPLIED = Freshness.NONE, Freshness.ABORTED, Freshness.APPLIED
+NONE, ABORTED, APPLIED, PENDING = Freshness.NONE, Freshness.ABORTED, Freshness.APPLIED, Freshness.PENDING
 
 
 # ---------------------------------------------------------------------- records
@@ -154,6 +154,12 @@ def test_plan_sync_every_branch() -> None:
     assert plan_sync(split, 2, stale=False) == SyncPlan(SyncAction.BROADCAST, source=1, receive=True, admits=True)
     behind = [Claim.of(APPLIED, 5), Claim.of(ABORTED, 5)]
     assert plan_sync(behind, 1, stale=False) == SyncPlan(SyncAction.BROADCAST, source=0, receive=True)
+    # a failed step is finished in the new group only when every rank holds it
+    finish = [Claim.of(PENDING, 7)] * 3
+    assert plan_sync(finish, 2, stale=True) == SyncPlan(SyncAction.FINISH)
+    for others in ([Claim.of(APPLIED, 8)], [Claim.of(ABORTED, 7)], [Claim.of(NONE, 0)], [Claim.of(PENDING, 6)]):
+        mixed = [Claim.of(PENDING, 7), *others]
+        assert {plan_sync(mixed, r, stale=False) for r in range(2)} == {SyncPlan(SyncAction.RETRY)}, others
 
 
 # ---------------------------------------------------------------------- randomized sequences
@@ -172,6 +178,8 @@ class Replica:
     leaving: bool = False
     stale: bool = False
     founder: bool = False  # there from the start to the end, never sidelined: its ledger must be exact
+    #: finishing a failed step: the nodes of the group it ran in (their ranks are the layout's)
+    unfinished: list[str] | None = None
     ledger: Ledger = field(default_factory=lambda: Ledger(N))
 
     def same_state(self, other: Replica) -> bool:
@@ -189,6 +197,9 @@ class Cluster:
         self.group = [self.new(f"n{i}", founder=True) for i in range(nodes)]
         self.pending: list[Replica] = []
         self.seen: Counter[str] = Counter()
+        #: CHAOS_FINISH_FAILED_STEPS: a rank whose step failed holds it and
+        #: claims it in the next group (Freshness.PENDING) instead of aborting
+        self.finishing = rng.random() < 0.5
         self.joined = 0
         self.sync()
 
@@ -239,8 +250,7 @@ class Cluster:
                 rep.freshness = APPLIED
                 steps_after = rep.sampler.steps_remaining()
             else:
-                rep.sampler.abort_step()
-                rep.freshness = ABORTED
+                self.fail_step(rep)
             decisions[rank] = decide(failed=rank not in completed, control=control if rank in completed else None,
                                      world=world, view_epoch=self.view_epoch, rank=rank, steps_remaining=steps_after)
         self.check_lockstep(decisions, completed)
@@ -256,13 +266,19 @@ class Cluster:
             for r, d in decisions.items():
                 if d.action in (Action.STAY, Action.DEFER):
                     self.roll_epoch(group[r])
-                    group[r].sampler.abort_step()
-                    group[r].freshness = ABORTED
+                    self.fail_step(group[r])
                     switching = True
         for rep in group:
             self.roll_epoch(rep)
         if switching:
             self.switch(left=leavers, gone=gone, newer=bool(gone) or len(completed) < world)
+
+    def fail_step(self, rep: Replica) -> None:
+        if self.finishing:
+            rep.freshness, rep.unfinished = PENDING, [x.node for x in self.group]
+        else:
+            rep.sampler.abort_step()
+            rep.freshness = ABORTED
 
     def check_lockstep(self, decisions: dict[int, Decision], completed: set[int]) -> None:
         ok = {r: d for r, d in decisions.items() if r in completed}
@@ -277,7 +293,7 @@ class Cluster:
     def switch(self, *, left: list[Replica], gone: list[Replica], newer: bool) -> None:
         for rep in gone:
             if self.rng.random() < 0.5 and len(self.group) > 2:  # sidelined, and back later
-                rep.stale, rep.founder, rep.freshness = True, False, NONE
+                rep.stale, rep.founder, rep.freshness, rep.unfinished = True, False, NONE, None
                 rep.ledger.forget(rep.sampler.epoch)
                 self.pending.append(rep)
         for rep in left:
@@ -302,6 +318,32 @@ class Cluster:
         assert len({(p.action, p.holders, p.source, p.admits) for p in plans}) == 1, f"ranks planned differently: {plans}"
         plan = plans[0]
         self.seen[plan.action.value] += 1
+        if plan.action is SyncAction.RETRY:
+            # the finishing ranks give their step up (no update) and every
+            # rank regroups the same members: the plan of the claims left
+            assert any(rep.unfinished for rep in self.group)
+            for rep in self.group:
+                if rep.unfinished is not None:
+                    rep.sampler.abort_step()
+                    rep.freshness, rep.unfinished = ABORTED, None
+            self.sync()
+            return
+        if plan.action is SyncAction.FINISH:
+            # every rank holds the same failed step: the survivors' gradients
+            # make its update, and the ranks gone take their samples back
+            nodes = [rep.node for rep in self.group]
+            assert len({tuple(rep.unfinished or ()) for rep in self.group}) == 1, "the same step everywhere"
+            for rep in self.group:
+                lost = [r for r, node in enumerate(rep.unfinished) if node not in nodes]
+                assert set(nodes) <= set(rep.unfinished), "nobody new finishes a step"
+                trained = rep.sampler.commit_step(lost)
+                rep.history.append((rep.sampler.epoch, tuple(trained)))
+                rep.ledger.record(rep.sampler.epoch, trained)
+                rep.commits += 1
+                rep.unfinished = None
+                self.roll_epoch(rep)
+                if lost:
+                    self.seen["finish_without"] += 1
         trained = {rep.freshness > NONE for rep in self.group}
         assert plan.admits == (trained == {True, False}), "admits: someone with state meets someone without"
         if plan.admits:
@@ -324,10 +366,11 @@ class Cluster:
                 if p.receive:
                     self.load(rep, src)
         else:
-            assert plan.action is SyncAction.NOTHING, plan
+            assert plan.action in (SyncAction.NOTHING, SyncAction.FINISH), plan
         for r, rep in enumerate(self.group):
             rep.sampler.reconfigure(r, world)
             rep.freshness, rep.stale = APPLIED, False
+            assert rep.unfinished is None
             assert rep.same_state(self.group[0]), f"replica {rep.node} differs after {plan}"
 
     @staticmethod
@@ -379,3 +422,4 @@ def test_the_random_sequences_reach_every_decision_and_plan() -> None:
     assert wanted <= set(seen), f"never reached: {wanted - set(seen)}"
     assert seen["adopt_aborted_step"] > 0
     assert seen["admits"] > 0
+    assert seen["finish_without"] > 0

@@ -47,7 +47,7 @@ from chaos_lightning.strategy.process_group import CollectiveError
 from chaos_lightning.strategy.sampler import ElasticSampler, Ledger
 from chaos_lightning.strategy.shadow import StepLog, param_digest
 from chaos_lightning.strategy.shares import ShareBalancer
-from chaos_lightning.strategy.state_sync import REPL_META_KEY, NewcomerFailed, PullFailed, StateSync
+from chaos_lightning.strategy.state_sync import REPL_META_KEY, NewcomerFailed, PullFailed, StateSync, StepNotFinished
 from chaos_lightning.strategy.switch import Action, Control, Decision, Window, adoptable, decide, usable_for_switch
 from chaos_lightning.strategy.sync import Freshness, SyncAction
 from chaos_lightning.strategy.trace import Trace
@@ -109,6 +109,14 @@ class ElasticMember:
 
     def evaluating(self) -> bool:
         """The host runs evaluation now (Lightning: validation inside fit)."""
+        return False
+
+    def finishes_steps(self) -> bool:
+        """Whether a step whose gradient reduction failed may be finished in
+        the next group (:meth:`_finish_step`): the host reduces once per
+        optimizer step, so the gradients it holds are the step's whole input
+        (Lightning: automatic optimization; manual optimization may step
+        several optimizers between reductions)."""
         return False
 
     def must_catch_up(self) -> bool:
@@ -178,6 +186,12 @@ class ElasticMember:
         self._step_walls: deque[float] = deque(maxlen=9)
         self._step_busy: deque[float] = deque(maxlen=9)
         self._last_boundary: float | None = None
+        #: a failed step finished in the next group (:meth:`_finish_step`):
+        #: the ranks of the layout it ran under whose samples go back to the
+        #: epoch (committed at the boundary), and the switch's time, which
+        #: the host records when it lays the sampler out for the new group
+        self._finished_without: tuple[int, ...] | None = None
+        self.finished_switch_s: float | None = None
 
     def rebind(self, bind: str) -> None:
         """Listen at ``bind`` instead (before :meth:`_open_member`: the
@@ -469,6 +483,8 @@ class ElasticMember:
             g.pg.all_reduce_in_place([flat, control, *shared], abort=g.abort, timeout=self.config.collective_timeout)
         except CollectiveError as exc:
             g.suspect_peers(exc)  # a reset is evidence: probe the peers now (issue 14)
+            if self._may_finish(params) and self._finish_step(params, window, exc):
+                return True
             log.warning("chaos: gradient all-reduce failed (%s); the step applies no update", exc)
             self._control = None
             self._busy_since = None
@@ -485,15 +501,97 @@ class ElasticMember:
         self._buffers.incoming(buffers, shared)
         return True
 
+    def _may_finish(self, params: list[torch.nn.Parameter]) -> bool:
+        """Whether this failed step may be finished in the next group: the
+        option is on, the host reduces once per step, no shadow trains (its
+        catch-up replays whole steps), and the gradients are still ours (not
+        views of the buffer the failed reduction owns)."""
+        return (self.config.finish_failed_steps and self.finishes_steps() and not self._sync.shadows
+                and not self._grads.holds_grads(params))
+
+    def _finish_step(self, params: list[torch.nn.Parameter], window: range, exc: BaseException) -> bool:
+        """The step's gradient reduction failed: form the next group here,
+        inside the step, and reduce the survivors' gradients of this step
+        again in it, so the step is applied and none of its compute is lost
+        (issue 14: a ``kill -9`` costs its detection and a group, not a whole
+        step again).  True if the step is now reduced; False (nothing
+        changed but the group) if it cannot be finished: the caller fails
+        the step as before.
+
+        Every rank of the new group must be finishing the same step, or none
+        does: the state sync's claims say so (:data:`Freshness.PENDING`).
+        Each rank's gradient covers its samples under the layout the step
+        ran under; the ranks that left take theirs with them, so the
+        survivors' weights are their samples over the survivors' total, the
+        sample-weighted mean the step would have had without those ranks,
+        and the lost ranks' samples go back to the epoch at the commit."""
+        sampler, g = self.elastic_sampler, self.group
+        old_trainers, old_rank = tuple(g.trainers), self.global_rank
+        counts = [sum(len(sampler.batch_for(j, r)) for j in window) for r in range(len(old_trainers))]
+        buffers = self.replica_buffers()
+        # this step's forward moved the buffers (batch norm statistics); a
+        # switch must start from the replicas' common copy (its snapshot is
+        # what a failure restores), and rank 0's moved ones go to everyone
+        moved = [b.detach().clone() for b in buffers]
+        if buffers and not self._buffers.restore(buffers):
+            return False
+        t0 = time.monotonic()
+        log.warning("chaos: gradient all-reduce failed (%s); finishing the step in the next group", exc)
+        self._grads.forget()  # an abandoned op may still write into the old buffer
+        try:
+            self._switch(Decision(Action.SWITCH, newer=True), finishing=True)
+        except StepNotFinished:
+            log.warning("chaos: the others in the next group did not all hold this step; it applies no update")
+            return False
+        trainers = g.trainers
+        if not set(trainers) <= set(old_trainers):  # FINISH means every claim was this step's
+            raise RuntimeError(f"chaos: finishing a step with {trainers} that ran on {old_trainers}")
+        lost = tuple(r for r, node in enumerate(old_trainers) if node not in trainers)
+        total = sum(c for r, c in enumerate(counts) if r not in lost)
+        n = counts[old_rank]
+        flat = self._grads.gather(params, n / total if total > 0 else 0.0)
+        control = torch.tensor(
+            Control.local(rank=self.global_rank, world=len(trainers), samples=n,
+                          epoch=g.known(g.rdv.current_view()).epoch, leaving=self._leave_requested, ready=True),
+            dtype=torch.int64,
+        )
+        with torch.no_grad():
+            for b, m in zip(buffers, moved, strict=True):
+                b.copy_(m)
+        shared = self._buffers.outgoing(buffers, rank0=self.global_rank == 0)
+        try:
+            g.pg.all_reduce_in_place([flat, control, *shared], abort=g.abort, timeout=self.config.collective_timeout)
+        except CollectiveError as again:
+            g.suspect_peers(again)
+            self._grads.forget()
+            log.warning("chaos: finishing the step failed too (%s)", again)
+            return False
+        self._control = Control.decode(control.tolist())
+        if self._control.samples != total:
+            log.error("chaos: ranks finished the step with %d samples, the layout says %d", self._control.samples, total)
+        self._grads.scatter(params, flat)
+        self._buffers.incoming(buffers, shared)
+        self._busy_since = None  # this step's time is no measure of anyone's speed
+        self._finished_without = lost
+        self.finished_switch_s = took = time.monotonic() - t0
+        gone = [old_trainers[r] for r in lost]
+        log.info("chaos: finished the step in epoch %d with world %d (%.3fs); the samples of %s go back to the epoch",
+                 g.view.epoch, len(trainers), took, gone)
+        self.trace.emit("step_finished", epoch=g.view.epoch, world=len(trainers), lost=gone, took_s=took)
+        return True
+
     def _settle_step(self, steps: int, global_step: int) -> Decision:
         """At a step boundary after ``steps`` micro-batches: commit the step's
         samples (or not, if its reduction failed) and decide what comes next."""
         sampler = self.elastic_sampler
         control, self._control = self._control, None
+        lost, self._finished_without = self._finished_without, None
         failed = control is None
         self.step_applied = not failed
-        # each rank's samples of the window, from the layout before the commit moves it
-        samples = self._window_samples(steps) if self._balancer is not None and not failed else None
+        # each rank's samples of the window, from the layout before the commit
+        # moves it (not of a step finished in another group: nobody's speed)
+        samples = (self._window_samples(steps) if self._balancer is not None and not failed and lost is None
+                   else None)
         if not failed:
             now = time.monotonic()
             if self._last_boundary is not None:
@@ -502,7 +600,11 @@ class ElasticMember:
                     self._step_busy.append(max(control.busy) / 1e6)
             self._last_boundary = now
             self._buffers.commit()
-            for _ in range(steps):  # one optimizer step trained the window's blocks
+            if lost is not None:  # finished in the next group: the lost ranks' samples go back
+                trained = sampler.commit_steps(steps, lost)
+                if self.ledger is not None:
+                    self.ledger.record(sampler.epoch, trained)
+            for _ in range(steps if lost is None else 0):  # one optimizer step trained the window's blocks
                 trained = sampler.commit_step()
                 if self.ledger is not None:
                     self.ledger.record(sampler.epoch, trained)
@@ -757,9 +859,11 @@ class ElasticMember:
             self._step_log = None
         self._caught_up = False
 
-    def _switch(self, decision: Decision) -> None:
+    def _switch(self, decision: Decision, *, finishing: bool = False) -> None:
         """Form the group of a view newer than this one (``decision`` says
-        which ranks it must exclude) and make replicas identical in it."""
+        which ranks it must exclude) and make replicas identical in it
+        (``finishing``: from inside a failed step, which this rank holds to
+        finish there; :class:`StepNotFinished` if the group cannot)."""
         old_epoch, exclude, me = self.group.view.epoch, {self.group.trainers[r] for r in decision.exclude}, self.node_id
 
         def usable(v: View) -> bool:
@@ -774,7 +878,9 @@ class ElasticMember:
         freshness = Freshness.APPLIED if self.step_applied else Freshness.ABORTED
         if self.is_shadow:
             freshness = Freshness.NONE  # it never held the members' state: it takes it again
-        self._rebuild(self.group.rdv.current_view(), usable, freshness, deadline)
+        if finishing:
+            freshness = Freshness.PENDING
+        self._rebuild(self.group.rdv.current_view(), usable, freshness, deadline, shadow_ok=not finishing)
 
     @property
     def admitted_newcomer(self) -> bool:
@@ -808,7 +914,10 @@ class ElasticMember:
                 self._orphaned = True  # _joined_without_state says what the cluster had trained
                 return view
             self.set_world_ranks()
-            stale = self.group.stale
+            # a rank finishing its step claims it whatever happened to it: if
+            # the others trained on, the claims differ and it regroups (RETRY)
+            # to sync at its step boundary, never here inside the step
+            stale = self.group.stale and freshness is not Freshness.PENDING
             if stale:
                 freshness = Freshness.NONE  # the others trained on without us: take the state like a newcomer
                 if self.ledger is not None and self.elastic_sampler is not None:
@@ -832,6 +941,8 @@ class ElasticMember:
                     "it left the cluster, whose members train on without it"
                 ) from exc
             except CollectiveError as exc:
+                if isinstance(exc, StepNotFinished) and freshness is Freshness.PENDING:
+                    raise  # to _finish_step: the step fails, and this rank regroups at its boundary
                 # a newcomer that could not pull leaves (or is removed), and a
                 # member reported failed is removed: wait for that view.  A
                 # failure with no membership change may regroup the same view.
@@ -857,11 +968,12 @@ class ElasticMember:
             self.group.settled()
             return view
 
-    def _record_switch(self, took: float, *, joined: bool, failed_step: bool) -> None:
-        """Record, trace and log a group this node now trains in."""
+    def _record_switch(self, took: float, *, joined: bool, failed_step: bool, finished: bool = False) -> None:
+        """Record, trace and log a group this node now trains in (``finished``:
+        formed inside a failed step, which it then finished)."""
         epoch, world = self.group.view.epoch, self.world_size
         self.events.append({"epoch": epoch, "world": world, "stall_s": took, **(
-            {"joined": True} if joined else {"failed_step": failed_step})})
+            {"joined": True} if joined else {"failed_step": failed_step}), **({"finished_step": True} if finished else {})})
         log.info("chaos: training in epoch %d with world %d (%.3fs)", epoch, world, took)
         if joined and self.config.gc_freeze:
             log.debug("chaos: %d objects frozen out of the full garbage collections", freeze_heap())
@@ -869,6 +981,7 @@ class ElasticMember:
         self.trace.emit(
             "trainers", epoch=epoch, world=world, trainers=list(self.group.trainers), stall_s=took, joined=joined,
             failed_step=failed_step, group_init_s=switch.init_s if switch is not None else None,
+            **({"finished_step": True} if finished else {}),
         )
 
     # ---------------------------------------------------------------- the end

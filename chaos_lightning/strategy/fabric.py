@@ -168,6 +168,11 @@ class ChaosFabricStrategy(ElasticMember, DDPStrategy):
 
     # ---------------------------------------------------------------- what a replica is
     @override
+    def finishes_steps(self) -> bool:
+        # one reduction per optimizer step, but LBFGS evaluates its closure (a backward) several times
+        return self._optimizer is not None and not isinstance(self._optimizer, torch.optim.LBFGS)
+
+    @override
     def replica_tensors(self) -> list[torch.Tensor]:
         return [t for m in self._modules for t in (*m.parameters(), *m.buffers())]
 
@@ -211,9 +216,9 @@ class ChaosFabricStrategy(ElasticMember, DDPStrategy):
             self._loggers = internals.fabric_loggers(self)
         return self._loggers
 
-    def _now_training(self, took: float, *, joined: bool, failed_step: bool) -> None:
+    def _now_training(self, took: float, *, joined: bool, failed_step: bool, finished: bool = False) -> None:
         """Record a group this node trains in; as its rank 0, continue the run's logs."""
-        self._record_switch(took, joined=joined, failed_step=failed_step)
+        self._record_switch(took, joined=joined, failed_step=failed_step, finished=finished)
         if self.global_rank == 0:
             internals.continue_logs(self._fabric_loggers())
 
@@ -371,6 +376,13 @@ class ChaosFabricStrategy(ElasticMember, DDPStrategy):
         out = self.precision.optimizer_step(optimizer, **kwargs) if self._reduce_step(optimizer) else None
         steps, self._pending, self._reduced = self._pending, 0, None
         decision = self._settle_step(steps, self.commits)
+        if self.finished_switch_s is not None:
+            # the step finished in the next group: lay the sampler out for it
+            # and take the run's logs over (as its rank 0) now, before the
+            # loop body logs this step
+            took, self.finished_switch_s = self.finished_switch_s, None
+            self._lay_out()
+            self._now_training(took, joined=False, failed_step=True, finished=True)
         if decision.action is Action.LEAVE:
             internals.hand_over_logs(self._fabric_loggers())  # written while still the one writing
             if self.stepping_down:  # a straggler: it stands by at the next batch, then rejoins

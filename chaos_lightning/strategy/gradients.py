@@ -55,6 +55,21 @@ class GradientBuffer:
                 p.grad = flat[offset : offset + k].view_as(p).to(p.dtype)  # a view when dtypes match
                 offset += k
 
+    def holds_grads(self, params: list[torch.nn.Parameter]) -> bool:
+        """Whether a gradient of ``params`` lives in the buffer (it does after
+        ``zero_grad(set_to_none=False)``: backward accumulated into our views),
+        so a failed reduction took the local gradient with it."""
+        if self._buf is None:
+            return False
+        ptr = self._buf.untyped_storage().data_ptr()
+        return any(p.grad is not None and p.grad.untyped_storage().data_ptr() == ptr for p in params)
+
+    def forget(self) -> None:
+        """The reduction failed, the gradients stay: the buffer is never reused
+        (an abandoned op may still write into it); the next :meth:`gather`
+        takes a fresh one."""
+        self._buf = None
+
     def drop(self, params: list[torch.nn.Parameter], *, nonfinite: bool = False) -> None:
         """The reduction failed: no gradient, so the optimizer skips every
         parameter (it skips those whose grad is None; raising instead would

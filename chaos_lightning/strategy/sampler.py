@@ -406,29 +406,40 @@ class ElasticSampler(Sampler[int]):
         the samples the committed update actually trained (for a
         :class:`Ledger`).
         """
-        blk = self.block(0)
-        if not blk:
-            raise RuntimeError("commit_step with no step left in this epoch")
-        lost = sorted(set(lost_ranks))
+        return self.commit_steps(1, lost_ranks)
+
+    def commit_steps(self, steps: int, lost_ranks: Iterable[int] = ()) -> list[int]:
+        """:meth:`commit_step` for a window of ``steps`` micro-batches (gradient
+        accumulation) whose one update left out ``lost_ranks``: every block of
+        the window is consumed under the current layout, and the lost ranks'
+        slices of all of them go back to the front of the queue afterwards,
+        in order (put back block by block, the next block would start with
+        them).  Returns the samples the update trained."""
+        lost = set(lost_ranks)
         for r in lost:
             if not 0 <= r < self.world_size:
                 raise ValueError(f"lost rank {r} outside world of size {self.world_size}")
-        # Consume the block: first from the returned samples, then the cursor.
-        from_returned = min(len(self.returned), len(blk))
-        self.returned = self.returned[from_returned:]
-        self.start += len(blk) - from_returned
-        self.steps_committed += 1
-        if not lost:
-            return blk
         handed_back: list[int] = []
-        lost_set = set(lost)
         trained: list[int] = []
-        for r in range(self.world_size):
-            lo, hi = _share_bounds(len(blk), self.world_size, self.shadows, r, self.weights)
-            (handed_back if r in lost_set else trained).extend(blk[lo:hi])
-        self.returned = handed_back + self.returned
-        # Iterators assumed the whole block was consumed.
-        self.generation += 1
+        for _ in range(steps):
+            blk = self.block(0)
+            if not blk:
+                raise RuntimeError("commit_step with no step left in this epoch")
+            # Consume the block: first from the returned samples, then the cursor.
+            from_returned = min(len(self.returned), len(blk))
+            self.returned = self.returned[from_returned:]
+            self.start += len(blk) - from_returned
+            self.steps_committed += 1
+            if not lost:
+                trained.extend(blk)
+                continue
+            for r in range(self.world_size):
+                lo, hi = _share_bounds(len(blk), self.world_size, self.shadows, r, self.weights)
+                (handed_back if r in lost else trained).extend(blk[lo:hi])
+        if handed_back:
+            self.returned = handed_back + self.returned
+            # Iterators assumed the whole block was consumed.
+            self.generation += 1
         return trained
 
     def abort_step(self) -> None:

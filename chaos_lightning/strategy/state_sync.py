@@ -63,6 +63,12 @@ class PullFailed(CollectiveFailed):
     (the members train on in the view without it)."""
 
 
+class StepNotFinished(CollectiveFailed):
+    """Some ranks of the new group hold an unfinished step and others do not
+    (one applied it, or is new): every rank regroups, and the ranks that
+    held it count it as failed (:data:`~.sync.SyncAction.RETRY`)."""
+
+
 class NewcomerFailed(CollectiveFailed):
     """A newcomer of the group could not pull the state: the members wait
     for the view without it (it leaves, or the detector removes it)."""
@@ -164,6 +170,8 @@ class StateSync:
         decoded = Claim.decode_all(values[: Claim.SLOTS * world])
         plan = self.plan = plan_sync(decoded, rank, stale=stale)
         log.info("chaos: state sync %s: %s", [(c.commits, int(c.freshness)) for c in decoded], plan.action.value)
+        if plan.action is SyncAction.RETRY:
+            raise StepNotFinished("ranks finishing a failed step met ranks that were not: regrouping")
         if plan.action is SyncAction.PULL:
             newcomers = tuple(r for r in range(world) if r not in plan.holders)
             if all(values[Claim.SLOTS * world:]) and 0 not in newcomers:

@@ -98,6 +98,7 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         record_samples: bool | None = None,
         stop_free_join: bool | None = None,
         catch_up_steps: int | None = None,
+        finish_failed_steps: bool | None = None,
         shares: str | None = None,
         straggler: float | None = None,
         straggler_retry: float | None = None,
@@ -116,6 +117,7 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
             min_nodes=min_nodes, global_batch_size=global_batch_size, max_sources=max_sources, join_timeout=join_timeout,
             collective_timeout=collective_timeout, switch_timeout=switch_timeout, sideline_timeout=sideline_timeout,
             record_samples=record_samples, stop_free_join=stop_free_join, catch_up_steps=catch_up_steps,
+            finish_failed_steps=finish_failed_steps,
             shares=shares, straggler=straggler, straggler_retry=straggler_retry, metrics=metrics, gc_freeze=gc_freeze, target_nodes=target_nodes, max_nodes=max_nodes, standby=standby,
         )))
         super().__init__(
@@ -209,6 +211,14 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
     @override
     def pulled_optimizer_states(self, host_state: dict[str, Any]) -> list[dict[str, Any]]:
         return host_state["optimizers"]
+
+    @override
+    def finishes_steps(self) -> bool:
+        # one reduction per optimizer step: automatic optimization, and not
+        # LBFGS (its step evaluates the closure, so reduces, several times)
+        module = self.lightning_module
+        return (module is not None and module.automatic_optimization
+                and not any(isinstance(o, torch.optim.LBFGS) for o in self.optimizers))
 
     @override
     def evaluating(self) -> bool:
@@ -431,6 +441,10 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         self._reductions = 0
         self._journal.clear()
         decision = self._settle_step(steps, trainer.global_step)
+        if self.finished_switch_s is not None:  # the step finished in the next group: lay it out for it
+            took, self.finished_switch_s = self.finished_switch_s, None
+            self._relayout(trainer, new_epoch=False)
+            self._switched(trainer, took, joined=False, failed_step=True, finished=True)
         if self.relayout_due:  # stop-free joiners caught up: they train their share from the next step
             self.relayout_due = False
             self._relayout(trainer, new_epoch=False)
@@ -492,10 +506,10 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         self.cluster_environment.set_global_rank(_NOT_YET_RANKED)
         trainer.should_stop = True
 
-    def _switched(self, trainer: Any, took: float, *, joined: bool, failed_step: bool) -> None:
+    def _switched(self, trainer: Any, took: float, *, joined: bool, failed_step: bool, finished: bool = False) -> None:
         """Record, trace and log a group this node now trains in."""
         self._counted = internals.step_counters(trainer)  # what a failed step is counted back to
-        self._record_switch(took, joined=joined, failed_step=failed_step)
+        self._record_switch(took, joined=joined, failed_step=failed_step, finished=finished)
         epoch, world = self.group.view.epoch, self.world_size
         if self.global_rank == 0:  # every view goes to the loggers, written by its rank 0
             internals.continue_logs(trainer.loggers)

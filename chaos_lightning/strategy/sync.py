@@ -7,6 +7,9 @@ rank writes only its own slots), and every rank derives the same
 :class:`SyncPlan` from them with :func:`plan_sync`: nothing to do, pull the
 state from these holders (a join), or broadcast it from this source (the
 very start, or survivors of a step that committed on some of them only).
+Survivors of a failed gradient reduction may also finish that step in the
+new group (:attr:`Freshness.PENDING`, :attr:`SyncAction.FINISH`) when all
+of them hold it.
 
 Why commits, then freshness: a failure can strike while some members have
 committed a step and others aborted it, and the ones that committed may even
@@ -40,6 +43,12 @@ class Freshness(IntEnum):
     ABORTED = 1
     #: trained and applied the last step
     APPLIED = 2
+    #: trained; the last step's gradient reduction failed here, and this rank
+    #: still holds its own gradient of that step, to finish the step in the
+    #: next group (the survivors' gradients, without those of the ranks that
+    #: left).  Not an order of freshness: :func:`plan_sync` answers any
+    #: claim of it before comparing the others.
+    PENDING = 3
 
 
 @dataclass(frozen=True, order=True)
@@ -73,6 +82,8 @@ class SyncAction(Enum):
     ORPHANED = "orphaned"  # this stale replica finds nobody who trained on
     PULL = "pull"  # newcomers pull from the holders (multi-source, bandwidth-aware)
     BROADCAST = "broadcast"  # the source broadcasts; the staler ranks load it
+    FINISH = "finish"  # every rank holds the same unfinished step: reduce its gradients again, here
+    RETRY = "retry"  # some ranks hold an unfinished step, others do not: regroup, those give their step up
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,14 @@ def plan_sync(claims: Sequence[Claim], rank: int, *, stale: bool) -> SyncPlan:
     """The plan every rank derives from the same claims (``stale`` is this
     rank's own knowledge that it fell behind: it only turns "nobody trained"
     into ORPHANED for that rank)."""
+    if any(c.freshness == Freshness.PENDING for c in claims):
+        # A rank finishing its step does so inside the step (the optimizer
+        # has not run), so it can neither serve nor load the state there:
+        # the step is finished only when every rank of the group holds the
+        # same unfinished step (the same commits, so the same replica and
+        # layout); otherwise every rank regroups, and the finishing ones
+        # count the step as failed and sync at their step boundary as before.
+        return SyncPlan(SyncAction.FINISH if all(c == claims[0] for c in claims) else SyncAction.RETRY)
     best = max(claims)
     mine = claims[rank]
     if best.freshness > Freshness.NONE and min(claims) == best:
