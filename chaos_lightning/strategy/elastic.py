@@ -188,8 +188,9 @@ class ElasticMember:
         self._last_boundary: float | None = None
         #: a failed step finished in the next group (:meth:`_finish_step`):
         #: the ranks of the layout it ran under whose samples go back to the
-        #: epoch (committed at the boundary), and the switch's time, which
-        #: the host records when it lays the sampler out for the new group
+        #: epoch (committed at the boundary), and the switch's time (recorded
+        #: at once), for the host, which lays the sampler out for the new
+        #: group at the boundary and hands the run's logs to its rank 0
         self._finished_without: tuple[int, ...] | None = None
         self.finished_switch_s: float | None = None
 
@@ -574,9 +575,12 @@ class ElasticMember:
         self._busy_since = None  # this step's time is no measure of anyone's speed
         self._finished_without = lost
         self.finished_switch_s = took = time.monotonic() - t0
+        # recorded now, not at the boundary: this step is the group's first
+        # (a timeline reads the first step after the group's record)
+        self._record_switch(took, joined=False, failed_step=True, finished=True)
         gone = [old_trainers[r] for r in lost]
-        log.info("chaos: finished the step in epoch %d with world %d (%.3fs); the samples of %s go back to the epoch",
-                 g.view.epoch, len(trainers), took, gone)
+        log.info("chaos: finished the step in epoch %d with world %d (%.3fs); %s", g.view.epoch, len(trainers), took,
+                 f"the samples of {gone} go back to the epoch" if gone else "every rank's gradient is in it")
         self.trace.emit("step_finished", epoch=g.view.epoch, world=len(trainers), lost=gone, took_s=took)
         return True
 

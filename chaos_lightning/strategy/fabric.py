@@ -216,9 +216,12 @@ class ChaosFabricStrategy(ElasticMember, DDPStrategy):
             self._loggers = internals.fabric_loggers(self)
         return self._loggers
 
-    def _now_training(self, took: float, *, joined: bool, failed_step: bool, finished: bool = False) -> None:
-        """Record a group this node trains in; as its rank 0, continue the run's logs."""
-        self._record_switch(took, joined=joined, failed_step=failed_step, finished=finished)
+    def _now_training(self, took: float, *, joined: bool, failed_step: bool, recorded: bool = False) -> None:
+        """Record a group this node trains in (``recorded``: its switch is in
+        the record already: a step finished in it); as its rank 0, continue
+        the run's logs."""
+        if not recorded:
+            self._record_switch(took, joined=joined, failed_step=failed_step)
         if self.global_rank == 0:
             internals.continue_logs(self._fabric_loggers())
 
@@ -382,7 +385,7 @@ class ChaosFabricStrategy(ElasticMember, DDPStrategy):
             # loop body logs this step
             took, self.finished_switch_s = self.finished_switch_s, None
             self._lay_out()
-            self._now_training(took, joined=False, failed_step=True, finished=True)
+            self._now_training(took, joined=False, failed_step=True, recorded=True)
         if decision.action is Action.LEAVE:
             internals.hand_over_logs(self._fabric_loggers())  # written while still the one writing
             if self.stepping_down:  # a straggler: it stands by at the next batch, then rejoins

@@ -444,7 +444,7 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         if self.finished_switch_s is not None:  # the step finished in the next group: lay it out for it
             took, self.finished_switch_s = self.finished_switch_s, None
             self._relayout(trainer, new_epoch=False)
-            self._switched(trainer, took, joined=False, failed_step=True, finished=True)
+            self._switched(trainer, took, joined=False, failed_step=True, recorded=True)
         if self.relayout_due:  # stop-free joiners caught up: they train their share from the next step
             self.relayout_due = False
             self._relayout(trainer, new_epoch=False)
@@ -506,10 +506,12 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         self.cluster_environment.set_global_rank(_NOT_YET_RANKED)
         trainer.should_stop = True
 
-    def _switched(self, trainer: Any, took: float, *, joined: bool, failed_step: bool, finished: bool = False) -> None:
-        """Record, trace and log a group this node now trains in."""
+    def _switched(self, trainer: Any, took: float, *, joined: bool, failed_step: bool, recorded: bool = False) -> None:
+        """Record, trace and log a group this node now trains in (``recorded``:
+        its switch is in the record already: a step finished in it)."""
         self._counted = internals.step_counters(trainer)  # what a failed step is counted back to
-        self._record_switch(took, joined=joined, failed_step=failed_step, finished=finished)
+        if not recorded:
+            self._record_switch(took, joined=joined, failed_step=failed_step)
         epoch, world = self.group.view.epoch, self.world_size
         if self.global_rank == 0:  # every view goes to the loggers, written by its rank 0
             internals.continue_logs(trainer.loggers)
