@@ -539,11 +539,15 @@ class ElasticMember:
         t0 = time.monotonic()
         log.warning("chaos: gradient all-reduce failed (%s); finishing the step in the next group", exc)
         self._grads.forget()  # an abandoned op may still write into the old buffer
+        self._sync.plan = None
         try:
             self._switch(Decision(Action.SWITCH, newer=True), finishing=True)
         except StepNotFinished:
             log.warning("chaos: the others in the next group did not all hold this step; it applies no update")
             return False
+        plan = self._sync.plan
+        if self._orphaned or plan is None or plan.action is not SyncAction.FINISH:
+            return False  # no group formed (every voter gone): the step boundary says what follows
         trainers = g.trainers
         if not set(trainers) <= set(old_trainers):  # FINISH means every claim was this step's
             raise RuntimeError(f"chaos: finishing a step with {trainers} that ran on {old_trainers}")
