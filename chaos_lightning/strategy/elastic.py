@@ -542,8 +542,8 @@ class ElasticMember:
         self._sync.plan = None
         try:
             self._switch(Decision(Action.SWITCH, newer=True), finishing=True)
-        except StepNotFinished:
-            log.warning("chaos: the others in the next group did not all hold this step; it applies no update")
+        except StepNotFinished as why:
+            log.warning("chaos: the step cannot be finished in the next group (%s); it applies no update", why)
             return False
         plan = self._sync.plan
         if self._orphaned or plan is None or plan.action is not SyncAction.FINISH:
@@ -873,14 +873,26 @@ class ElasticMember:
         (``finishing``: from inside a failed step, which this rank holds to
         finish there; :class:`StepNotFinished` if the group cannot)."""
         old_epoch, exclude, me = self.group.view.epoch, {self.group.trainers[r] for r in decision.exclude}, self.node_id
+        trainers = set(self.group.trainers)
 
         def usable(v: View) -> bool:
             # news: the membership layer said a member of the group failed (it
             # set the abort flag), so the view without it is the one to form
-            return usable_for_switch(
+            ok = usable_for_switch(
                 epoch=v.epoch, ids=set(v.ids), connected=v.connected(), me=me, old_epoch=old_epoch, exclude=exclude,
                 newer=decision.newer, news=self.group.abort.is_set(),
             )
+            if ok and finishing and (self.group.stale or not set(v.connected()) <= trainers):
+                # a newcomer (a standby admitted as a member died, a member
+                # back from the sideline) holds no unfinished step, and the
+                # others trained on without this node if it was sidelined or
+                # removed meanwhile: the claims would differ and every rank
+                # regroup (RETRY), so the step fails here, before a group is
+                # formed for nothing
+                raise StepNotFinished(
+                    f"this node was sidelined or removed before epoch {v.epoch}" if self.group.stale
+                    else f"epoch {v.epoch} brings {sorted(set(v.connected()) - trainers)} in")
+            return ok
 
         deadline = time.monotonic() + self.config.join_timeout
         freshness = Freshness.APPLIED if self.step_applied else Freshness.ABORTED
