@@ -553,8 +553,10 @@ class ElasticMember:
             raise RuntimeError(f"chaos: finishing a step with {trainers} that ran on {old_trainers}")
         lost = tuple(r for r, node in enumerate(old_trainers) if node not in trainers)
         total = sum(c for r, c in enumerate(counts) if r not in lost)
+        if total == 0:  # every sample of the step was on the ranks gone: nothing to apply (every rank alike)
+            return False
         n = counts[old_rank]
-        flat = self._grads.gather(params, n / total if total > 0 else 0.0)
+        flat = self._grads.gather(params, n / total)
         control = torch.tensor(
             Control.local(rank=self.global_rank, world=len(trainers), samples=n,
                           epoch=g.known(g.rdv.current_view()).epoch, leaving=self._leave_requested, ready=True),
