@@ -336,6 +336,14 @@ class Cluster:
             for rep in self.group:
                 lost = [r for r, node in enumerate(rep.unfinished) if node not in nodes]
                 assert set(nodes) <= set(rep.unfinished), "nobody new finishes a step"
+                kept = [r for r in range(len(rep.unfinished)) if r not in lost]
+                if not any(rep.sampler.batch_for(0, r) for r in kept):
+                    # every sample of the step was on the ranks gone: nothing
+                    # to apply, the step fails (every rank alike)
+                    rep.sampler.abort_step()
+                    rep.unfinished = None
+                    self.seen["finish_nothing_left"] += 1
+                    continue
                 trained = rep.sampler.commit_step(lost)
                 rep.history.append((rep.sampler.epoch, tuple(trained)))
                 rep.ledger.record(rep.sampler.epoch, trained)
