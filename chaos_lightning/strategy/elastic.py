@@ -610,14 +610,11 @@ class ElasticMember:
                     self._step_busy.append(max(control.busy) / 1e6)
             self._last_boundary = now
             self._buffers.commit()
-            if lost is not None:  # finished in the next group: the lost ranks' samples go back
-                trained = sampler.commit_steps(steps, lost)
-                if self.ledger is not None:
-                    self.ledger.record(sampler.epoch, trained)
-            for _ in range(steps if lost is None else 0):  # one optimizer step trained the window's blocks
-                trained = sampler.commit_step()
-                if self.ledger is not None:
-                    self.ledger.record(sampler.epoch, trained)
+            # one optimizer step trained the window's blocks (of a step finished
+            # in the next group, without the lost ranks' slices: they go back)
+            trained = sampler.commit_steps(steps, lost or ())
+            if self.ledger is not None:
+                self.ledger.record(sampler.epoch, trained)
             self.commits += 1
             if self.trace.enabled:  # the per-step path: not even the arguments without a trace
                 self.trace.emit("step", step=global_step, samples=control.samples, world=self.world_size)
