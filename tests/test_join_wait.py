@@ -128,8 +128,14 @@ def test_joiners_that_lose_every_member_holding_the_state_stop_with_a_clear_erro
         nodes += late
         addrs = [n.env["CHAOS_BIND"] for n in nodes]
         deadline = time.monotonic() + 90
-        # both admitted: the member's log names a view with all three
-        while not any(all(a in line for a in addrs) for line in member.log.read_text().splitlines() if "view epoch" in line):
+        # both admitted, and both joiners know it: every log names a view
+        # with all three (killed when only the member's did, the joiners never
+        # heard of their admission and waited their whole join timeout for a
+        # view with them, past this test's wait: CI, 2026-12-07)
+        def admitted(n) -> bool:
+            return any(all(a in line for a in addrs) for line in n.log.read_text().splitlines() if "view epoch" in line)
+
+        while not all(admitted(n) for n in nodes):
             assert time.monotonic() < deadline, member.log
             assert member.proc.poll() is None, member.log
             time.sleep(0.05)
