@@ -449,14 +449,16 @@ def test_a_newer_view_is_adopted_in_place_only_with_the_same_processes_in_the_sa
     g.view = View(5, members + (Member("j", "j:1"),), learners=("j",), trained=True)
     g.trainers = ("a", "b", "c", "j")
     promoted = g.known(View(6, g.view.members, trained=True))
+    assert g.keeps(g.view) and g.keeps(promoted), "what each rank reports beside its epoch"
     assert g.adopt(7) is False, "never reported"
     assert g.adopt(6) is True and g.view is promoted and g.trainers == ("a", "b", "c", "j")
     assert g.adopt(6) is False, "not newer than the group's own"
     restarted = (members[0], members[1], Member("c", "c:1", inc=1), Member("j", "j:1"))
-    g.known(View(7, restarted, trained=True))
+    assert not g.keeps(g.known(View(7, restarted, trained=True)))
     assert g.adopt(7) is False, "c is a new process"
-    g.known(View(8, (members[1], members[0], members[2], Member("j", "j:1")), trained=True))
+    assert not g.keeps(g.known(View(8, (members[1], members[0], members[2], Member("j", "j:1")), trained=True)))
     assert g.adopt(8) is False, "the ranks would change"
+    assert not g.keeps(View(9, members, trained=True)), "j left: a switch"
 
 
 def test_a_late_rank_never_enters_gloo_for_a_group_the_others_left():

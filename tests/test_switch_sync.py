@@ -92,6 +92,13 @@ def test_decide_every_branch() -> None:
     assert decision(control=newer, steps_remaining=0) == Decision(Action.DEFER)
     # a leave at the epoch's last step is not deferred
     assert decision(control=leave, steps_remaining=0).action is Action.SWITCH
+    # ranks that know different views, every one of which keeps the group's
+    # trainers (a promotion seen by some ranks only): train on until they agree
+    promoted = Control(30, 15 + 1, epochs=(5, 6, 5), keeps=3)
+    assert decision(control=promoted) == Decision(Action.STAY)
+    assert decision(control=promoted, steps_remaining=0) == Decision(Action.STAY)
+    # one of those views changes the trainers: switch, as before
+    assert decision(control=Control(30, 15 + 1, epochs=(5, 6, 5), keeps=2)) == Decision(Action.SWITCH)
 
 
 def test_a_newer_view_every_rank_knows_may_be_adopted_in_place_and_nothing_else() -> None:
@@ -107,6 +114,11 @@ def test_a_newer_view_every_rank_knows_may_be_adopted_in_place_and_nothing_else(
     # one rank knows epoch 7 already: they switch and meet in the newest
     mixed = Control.decode(summed([*records[:2], Control.local(rank=2, world=3, samples=10, epoch=7, leaving=False)]))
     assert adoptable(decision(control=mixed), mixed, 5) is None
+    # ... unless every rank's view keeps the trainers: they wait for agreement
+    keeping = Control.decode(summed([Control.local(rank=r, world=3, samples=10, epoch=6 + (r == 2), leaving=False,
+                                                   keeps=True) for r in range(3)]))
+    assert keeping.keeps == 3 and decision(control=keeping) == Decision(Action.STAY)
+    assert adoptable(decision(control=keeping), keeping, 5) is None
     # a failed step, a leaver, a deferral, nothing newer: never
     assert adoptable(decision(failed=True), None, 5) is None
     leaving = Control.decode(summed([Control.local(rank=r, world=3, samples=10, epoch=6, leaving=r == 1)
@@ -178,6 +190,8 @@ class Replica:
     leaving: bool = False
     stale: bool = False
     founder: bool = False  # there from the start to the end, never sidelined: its ledger must be exact
+    #: the newest view it knows keeps the group's trainers (nothing newer, or a promotion)
+    keeps: bool = True
     #: finishing a failed step: the nodes of the group it ran in (their ranks are the layout's)
     unfinished: list[str] | None = None
     ledger: Ledger = field(default_factory=lambda: Ledger(N))
@@ -213,14 +227,25 @@ class Cluster:
 
     # -- one training step --------------------------------------------------------
     def step(self) -> None:
-        event = self.rng.choice(["ok"] * 6 + ["join", "leave", "kill", "fail", "sideline"])
+        event = self.rng.choice(["ok"] * 6 + ["join", "leave", "kill", "fail", "sideline", "promote"])
         if event == "join" and len(self.group) + len(self.pending) < 6:
             self.joined += 1
             self.pending.append(self.new(f"j{self.joined}"))
+            newest = max(rep.known_epoch for rep in self.group) + 1
             for rep in self.rng.sample(self.group, self.rng.randint(1, len(self.group))):
-                rep.known_epoch = self.view_epoch + 1  # gossip reached some members before the step
+                rep.known_epoch = newest  # gossip reached some members before the step
+                rep.keeps = False
+        elif event == "promote" and not self.pending:
+            # a view with the same trainers (a learner's promotion) reaches some ranks
+            newest = max(rep.known_epoch for rep in self.group) + 1
+            for rep in self.rng.sample(self.group, self.rng.randint(1, len(self.group))):
+                rep.known_epoch = newest
         elif event == "leave" and len(self.group) > 1:
             self.rng.choice(self.group).leaving = True
+        newest = max(self.group, key=lambda rep: rep.known_epoch)
+        for rep in self.group:  # the gossip goes on reaching the others
+            if rep.known_epoch < newest.known_epoch and self.rng.random() < 0.5:
+                rep.known_epoch, rep.keeps = newest.known_epoch, newest.keeps
 
         world, group = len(self.group), self.group
         block = group[0].sampler.block(0)
@@ -228,7 +253,7 @@ class Cluster:
             assert rep.sampler.block(0) == block, "replicas share one layout"
         assert [i for r, rep in enumerate(group) for i in rep.sampler.batch_for(0, r)] == block
         records = [Control.local(rank=r, world=world, samples=len(rep.sampler.batch_for(0)), epoch=rep.known_epoch,
-                                 leaving=rep.leaving) for r, rep in enumerate(group)]
+                                 leaving=rep.leaving, keeps=rep.keeps) for r, rep in enumerate(group)]
 
         gone: list[Replica] = []  # dead or sidelined: out of the next group
         completed = set(range(world))
@@ -256,6 +281,20 @@ class Cluster:
         self.check_lockstep(decisions, completed)
         for d in decisions.values():
             self.seen[d.action.value] += 1
+        adopted = {adoptable(d, control, self.view_epoch) for r, d in decisions.items() if r in completed}
+        if adopted not in ({None}, set()) and all(rep.keeps for rep in group) and len(completed) == world:
+            # the strategy's ElasticGroup.adopt: the same trainers in a newer view, no new group.
+            # (Where some ranks failed the step, those that completed it adopt
+            # the view, then fail their next step in the broken group and
+            # switch: as the switch below, which takes them all.)
+            assert len(adopted) == 1, f"ranks adopt different views: {adopted}"
+            self.view_epoch = adopted.pop()
+            self.seen["adopted"] += 1
+            for rep in group:
+                self.roll_epoch(rep)
+            return
+        if control.keeps == world and len(set(control.epochs)) > 1 and len(completed) == world:
+            self.seen["wait_to_adopt"] += 1
 
         leavers = [group[r] for r, d in decisions.items() if d.action is Action.LEAVE]
         for rep in leavers:
@@ -306,7 +345,7 @@ class Cluster:
         self.group = staying + self.pending
         self.pending = []
         for rep in self.group:
-            rep.known_epoch = self.view_epoch
+            rep.known_epoch, rep.keeps = self.view_epoch, True
         self.sync()
 
     def sync(self) -> None:
@@ -431,3 +470,4 @@ def test_the_random_sequences_reach_every_decision_and_plan() -> None:
     assert seen["adopt_aborted_step"] > 0
     assert seen["admits"] > 0
     assert seen["finish_without"] > 0
+    assert seen["adopted"] > 0 and seen["wait_to_adopt"] > 0

@@ -472,7 +472,7 @@ class ElasticMember:
         ready = self.global_rank not in self._sync.shadows or self._caught_up
         control = torch.tensor(
             Control.local(rank=self.global_rank, world=len(g.trainers), samples=n, epoch=known.epoch,
-                          leaving=self._leave_requested, ready=ready,
+                          leaving=self._leave_requested, ready=ready, keeps=g.keeps(known),
                           digest=param_digest(params) if self._sync.shadows else 0,
                           busy_us=self._busy_us(entered)),
             dtype=torch.int64,
@@ -947,8 +947,10 @@ class ElasticMember:
             # a joiner told by the members that they had trained, finding
             # nobody with state in its group, must not take that for the start
             orphan_if_alone = stale or (freshness is Freshness.NONE and self._cluster_trained is not None)
+            synced = time.perf_counter()
             try:
                 plan = self._sync.sync(self, freshness, stale=orphan_if_alone, shadow_ok=shadow_ok)
+                self.group.phases["sync_s"] = time.perf_counter() - synced
             except PullFailed as exc:
                 # every holder refused or was unreachable, a bounded number of
                 # times: leave, so the members train on in the view without us
@@ -1000,6 +1002,7 @@ class ElasticMember:
         self.trace.emit(
             "trainers", epoch=epoch, world=world, trainers=list(self.group.trainers), stall_s=took, joined=joined,
             failed_step=failed_step, group_init_s=switch.init_s if switch is not None else None,
+            phases={k: round(v, 4) for k, v in self.group.phases.items()},
             **({"finished_step": True} if finished else {}),
         )
 

@@ -96,6 +96,10 @@ class ElasticGroup:
         self._needed: str | None = None  # why the others wait for us, seen while the thread is away
         self._back_from_fence = False  # rejoining after the watchdog's leave, until a group forms
         self._looks: dict[int, Any] = {}  # the watchdog's store clients, by view epoch
+        #: where the last :meth:`form` spent its time, by phase (seconds): the
+        #: wait for a usable view, the store's connect, the wait for every
+        #: trainer to come (:meth:`_meet`), gloo's init.  Traced with each switch.
+        self.phases: dict[str, float] = {}
 
     def open(self, meta: dict[str, str]) -> None:
         """Bind and start the agent (no join yet), and the watchdog."""
@@ -300,10 +304,12 @@ class ElasticGroup:
             self._come_back()
             view = None  # the views before are those that let us go
         bar = None
+        started = time.perf_counter()
         try:
             while True:
                 if view is not None and usable(view):
                     try:
+                        self.phases = {"view_s": time.perf_counter() - started}
                         self._build(view, view.connected(), deadline)
                         self._back_from_fence = False
                         return view
@@ -345,7 +351,9 @@ class ElasticGroup:
     def _build(self, view: View, trainers: tuple[str, ...], deadline: float) -> None:
         # the PG timeout also bounds every gloo op of the group, so it is the
         # collective timeout, not a short init bound (a slow step would fail)
+        t0 = time.perf_counter()
         store = self.rdv.store(view, timeout=self.config.switch_timeout, cancelled=lambda: self._superseded(view))
+        t1 = time.perf_counter()
         generation = 0
         if self._attempt is not None and self._attempt[0] == view.epoch:
             generation = self._regroup(store, view, trainers, self._attempt[1], deadline)
@@ -353,7 +361,9 @@ class ElasticGroup:
         self._attempt = (view.epoch, generation)
         if generation == 0:
             self._meet(store, view, len(trainers))
+        t2 = time.perf_counter()
         self.pg.switch(trainers.index(self.node_id), len(trainers), store, self.config.collective_timeout)
+        self.phases.update(store_s=t1 - t0, meet_s=t2 - t1, init_s=time.perf_counter() - t2)
         with self._lock:
             self.abort.clear()
             self.view, self.trainers = view, trainers
@@ -482,6 +492,23 @@ class ElasticGroup:
                     del self._reported[old]
         return view
 
+    def keeps(self, view: View) -> bool:
+        """Whether ``view`` (the newest this rank knows) would keep the group
+        as it is: nothing newer than the group's, or a newer view whose
+        connected members are the group's trainers, in the same order and
+        the same processes (each rank reports this in the step's control
+        record: :func:`.switch.decide` then waits for the ranks to agree on
+        the epoch instead of rebuilding the group)."""
+        with self._lock:
+            return self.view is not None and (view.epoch <= self.view.epoch or self._keeps(view))
+
+    def _keeps(self, view: View) -> bool:
+        if tuple(view.connected()) != tuple(self.trainers):
+            return False
+        # the same processes, not only the same names: a node restarted
+        # under its id is a new incarnation, outside this process group
+        return all(view.member(n) == self.view.member(n) for n in self.trainers)
+
     def adopt(self, epoch: int) -> bool:
         """Take the view of ``epoch`` (reported by every rank of the group)
         as this group's own if its trainers are the group's, in the same
@@ -490,13 +517,7 @@ class ElasticGroup:
         rank holds the same view for an epoch, so every rank decides alike."""
         with self._lock:
             view = self._reported.get(epoch)
-            if view is None or self.view is None or view.epoch <= self.view.epoch:
-                return False
-            if tuple(view.connected()) != tuple(self.trainers):
-                return False
-            # the same processes, not only the same names: a node restarted
-            # under its id is a new incarnation, outside this process group
-            if any(view.member(n) != self.view.member(n) for n in self.trainers):
+            if view is None or self.view is None or view.epoch <= self.view.epoch or not self._keeps(view):
                 return False
             self.view = view
             # the group is this epoch's now: a failure with no membership
