@@ -437,6 +437,27 @@ def test_a_node_in_a_minority_says_so_for_as_long_as_it_waits(capsys):
     assert g.minority is None
 
 
+def test_only_a_committed_view_without_a_trainer_ends_the_groups_collectives():
+    """One rank's own MemberFailed is its conclusion, not the cluster's: at
+    8 nodes a rank confirmed a busy member failed, the others refuted it,
+    and the aborting rank left the all-reduce the other seven then waited
+    in for 30 s.  The commit of the view without the member ends every
+    rank's collective; a lost quorum (maybe regained with no view change)
+    does not."""
+    from chaos_lightning.membership.view import Member, View
+
+    g = _group(_Rdv(None))
+    members = tuple(Member(n, f"{n}:1") for n in ("a", "b", "c"))
+    g.view, g.trainers = View(5, members), ("a", "b", "c")
+    g._on_event(ev.MemberFailed("b"))
+    g._on_event(ev.QuorumLost(epoch=5, reachable=1, voters=3))
+    assert not g.abort.is_set()
+    g._on_event(ev.ViewChanged(View(6, members)))
+    assert not g.abort.is_set(), "the same trainers"
+    g._on_event(ev.ViewChanged(View(7, (members[0], members[2]))))
+    assert g.abort.is_set(), "b is out of the committed view"
+
+
 def test_a_newer_view_is_adopted_in_place_only_with_the_same_processes_in_the_same_order():
     """Issue 13: a learner's promotion keeps the trainers; the group adopts
     the view every rank reported instead of rebuilding.  A node restarted
