@@ -27,7 +27,10 @@ starts (a joiner's pull from it fails: connection refused);
 ``CHAOS_TEST_VAL_EVERY=k`` validates every k batches (with ``CHAOS_TEST_VAL``);
 ``CHAOS_TEST_CLAMP=c`` clamps every parameter to [-c, c] after each batch, as
 a WGAN critic does (parameters changed outside ``optimizer.step``);
-``CHAOS_TEST_CSV=dir`` logs to a ``CSVLogger`` in ``dir`` every step."""
+``CHAOS_TEST_CSV=dir`` logs to a ``CSVLogger`` in ``dir`` every step;
+``CHAOS_TEST_SIGTERM_AT=s`` makes this node send itself SIGTERM inside its
+first training step after global step s (before the step's reduction: a
+scheduler's SIGTERM landing mid-step)."""
 
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import gc
 import hashlib
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -73,6 +77,11 @@ class Regressor(pl.LightningModule):
         time.sleep(len(x) * float(os.environ.get("CHAOS_TEST_SAMPLE_SLEEP", 0)))
         if self.trainer.strategy.step_downs == 0:  # slow until this node has once stepped down
             time.sleep(float(os.environ.get("CHAOS_TEST_SLOW_UNTIL_BACK", 0)))
+        term_at = os.environ.get("CHAOS_TEST_SIGTERM_AT")
+        if term_at and self.trainer.global_step >= int(term_at) and not getattr(self, "_termed", False):
+            self._termed = True
+            say(event="sigterm", step=self.trainer.global_step)
+            os.kill(os.getpid(), signal.SIGTERM)
         return torch.nn.functional.mse_loss(self.net(x), y)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):

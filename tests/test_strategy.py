@@ -47,16 +47,18 @@ def assert_identical_and_exactly_once(results: list[dict], epochs: int = EPOCHS,
 @pytest.mark.timeout(240)
 def test_four_nodes_one_leaves_one_is_killed_survivors_finish_identical_and_exactly_once(tmp_path):
     """With gradient accumulation (windows of 2 micro-batches, one all-reduce
-    each) and clipping: a failure loses the whole window, commits are per window."""
-    nodes = start(4, tmp_path, env={"CHAOS_TEST_ACCUM": "2", "CHAOS_TEST_CLIP": "0.5"})
+    each) and clipping: a failure loses the whole window, commits are per window.
+    The leaver's SIGTERM lands inside a step (issue 14): it leaves at once, and
+    the others finish that step without it."""
+    env = {"CHAOS_TEST_ACCUM": "2", "CHAOS_TEST_CLIP": "0.5"}
+    nodes = start(4, tmp_path, env=lambda i: {**env, **({"CHAOS_TEST_SIGTERM_AT": "4"} if i == 3 else {})})
     try:
         pids = [n.wait(lambda r: r["event"] == "ready", 60)["pid"] for n in nodes]
         leaver, victim, survivors = nodes[3], nodes[2], nodes[:2]
-        leaver.wait(lambda r: r["event"] == "step" and r["step"] >= 4, 90)
-        leaver.proc.send_signal(signal.SIGTERM)
-        done = leaver.wait(lambda r: r["event"] == "done", 60)
+        done = leaver.wait(lambda r: r["event"] == "done", 90)
         assert done["left"]
         assert leaver.proc.wait(timeout=30) == 0
+        assert "leaving inside this step; the others finish it without this node" in leaver.log.read_text()
         victim.wait(lambda r: r["event"] == "step" and r["world"] == 3 and r["step"] >= done["global_step"] + 4, 60)
         victim.proc.kill()
         results = [n.wait(lambda r: r["event"] == "done", 120) for n in survivors]
@@ -66,6 +68,8 @@ def test_four_nodes_one_leaves_one_is_killed_survivors_finish_identical_and_exac
         assert_identical_and_exactly_once(results)
         worlds = {rec["world"] for rec in survivors[0].records if rec["event"] == "step"}
         assert {4, 3, 2} <= worlds
+        for r in results:  # the step the SIGTERM cut was finished by the three others
+            assert any(s.get("finished_step") and s["world"] == 3 for s in r["switches"]), r["switches"]
     finally:
         for n in nodes:
             n.stop()

@@ -402,11 +402,19 @@ class Agent:
         v = self._view
         return v is not None and v.is_learner(self.node_id)
 
+    def leave_soon(self) -> None:
+        """Ask to leave gracefully and return at once (no wait for the view):
+        one hand-off to the agent's loop, with no lock, so a signal handler
+        may call it.  :meth:`leave` afterwards waits for the view."""
+        if self._loop is None or self._stopped:
+            return
+        self._call(lambda: self._feed(lambda: self.machine.leave(self._now())))
+
     def leave(self, timeout: float = 10.0) -> bool:
         """Leave gracefully; True once a view without us committed."""
         if self._loop is None or self._stopped:
             return False
-        self._call(lambda: self._feed(lambda: self.machine.leave(self._now())))
+        self.leave_soon()
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._phase is not Phase.LEFT and not self._stopped:

@@ -117,6 +117,7 @@ class ElasticLoader:
                 for batch in self._loader:
                     s._pending += 1
                     self._yielded += 1
+                    s._step_starts()  # the user's step computes until its optimizer step (a SIGTERM there leaves now)
                     yield batch
                     s._at_boundary()
                     if s._done:
@@ -331,7 +332,7 @@ class ChaosFabricStrategy(ElasticMember, DDPStrategy):
                 "chaos (Fabric): set up the model and optimizer (fabric.setup) and the training loader "
                 "(fabric.setup_dataloaders) before the training loop starts"
             )
-        take_sigterm(self.request_leave)
+        take_sigterm(self._on_sigterm)
         t0 = time.monotonic()
         self._join_cluster(t0 + self.config.join_timeout)
         self._joined = True

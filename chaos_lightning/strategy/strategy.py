@@ -307,7 +307,7 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         if gone:
             log.error("chaos: this Lightning lacks internals the strategy writes: %s (tested: %s)", gone, internals.TESTED)
         internals.drop_sigterm_broadcast(trainer)
-        take_sigterm(self.request_leave)
+        take_sigterm(self._on_sigterm)
         t0 = time.monotonic()
         if self.restored_sampler_state is not None and self.elastic_sampler is not None:
             # resumed from a checkpoint (ckpt_path): its cursor, whatever the
@@ -437,6 +437,7 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         steps = self.window.boundary()
         if steps is None:
             return  # a micro-step of gradient accumulation: nothing synced yet
+        self._in_step = False
         self._most_reductions = max(self._most_reductions, self._reductions)
         self._reductions = 0
         self._journal.clear()
@@ -523,6 +524,7 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         """A batch starts (the companion callback's ``on_train_batch_start``):
         every member of the group, newcomers included, is in it."""
         self.newcomer_window = False
+        self._step_starts()
 
     @override
     def on_train_end(self) -> None:
