@@ -7,6 +7,8 @@ state machine.  Bounds are virtual seconds and generous; real timings are in
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from chaos_lightning.membership import events as ev
@@ -56,17 +58,23 @@ def test_1000_nodes_a_join_through_any_member_and_a_graceful_leave():
     assert not sim.events(ev.MemberFailed), "a leave is not a failure"
 
 
+#: nodes of the partition test: 300 in CI (8 s here); CHAOS_TEST_PARTITION_NODES=1000
+#: for the paper's scale (69 s here: the 400 minority nodes' rejoin dominates)
+PARTITION_NODES = int(os.environ.get("CHAOS_TEST_PARTITION_NODES", "300"))
+
+
 @pytest.mark.slow
-def test_1000_nodes_60_40_partition_only_the_majority_commits_and_healing_gives_one_view():
-    sim, ids = cluster(1000, seed=2)
+def test_a_60_40_partition_only_the_majority_commits_and_healing_gives_one_view():
+    n = PARTITION_NODES
+    sim, ids = cluster(n, seed=2)
     # the minority holds the lowest ranks, coordinator included: the majority
     # must take over the coordination, the minority must not commit anything
-    minority, majority = ids[:400], ids[400:]
+    minority, majority = ids[: n * 2 // 5], ids[n * 2 // 5 :]
     epoch0 = sim.view_of(ids[0]).epoch
     sim.partition(majority, minority)
     t0 = sim.now
 
-    assert sim.run_until(lambda: sim.agreed(among=majority, size=600), timeout=120), sim.summary()
+    assert sim.run_until(lambda: sim.agreed(among=majority, size=len(majority)), timeout=120), sim.summary()
     all_lost = lambda: {n for _, n, _ in sim.events(ev.QuorumLost)} >= set(minority)  # noqa: E731
     assert sim.run_until(all_lost, timeout=120), "every minority node reports it is not quorate"
     assert {sim.view_of(n).epoch for n in minority} == {epoch0}, "the minority never commits"
@@ -74,8 +82,8 @@ def test_1000_nodes_60_40_partition_only_the_majority_commits_and_healing_gives_
     assert not {n for _, n, _ in sim.events(ev.QuorumLost)} & set(majority)
 
     sim.heal()
-    assert sim.run_until(lambda: sim.agreed(size=1000), timeout=120), sim.summary()
-    assert all(sim.nodes[n].quorate for n in ids)
+    assert sim.run_until(lambda: sim.agreed(size=n), timeout=120), sim.summary()
+    assert all(sim.nodes[x].quorate for x in ids)
     rejoined = {n for _, n, e in sim.events(ev.Removed) if not e.graceful}
     assert rejoined <= set(minority), "only minority nodes had to rejoin"
 
