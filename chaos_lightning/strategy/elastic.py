@@ -498,13 +498,12 @@ class ElasticMember:
             # one launch, every buffer in flight: the step's one round trip
             g.pg.all_reduce_in_place([flat, control, *shared], abort=g.abort, timeout=self.config.collective_timeout)
         except CollectiveError as exc:
-            if self._leaving_early:
+            if self._leaving_early:  # our own view ended the step: the others finish it
                 log.info("chaos: left inside the step (%s); the others finish it without this node's samples", exc)
             else:
                 g.suspect_peers(exc)  # a reset is evidence: probe the peers now (issue 14)
-            if self._may_finish(params) and self._finish_step(params, window, exc):
-                return True
-            if not self._leaving_early:
+                if self._may_finish(params) and self._finish_step(params, window, exc):
+                    return True
                 log.warning("chaos: gradient all-reduce failed (%s); the step applies no update", exc)
             self._control = None
             self._busy_since = None
@@ -527,7 +526,7 @@ class ElasticMember:
         catch-up replays whole steps), and the gradients are still ours (not
         views of the buffer the failed reduction owns)."""
         return (self.config.finish_failed_steps and self.finishes_steps() and not self._sync.shadows
-                and not self._grads.holds_grads(params) and not self._leaving_early)
+                and not self._grads.holds_grads(params))
 
     def _finish_step(self, params: list[torch.nn.Parameter], window: range, exc: BaseException) -> bool:
         """The step's gradient reduction failed: form the next group here,
