@@ -6,7 +6,9 @@ bounded, on success and on failure):
 
 * three nodes all-reduce; one leaves gracefully, the two others switch to a
   two-node group and all-reduce; a fourth joins and the three switch again;
-  no survivor restarts (same pids, still running);
+  no survivor restarts (same pids, still running); the next groups are built
+  ahead on a thread by some ranks (while the current group all-reduces) and
+  at the switch by the others, and they meet;
 * the rank-0 node (which also hosts the epoch's store) is SIGKILLed while the
   others are inside an all_reduce: they get an error or, if one hangs, the
   abort flag the test sets 0.3 s later (standing in for the membership layer's
@@ -79,18 +81,41 @@ def _worker_main(node_id: str) -> None:
 
     threading.Thread(target=reader, daemon=True).start()
     epg = ElasticProcessGroup()
+    ahead: dict[int, tuple[threading.Thread, dict]] = {}  # epoch -> the thread building its group, its result
     emit(ev="ready", endpoint=host.endpoint)
+
+    def view_of(msg: dict) -> tuple[View, int]:
+        members = tuple(Member(i, meta=(("store", ep),)) for i, ep in msg["members"])
+        view = View(msg["epoch"], members)
+        return view, view.ids.index(node_id)
+
     while True:
         msg = cmds.get(timeout=120)  # bounded: a lost harness ends the worker
         op = msg["op"]
-        if op == "switch":
-            members = tuple(Member(i, meta=(("store", ep),)) for i, ep in msg["members"])
-            view = View(msg["epoch"], members)
-            rank = view.ids.index(node_id)
+        if op == "ahead":  # build the group of a view on a thread while this one goes on
+            view, rank = view_of(msg)
+            store = epoch_store(view, timedelta(seconds=10), secret=None)
+            out: dict = {"store": store}
+
+            def build(rank: int = rank, size: int = len(view.ids), store=store, out: dict = out) -> None:
+                out["backend"] = ElasticProcessGroup.build_ahead(rank, size, store, msg["timeout"])
+
+            thread = threading.Thread(target=build, daemon=True)
+            thread.start()
+            ahead[view.epoch] = (thread, out)
+            emit(ev="building", epoch=view.epoch)
+        elif op == "switch":
+            view, rank = view_of(msg)
             abort.clear()  # the new epoch's flag
-            t = epg.switch(rank, len(members), epoch_store(view, timedelta(seconds=10), secret=None), msg["timeout"])
+            built = ahead.pop(view.epoch, None)
+            if built is not None:
+                built[0].join(msg["timeout"])
+                store, prebuilt = built[1]["store"], built[1]["backend"]
+            else:
+                store, prebuilt = epoch_store(view, timedelta(seconds=10), secret=None), None
+            t = epg.switch(rank, len(view.ids), store, msg["timeout"], prebuilt=prebuilt)
             emit(ev="switched", epoch=view.epoch, rank=rank, world=epg.world_size, abandoned=t.abandoned,
-                 teardown_ms=1e3 * t.teardown_s, init_ms=1e3 * t.init_s)
+                 teardown_ms=1e3 * t.teardown_s, init_ms=1e3 * t.init_s, ahead=prebuilt is not None)
         elif op == "allreduce":
             v = float(msg["value"])
             if msg.get("bucket"):
@@ -215,6 +240,15 @@ def nodes():
                     pass
 
 
+def build_ahead(builders: list[Node], group: list[Node], epoch: int, timeout: float = 10.0) -> None:
+    """``builders`` (some of ``group``) start building the group of ``epoch`` on a thread."""
+    members = [[n.id, n.endpoint] for n in group]
+    for n in builders:
+        n.send("ahead", epoch=epoch, members=members, timeout=timeout)
+    for n in builders:
+        assert n.expect("building")["epoch"] == epoch
+
+
 def switch(group: list[Node], epoch: int, timeout: float = 10.0) -> list[dict]:
     """Send one view (store on the first node) to every node, collect the replies."""
     members = [[n.id, n.endpoint] for n in group]
@@ -296,12 +330,21 @@ def test_three_nodes_one_leaves_one_joins_survivors_keep_their_processes(nodes):
     all_reduce([a, b, c], [1, 2, 3])
     all_reduce([a, b, c], [1, 2, 3], bucket=True)
 
+    # a builds the group without c ahead, while the three still all-reduce
+    # in theirs; b builds it at the switch, as init_process_group would: the
+    # two meet on the same gloo keys
+    build_ahead([a], [a, b], epoch=2)
+    all_reduce([a, b, c], [1, 2, 3])
     assert leave(c)["pending"] == 0  # c leaves gracefully
     s2 = switch([a, b], epoch=2)
+    assert [r["ahead"] for r in s2] == [True, False]
     all_reduce([a, b], [1, 2])
     all_reduce([a, b], [1, 2], bucket=True)
 
+    build_ahead([a, b], [a, b, d], epoch=3)  # both build ahead, the newcomer at the switch
+    all_reduce([a, b], [1, 2])
     s3 = switch([a, b, d], epoch=3)  # d joins at the end of the rank order
+    assert [r["ahead"] for r in s3] == [True, True, False]
     assert s3[2]["teardown_ms"] < 1  # d had no group before
     all_reduce([a, b, d], [1, 2, 4])
     all_reduce([a, b, d], [1, 2, 4], bucket=True)

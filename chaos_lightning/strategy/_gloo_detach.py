@@ -45,6 +45,24 @@ pinned by ``tests/test_process_group.py``):
   first, 0 of 24.  ``ElasticProcessGroup.close`` therefore destroys a healthy
   group (and detaches a broken one).
 
+Groups built ahead (:func:`build_gloo`, :func:`installing`): a survivor
+builds the gloo backend of the next view's group on a helper thread while it
+still trains (``ProcessGroupGloo`` is public and its constructor releases the
+GIL), and the switch installs it as the default group.  What torch 2.13
+allows: ``init_process_group`` takes no prebuilt backend, and a gloo group
+cannot be shrunk in place: ``shrink_group`` (new in 2.13) needs a backend
+whose ``supports_shrinking`` is True, and gloo's is False (NCCL only);
+``split_group`` is documented for NCCL and custom backends, and gloo's
+split (``supports_splitting``) builds a new mesh through the store anyway,
+which is the cost building ahead moves off the training thread; a subgroup
+of the old WORLD would keep that group, whose ranks may be dead, as its
+parent.  So ``init_process_group`` runs as usual, and only the
+name through which c10d builds gloo backends (``ProcessGroupGloo`` in
+``distributed_c10d``) is swapped, for that call, for one that hands over the
+backend built ahead; its keys (``0/`` then ``cpu/`` under the epoch's store)
+are those c10d would use, so ranks that build ahead and ranks that build at
+the switch meet (pinned by ``tests/test_process_group.py``).
+
 Version guard: the sequence mirrors ``destroy_process_group`` of torch 2.13
 (``distributed_c10d.py:2398-2427``) minus the ``shutdown()`` loop
 (``:2403-2407``).  On a version not in :data:`TESTED_TORCH` we check that every attribute used still exists and
@@ -58,7 +76,10 @@ from __future__ import annotations
 import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -254,3 +275,76 @@ def detach_world(
     c10d._unregister_all_process_groups()
     world.group_count = 0
     return entry
+
+
+# ---------------------------------------------------------------- groups built ahead
+#: the default group's name after a detach (c10d names groups by its counter,
+#: which the detach resets): gloo's keys of the next default group live under
+#: the prefixes ``0/`` then ``cpu/`` (torch 2.13, ``_new_process_group_helper``: the group
+#: name, then the device), and a backend built ahead must use the same keys,
+#: so that a rank that builds ahead and one that calls ``init_process_group``
+#: meet (``tests/test_process_group.py`` pins it)
+_NEXT_DEFAULT_GROUP = "0"
+_GLOO_DEVICE = "cpu"
+
+
+def build_gloo(store: dist.Store, rank: int, world_size: int, timeout_s: float) -> Any:
+    """A gloo backend of ``world_size`` ranks on ``store``, built now (its full
+    mesh connected) on the calling thread, to be installed later as the
+    default group's by :func:`installing`.
+
+    Public API (``ProcessGroupGloo`` is documented and its constructor
+    releases the GIL: measured, a training thread beside a 145 ms build never
+    paused over 3.2 ms); only the key prefix mirrors c10d's internals."""
+    from torch._C._distributed_c10d import ProcessGroupGloo
+
+    # nested as c10d nests them (a PrefixStore joins its prefix with "/")
+    keys = dist.PrefixStore(f"{_GLOO_DEVICE}/", dist.PrefixStore(f"{_NEXT_DEFAULT_GROUP}/", store))
+    return ProcessGroupGloo(keys, rank, world_size, timedelta(seconds=timeout_s))
+
+
+@contextmanager
+def installing(backend: Any, rank: int, world_size: int) -> Iterator[None]:
+    """While in the block, ``init_process_group`` (gloo, ``rank`` of
+    ``world_size``) takes ``backend`` (from :func:`build_gloo`) as its gloo
+    backend instead of building one: the rest of c10d's registration (the
+    ``ProcessGroup`` wrapper, the world maps, the group name) is torch's own.
+
+    How: c10d builds gloo backends through its module-level name
+    ``ProcessGroupGloo`` (torch 2.13, ``_new_process_group_helper``); the
+    block swaps that name for a constructor that hands over ``backend`` once,
+    and only for the same rank and size.  Call only after a detach (the new
+    group must be named ``"0"``, as :func:`build_gloo`'s keys assume) and
+    from the one thread that switches groups."""
+    import torch.distributed.distributed_c10d as c10d
+
+    check_supported()
+    if c10d._world.group_count != 0 or dist.is_initialized():
+        raise DetachUnsupported("a group built ahead is installed only right after a detach")
+    original = c10d.ProcessGroupGloo
+    handed: list[Any] = [backend]
+
+    class _Takes(type):
+        # c10d also asks isinstance(backend, ProcessGroupGloo) of what it built
+        def __instancecheck__(cls, obj: Any) -> bool:
+            return isinstance(obj, original)
+
+        def __call__(cls, store: Any, group_rank: int, group_size: int, *args: Any, **kwargs: Any) -> Any:
+            if not handed or (group_rank, group_size) != (rank, world_size):
+                return original(store, group_rank, group_size, *args, **kwargs)
+            return handed.pop()
+
+        def __getattr__(cls, name: str) -> Any:
+            return getattr(original, name)
+
+    class ProcessGroupGloo(metaclass=_Takes):
+        pass
+
+    c10d.ProcessGroupGloo = ProcessGroupGloo
+    try:
+        yield
+    finally:
+        c10d.ProcessGroupGloo = original
+    if handed:
+        raise DetachUnsupported("init_process_group did not take the gloo backend built ahead "
+                                "(c10d no longer builds gloo through ProcessGroupGloo; port _gloo_detach.installing)")

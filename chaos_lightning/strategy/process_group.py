@@ -56,7 +56,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -222,7 +222,8 @@ class ElasticProcessGroup:
 
     # -- switching ----------------------------------------------------------
     def switch(
-        self, rank: int, world_size: int, store: dist.Store, timeout: float | timedelta = DEFAULT_TIMEOUT_S
+        self, rank: int, world_size: int, store: dist.Store, timeout: float | timedelta = DEFAULT_TIMEOUT_S,
+        prebuilt: Any = None,
     ) -> SwitchTiming:
         """Replace the default group with a new one of ``world_size`` ranks.
 
@@ -236,11 +237,32 @@ class ElasticProcessGroup:
         bounds the rendezvous of all ``world_size`` ranks here and every
         collective of the group.  On error (a member missing: ``DistStoreError``
         after ``timeout``) no group is installed; call again with the next view.
+
+        ``prebuilt``: the group's gloo backend, built ahead on ``store`` by
+        :meth:`build_ahead` (its mesh connected while this thread trained);
+        the switch then only registers it (no rendezvous here).
         """
         with self.presence.inside():
-            return self._switch(rank, world_size, store, _seconds(timeout))
+            return self._switch(rank, world_size, store, _seconds(timeout), prebuilt)
 
-    def _switch(self, rank: int, world_size: int, store: dist.Store, timeout_s: float) -> SwitchTiming:
+    @staticmethod
+    def build_ahead(rank: int, world_size: int, store: dist.Store, timeout: float | timedelta = DEFAULT_TIMEOUT_S) -> Any:
+        """The gloo backend of a group that :meth:`switch` will install later
+        (``prebuilt``), built now on the calling thread, any thread: gloo's
+        full-mesh rendezvous on ``store`` (the same keys ``switch`` would use,
+        so ranks that build ahead and ranks that do not meet), with the GIL
+        released.  Raises as ``init_process_group`` would (a rank missing:
+        ``DistStoreError`` after ``timeout``)."""
+        return _gloo_detach.build_gloo(store, rank, world_size, _seconds(timeout))
+
+    @staticmethod
+    def discard(prebuilt: Any) -> None:
+        """Drop a backend built ahead that no switch took, off the calling
+        thread (a healthy gloo group's destructor takes 3-19 ms)."""
+        _gloo_detach.GRAVEYARD.add(_gloo_detach.DetachedGroups(groups=[prebuilt]))
+        _gloo_detach.GRAVEYARD.reap_soon()
+
+    def _switch(self, rank: int, world_size: int, store: dist.Store, timeout_s: float, prebuilt: Any = None) -> SwitchTiming:
         t0 = time.perf_counter()
         abandoned = self._broken is not None
         self._teardown(detach=True)
@@ -249,13 +271,14 @@ class ElasticProcessGroup:
             self._excepthook = sys.excepthook
         sys.excepthook = self._excepthook  # torch wraps it once, with this group's rank
         try:
-            dist.init_process_group(
-                self.backend,
-                store=store,
-                rank=rank,
-                world_size=world_size,
-                timeout=timedelta(seconds=timeout_s),
-            )
+            with _gloo_detach.installing(prebuilt, rank, world_size) if prebuilt is not None else nullcontext():
+                dist.init_process_group(
+                    self.backend,
+                    store=store,
+                    rank=rank,
+                    world_size=world_size,
+                    timeout=timedelta(seconds=timeout_s),
+                )
         except BaseException:
             # A failed init has already taken the next group name from c10d's
             # counter ("1" after "0"), and the group name prefixes every gloo
