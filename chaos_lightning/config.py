@@ -57,6 +57,8 @@ variable                   setting                                      default
 ``CHAOS_CATCH_UP_STEPS``   most steps such a joiner replays             32
 ``CHAOS_FINISH_FAILED_STEPS`` a step a member's failure broke is        1 (on)
                            finished by the others in the next group
+``CHAOS_GROUPS_AHEAD``     a survivor builds the group of a view        1 (on)
+                           without a member as it commits (overlapped)
 ``CHAOS_SHARES``           each member's share of the global batch:     ``equal``
                            ``equal`` or ``adaptive`` (by measured speed)
 ``CHAOS_METRICS``          ``host:port`` of the Prometheus endpoint     unset (off)
@@ -166,6 +168,10 @@ class NodeConfig:
     #: failed member's samples go back to the epoch); off: the step is
     #: trained again from its start (docs/strategy.md)
     finish_failed_steps: bool = True
+    #: a view that only takes members out of this node's group has its
+    #: group built on a helper thread as soon as it commits, while this node
+    #: still trains its step; off: built at the step boundary (docs/strategy.md)
+    groups_ahead: bool = True
     #: how a step's samples are split over the members: ``equal``, or
     #: ``adaptive`` (each member's share follows its measured speed, so slow
     #: and fast members finish each step together; docs/shares.md)
@@ -241,6 +247,7 @@ class NodeConfig:
             stop_free_join=r.boolean("stop_free_join", "CHAOS_STOP_FREE_JOIN", cls.stop_free_join),
             catch_up_steps=r.integer("catch_up_steps", "CHAOS_CATCH_UP_STEPS", cls.catch_up_steps),
             finish_failed_steps=r.boolean("finish_failed_steps", "CHAOS_FINISH_FAILED_STEPS", cls.finish_failed_steps),
+            groups_ahead=r.boolean("groups_ahead", "CHAOS_GROUPS_AHEAD", cls.groups_ahead),
             shares=r.choice("shares", "CHAOS_SHARES", cls.shares, ("equal", "adaptive")),
             straggler=r.fraction("straggler", "CHAOS_STRAGGLER", cls.straggler),
             straggler_retry=r.seconds("straggler_retry", "CHAOS_STRAGGLER_RETRY", cls.straggler_retry),

@@ -207,6 +207,7 @@ README_VALUES: dict[str, tuple[str, str, object]] = {
     "CHAOS_STOP_FREE_JOIN": ("1", "stop_free_join", True),
     "CHAOS_CATCH_UP_STEPS": ("4", "catch_up_steps", 4),
     "CHAOS_FINISH_FAILED_STEPS": ("0", "finish_failed_steps", False),
+    "CHAOS_GROUPS_AHEAD": ("0", "groups_ahead", False),
     "CHAOS_SHARES": ("adaptive", "shares", "adaptive"),
     "CHAOS_STRAGGLER": ("0.5", "straggler", 0.5),
     "CHAOS_STRAGGLER_RETRY": ("7.5", "straggler_retry", 7.5),

@@ -20,6 +20,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
@@ -39,8 +41,9 @@ __all__ = ["ElasticGroup"]
 
 #: seconds between two looks at a regroup barrier (:meth:`ElasticGroup._regroup`)
 REGROUP_POLL_S = 0.02
-#: seconds between two looks at the count of trainers forming a group (:meth:`ElasticGroup._meet`)
-MEET_POLL_S = 0.005
+#: longest single wait for every trainer to come to form a group, between two
+#: looks at whether a newer view superseded it (:meth:`ElasticGroup._meet`)
+MEET_SLICE_S = 1.0
 #: views a rank keeps of those it reported in control records (:meth:`ElasticGroup.known`)
 KEEP_REPORTED = 8
 #: seconds between two looks of the watchdog at the training thread (:meth:`ElasticGroup.watch`)
@@ -48,6 +51,21 @@ WATCH_PERIOD_S = 1.0
 #: the watchdog looks for peers waiting on this node once its training thread
 #: has been in user code this long (it takes a collective timeout for theirs to fail)
 WATCH_LOOK_AFTER_S = 2.0
+
+
+@dataclass
+class _Ahead:
+    """A group built on a helper thread for a view that only takes members
+    out of this node's group (:meth:`ElasticGroup._build_ahead`)."""
+
+    view: View
+    trainers: tuple[str, ...]
+    done: threading.Event = field(default_factory=threading.Event)
+    store: Any = None
+    backend: Any = None  # the gloo backend, connected, for ElasticProcessGroup.switch(prebuilt=)
+    error: BaseException | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+    dropped: bool = False  # nobody will take it: the thread discards what it built
 
 
 class VotersGone(RuntimeError):
@@ -98,8 +116,16 @@ class ElasticGroup:
         self._looks: dict[int, Any] = {}  # the watchdog's store clients, by view epoch
         #: where the last :meth:`form` spent its time, by phase (seconds): the
         #: wait for a usable view, the store's connect, the wait for every
-        #: trainer to come (:meth:`_meet`), gloo's init.  Traced with each switch.
+        #: trainer to come (:meth:`_meet`), gloo's init; with a group built
+        #: ahead, ``ahead_wait_s``: what the training thread still waited for
+        #: it (the other phases then ran on the helper thread).  Traced with each switch.
         self.phases: dict[str, float] = {}
+        #: the group being built ahead, or built and not yet taken (:meth:`_build_ahead`)
+        self._ahead: _Ahead | None = None
+        #: the newest epoch whose group this node built or began to build, ahead or not
+        self._claimed = -1
+        self._closing = False  # set by close(): no group is built ahead any more
+        self._helpers: list[threading.Thread] = []  # threads building ahead (close waits for them)
 
     def open(self, meta: dict[str, str]) -> None:
         """Bind and start the agent (no join yet), and the watchdog."""
@@ -349,6 +375,10 @@ class ElasticGroup:
                 bar.__exit__(None, None, None)
 
     def _build(self, view: View, trainers: tuple[str, ...], deadline: float) -> None:
+        ahead = self._claim(view)
+        if ahead is not None:
+            self._install_ahead(ahead, view, trainers)
+            return
         # the PG timeout also bounds every gloo op of the group, so it is the
         # collective timeout, not a short init bound (a slow step would fail)
         t0 = time.perf_counter()
@@ -364,6 +394,9 @@ class ElasticGroup:
         t2 = time.perf_counter()
         self.pg.switch(trainers.index(self.node_id), len(trainers), store, self.config.collective_timeout)
         self.phases.update(store_s=t1 - t0, meet_s=t2 - t1, init_s=time.perf_counter() - t2)
+        self._formed(view, trainers, generation)
+
+    def _formed(self, view: View, trainers: tuple[str, ...], generation: int) -> None:
         with self._lock:
             self.abort.clear()
             self.view, self.trainers = view, trainers
@@ -372,6 +405,114 @@ class ElasticGroup:
             # already gone) must still end its first collective
             if set(trainers) - set(self.rdv.current_view().ids):
                 self.abort.set()
+
+    # ------------------------------------------------------------ groups built ahead
+    def _claim(self, view: View) -> _Ahead | None:
+        """The training thread is about to build ``view``'s group: no helper
+        starts one for it from now on; the one built ahead, if any."""
+        with self._lock:
+            self._claimed = max(self._claimed, view.epoch)
+            ahead = self._ahead
+            if ahead is None or ahead.view.epoch > view.epoch:
+                return None
+            self._ahead = None
+            if ahead.view.epoch == view.epoch:
+                return ahead
+            self._drop(ahead)  # an older view's: superseded
+            return None
+
+    def _install_ahead(self, ahead: _Ahead, view: View, trainers: tuple[str, ...]) -> None:
+        """Install the group a helper built (or is building) for ``view``:
+        wait for the helper (bounded: its meet and gloo's rendezvous are each
+        bounded by the collective timeout), then register its backend as the
+        default group.  A helper that failed fails this build, as a failed
+        build here would (the next try of the epoch regroups it)."""
+        self._attempt = (view.epoch, 0)
+        waited = time.perf_counter()
+        bound = 2 * self.config.collective_timeout + self.config.switch_timeout
+        if not ahead.done.wait(bound):
+            with self._lock:
+                self._drop(ahead)
+            raise RuntimeError(f"the group of epoch {view.epoch} built ahead did not form within {bound:g}s")
+        if ahead.error is not None:
+            raise RuntimeError(f"building the group of epoch {view.epoch} ahead failed: {ahead.error}") from ahead.error
+        if ahead.trainers != trainers:  # one view, one set of connected members: never seen
+            with self._lock:
+                self._drop(ahead)
+            raise RuntimeError(f"the group of epoch {view.epoch} was built ahead for {ahead.trainers}, not {trainers}")
+        backend, ahead.backend = ahead.backend, None
+        self.pg.switch(trainers.index(self.node_id), len(trainers), ahead.store, self.config.collective_timeout,
+                       prebuilt=backend)
+        self.phases.update(ahead.phases, ahead_wait_s=time.perf_counter() - waited)
+        self._formed(view, trainers, 0)
+
+    def _maybe_build_ahead(self, view: View) -> None:
+        """Agent thread, on a committed view: if it only takes members out of
+        this node's group (a leave, a death: nobody new, nobody to pull from),
+        build its group on a helper thread now, while the training thread
+        still computes its step (issue 14: the group's store, meet and gloo
+        init, 90-130 ms at 8 nodes on 2 cores, were paid after the step's
+        reduction failed).  The training thread takes it at the switch
+        (:meth:`_build`).  A rank that does not build ahead builds at its
+        switch on the same keys, and they meet (:meth:`_meet` first, here too)."""
+        if not self.config.groups_ahead or getattr(self.rdv, "agent", None) is None:
+            return
+        me = self.node_id
+        with self._lock:
+            current = self.view
+            if (self._closing or current is None or view.epoch <= max(current.epoch, self._claimed)
+                    or me not in self.trainers):
+                return
+            trainers = tuple(view.connected())
+            if me not in trainers or not set(trainers) < set(self.trainers):
+                return
+            if any(view.member(n) != current.member(n) for n in trainers):
+                return  # a member restarted under its id: a newcomer to sync
+            if self._ahead is not None:
+                self._drop(self._ahead)  # an older view's, superseded
+            self._claimed = view.epoch
+            ahead = self._ahead = _Ahead(view, trainers)
+            thread = threading.Thread(target=self._build_ahead, args=(ahead,),
+                                      name=f"chaos-group-ahead-{view.epoch}", daemon=True)
+            self._helpers = [t for t in self._helpers if t.is_alive()] + [thread]
+            thread.start()
+
+    def _build_ahead(self, ahead: _Ahead) -> None:
+        """Helper thread: the group of ``ahead.view``, as :meth:`_build`
+        builds generation 0 (store, meet, gloo), with gloo's rendezvous off
+        the training thread (the GIL released)."""
+        view, trainers = ahead.view, ahead.trainers
+        try:
+            t0 = time.perf_counter()
+            store = self.rdv.store(view, timeout=self.config.switch_timeout, cancelled=lambda: self._superseded(view))
+            t1 = time.perf_counter()
+            self._meet(store, view, len(trainers))
+            t2 = time.perf_counter()
+            backend = self.pg.build_ahead(trainers.index(self.node_id), len(trainers), store,
+                                          self.config.collective_timeout)
+            ahead.store, ahead.backend = store, backend
+            ahead.phases = {"store_s": t1 - t0, "meet_s": t2 - t1, "init_s": time.perf_counter() - t2}
+        except BaseException as exc:  # noqa: BLE001 - the training thread reads it (or nobody does)
+            ahead.error = exc
+            log.debug("chaos: building the group of epoch %d ahead failed: %s", view.epoch, exc)
+        with self._lock:
+            ahead.done.set()
+            if ahead.dropped:
+                self._discard(ahead)
+
+    def _drop(self, ahead: _Ahead) -> None:
+        """(Under the lock.)  Nobody will take ``ahead``'s group: discard it
+        now if built, else the helper does when it ends."""
+        ahead.dropped = True
+        if self._ahead is ahead:
+            self._ahead = None
+        if ahead.done.is_set():
+            self._discard(ahead)
+
+    def _discard(self, ahead: _Ahead) -> None:
+        backend, ahead.backend = ahead.backend, None
+        if backend is not None:
+            self.pg.discard(backend)
 
     def _meet(self, store: Any, view: View, world: int) -> None:
         """Enter gloo's rendezvous only when every trainer of ``view`` is
@@ -387,23 +528,39 @@ class ElasticGroup:
         for it; docs/results/soak/seed0-200events-hang.md).  So each rank
         counts itself in on the store and out again when it gives up, and
         waits (cancellable, bounded by the collective timeout) until the
-        count holds every trainer."""
+        count holds every trainer.
+
+        The rank whose count completes it says so under ``meet/all``; the
+        others wait for that key on the store host (no polling: a poll every
+        5 ms from each rank loaded the host's process, a member's, while it
+        trained, once groups were built ahead during the step).  The key is
+        set only when every trainer was counted in at once, so it never lets
+        a late rank into a rendezvous the others left."""
         key = "meet/present"
         present = store.add(key, 1)
         deadline = time.monotonic() + self.config.collective_timeout
         try:
-            while present < world:
+            if present >= world:
+                store.set("meet/all", b"1")
+                return
+            while True:
                 reason = self._superseded(view)
                 if reason is not None:
-                    raise RuntimeError(f"{reason} (left the group's rendezvous with {present} of {world} there)")
-                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"{reason} (left the group's rendezvous with {store.add(key, 0)} of {world} there)")
+                left = deadline - time.monotonic()
+                if left <= 0:
                     try:  # for good: a trainer that never came may be stuck (its watchdog reads this)
                         store.add("meet/gave_up", 1)
                     except Exception:  # noqa: BLE001 - the store may be gone with its host
                         pass
-                    raise RuntimeError(f"{present} of {world} trainers came to form the group of epoch {view.epoch}")
-                time.sleep(MEET_POLL_S)
-                present = store.add(key, 0)
+                    raise RuntimeError(f"{store.add(key, 0)} of {world} trainers came to form the group of "
+                                       f"epoch {view.epoch}")
+                try:
+                    # the store's cancel hook (a newer view) ends the wait too
+                    store.wait(["meet/all"], timedelta(seconds=min(left, MEET_SLICE_S)))
+                    return
+                except dist.DistStoreError:
+                    continue  # a slice ran out, or the wait was cancelled: look again
         except BaseException:
             try:
                 store.add(key, -1)  # best effort: we are not there any more
@@ -418,13 +575,16 @@ class ElasticGroup:
         still listed a member killed a moment before kept every survivor
         waiting the full switch timeout (30 s) for the dead rank's key, though
         the view without it had committed 0.4 s later."""
-        current = self.rdv.current_view()
+        rdv = self.rdv
+        if rdv is None or self._closing:  # a helper building ahead as the node closes
+            return "this node is closing"
+        current = rdv.current_view()
         if current is not None and current.epoch > view.epoch:
             return f"epoch {current.epoch} committed while the group of epoch {view.epoch} formed"
         # removed by a newer view (one without us, so never our current one):
         # the soak's node back from a partition learnt the view that still
         # held it in the same millisecond as its removal
-        removed = getattr(getattr(self.rdv, "agent", None), "removed", None)
+        removed = getattr(getattr(rdv, "agent", None), "removed", None)
         if removed is not None and removed.view.epoch > view.epoch:
             return f"this node was removed in epoch {removed.view.epoch} while the group of epoch {view.epoch} formed"
         return None
@@ -548,6 +708,7 @@ class ElasticGroup:
         if isinstance(event, ev.ViewChanged):
             v = event.view
             self.trace.emit("view_committed", epoch=v.epoch, members=list(v.ids), down_links=[list(p) for p in v.down_links])
+            self._maybe_build_ahead(v)
         if isinstance(event, ev.QuorumLost) and not event.all_voters_dead and not event.allow_minority:
             self.minority = event
         elif isinstance(event, (ev.QuorumRegained, ev.Removed)) or (
@@ -580,6 +741,22 @@ class ElasticGroup:
         self.pg.close()
 
     def close(self, *, left: bool) -> None:
+        with self._lock:
+            self._closing = True
+            if self._ahead is not None:
+                self._drop(self._ahead)
+            helpers, self._helpers = self._helpers, []
+        # measured: a helper still inside gloo's rendezvous (which calls back
+        # into the Python store) as the interpreter exited crashed the process
+        # (SIGSEGV, 1 node in 8 runs of 8 nodes: the view without a member
+        # that had finished its fit committed as this one finished too).
+        # _superseded now says "closing": a helper's meet and store waits end
+        # within a poll, and it is waited for here.
+        bound = time.monotonic() + self.config.switch_timeout
+        for thread in helpers:
+            thread.join(max(0.0, bound - time.monotonic()))
+            if thread.is_alive():
+                log.warning("chaos: %s is still forming a group as this node closes", thread.name)
         self._watching.set()
         if self._watchdog is not None:
             self._watchdog.join(WATCH_PERIOD_S + self.config.switch_timeout)  # a look in progress is bounded

@@ -99,6 +99,7 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
         stop_free_join: bool | None = None,
         catch_up_steps: int | None = None,
         finish_failed_steps: bool | None = None,
+        groups_ahead: bool | None = None,
         shares: str | None = None,
         straggler: float | None = None,
         straggler_retry: float | None = None,
@@ -117,7 +118,7 @@ class ChaosStrategy(ElasticMember, DDPStrategy):
             min_nodes=min_nodes, global_batch_size=global_batch_size, max_sources=max_sources, join_timeout=join_timeout,
             collective_timeout=collective_timeout, switch_timeout=switch_timeout, sideline_timeout=sideline_timeout,
             record_samples=record_samples, stop_free_join=stop_free_join, catch_up_steps=catch_up_steps,
-            finish_failed_steps=finish_failed_steps,
+            finish_failed_steps=finish_failed_steps, groups_ahead=groups_ahead,
             shares=shares, straggler=straggler, straggler_retry=straggler_retry, metrics=metrics, gc_freeze=gc_freeze, target_nodes=target_nodes, max_nodes=max_nodes, standby=standby,
         )))
         super().__init__(
