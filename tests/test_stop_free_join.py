@@ -90,14 +90,21 @@ def test_parameters_changed_outside_the_optimizer_fall_back_to_a_pull_at_the_bou
     """A WGAN-style clamp after every batch changes the parameters outside
     ``optimizer.step``: the replayed replica differs, every rank sees the
     digests disagree, and the joiner takes the state at that boundary
-    instead.  The replicas end identical all the same."""
+    instead.  The replicas end identical all the same.
+
+    Where the catch-up comes in the last step (a loaded machine: the joiner
+    starts late, its pull at 300 kB/s ends with the fit), there is no later
+    boundary: the end-of-fit handover compares the digests and the joiner
+    takes the final state there (it used to end the fit a different replica)."""
     n, epochs = 200, 3
     env = {**STOP_FREE, **SLOW_PULL, "CHAOS_TEST_CLAMP": "0.05"}  # several steps replayed without their clamps
     with _joined(tmp_path, env, n=n, epochs=epochs) as nodes:
         results = _finish(nodes, n, epochs)
         assert_identical_and_exactly_once(results[:3], epochs, n)
         for x in nodes:
-            assert "after catch-up the replicas differ" in x.log.read_text(), x.log
+            text = x.log.read_text()
+            assert ("after catch-up the replicas differ" in text
+                    or "as the fit ended the replicas differ" in text), x.log
 
 
 @pytest.mark.timeout(300)

@@ -1043,13 +1043,29 @@ class ElasticMember:
             return
         self._catch_up_before_the_end()
         self.ended = True  # a node admitted from here on learns from the status that the fit has ended
-        newest = torch.tensor([g.rdv.current_view().epoch], dtype=torch.int64)
+        # with shadows in the group, each rank's parameter digest rides along
+        # (as its max and the max of its negation): a shadow that caught up
+        # in the last step has no later boundary where the digests would be
+        # compared, so a replay that missed a change made outside
+        # optimizer.step would otherwise end the fit as a different replica
+        digest = param_digest(self.replica_params()) if self._sync.shadows else 0
+        newest = torch.tensor([g.rdv.current_view().epoch, digest, -digest], dtype=torch.int64)
         try:
             g.pg.all_reduce(newest, abort=g.abort, timeout=self.config.collective_timeout, op=dist.ReduceOp.MAX)
         except CollectiveError as exc:
             log.info("chaos: the end-of-fit look for newcomers failed (%s); closing", exc)
             return
-        epoch, me = int(newest.item()), self.node_id
+        epoch, me = int(newest[0].item()), self.node_id
+        if int(newest[1].item()) != -int(newest[2].item()):
+            log.warning("chaos: as the fit ended the replicas differ (a shadow's replay missed a change made outside "
+                        "optimizer.step); the joiner takes the final state")
+            self.trace.emit("shadow_mismatch", at_end=True)
+            self._no_shadow_next = True
+            try:
+                self._switch(Decision(Action.SWITCH, newer=True))  # the same members regrouped, with a pull
+            except (CollectiveError, TimeoutError, RuntimeError) as exc:
+                log.warning("chaos: the end-of-fit state sync failed (%s); closing", exc)
+                return
         if epoch <= g.view.epoch:
             return
         t0 = time.monotonic()
