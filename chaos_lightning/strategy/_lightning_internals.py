@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import csv
 import importlib
-import io
 import os
 from typing import Any, Callable
 
