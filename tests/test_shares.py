@@ -131,16 +131,24 @@ def test_a_member_whose_share_rounded_to_nothing_is_measured_again():
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
-@given(st.integers(0, 500), st.lists(st.integers(0, 1 << 16), min_size=1, max_size=9), st.data())
-def test_the_balancers_one_pass_split_is_the_samplers_split(total, weights, data):
+@given(st.integers(1, 500), st.lists(st.integers(0, 1 << 16), min_size=1, max_size=9), st.data())
+def test_the_balancers_split_is_the_samplers_split_of_a_full_block(total, weights, data):
+    """What the balancer predicts a step from is what a sampler whose block
+    holds ``total`` lays out: slices of one moved on, unless the block gives
+    each contributing rank one sample or none."""
+    from chaos_lightning.strategy.sampler import ElasticSampler
     from chaos_lightning.strategy.shares import _split
 
     world = len(weights)
     shadows = tuple(sorted(data.draw(st.sets(st.integers(0, world - 1), max_size=world - 1))))
     if not any(w for r, w in enumerate(weights) if r not in shadows):
         weights = [1] * world  # some contributing rank weighs something (check_weights' rule)
-    assert _split(total, world, shadows, weights) == [
-        hi - lo for lo, hi in (_share_bounds(total, world, shadows, r, tuple(weights)) for r in range(world))]
+    sampler = ElasticSampler(3 * total, global_batch_size=total, world_size=world, shuffle=False)
+    sampler.reconfigure(0, world, shadows, weights)
+    split = _split(total, world, shadows, weights)
+    assert split == [len(piece) for piece in sampler.step_slices(0)]
+    if total >= 2 * (world - len(shadows)):
+        assert 1 not in split
 
 
 # ---------------------------------------------------------------------- stepping down

@@ -43,7 +43,7 @@ does, from the collective's outcome), or weight gradients (it reports
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,28 +99,63 @@ def _slice_bounds(total: int, parts: int, rank: int) -> tuple[int, int]:
     return lo, lo + base + (1 if rank < extra else 0)
 
 
-def _share_bounds(
-    total: int, world: int, shadows: tuple[int, ...], rank: int, weights: tuple[int, ...] | None = None
-) -> tuple[int, int]:
-    """``rank``'s slice of a block of ``total`` when the ``shadows`` take none
-    (a stop-free joiner before it caught up): the block is split over the
-    other ranks, in rank order.  With ``weights`` (one positive integer per
-    rank: the adaptive shares of :mod:`.shares`) the split follows them: rank
-    ``r`` takes ``total * W_r / W`` samples, rounded down at both cumulative
-    ends, so the slices tile the block exactly and each is within one sample
-    of its proportional share."""
+def share_sizes(
+    total: int, world: int, shadows: tuple[int, ...] = (), weights: Sequence[int] | None = None, *,
+    singles: bool = False,
+) -> list[int]:
+    """Each rank's number of samples of a block of ``total``, in rank order
+    (the slices are contiguous in that order).  The ``shadows`` take none (a
+    stop-free joiner before it caught up).  Without ``weights`` the block is
+    split evenly over the other ranks, the larger slices first; with
+    ``weights`` (one non-negative integer per rank: the adaptive shares of
+    :mod:`.shares`) rank ``r`` takes ``total * W_r / W``, rounded down at both
+    cumulative ends, so the slices tile the block exactly.
+
+    Then, unless ``singles``, no rank is left one sample of a larger block:
+    that sample goes to the next rank with a slice (the previous one for the
+    last), and the rank runs the step on a stand-in weighted 0.  A
+    ``BatchNorm`` in training mode refuses a batch of one, and splits the
+    user never chose make them: the epoch's tail after a view change (a
+    4-sample tail over 3 ranks is 2, 1, 1), a slow rank's adaptive share.
+    The sampler passes ``singles`` only when the user's own full block gives
+    each rank one sample or none (``batch_size=1``, or a ``global_batch_size``
+    below twice the ranks): then a batch of one is what they asked for.  A
+    slice takes at most two samples so moved (one from the slices of one
+    before it, one from the last), so it is within three samples of its
+    proportional share."""
+    contributing = [r for r in range(world) if r not in shadows]
+    out = [0] * world
     if weights is None:
-        if not shadows:
-            return _slice_bounds(total, world, rank)
-        if rank in shadows:
-            return 0, 0
-        index = rank - sum(1 for s in shadows if s < rank)
-        return _slice_bounds(total, world - len(shadows), index)
-    if rank in shadows:
-        return 0, 0
-    w = [0 if r in shadows else weights[r] for r in range(world)]
-    below, whole = sum(w[:rank]), sum(w)
-    return total * below // whole, total * (below + w[rank]) // whole
+        for r, n in zip(contributing, split_sizes(total, len(contributing) or 1)):
+            out[r] = n
+    else:
+        w = [0 if r in shadows else weights[r] for r in range(world)]
+        whole, below = sum(w), 0
+        for r, x in enumerate(w):
+            out[r] = total * (below + x) // whole - total * below // whole
+            below += x
+    if total >= 2 and not singles:
+        for r in range(world):
+            if out[r] == 1:
+                later = [q for q in range(r + 1, world) if out[q]]
+                to = later[0] if later else max(q for q in range(r) if out[q])
+                out[r], out[to] = 0, out[to] + 1
+    return out
+
+
+def _singles(capacity: int, world: int, shadows: tuple[int, ...]) -> bool:
+    """The user's full block gives each contributing rank one sample or none."""
+    return capacity < 2 * (world - len(shadows))
+
+
+def _share_bounds(
+    total: int, world: int, shadows: tuple[int, ...], rank: int, weights: tuple[int, ...] | None = None,
+    singles: bool = False,
+) -> tuple[int, int]:
+    """``rank``'s slice ``[lo, hi)`` of a block of ``total``: see :func:`share_sizes`."""
+    sizes = share_sizes(total, world, shadows, weights, singles=singles)
+    lo = sum(sizes[:rank])
+    return lo, lo + sizes[rank]
 
 
 def check_weights(weights: Iterable[int] | None, world: int, shadows: tuple[int, ...] = ()) -> tuple[int, ...] | None:
@@ -157,6 +192,10 @@ class _Layout:
         return len(self.returned) + len(self.order) - self.start
 
     @property
+    def singles(self) -> bool:
+        return _singles(self.capacity, self.world_size, self.shadows)
+
+    @property
     def steps_remaining(self) -> int:
         remaining = self.samples_remaining
         return remaining // self.capacity if self.drop_last else -(-remaining // self.capacity)
@@ -177,7 +216,7 @@ class _Layout:
 
     def batch(self, step: int, rank: int) -> list[int]:
         blk = self.block(step)
-        lo, hi = _share_bounds(len(blk), self.world_size, self.shadows, rank, self.weights)
+        lo, hi = _share_bounds(len(blk), self.world_size, self.shadows, rank, self.weights, self.singles)
         return blk[lo:hi]
 
     def stand_in(self, step: int) -> list[int]:
@@ -282,13 +321,19 @@ class ElasticSampler(Sampler[int]):
         assert self.batch_size is not None
         return (self.world_size - len(self.shadows)) * self.batch_size
 
+    @property
+    def singles(self) -> bool:
+        """Whether a rank may get a slice of one sample (:func:`share_sizes`)."""
+        return _singles(self.capacity, self.world_size, self.shadows)
+
     def per_rank_batch_size(self, rank: int | None = None) -> int:
-        """The most samples ``rank`` (default: this rank) gets in one step
-        (a shadow: the stand-in batch it runs, the first contributor's)."""
+        """The samples ``rank`` (default: this rank) gets in a full step (a
+        shadow: the stand-in batch it runs, the first contributor's).  A
+        short block's slice may hold up to two more: :func:`share_sizes`."""
         rank = self.rank if rank is None else rank
         if rank in self.shadows:
             rank = next((r for r in range(self.world_size) if r not in self.shadows), 0)
-        lo, hi = _share_bounds(self.capacity, self.world_size, self.shadows, rank, self.weights)
+        lo, hi = _share_bounds(self.capacity, self.world_size, self.shadows, rank, self.weights, self.singles)
         return hi - lo
 
     def _layout(self) -> _Layout:
@@ -333,7 +378,7 @@ class ElasticSampler(Sampler[int]):
         blk = self.block(step)
         out = []
         for r in range(self.world_size):
-            lo, hi = _share_bounds(len(blk), self.world_size, self.shadows, r, self.weights)
+            lo, hi = _share_bounds(len(blk), self.world_size, self.shadows, r, self.weights, self.singles)
             out.append(blk[lo:hi])
         return out
 
@@ -353,7 +398,8 @@ class ElasticSampler(Sampler[int]):
         blk = len(self.block(step))
         if blk == 0:
             return 0.0
-        lo, hi = _share_bounds(blk, self.world_size, self.shadows, self.rank if rank is None else rank, self.weights)
+        rank = self.rank if rank is None else rank
+        lo, hi = _share_bounds(blk, self.world_size, self.shadows, rank, self.weights, self.singles)
         return self.world_size * (hi - lo) / blk
 
     # -- the strategy's calls ----------------------------------------------------
@@ -434,7 +480,7 @@ class ElasticSampler(Sampler[int]):
                 trained.extend(blk)
                 continue
             for r in range(self.world_size):
-                lo, hi = _share_bounds(len(blk), self.world_size, self.shadows, r, self.weights)
+                lo, hi = _share_bounds(len(blk), self.world_size, self.shadows, r, self.weights, self.singles)
                 (handed_back if r in lost else trained).extend(blk[lo:hi])
         if handed_back:
             self.returned = handed_back + self.returned
@@ -461,10 +507,10 @@ class ElasticSampler(Sampler[int]):
         """Number of indices :meth:`__iter__` yields on this rank."""
         cap, remaining = self.capacity, self.samples_remaining()
         full, tail = divmod(remaining, cap)
-        lo, hi = _share_bounds(cap, self.world_size, self.shadows, self.rank, self.weights)
+        lo, hi = _share_bounds(cap, self.world_size, self.shadows, self.rank, self.weights, self.singles)
         n = full * (hi - lo)
         if tail and not self.drop_last:
-            lo, hi = _share_bounds(tail, self.world_size, self.shadows, self.rank, self.weights)
+            lo, hi = _share_bounds(tail, self.world_size, self.shadows, self.rank, self.weights, self.singles)
             n += hi - lo
         return n
 
@@ -484,7 +530,7 @@ class ElasticSampler(Sampler[int]):
                 )
             batch = plan.batch(step, plan.rank)
             if pad_empty and not batch:
-                batch = plan.stand_in(step) if plan.rank in plan.shadows else plan.block(step)[:1]
+                batch = plan.stand_in(step)
             yield batch
 
     # -- the permutation -----------------------------------------------------------
@@ -572,9 +618,9 @@ class ElasticBatchSampler(Sampler[list[int]]):
     nothing to train still runs the step and contributes a zero-weight
     gradient (:meth:`ElasticSampler.loss_scale` returns 0).  The default
     ``collate_fn`` cannot collate ``[]``; either give the DataLoader one that
-    can, or pass ``pad_empty=True``: an empty batch is then replaced by the
-    first sample of the step's block (one that another rank trains), which
-    the strategy must weight 0 -- still exactly once, since a zero-weight
+    can, or pass ``pad_empty=True``: an empty batch is then replaced by a
+    stand-in, the first :data:`STAND_IN_SAMPLES` samples of the step's block
+    (ones that another rank trains), which the strategy must weight 0 -- still exactly once, since a zero-weight
     sample adds nothing to the update.
 
     Lightning calls ``set_epoch`` on ``batch_sampler.sampler``, which is the
@@ -587,7 +633,7 @@ class ElasticBatchSampler(Sampler[list[int]]):
 
     @property
     def batch_size(self) -> int:
-        """The most samples this rank gets in one step under the current layout."""
+        """The samples this rank gets in a full step under the current layout."""
         return self.sampler.per_rank_batch_size()
 
     @property

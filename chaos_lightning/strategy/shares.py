@@ -78,6 +78,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from chaos_lightning.strategy.sampler import share_sizes
+
 
 __all__ = ["ShareBalancer", "WEIGHT_SCALE", "link_admission"]
 
@@ -277,15 +279,10 @@ def link_admission(step_s: float, busy_s: float, world: int, grad_bytes: int, ba
 
 
 def _split(total: int, world: int, shadows: tuple[int, ...], weights: Sequence[int]) -> list[int]:
-    """Each rank's samples of a block of ``total`` under ``weights``: the
-    sampler's own split (:func:`~.sampler._share_bounds`, the same integer
-    arithmetic), in one pass over the ranks rather than one per rank."""
-    w = [0 if r in shadows else weights[r] for r in range(world)]
-    whole, below, out = sum(w), 0, []
-    for x in w:
-        out.append(total * (below + x) // whole - total * below // whole)
-        below += x
-    return out
+    """Each rank's samples of a full block of ``total`` under ``weights``:
+    the sampler's own split (:func:`~.sampler.share_sizes`), a slice of one
+    allowed where the sampler allows it for such a block."""
+    return share_sizes(total, world, shadows, weights, singles=total < 2 * (world - len(shadows)))
 
 
 def _median(values: Sequence[float]) -> float:
