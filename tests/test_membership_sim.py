@@ -160,33 +160,6 @@ def test_two_nodes_a_graceful_leave_commits_because_the_leaver_acks_its_own_exit
     assert sim.run_until(lambda: sim.agreed(size=1, without=ids[1]), timeout=10)
 
 
-def test_every_member_hears_a_graceful_leave_before_its_view_commits_and_predicts_that_view():
-    """A graceful leaver tells every member at once, so each can build the
-    process group of the view without it while the agreement runs (issue
-    14): every other member reports ``Leaving`` before its ``ViewChanged``,
-    and the view it predicts from its own view is the one that commits, in
-    the namespace its group forms under."""
-    from chaos_lightning.membership.agreement import next_view
-    from chaos_lightning.rendezvous.store import group_namespace
-
-    sim, ids = cluster(8, seed=4)
-    before = {n: sim.view_of(n) for n in ids}
-    t0 = sim.now
-    leaver = ids[3]  # not the coordinator: the announcement reaches the others directly
-    sim.leave(leaver)
-    assert sim.run_until(lambda: sim.agreed(without=leaver, size=7), timeout=10), sim.summary()
-    for node in ids:
-        if node == leaver:
-            continue
-        heard = [(t, e) for t, e in ((t, e) for t, n, e in sim.events(ev.Leaving) if n == node) if t >= t0]
-        assert [e.node for _, e in heard] == [leaver], node
-        committed = [(t, e.view) for t, n, e in views_committed_by(sim, [node], t0)]
-        assert heard[0][0] <= committed[0][0], f"{node} heard of the leave only with its view"
-        predicted, _ = next_view(before[node], {}, {leaver: True}, {}, {})
-        assert predicted == committed[0][1]
-        assert group_namespace(predicted) == group_namespace(committed[0][1])
-
-
 def test_lossy_network_crash_still_detected_without_false_removals():
     sim, ids = cluster(50, seed=9, loss=0.05, jitter=0.01)
     sim.crash(ids[17])

@@ -372,7 +372,7 @@ def test_the_rendezvous_hosts_and_dials_its_store_with_the_cluster_secret():
     import torch.distributed as dist
 
     from chaos_lightning.rendezvous import create
-    from chaos_lightning.rendezvous.store import STORE_META_KEY, WireStore, group_namespace
+    from chaos_lightning.rendezvous.store import STORE_META_KEY, WireStore
     from chaos_lightning.wire.addr import parse_hostport
 
     rdv = create("peer", bind="127.0.0.1:0", secret=SECRET)
@@ -386,8 +386,7 @@ def test_the_rendezvous_hosts_and_dials_its_store_with_the_cluster_secret():
             WireStore(host, port, secret=None, timeout=timedelta(seconds=5))
         peek = WireStore(host, port, secret=SECRET, timeout=timedelta(seconds=5))
         try:
-            assert group_namespace(view).startswith(f"chaos/epoch/{view.epoch}/")
-            assert peek.get(f"{group_namespace(view)}/k") == b"v"
+            assert peek.get(f"chaos/epoch/{view.epoch}//k") == b"v"
         finally:
             peek.close()
     finally:
@@ -445,30 +444,3 @@ def _worker_main(node_id: str, spec: str) -> None:
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
     _worker_main(sys.argv[2], sys.argv[3])
-
-
-def test_a_groups_namespace_names_its_epoch_host_and_trainers_and_nothing_else():
-    """Ranks that form a group for the same epoch, host and trainers meet
-    under one prefix, whether they predicted the view or saw it commit; any
-    other view of that epoch forms elsewhere (a prediction that did not come
-    true never counts into the committed view's meet)."""
-    from chaos_lightning.membership.view import Member, View, link
-    from chaos_lightning.rendezvous.store import STORE_META_KEY, _epoch_prefix_of, group_namespace
-
-    def member(i: int, inc: int = 0, store: str = "") -> Member:
-        return Member(f"n{i}", meta=((STORE_META_KEY, store or f"127.0.0.1:{9000 + i}"),), inc=inc)
-
-    base = View(5, tuple(member(i) for i in range(4)))
-    ns = group_namespace(base)
-    assert ns.startswith("chaos/epoch/5/") and ns.endswith("/") and _epoch_prefix_of(ns) == 5
-    assert group_namespace(View(5, tuple(member(i) for i in range(4)), trained=True, learners=("n3",))) == ns
-    others = [
-        View(6, base.members),  # another epoch
-        View(5, base.members[:3]),  # other trainers
-        View(5, (*base.members[:3], member(3, inc=1))),  # a member back under its id
-        View(5, (member(0, store="127.0.0.1:1"), *base.members[1:])),  # another host
-        View(5, base.members, (link("n0", "n2"),)),  # a down link leaves n2 out of the trainers
-    ]
-    assert len({ns, *(group_namespace(v) for v in others)}) == 1 + len(others)
-    # the trainers, not the listing: a down link that leaves n3 out is the group of n0-n2
-    assert group_namespace(View(5, base.members, (link("n1", "n3"),))) == group_namespace(View(5, base.members[:3]))

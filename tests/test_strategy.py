@@ -72,9 +72,6 @@ def test_four_nodes_one_leaves_one_is_killed_survivors_finish_identical_and_exac
             # in the group each built on a helper thread as the view without the leaver committed
             assert any(s.get("finished_step") and s["world"] == 3 and s.get("ahead") for s in r["switches"]), \
                 r["switches"]
-        # ... begun as the leaver announced itself, before that view committed (the
-        # announcement goes straight to every member; the commit takes three hops more)
-        assert any(s.get("predicted") for r in results for s in r["switches"] if s["world"] == 3), results
     finally:
         for n in nodes:
             n.stop()

@@ -140,18 +140,6 @@ class Retire:
 
 
 @dataclass(frozen=True)
-class Leaving:
-    """``node``, a member of this node's view of ``epoch``, asked to leave
-    gracefully; the view without it is not committed yet.  A graceful leaver
-    tells every member at once (not only the coordinator), so the layer above
-    can prepare for the view without it while the agreement runs: the
-    strategy builds that view's process group ahead (issue 14)."""
-
-    node: str
-    epoch: int
-
-
-@dataclass(frozen=True)
 class JoinExpired:
     """This node, as coordinator, dropped ``node``'s pending join: it was not
     heard asking for ``after_s`` seconds (a standby that died while it
@@ -172,7 +160,6 @@ Event = (
     | QuorumRegained
     | Proposed
     | Held
-    | Leaving
     | JoinExpired
     | Retire
 )

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from chaos_lightning.membership import events as ev
 from chaos_lightning.membership.messages import (
     DEAD,
     JOIN,
@@ -170,7 +169,6 @@ class Dissemination:
             if view is None or f.node not in view or f.node in self.leaves:
                 return False
             self.leaves[f.node] = True
-            out.events.append(ev.Leaving(f.node, view.epoch))
             return True
         if f.kind == LINK:
             return m.detector.apply_link(f, out)

@@ -246,15 +246,7 @@ class Membership:
         if self.phase is not Phase.MEMBER:
             return out
         self.phase = Phase.LEAVING
-        fact = Fact(LEAVE, self.id, self._inc)
-        self._learn(fact, now, out, from_self=True)
-        # every other member hears it now, not by gossip: each prepares for
-        # the view without us while the coordinator proposes it (the
-        # strategy builds that view's process group ahead: ev.Leaving)
-        coordinator = self.coordinator()
-        for node in self.view.ids:
-            if node not in (self.id, coordinator):
-                self._send(node, Facts(self._epoch(), (fact,)), out)
+        self._learn(Fact(LEAVE, self.id, self._inc), now, out, from_self=True)
         self._retry_at = now + self.config.join_retry
         self._maybe_propose(now, out)
         return out

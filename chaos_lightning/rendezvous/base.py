@@ -16,8 +16,7 @@ Process-group stores: every node hosts a store server from the start
 (:class:`~chaos_lightning.rendezvous.store.StoreHost`, behind the cluster
 secret like every port) and publishes its address in its member ``meta``
 (key ``"store"``).  The store of epoch ``e`` is the store of
-the view's rank-0 member, under the prefix ``chaos/epoch/<e>/<digest>/``
-(:func:`~chaos_lightning.rendezvous.store.group_namespace`), so each epoch's
+the view's rank-0 member, under the prefix ``chaos/epoch/<e>/``, so each epoch's
 process group starts from fresh keys (gloo's keys repeat across re-inits).
 """
 

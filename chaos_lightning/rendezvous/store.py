@@ -10,8 +10,7 @@ process group.
 Every node starts its host when it starts (so hosting costs nothing at switch
 time) and advertises ``host:port`` as member meta ``"store"``.  The process
 group of epoch ``e`` rendezvouses on the rank-0 member's host under
-``chaos/epoch/<e>/<digest of the host and trainers>/`` (:func:`group_namespace`):
-a fresh prefix per epoch because
+``chaos/epoch/<e>/``: a fresh prefix per epoch because
 ``destroy_process_group`` resets gloo's group counter and its keys would
 otherwise collide with the previous epoch's (see docs/design.md).  If the
 rank-0 member dies while the group forms, ``init_process_group`` fails and
@@ -76,7 +75,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import logging
 import os
 import socket
@@ -195,7 +193,12 @@ class _Table:
 
     @staticmethod
     def _epoch_of(key: str) -> int | None:
-        return _epoch_prefix_of(key)
+        if not key.startswith(EPOCH_PREFIX):
+            return None
+        digits, sep, _ = key[len(EPOCH_PREFIX):].partition("/")
+        if not sep or not digits.isdigit() or len(digits) > 19:
+            return None
+        return int(digits)
 
     @staticmethod
     def _size(key: str, value: bytes) -> int:
@@ -807,36 +810,6 @@ class WireStore(dist.Store):
         return f"<WireStore {self._endpoint}>"
 
 
-def _epoch_prefix_of(key: str) -> int | None:
-    """The epoch of a key under :data:`EPOCH_PREFIX` (None for any other key)."""
-    if not key.startswith(EPOCH_PREFIX):
-        return None
-    digits, sep, _ = key[len(EPOCH_PREFIX):].partition("/")
-    if not sep or not digits.isdigit() or len(digits) > 19:
-        return None
-    return int(digits)
-
-
-def group_namespace(view: View) -> str:
-    """The prefix under which ``view``'s process group forms: its epoch, then
-    a digest of its host and of its trainers (the connected members, with
-    their incarnations).
-
-    Why the digest: a group may be built ahead for a view that is only
-    predicted (a graceful leaver announced itself; the view without it has
-    not committed yet).  If a different view commits for that epoch, its
-    group forms under another prefix, so the ranks that built for the
-    prediction never count into its meet or overwrite its gloo keys.  Any two
-    ranks that form a group for views with the same epoch, host and trainers
-    are forming the same group, whoever predicted and whoever waited for the
-    commit, and meet under the same prefix."""
-    digest = hashlib.blake2b(digest_size=6)
-    digest.update((view.members[0].get(STORE_META_KEY) or "").encode())
-    for node in view.connected():
-        digest.update(f"\n{node}#{view.member(node).inc}".encode())
-    return f"{EPOCH_PREFIX}{view.epoch}/{digest.hexdigest()}/"
-
-
 def epoch_store(
     view: View,
     timeout: timedelta = timedelta(seconds=30),
@@ -844,8 +817,7 @@ def epoch_store(
     secret: bytes | str | None,
     cancelled: Callable[[], str | None] | None = None,
 ) -> dist.Store:
-    """The store for ``view``'s process group: rank 0's host, under
-    :func:`group_namespace`.
+    """The store for ``view``'s process group: rank 0's host, epoch-prefixed.
 
     ``secret`` is the cluster secret (``None``: loopback only).  ``cancelled``
     (see :class:`WireStore`) ends a waiting call early with a reason.  Raises
@@ -859,4 +831,4 @@ def epoch_store(
         raise ValueError(f"member {host0.id} published no {STORE_META_KEY!r} endpoint")
     host, port = parse_hostport(endpoint)
     client = WireStore(host, port, secret=secret, timeout=timeout, cancelled=cancelled)
-    return dist.PrefixStore(group_namespace(view), client)
+    return dist.PrefixStore(f"chaos/epoch/{view.epoch}/", client)

@@ -1017,8 +1017,7 @@ class ElasticMember:
         epoch, world = self.group.view.epoch, self.world_size
         self.events.append({"epoch": epoch, "world": world, "stall_s": took, **(
             {"joined": True} if joined else {"failed_step": failed_step}), **({"finished_step": True} if finished else {}),
-            **({"ahead": True} if "ahead_wait_s" in self.group.phases else {}),
-            **({"predicted": True} if "predicted" in self.group.phases else {})})
+            **({"ahead": True} if "ahead_wait_s" in self.group.phases else {})})
         log.info("chaos: training in epoch %d with world %d (%.3fs)", epoch, world, took)
         if joined and self.config.gc_freeze:
             log.debug("chaos: %d objects frozen out of the full garbage collections", freeze_heap())

@@ -29,9 +29,7 @@ import torch.distributed as dist
 from chaos_lightning.config import NodeConfig
 from chaos_lightning.membership import events as ev
 from chaos_lightning.membership.view import View
-from chaos_lightning.membership.agreement import next_view
 from chaos_lightning.rendezvous import create as create_rendezvous
-from chaos_lightning.rendezvous.store import group_namespace
 from chaos_lightning.strategy.process import sigterm_ends_wait
 from chaos_lightning.strategy.trace import progress
 from chaos_lightning.strategy.process_group import CollectiveAborted, CollectiveError, ElasticProcessGroup
@@ -62,8 +60,6 @@ class _Ahead:
 
     view: View
     trainers: tuple[str, ...]
-    namespace: str  # where it forms (group_namespace): a committed view with another one cannot take it
-    predicted: bool = False  # for a view not committed yet (a graceful leaver announced itself)
     done: threading.Event = field(default_factory=threading.Event)
     store: Any = None
     backend: Any = None  # the gloo backend, connected, for ElasticProcessGroup.switch(prebuilt=)
@@ -413,18 +409,16 @@ class ElasticGroup:
     # ------------------------------------------------------------ groups built ahead
     def _claim(self, view: View) -> _Ahead | None:
         """The training thread is about to build ``view``'s group: no helper
-        starts one for it from now on; the one built ahead, if any (for this
-        very group: the same namespace, so every rank forms it under the same
-        keys whether it built ahead, predicted it, or builds now)."""
+        starts one for it from now on; the one built ahead, if any."""
         with self._lock:
             self._claimed = max(self._claimed, view.epoch)
             ahead = self._ahead
             if ahead is None or ahead.view.epoch > view.epoch:
                 return None
             self._ahead = None
-            if ahead.namespace == group_namespace(view):
+            if ahead.view.epoch == view.epoch:
                 return ahead
-            self._drop(ahead)  # an older view's, or a prediction that did not come true
+            self._drop(ahead)  # an older view's: superseded
             return None
 
     def _install_ahead(self, ahead: _Ahead, view: View, trainers: tuple[str, ...]) -> None:
@@ -450,23 +444,17 @@ class ElasticGroup:
         self.pg.switch(trainers.index(self.node_id), len(trainers), ahead.store, self.config.collective_timeout,
                        prebuilt=backend)
         self.phases.update(ahead.phases, ahead_wait_s=time.perf_counter() - waited)
-        if ahead.predicted:  # built from a leaver's announcement, before its view committed
-            self.phases["predicted"] = 1.0
         self._formed(view, trainers, 0)
 
-    def _maybe_build_ahead(self, view: View, *, predicted: bool = False) -> None:
-        """Agent thread, on a committed view (or, ``predicted``, on the view
-        a graceful leaver's announcement calls for: :meth:`_predict_leave`):
-        if it only takes members out of this node's group (a leave, a death:
-        nobody new, nobody to pull from), build its group on a helper thread
-        now, while the training thread still computes its step (issue 14: the
-        group's store, meet and gloo init, 90-130 ms at 8 nodes on 2 cores,
-        were paid after the step's reduction failed).  The training thread
-        takes it at the switch (:meth:`_build`).  A rank that does not build
-        ahead builds at its switch on the same keys, and they meet
-        (:meth:`_meet` first, here too); a prediction that does not come true
-        formed under its own keys (:func:`group_namespace`), which the view
-        that did commit never reads."""
+    def _maybe_build_ahead(self, view: View) -> None:
+        """Agent thread, on a committed view: if it only takes members out of
+        this node's group (a leave, a death: nobody new, nobody to pull from),
+        build its group on a helper thread now, while the training thread
+        still computes its step (issue 14: the group's store, meet and gloo
+        init, 90-130 ms at 8 nodes on 2 cores, were paid after the step's
+        reduction failed).  The training thread takes it at the switch
+        (:meth:`_build`).  A rank that does not build ahead builds at its
+        switch on the same keys, and they meet (:meth:`_meet` first, here too)."""
         if not self.config.groups_ahead or getattr(self.rdv, "agent", None) is None:
             return
         me = self.node_id
@@ -480,12 +468,10 @@ class ElasticGroup:
                 return
             if any(view.member(n) != current.member(n) for n in trainers):
                 return  # a member restarted under its id: a newcomer to sync
-            namespace = group_namespace(view)
             if self._ahead is not None:
-                if self._ahead.namespace == namespace or self._ahead.view.epoch > view.epoch:
-                    return  # this very group is under way (predicted, now committed), or a newer one
-                self._drop(self._ahead)  # an older view's, or a prediction that did not come true
-            ahead = self._ahead = _Ahead(view, trainers, namespace, predicted=predicted)
+                self._drop(self._ahead)  # an older view's, superseded
+            self._claimed = view.epoch
+            ahead = self._ahead = _Ahead(view, trainers)
             thread = threading.Thread(target=self._build_ahead, args=(ahead,),
                                       name=f"chaos-group-ahead-{view.epoch}", daemon=True)
             self._helpers = [t for t in self._helpers if t.is_alive()] + [thread]
@@ -513,20 +499,6 @@ class ElasticGroup:
             ahead.done.set()
             if ahead.dropped:
                 self._discard(ahead)
-
-    def _predict_leave(self, event: ev.Leaving) -> None:
-        """Agent thread: a member of our view announced a graceful leave.  The
-        view without it commits one agreement round later (17-39 ms at 8
-        nodes here); its group is built from now (:meth:`_maybe_build_ahead`),
-        so the survivors' switch finds it formed rather than waiting for it."""
-        if not self.config.groups_ahead or self.rdv is None:
-            return
-        current = self.rdv.current_view()
-        if current is None or current.epoch != event.epoch or event.node not in current:
-            return
-        nxt = next_view(current, {}, {event.node: True}, {}, {})
-        if nxt is not None:
-            self._maybe_build_ahead(nxt[0], predicted=True)
 
     def _drop(self, ahead: _Ahead) -> None:
         """(Under the lock.)  Nobody will take ``ahead``'s group: discard it
@@ -609,8 +581,6 @@ class ElasticGroup:
         current = rdv.current_view()
         if current is not None and current.epoch > view.epoch:
             return f"epoch {current.epoch} committed while the group of epoch {view.epoch} formed"
-        if current is not None and current.epoch == view.epoch and group_namespace(current) != group_namespace(view):
-            return f"another view of epoch {view.epoch} committed than the one predicted"
         # removed by a newer view (one without us, so never our current one):
         # the soak's node back from a partition learnt the view that still
         # held it in the same millisecond as its removal
@@ -739,8 +709,6 @@ class ElasticGroup:
             v = event.view
             self.trace.emit("view_committed", epoch=v.epoch, members=list(v.ids), down_links=[list(p) for p in v.down_links])
             self._maybe_build_ahead(v)
-        if isinstance(event, ev.Leaving):
-            self._predict_leave(event)
         if isinstance(event, ev.QuorumLost) and not event.all_voters_dead and not event.allow_minority:
             self.minority = event
         elif isinstance(event, (ev.QuorumRegained, ev.Removed)) or (
