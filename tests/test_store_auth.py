@@ -134,6 +134,57 @@ def test_get_and_wait_block_until_set_or_time_out(host, client):
         other.close()
 
 
+def test_a_wait_reads_the_ranks_keys_beside_it_in_one_round_trip_and_keeps_them_until_another_call(host, client):
+    """gloo's rendezvous waits for and reads every rank's address in turn:
+    the first wait brings the ones set already, so the rest cost no round
+    trip; a key not named by a number, a key of another folder and a key
+    that is not there yet are read from the host, and any other call (a set)
+    drops what was kept, so nothing read before it is served after."""
+    import threading
+
+    from chaos_lightning.rendezvous import store as st
+
+    folder = "chaos/epoch/1//g/"
+    for r in range(4):
+        client.set(f"{folder}{r}", f"addr{r}".encode())
+    client.set(f"{folder}meet", b"4")
+    client.set("chaos/epoch/1//h/1", b"other")
+    trips = []
+    request = client._request
+    client._request = lambda make, wait_s=0.0: (trips.append(1), request(make, wait_s))[1]
+    client.wait([f"{folder}0"])
+    assert len(trips) == 1
+    for r in (0, 1, 2, 3):
+        client.wait([f"{folder}{r}"])
+        assert client.get(f"{folder}{r}") == f"addr{r}".encode()
+    assert len(trips) == 1  # every rank's address came with the first wait
+    assert client.get(f"{folder}meet") == b"4" and len(trips) == 2  # not a rank's key: read from the host
+    client.wait([f"{folder}1"])
+    client.wait(["chaos/epoch/1//h/1"])
+    assert len(trips) == 4  # the get above dropped what was kept; another folder is its own read
+    client.set(f"{folder}2", b"changed")
+    assert client.get(f"{folder}2") == b"changed" and len(trips) == 6  # the set dropped the old value
+    # a rank's key set later is waited for on the host, and brings what is there then
+    def later() -> None:
+        other = st.WireStore("127.0.0.1", host.port, secret=SECRET, timeout=timedelta(seconds=5))
+        other.set(f"{folder}4", b"addr4")
+        other.close()
+
+    late = threading.Timer(0.2, later)
+    late.start()
+    client.wait([f"{folder}4"])
+    late.join()
+    assert client.get(f"{folder}4") == b"addr4" and client.get(f"{folder}3") == b"addr3"
+    assert len(trips) == 7
+    # outside the epochs' keys nothing comes with a read; the host bounds what does
+    client.set("plain/1", b"x")
+    client.set("plain/2", b"y")
+    client.wait(["plain/1"])
+    client.get("plain/2")
+    assert len(trips) == 11
+    assert len(host._table.siblings(f"{folder}0", 2)) == 2
+
+
 def test_a_missing_rank_ends_gloo_init_with_torchs_store_timeout_error(host):
     """The error a caller of init_process_group sees is TCPStore's kind, after the PG timeout."""
     import gc

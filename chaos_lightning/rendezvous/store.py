@@ -107,6 +107,11 @@ DEFAULT_MAX_VALUE = 2**20
 DEFAULT_MAX_BYTES = 64 * 2**20
 MAX_KEY = 4096
 MAX_KEYS_PER_REQUEST = 4096
+#: the most sibling keys a get's reply carries (GetRequest.siblings), and
+#: their bytes in all: a gloo address is a few hundred bytes, and a reply
+#: must stay far under the client's frame limit
+MAX_SIBLINGS = 256
+MAX_SIBLING_BYTES = 256 * 1024
 MAX_PENDING_PER_CONNECTION = 1024
 #: What one stored entry costs beyond its key and value bytes (dict slot, objects):
 #: counted so that a flood of empty values is bounded too.
@@ -236,6 +241,29 @@ class _Table:
         if n:
             self.pruned_keys += n
             log.debug("store: dropped %d key(s) of epochs <= %d (now at epoch %d)", n, upto, self.newest_epoch)
+
+    def siblings(self, key: str, most: int) -> tuple[tuple[str, bytes], ...]:
+        """Up to ``most`` other keys of ``key``'s directory (its epoch's keys
+        only) whose last part is a number, with their values: gloo's ranks'
+        addresses, which each rank then reads one by one."""
+        if most <= 0:
+            return ()
+        epoch = self._epoch_of(key)
+        keys = self._epochs.get(epoch) if epoch is not None else None
+        if not keys:
+            return ()
+        folder = key[:key.rfind("/") + 1]
+        out: list[tuple[str, bytes]] = []
+        size = 0
+        for k in sorted(keys):
+            if k == key or not k.startswith(folder) or not k[len(folder):].isdigit():
+                continue
+            value = self.data[k]
+            size += len(k) + len(value)
+            if len(out) >= min(most, MAX_SIBLINGS) or size > MAX_SIBLING_BYTES:
+                break
+            out.append((k, value))
+        return tuple(out)
 
     def delete(self, key: str, _index: bool = True) -> bool:
         old = self.data.pop(key, None)
@@ -418,7 +446,7 @@ class StoreHost:
         if isinstance(msg, sm.GetRequest):
             self._check_keys((msg.key,))
             if msg.key in t.data:
-                return sm.ValueReply(msg.rid, t.data[msg.key])
+                return sm.ValueReply(msg.rid, t.data[msg.key], t.siblings(msg.key, msg.siblings))
             return self._later(self._get(conn, msg), pending)
         if isinstance(msg, sm.AddRequest):
             self._check_keys((msg.key,))
@@ -477,7 +505,8 @@ class StoreHost:
                 await self._send_quietly(conn, sm.StoreError(
                     msg.rid, sm.TIMEOUT, f"wait timeout after {msg.timeout_ms}ms, keys: {msg.key}"))
                 return
-        await self._send_quietly(conn, sm.ValueReply(msg.rid, self._table.data[msg.key]))
+        await self._send_quietly(conn, sm.ValueReply(msg.rid, self._table.data[msg.key],
+                                                     self._table.siblings(msg.key, msg.siblings)))
 
     async def _wait(self, conn: Connection, msg: sm.WaitRequest, keys: tuple[str, ...]) -> None:
         if await self._table.wait(keys, self._timeout_s(msg.timeout_ms)):
@@ -707,7 +736,7 @@ class WireStore(dist.Store):
                 raise dist.DistStoreError(f"process-group store at {self._endpoint}: no answer within {bound:g}s") from None
 
     def _request(self, make: Callable[[int], object], wait_s: float = 0.0) -> object:
-        self._fetched.held = None  # any other call on this thread ends what a wait fetched for it
+        self._fetched.cache = None  # any other call on this thread ends what a wait fetched for it
         reply_timeout = (wait_s if wait_s else self._timeout_s()) + _REPLY_GRACE_S
         return self._call(self._roundtrip(make, reply_timeout), reply_timeout + self._timeout_s())
 
@@ -721,10 +750,9 @@ class WireStore(dist.Store):
         self._request(lambda rid: sm.SetRequest(rid, key, value))
 
     def get(self, key: str) -> bytes:
-        held = getattr(self._fetched, "held", None)
-        if held is not None and held[0] == key:
-            self._fetched.held = None
-            return held[1]
+        cache = getattr(self._fetched, "cache", None)
+        if cache and key in cache:
+            return cache.pop(key)
         t = self._timeout_s()
         reply = self._request(lambda rid: sm.GetRequest(rid, key, self._ms(t)), t)
         assert isinstance(reply, sm.ValueReply)
@@ -742,20 +770,30 @@ class WireStore(dist.Store):
         return reply.value
 
     def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
-        """Block until every key exists.  One key is waited for by reading it
-        (a ``get`` blocks the same way, with the same timeout and error), and
-        the value is held for this thread's next call if that is the ``get``
-        of the same key: gloo's rendezvous waits for each peer's key and then
-        reads it (measured on torch 2.13: ``set`` of its own, then ``wait``
-        and ``get`` per rank), so a group of 8 ranks costs each rank 9 round
-        trips to the host instead of 17."""
+        """Block until every key exists.
+
+        One key is waited for by reading it (a ``get`` blocks the same way,
+        with the same timeout and error), together with the keys beside it
+        named by a number that exist already, and what was read is kept for
+        this thread's next waits and gets, until it calls anything else.
+        Why: gloo's rendezvous (measured on torch 2.13: ``set`` of its own
+        address under ``<prefix>/<rank>``, then ``wait`` and ``get`` of every
+        rank's, in rank order) cost each rank two round trips per rank
+        (17 at 8 ranks), then one (9) with the value kept, and now about
+        two: the ranks set their addresses together (they come from the
+        meet), so the first read finds most of them.  A key read with
+        the first one cannot change before it is used: gloo's keys are set
+        once per group, under a prefix of their own."""
         t = _seconds(timeout, self._timeout_s())
         keys = tuple(keys)
         if len(keys) == 1:
             key = keys[0]
-            reply = self._request(lambda rid: sm.GetRequest(rid, key, self._ms(t)), t)
+            cache = getattr(self._fetched, "cache", None)
+            if cache and key in cache:
+                return
+            reply = self._request(lambda rid: sm.GetRequest(rid, key, self._ms(t), MAX_SIBLINGS), t)
             assert isinstance(reply, sm.ValueReply)
-            self._fetched.held = (key, reply.value)
+            self._fetched.cache = {**(cache or {}), **dict(reply.siblings), key: reply.value}
             return
         self._request(lambda rid: sm.WaitRequest(rid, keys, self._ms(t)), t)
 

@@ -42,11 +42,17 @@ class SetRequest:
 @message("store.get")
 @dataclass(frozen=True)
 class GetRequest:
-    """Blocks until ``key`` exists or ``timeout_ms`` passed (``TCPStore.get`` semantics)."""
+    """Blocks until ``key`` exists or ``timeout_ms`` passed (``TCPStore.get`` semantics).
+
+    ``siblings`` (appended; 0 from an older client): the reply may also carry
+    up to that many other keys that exist in ``key``'s directory and are
+    named by a number, as gloo names its ranks' addresses
+    (:meth:`WireStore.wait` reads them all in one round trip)."""
 
     rid: int
     key: str
     timeout_ms: int
+    siblings: int = 0
 
 
 @message("store.add")
@@ -112,6 +118,8 @@ class Done:
 class ValueReply:
     rid: int
     value: bytes
+    #: (key, value) of the requested key's siblings (:class:`GetRequest`)
+    siblings: tuple[tuple[str, bytes], ...] = ()
 
 
 @message("store.int")
