@@ -9,12 +9,16 @@ idle time.
 
 This process hosts both stores (a :class:`StoreHost` with a secret and a
 ``TCPStore`` server), starts ``--ranks`` worker processes on loopback, and
-each worker builds ``--inits`` gloo groups through each store, alternating
-the two kinds (a fresh prefix per init, as per epoch), with one ``all_reduce``
-after each and the group destroyed before the next.  A worker times
-``init_process_group`` only.  Printed per kind: the median over inits of the
-slowest and of the fastest rank (the fastest rank is the last to arrive, so
-its time is the store's and gloo's own cost, without waiting for the others).
+each worker builds ``--inits`` gloo groups through each store, rotating
+the kinds (a fresh prefix per init, as per epoch: ``chaos/epoch/<i>/`` on the
+wire store, as the strategy's), with one ``all_reduce`` after each and the
+group destroyed before the next.  Three kinds: ``wire`` (the store as the
+strategy uses it), ``wire-1key`` (the same with each wait reading its one key
+only, ``MAX_SIBLINGS = 0``: how it read before 2026-12-07) and ``tcp``.  A
+worker times ``init_process_group`` only.  Printed per kind: the median over
+inits of the slowest and of the fastest rank (the fastest rank is the last to
+arrive, so its time is the store's and gloo's own cost, without waiting for
+the others).
 """
 
 from __future__ import annotations
@@ -38,14 +42,19 @@ def worker(rank: int, ranks: int, inits: int, wire_port: int, tcp_port: int) -> 
     import torch
     import torch.distributed as dist
 
+    from chaos_lightning.rendezvous import store as wire_store
     from chaos_lightning.rendezvous.store import WireStore
 
     wire = WireStore("127.0.0.1", wire_port, secret=SECRET, timeout=timedelta(seconds=30))
     tcp = dist.TCPStore("127.0.0.1", tcp_port, None, False, timedelta(seconds=30), wait_for_workers=False)
-    times: dict[str, list[float]] = {"wire": [], "tcp": []}
+    siblings = wire_store.MAX_SIBLINGS
+    kinds = [("wire", wire), ("wire-1key", wire), ("tcp", tcp)]
+    times: dict[str, list[float]] = {kind: [] for kind, _ in kinds}
     for i in range(inits):
-        for kind, base in (("wire", wire), ("tcp", tcp)) if i % 2 == 0 else (("tcp", tcp), ("wire", wire)):
-            store = dist.PrefixStore(f"bench/{kind}/{i}/", base)
+        for kind, base in kinds[i % 3:] + kinds[:i % 3]:
+            wire_store.MAX_SIBLINGS = 0 if kind == "wire-1key" else siblings
+            epoch = 3 * i + [k for k, _ in kinds].index(kind) + 1  # a fresh epoch per init, as per view
+            store = dist.PrefixStore(f"chaos/epoch/{epoch}/bench/" if base is wire else f"bench/{i}/", base)
             t0 = time.perf_counter()
             dist.init_process_group("gloo", store=store, rank=rank, world_size=ranks, timeout=timedelta(seconds=30))
             times[kind].append(time.perf_counter() - t0)
@@ -89,7 +98,7 @@ def main() -> None:
                 p.kill()
             p.wait(timeout=10)
         host.close()
-    for kind in ("wire", "tcp"):
+    for kind in ("wire", "wire-1key", "tcp"):
         per_init = list(zip(*(r[kind] for r in results)))
         slowest = statistics.median(max(x) for x in per_init) * 1e3
         fastest = statistics.median(min(x) for x in per_init) * 1e3
