@@ -134,12 +134,19 @@ def share_sizes(
         for r, x in enumerate(w):
             out[r] = total * (below + x) // whole - total * below // whole
             below += x
-    if total >= 2 and not singles:
+    if total >= 2 and not singles:  # one pass: the hot path calls this once per rank's question
+        carried, kept = -1, -1  # a slice of one waiting for the next slice; the last slice kept
         for r in range(world):
-            if out[r] == 1:
-                later = [q for q in range(r + 1, world) if out[q]]
-                to = later[0] if later else max(q for q in range(r) if out[q])
-                out[r], out[to] = 0, out[to] + 1
+            if not out[r]:
+                continue
+            if carried >= 0:
+                out[carried], out[r], carried, kept = 0, out[r] + 1, -1, r
+            elif out[r] == 1:
+                carried = r
+            else:
+                kept = r
+        if carried >= 0:  # the last slice was one: it goes back to the last slice kept
+            out[carried], out[kept] = 0, out[kept] + 1
     return out
 
 
