@@ -93,12 +93,6 @@ def split_sizes(total: int, parts: int) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(parts)]
 
 
-def _slice_bounds(total: int, parts: int, rank: int) -> tuple[int, int]:
-    base, extra = divmod(total, parts)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (1 if rank < extra else 0)
-
-
 def share_sizes(
     total: int, world: int, shadows: tuple[int, ...] = (), weights: Sequence[int] | None = None, *,
     singles: bool = False,
@@ -150,8 +144,9 @@ def share_sizes(
     return out
 
 
-def _singles(capacity: int, world: int, shadows: tuple[int, ...]) -> bool:
-    """The user's full block gives each contributing rank one sample or none."""
+def singles_allowed(capacity: int, world: int, shadows: tuple[int, ...]) -> bool:
+    """Whether a full block of ``capacity`` gives each contributing rank one
+    sample or none: then a slice of one is the user's choice (:func:`share_sizes`)."""
     return capacity < 2 * (world - len(shadows))
 
 
@@ -163,6 +158,19 @@ def _share_bounds(
     sizes = share_sizes(total, world, shadows, weights, singles=singles)
     lo = sum(sizes[:rank])
     return lo, lo + sizes[rank]
+
+
+def _share_slices(
+    total: int, world: int, shadows: tuple[int, ...], weights: tuple[int, ...] | None, singles: bool,
+) -> list[tuple[int, int]]:
+    """Every rank's ``[lo, hi)`` of a block of ``total``, in rank order: one
+    split for all of them (a per-rank loop over :func:`_share_bounds` would
+    split the block once per rank)."""
+    out, lo = [], 0
+    for n in share_sizes(total, world, shadows, weights, singles=singles):
+        out.append((lo, lo + n))
+        lo += n
+    return out
 
 
 def check_weights(weights: Iterable[int] | None, world: int, shadows: tuple[int, ...] = ()) -> tuple[int, ...] | None:
@@ -200,7 +208,7 @@ class _Layout:
 
     @property
     def singles(self) -> bool:
-        return _singles(self.capacity, self.world_size, self.shadows)
+        return singles_allowed(self.capacity, self.world_size, self.shadows)
 
     @property
     def steps_remaining(self) -> int:
@@ -331,7 +339,7 @@ class ElasticSampler(Sampler[int]):
     @property
     def singles(self) -> bool:
         """Whether a rank may get a slice of one sample (:func:`share_sizes`)."""
-        return _singles(self.capacity, self.world_size, self.shadows)
+        return singles_allowed(self.capacity, self.world_size, self.shadows)
 
     def per_rank_batch_size(self, rank: int | None = None) -> int:
         """The samples ``rank`` (default: this rank) gets in a full step (a
@@ -383,11 +391,8 @@ class ElasticSampler(Sampler[int]):
         Outside the epoch's remaining steps every slice is empty.
         """
         blk = self.block(step)
-        out = []
-        for r in range(self.world_size):
-            lo, hi = _share_bounds(len(blk), self.world_size, self.shadows, r, self.weights, self.singles)
-            out.append(blk[lo:hi])
-        return out
+        return [blk[lo:hi] for lo, hi in _share_slices(len(blk), self.world_size, self.shadows, self.weights,
+                                                       self.singles)]
 
     def batch_for(self, step: int = 0, rank: int | None = None) -> list[int]:
         """This rank's (or ``rank``'s) batch at ``step`` steps from now; maybe empty."""
@@ -486,8 +491,8 @@ class ElasticSampler(Sampler[int]):
             if not lost:
                 trained.extend(blk)
                 continue
-            for r in range(self.world_size):
-                lo, hi = _share_bounds(len(blk), self.world_size, self.shadows, r, self.weights, self.singles)
+            slices = _share_slices(len(blk), self.world_size, self.shadows, self.weights, self.singles)
+            for r, (lo, hi) in enumerate(slices):
                 (handed_back if r in lost else trained).extend(blk[lo:hi])
         if handed_back:
             self.returned = handed_back + self.returned
@@ -627,8 +632,9 @@ class ElasticBatchSampler(Sampler[list[int]]):
     ``collate_fn`` cannot collate ``[]``; either give the DataLoader one that
     can, or pass ``pad_empty=True``: an empty batch is then replaced by a
     stand-in, the first :data:`STAND_IN_SAMPLES` samples of the step's block
-    (ones that another rank trains), which the strategy must weight 0 -- still exactly once, since a zero-weight
-    sample adds nothing to the update.
+    (ones that another rank trains), which the strategy must weight 0 --
+    still exactly once, since a zero-weight sample adds nothing to the
+    update.
 
     Lightning calls ``set_epoch`` on ``batch_sampler.sampler``, which is the
     :class:`ElasticSampler`.

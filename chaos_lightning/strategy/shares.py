@@ -78,7 +78,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from chaos_lightning.strategy.sampler import share_sizes
+from chaos_lightning.strategy.sampler import share_sizes, singles_allowed
 
 
 __all__ = ["ShareBalancer", "WEIGHT_SCALE", "link_admission"]
@@ -282,7 +282,7 @@ def _split(total: int, world: int, shadows: tuple[int, ...], weights: Sequence[i
     """Each rank's samples of a full block of ``total`` under ``weights``:
     the sampler's own split (:func:`~.sampler.share_sizes`), a slice of one
     allowed where the sampler allows it for such a block."""
-    return share_sizes(total, world, shadows, weights, singles=total < 2 * (world - len(shadows)))
+    return share_sizes(total, world, shadows, weights, singles=singles_allowed(total, world, shadows))
 
 
 def _median(values: Sequence[float]) -> float:
