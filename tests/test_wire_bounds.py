@@ -209,6 +209,74 @@ def test_blobs_stream_with_one_tag_and_a_flipped_byte_is_caught():
     asyncio.run(asyncio.wait_for(scenario(), 20))
 
 
+@pytest.mark.parametrize("ending", ["clean", "flipped", "truncated"])
+def test_big_blobs_land_straight_in_the_buffer_and_the_frames_after_them_are_intact(monkeypatch, ending):
+    """Blobs from ``_DIRECT_MIN`` on are read from the socket into the
+    caller's buffer (one copy, not four).  That path must be the one taken on
+    this Python (it reads an asyncio internal for a length, and would fall
+    back quietly), must stop at the blob's end (the tag and the frames after
+    it are the stream's), and must keep the stream path's checks: a flipped
+    byte fails the tag, a peer that closes mid-blob is a truncated frame."""
+    direct: list[int] = []
+    real = Connection._recv_direct
+
+    async def spy(self, *a, **k):
+        n = await real(self, *a, **k)
+        direct.append(n)
+        return n
+
+    monkeypatch.setattr(Connection, "_recv_direct", spy)
+    big = bytes(range(256)) * (3 * 4096 + 7)  # 3 MiB and a bit: many socket reads
+    small = b"after" * 1000
+
+    async def serve(conn: Connection) -> None:
+        await conn.recv()  # the client is ready
+        await conn.send_blob(big)
+        await conn.send(Member("between"))
+        await conn.send_blob(small)
+        if ending == "clean":
+            await conn.send_blob(big[::-1])
+        elif ending == "flipped":
+            tap = Tap(conn)
+            tap.hold = True
+            await conn.send_blob(big)
+            frame = bytearray(tap.take())
+            frame[HEADER_SIZE + len(big) - 3] ^= 1  # near the end: the direct path's bytes
+            tap.wire(bytes(frame))
+        else:
+            conn._writer.transport.write(frame_header(len(big), wire_connection.KIND_BLOB) + big[: len(big) // 2])
+            await conn.drain()
+            conn._writer.transport.close()
+            return
+        await asyncio.sleep(5)  # until the client is done
+
+    async def scenario() -> None:
+        server = await start_server("127.0.0.1", 0, serve, secret=SECRET, log=logging.getLogger(LOG))
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            async with await open_connection("127.0.0.1", port, secret=SECRET, timeout=5) as conn:
+                await conn.send(Member("ready"))
+                await asyncio.sleep(0.2)  # let the first blob pile up in the socket and the reader's buffer
+                buf = bytearray(len(big) + 10)
+                seen: list[int] = []
+                assert await asyncio.wait_for(conn.recv_blob_into(buf, len(big), seen.append), 10) == len(big)
+                assert bytes(buf[: len(big)]) == big and seen[-1] == len(big)
+                assert await asyncio.wait_for(conn.recv(), 5) == Member("between")
+                assert await asyncio.wait_for(conn.recv(), 5) == small  # under the bound: the stream's
+                if ending == "clean":
+                    assert await asyncio.wait_for(conn.recv_blob_into(buf, len(big)), 10) == len(big)
+                    assert bytes(buf[: len(big)]) == big[::-1]
+                elif ending == "flipped":
+                    with pytest.raises(IntegrityError):
+                        await asyncio.wait_for(conn.recv_blob_into(buf, len(big)), 10)
+                else:
+                    with pytest.raises(wire_connection.TruncatedFrame, match="mid-blob"):
+                        await asyncio.wait_for(conn.recv_blob_into(buf, len(big)), 10)
+        assert len(direct) == 2 and all(n > 0 for n in direct), f"the direct path was not taken: {direct}"
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
 def test_the_replication_pull_drops_a_source_whose_stream_is_tampered_with():
     """A proxy on the path flips one byte of a shard: before, the CRC caught it
     and the shard was re-fetched through the same tampering path; now the
