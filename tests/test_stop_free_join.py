@@ -105,6 +105,8 @@ def test_parameters_changed_outside_the_optimizer_fall_back_to_a_pull_at_the_bou
             text = x.log.read_text()
             assert ("after catch-up the replicas differ" in text
                     or "as the fit ended the replicas differ" in text), x.log
+            # the regroup that follows is on purpose: not reported as a failure
+            assert "failed with no membership change" not in text, x.log
 
 
 @pytest.mark.timeout(300)

@@ -807,6 +807,7 @@ class ElasticMember:
                         list(control.digests))
             self.trace.emit("shadow_mismatch", digests=list(control.digests))
             self._no_shadow_next = True
+            self.group.regroup_reason = "the joiner takes the state with a pull (the replicas differ after catch-up)"
             return Decision(Action.SWITCH, newer=True)  # the same members regrouped; the pull stops them once
         if self.is_shadow and not self._caught_up:
             self._try_catch_up()
@@ -1061,6 +1062,7 @@ class ElasticMember:
                         "optimizer.step); the joiner takes the final state")
             self.trace.emit("shadow_mismatch", at_end=True)
             self._no_shadow_next = True
+            self.group.regroup_reason = "the joiner takes the final state with a pull (the replicas differ)"
             try:
                 self._switch(Decision(Action.SWITCH, newer=True))  # the same members regrouped, with a pull
             except (CollectiveError, TimeoutError, RuntimeError) as exc:

@@ -99,6 +99,11 @@ class ElasticGroup:
         #: (view epoch, generation) of the last group built or tried: building
         #: the same epoch again is a regroup (:meth:`_regroup`)
         self._attempt: tuple[int, int] | None = None
+        #: why the next build of the same epoch regroups on purpose (the
+        #: strategy sets it: replicas that differ after a shadow's catch-up);
+        #: None: a collective failed.  Only for the log line; cleared by the
+        #: next group formed or regrouped
+        self.regroup_reason: str | None = None
         #: generation of the current group within its view (0: the view's first)
         self.generation = 0
         #: set while this node cannot reach a majority of its view's voters (the
@@ -397,6 +402,7 @@ class ElasticGroup:
         self._formed(view, trainers, generation)
 
     def _formed(self, view: View, trainers: tuple[str, ...], generation: int) -> None:
+        self.regroup_reason = None
         with self._lock:
             self.abort.clear()
             self.view, self.trainers = view, trainers
@@ -615,8 +621,13 @@ class ElasticGroup:
         expected = str(last) if last else ""  # a missing key matches "": generation 0 was never written
         generation = int(store.compare_set("regroup/gen", expected, str(last + 1)))
         self._attempt = (view.epoch, generation)  # a retry bumps from here
-        log.warning("chaos: the group of epoch %d failed with no membership change; regrouping its %d members "
-                    "(generation %d)", view.epoch, len(trainers), generation)
+        why, self.regroup_reason = self.regroup_reason, None
+        if why is None:
+            log.warning("chaos: the group of epoch %d failed with no membership change; regrouping its %d members "
+                        "(generation %d)", view.epoch, len(trainers), generation)
+        else:
+            log.info("chaos: regrouping the %d members of epoch %d (generation %d): %s", len(trainers), view.epoch,
+                     generation, why)
         self.trace.emit("regroup", epoch=view.epoch, generation=generation)
         arrived = store.add(f"regroup/{generation}/arrived", 1)
         # Not the abort flag: it belongs to the group that failed and stays
