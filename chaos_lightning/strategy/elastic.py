@@ -1021,7 +1021,7 @@ class ElasticMember:
             **({"ahead": True} if "ahead_wait_s" in self.group.phases else {})})
         log.info("chaos: training in epoch %d with world %d (%.3fs)", epoch, world, took)
         if joined and self.config.gc_freeze:
-            log.debug("chaos: %d objects frozen out of the full garbage collections", freeze_heap())
+            freeze_heap()
         switch = self.group.pg.last_switch
         self.trace.emit(
             "trainers", epoch=epoch, world=world, trainers=list(self.group.trainers), stall_s=took, joined=joined,
