@@ -157,6 +157,26 @@ def test_reset_forgets_the_cluster_but_never_reuses_a_probe_number():
     assert max(m.detector._probes) > ping.seq
 
 
+def test_a_transport_hint_probes_a_node_whose_probe_was_answered_already():
+    """With few peers a probe of each is always in its period.  One answered
+    already says the node was alive at its ping, not now: a connection lost
+    since (a kill -9 closes the dead process's sockets at once) gets a probe
+    at once, whose connect the dead node's host refuses.  Before, the hint
+    waited for the next period.  A probe still waiting for its answer sends
+    its ping again at once (it went over the connection now lost), not at
+    its timeout: no second probe."""
+    m = member_of("a", ["a", "b"])
+    t, target, ping = first_probe(m)
+    assert target == "b"
+    again = sent(m.hint_unreachable("b", t + 0.001), Ping)
+    assert [(d, p.seq) for d, p in again] == [("b", ping.seq)], "the waiting probe pings again"
+    m.receive("b", "b", Ack(ping.seq, 2, "b"), t + 0.002)
+    assert not m.hint_unreachable("b", t + 0.05).messages, "one hint probe per probe interval"
+    out = m.hint_unreachable("b", t + 0.001 + CFG.probe_interval)  # no tick has ended the answered probe yet
+    pings = sent(out, Ping)
+    assert [d for d, _ in pings] == ["b"] and pings[0][1].seq != ping.seq, out.messages
+
+
 def test_a_transport_hint_probes_at_once_but_only_one_at_a_time():
     m = member_of("a", ["a", "b", "c"])
     out = m.hint_unreachable("b", 0.001)

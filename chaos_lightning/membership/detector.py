@@ -254,10 +254,24 @@ class Detector:
         # Only news is worth a probe: a node already suspected is being dealt
         # with, and a cap on hint probes keeps a partition (every send fails)
         # from multiplying probes by the number of unreachable nodes.
-        if node == self._m.id or not self.alive(node) or now < self._hint_probe_end:
+        # A probe of it already answered is old news (the node was alive at
+        # its ping): the connection lost since is not, so it gets a probe of
+        # its own.  Before, any probe of the node still in its period blocked
+        # the hint; with few peers one always is (a period lasts until the
+        # next), so a kill -9 waited for that probe's timeout or the next
+        # period: 15-73 ms to a view of one here, kill -> view 144 ms in a
+        # standby's restore.
+        # A probe still waiting for its answer sent its ping before the
+        # connection was lost: it is sent again now, over a new connection
+        # (which a dead node's host refuses), not at the probe timeout.
+        m = self._m
+        if node == m.id or not self.alive(node) or now < self._hint_probe_end:
             return
-        if not self._probing(node):
-            self._hint_probe_end = now + self._m.config.probe_interval
+        self._hint_probe_end = now + m.config.probe_interval
+        waiting = [p for p in self._probes.values() if p.target == node and not (p.direct_ok or p.indirect_ok)]
+        if waiting:
+            m._send(node, Ping(waiting[0].seq, m._epoch(), "", m._take_gossip(about=node)), out)
+        else:
             self._start_probe(node, now, out)
 
     def suspect(self, node: str, now: float, out: "Output") -> bool:
@@ -278,7 +292,7 @@ class Detector:
         # a probe of it still waiting for its answer will tell (its second
         # direct ping goes within the probe timeout); one answered already
         # (before the collective failed) is old news
-        if any(p.target == node and not (p.direct_ok or p.indirect_ok) for p in self._probes.values()):
+        if self._awaiting(node):
             return False
         if now < self._suspected_until.get(node, 0.0):
             return False
@@ -295,6 +309,11 @@ class Detector:
 
     def _probing(self, node: str) -> bool:
         return any(p.target == node for p in self._probes.values())
+
+    def _awaiting(self, node: str) -> bool:
+        """A probe of ``node`` is waiting for its answer (its second direct
+        ping and the indirect ones go within the probe timeout)."""
+        return any(p.target == node and not (p.direct_ok or p.indirect_ok) for p in self._probes.values())
 
     def _link_watch(self) -> list[str]:
         """Peers whose direct link to us is suspected or known down."""
