@@ -363,7 +363,7 @@ def test_an_admitted_standby_is_replaced_so_that_s_standbys_wait_again() -> None
             time.sleep(0.1)
         assert any("node 1 (standby" in line and "is a member now; starting standby node 2" in line for line in run.err)
         # its seeds: the members alive now first (node 1, just admitted, among them)
-        assert any(f"node 2 (standby): pid" in line and f"bind {addrs[2]}, peers {addrs[0]},{addrs[1]}" in line
+        assert any("node 2 (standby): pid" in line and f"bind {addrs[2]}, peers {addrs[0]},{addrs[1]}" in line
                    for line in run.err), run.err
         # the replacement asks to join and is held: the cluster is at its target of 2
         deadline = time.monotonic() + 10

@@ -86,7 +86,7 @@ def run_sequence(seed: int) -> Simulator:
     target = rng.randint(2, 5)
     max_nodes = target + rng.randint(0, 2)
     sim = policed(target, max_nodes, seed=seed, preset=rng.choice(["lan", "local"]))
-    ids = sim.start_cluster(rng.randint(1, target))
+    sim.start_cluster(rng.randint(1, target))
     cap = min(target, max_nodes)
     fresh = 0
     for step in range(10):

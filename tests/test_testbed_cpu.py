@@ -10,7 +10,6 @@ these tests skip with the reason; under CI=true (root) they fail.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time

@@ -624,8 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="", help="write the result here")
     args = ap.parse_args(argv)
     res = sweep(range(args.first_seed, args.first_seed + args.schedules), args.preset, steps=args.steps)
-    print(f"| preset | schedules | split brain | spin | not settled | majority lost (skipped) | seconds |")
-    print(f"| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| preset | schedules | split brain | spin | not settled | majority lost (skipped) | seconds |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     print(f"| {res['preset']} | {res['schedules']} | {res['split_brain']} | {res['spin']} | {res['unsettled']} "
           f"| {res['majority_lost']} | {res['seconds']} |")
     for f in res["failures"][:10]:  # type: ignore[index]

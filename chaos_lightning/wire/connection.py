@@ -71,7 +71,6 @@ from chaos_lightning.wire.auth import TAG_SIZE, Session, check_bind_allowed, cli
 from chaos_lightning.wire.errors import ConnectionClosed, FrameTooLarge, ReadTimeout, TruncatedFrame, WireError
 from chaos_lightning.wire.frames import (
     DEFAULT_MAX_FRAME,
-    HEADER_SIZE,
     KIND_BLOB,
     KIND_MESSAGE,
     read_header,
