@@ -184,6 +184,23 @@ def test_holders_checksumming_a_share_each_make_the_same_manifest_as_one_holder_
         Snapshot(b"meta", ts, shard_bytes=64 * KiB, crcs=summed[:-1])
 
 
+def test_a_large_share_of_checksums_computed_on_threads_is_the_same(monkeypatch):
+    """From ``PARALLEL_CHECKSUM_BYTES`` on, a holder's share is checksummed on
+    several threads (zlib releases the GIL); the list is the one a single
+    thread makes, alone and split in shares.  Forced to two threads, so the
+    threaded path runs whatever this machine's cores."""
+    from chaos_lightning.replication import snapshot
+
+    monkeypatch.setattr(snapshot, "_checksum_threads", lambda: 2)
+    g = torch.Generator().manual_seed(3)
+    ts = [torch.randn(3_000_000, generator=g), torch.randn(1000, 7, generator=g), torch.arange(5)]  # 12 MB
+    monkeypatch.setattr(snapshot, "PARALLEL_CHECKSUM_BYTES", 4 * 2**20)
+    whole = Snapshot(b"meta", ts, shard_bytes=256 * KiB)
+    alone = shard_checksums(ts, 0, 1, shard_bytes=256 * KiB)
+    shares = [shard_checksums(ts, part, 2, shard_bytes=256 * KiB) for part in range(2)]
+    assert alone == [s.crc32 for s in whole.manifest.shards] == [sum(c) for c in zip(*shares)]
+
+
 def test_manifest_validation_refuses_inconsistent_or_oversized_layouts():
     m = Snapshot(b"", _mixed_tensors(), shard_bytes=64 * KiB).manifest
     with pytest.raises(BadManifest, match="exceeds the limit"):
