@@ -267,9 +267,9 @@ class Detector:
         if node == m.id or not self.alive(node) or now < self._hint_probe_end:
             return
         self._hint_probe_end = now + m.config.probe_interval
-        waiting = [p for p in self._probes.values() if p.target == node and not (p.direct_ok or p.indirect_ok)]
-        if waiting:
-            m._send(node, Ping(waiting[0].seq, m._epoch(), "", m._take_gossip(about=node)), out)
+        waiting = self._unanswered(node)
+        if waiting is not None:
+            m._send(node, Ping(waiting.seq, m._epoch(), "", m._take_gossip(about=node)), out)
         else:
             self._start_probe(node, now, out)
 
@@ -291,7 +291,7 @@ class Detector:
         # a probe of it still waiting for its answer will tell (its second
         # direct ping goes within the probe timeout); one answered already
         # (before the collective failed) is old news
-        if self._awaiting(node):
+        if self._unanswered(node) is not None:
             return False
         if now < self._suspected_until.get(node, 0.0):
             return False
@@ -309,10 +309,11 @@ class Detector:
     def _probing(self, node: str) -> bool:
         return any(p.target == node for p in self._probes.values())
 
-    def _awaiting(self, node: str) -> bool:
-        """A probe of ``node`` is waiting for its answer (its second direct
-        ping and the indirect ones go within the probe timeout)."""
-        return any(p.target == node and not (p.direct_ok or p.indirect_ok) for p in self._probes.values())
+    def _unanswered(self, node: str) -> _Probe | None:
+        """A probe of ``node`` still waiting for its answer (its second direct
+        ping and the indirect ones go within the probe timeout), if any."""
+        return next((p for p in self._probes.values() if p.target == node and not (p.direct_ok or p.indirect_ok)),
+                    None)
 
     def _link_watch(self) -> list[str]:
         """Peers whose direct link to us is suspected or known down."""
