@@ -499,7 +499,7 @@ class _Resolver:
         try:
             check_encryption_available()
         except ImportError:
-            raise ConfigError(name, "needs the 'cryptography' package (pip install 'chaos_lightning[encrypt]')",
+            raise ConfigError(name, "needs the 'cryptography' package (a dependency: pip install 'cryptography>=41')",
                               1) from None
         return Secret(secret, encrypt=True)
 

@@ -261,7 +261,6 @@ def test_the_runners_own_control_calls_speak_the_nodes_encryption(tmp_path: Path
     """The runner's link faults go to the nodes' agents: with CHAOS_ENCRYPT=1
     (its environment or the nodes' extra one) its secret encrypts too, or
     every call would be refused for the mode."""
-    pytest.importorskip("cryptography")
     from chaos_lightning.scenario.runner import Runner
     from chaos_lightning.wire.auth import encrypts
 

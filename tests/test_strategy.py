@@ -120,7 +120,6 @@ def test_a_node_joins_a_running_fit_and_ends_identical(tmp_path):
     runs with a secret and ``CHAOS_ENCRYPT=1``, as across a WAN: the agents,
     the process-group stores, the status queries and the state pull all speak
     encrypted frames (a component left in plain mode would be refused)."""
-    pytest.importorskip("cryptography")
     n, epochs, sleep = 240, 6, 0.1
     env = {"CHAOS_SECRET": "test-strategy-secret-0123", "CHAOS_ENCRYPT": "1",
            # a save at every step: the join's boundary has one due, which the

@@ -21,7 +21,6 @@ from chaos_lightning.wire.errors import AuthError, ConnectionClosed, IntegrityEr
 from chaos_lightning.wire.frames import HEADER_SIZE, frame_header
 from test_wire import echo  # every message and blob back
 
-pytest.importorskip("cryptography")
 pytestmark = pytest.mark.timeout(60)
 
 RAW = b"encrypted-wire-test-secret"

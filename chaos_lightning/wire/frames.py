@@ -6,14 +6,17 @@ Every frame is an 8-byte header followed by its payload::
     | "CL"  | version | kind | length (u32 BE)| payload (length)|
     +-------+---------+------+----------------+-----------------+
 
-After the handshake every frame is followed by a 16-byte tag (HMAC-SHA256
-over a per-direction sequence number, the header and the payload, see
+After the handshake every frame is followed by a 16-byte tag (Poly1305
+under a one-time key, over a per-direction sequence number, the header and
+the payload, see
 :class:`chaos_lightning.wire.auth.Session`); ``length`` counts the payload
 only.  Protocol 2 introduced the tag: a protocol-1 peer is refused at the
 handshake with a clear version error instead of failing tag checks.
 Protocol 3 added the encryption mode to the handshake's messages
 (``Hello.encrypt``, ``ClientProof.encrypt``): a protocol-2 peer gets a
-version error, not a schema error about a field count.
+version error, not a schema error about a field count.  Protocol 4
+replaced the tags' HMAC-SHA-256 by Poly1305 (six times the throughput):
+a protocol-3 peer gets a version error, not failing tags.
 
 ``kind`` says what the payload is: :data:`KIND_MESSAGE` (one msgpack message,
 see :mod:`chaos_lightning.wire.schema`) or :data:`KIND_BLOB` (raw bytes, for
@@ -45,7 +48,7 @@ from chaos_lightning.wire.errors import (
     WireError,
 )
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAGIC = b"CL"
 
 #: A msgpack message (:mod:`chaos_lightning.wire.schema`).
