@@ -482,3 +482,25 @@ def test_malformed_and_unknown_requests_get_clear_errors_and_never_crash_the_ser
     assert isinstance(junk, ReplError) and "unexpected request: a blob" in junk.reason
     assert srv.stats.errors == 3
     assert _same(pull([srv.addr], SECRET, timeout=10).tensors, snap.tensors)
+
+
+def test_populating_a_pulls_pages_changes_no_byte_while_another_thread_writes():
+    """The assembler maps its tensors' pages on a thread while shards are
+    written into them (``snapshot.populate``, MADV_POPULATE_WRITE): it must
+    change no byte, before or during those writes.  On Linux from 5.14 it
+    runs (True); elsewhere it says so (False) and the faults stay where they
+    were."""
+    from chaos_lightning.replication.snapshot import populate
+
+    g = torch.Generator().manual_seed(5)
+    before = torch.randint(0, 255, (24 << 20,), dtype=torch.uint8, generator=g)
+    fresh = torch.empty_like(before)
+    writer = threading.Thread(target=lambda: fresh.copy_(before))
+    writer.start()
+    done = populate([fresh, torch.empty(0), torch.empty(3, dtype=torch.float64)])
+    writer.join(30)
+    assert torch.equal(fresh, before)
+    kept = before.clone()
+    assert populate([before]) is done and torch.equal(before, kept)
+    if sys.platform.startswith("linux") and tuple(int(x) for x in os.uname().release.split(".")[:2]) >= (5, 14):
+        assert done

@@ -61,9 +61,12 @@ re-fetched from elsewhere.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import hashlib
 import math
 import os
+import sys
+import threading
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -252,6 +255,56 @@ def _pieces(offsets: Sequence[int], sizes: Sequence[int], start: int, size: int)
     return out
 
 
+#: ``madvise(MADV_POPULATE_WRITE)``, Linux 5.14+: map a range's pages for
+#: writing, every byte unchanged.
+_MADV_POPULATE_WRITE = 23
+
+#: Below this, an assembly's pages are not worth a thread.
+PREFAULT_MIN_BYTES = 16 * MiB
+
+_madvise: list = []  # [libc.madvise] once looked up; [None] where unavailable
+
+
+def _madvise_fn():  # type: ignore[no-untyped-def]
+    if not _madvise:
+        fn = None
+        if sys.platform.startswith("linux"):
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).madvise
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                fn.restype = ctypes.c_int
+            except (OSError, AttributeError):
+                fn = None
+        _madvise.append(fn)
+    return _madvise[0]
+
+
+def populate(tensors: Sequence[torch.Tensor]) -> bool:
+    """Map every page of ``tensors`` for writing now, as the first write to
+    each would, fault by fault (``MADV_POPULATE_WRITE``); False where the
+    kernel or platform has no such call.  It changes no byte, so it is safe
+    while other threads write the same memory; ctypes releases the GIL.
+
+    Why: a pull writes each byte once into memory just allocated, and the
+    page faults were most of that copy's cost (200 MB: 100-130 ms into fresh
+    pages against 20-25 ms into mapped ones, 2026-12-08); mapping them
+    ahead, on another thread, takes them off the receiving thread."""
+    fn = _madvise_fn()
+    if fn is None:
+        return False
+    page = os.sysconf("SC_PAGE_SIZE")
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        addr = t.data_ptr()
+        start = addr // page * page
+        end = -(-(addr + t.numel() * t.element_size()) // page) * page
+        if fn(start, end - start, _MADV_POPULATE_WRITE) != 0:
+            _madvise[0] = None  # EINVAL before 5.14: never again
+            return False
+    return True
+
+
 def _byte_view(t: torch.Tensor) -> memoryview:
     """A flat, writable byte view of a contiguous CPU tensor's own memory."""
     if t.numel() == 0:
@@ -427,6 +480,11 @@ class Assembler:
         self._tensors = [torch.empty(t.shape, dtype=DTYPES[t.dtype]) for t in manifest.tensors]
         self._views = [_byte_view(t) for t in self._tensors]
         self._missing = set(range(len(manifest.shards)))
+        if sum(s.size for s in manifest.shards) >= PREFAULT_MIN_BYTES:
+            # the pages, mapped while the first shards are on the way (the
+            # thread holds the tensors: their memory outlives it)
+            threading.Thread(target=populate, args=(list(self._tensors),), name="chaos-prefault",
+                             daemon=True).start()
 
     @property
     def missing(self) -> frozenset[int]:
