@@ -1,7 +1,7 @@
 """Warm standby against a cold replacement: a member ``kill -9``-ed, and the
 time until the world size is restored (issue 16).
 
-    python benchmarks/standby.py [--quick] [--reps R] [--sizes MB,MB] [--json PATH] [--keep DIR]
+    python benchmarks/standby.py [--quick] [--reps R] [--sizes MB,MB] [--standby-only] [--json PATH] [--keep DIR]
 
 Role in the whole: the issue asks that "from a member's death to the world
 size restored" take the warm join time, not the cold one.  Each run is the
@@ -177,6 +177,8 @@ def table(summary: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python benchmarks/standby.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one rep per row (about 3 minutes here)")
+    ap.add_argument("--standby-only", action="store_true",
+                    help="only the rows with a standby (for side-by-side runs of the restore against other code)")
     ap.add_argument("--reps", type=int, default=3, help="reps per row without --quick (default %(default)s)")
     ap.add_argument("--sizes", default="13,200", help="state sizes in MB, comma-separated (default %(default)s)")
     ap.add_argument("--json", type=Path, default=None, help="write the rows, the summary and the machine here")
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(reps):
         for mb in sizes:
             hidden = hidden_for(mb)
-            for standby in (True, False):  # back to back: the machine's noise hits both alike
+            for standby in (True,) if args.standby_only else (True, False):  # back to back: the noise hits both
                 run_logs = logs / f"{mb:g}mb-{'standby' if standby else 'cold'}-rep{rep}"
                 row = one_run(standby, hidden, rep, run_logs)
                 rows.append(row)
