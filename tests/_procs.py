@@ -128,9 +128,9 @@ def cluster(
     """``k`` chaos nodes started at once (node 0 founds the cluster, the others
     join through it); training starts once all ``k`` are members.  ``argv``
     and ``env`` may depend on the node's index."""
-    from chaos_lightning.testbed.procs import free_port
+    from chaos_lightning.testbed.procs import free_ports
 
-    addrs = [f"127.0.0.1:{free_port()}" for _ in range(k)]
+    addrs = [f"127.0.0.1:{p}" for p in free_ports(k)]
     return [
         Node(script, argv(i) if callable(argv) else argv, {
             "CHAOS_BIND": a, "CHAOS_PEERS": "" if i == 0 else addrs[0], "CHAOS_MIN_NODES": str(k),

@@ -331,10 +331,10 @@ def kill_once(tmp: Path, *, steps_before: int = 8, hidden: int = 16) -> dict:
     ``_t``)."""
     sys.path.insert(0, str(Path(__file__).parent))
     from _procs import Node
-    from chaos_lightning.testbed.procs import free_port
+    from chaos_lightning.testbed.procs import free_ports
 
     n, epochs = 240, 2
-    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
     nodes = [
         Node(WORKER, [str(n), str(epochs), "0.05"],
              {"CHAOS_BIND": a, "CHAOS_PEERS": "" if i == 0 else addrs[0], "CHAOS_MIN_NODES": "3",

@@ -34,7 +34,7 @@ from chaos_lightning.metrics import (  # noqa: E402
 )
 from chaos_lightning.monitor import Monitor  # noqa: E402
 from chaos_lightning.strategy.trace import Trace  # noqa: E402
-from chaos_lightning.testbed.procs import free_port  # noqa: E402
+from chaos_lightning.testbed.procs import free_ports  # noqa: E402
 from chaos_lightning.wire.auth import InsecureBind  # noqa: E402
 
 from _procs import REPO, Node  # noqa: E402
@@ -284,8 +284,9 @@ def test_a_failing_subscriber_never_fails_the_emitter_and_no_reader_costs_nothin
 def test_two_nodes_are_scraped_while_training_and_the_csv_log_holds_the_cluster_values(tmp_path):
     gate = tmp_path / "scraped"
     csv_dir = tmp_path / "csv"
-    binds = [f"127.0.0.1:{free_port()}" for _ in range(2)]
-    metrics_at = [("127.0.0.1", free_port()) for _ in range(2)]
+    ports = free_ports(4)  # distinct: two agents and their two endpoints
+    binds = [f"127.0.0.1:{p}" for p in ports[:2]]
+    metrics_at = [("127.0.0.1", p) for p in ports[2:]]
     nodes = [
         Node(WORKER, ["48", "2", "0.02"], {
             "CHAOS_BIND": binds[i], "CHAOS_PEERS": "" if i == 0 else binds[0], "CHAOS_MIN_NODES": "2",

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -271,3 +272,18 @@ def test_the_runners_own_control_calls_speak_the_nodes_encryption(tmp_path: Path
     monkeypatch.setenv("CHAOS_ENCRYPT", "1")
     runner = Runner(timeline, tmp_path / "c")
     assert encrypts(runner.control_secret) and runner.control_secret == runner.secret.encode()
+
+
+def test_ports_handed_to_nodes_not_bound_yet_are_never_handed_out_again(monkeypatch) -> None:
+    """A node binds its port seconds after it starts (Python's imports), so a
+    bind test alone finds the port of a node started a moment ago free and
+    may hand it out again: the second node then fails with "address already
+    in use" (seen in benchmarks/_chaos.py, about once in a dozen runs).
+    ``free_port(avoid=...)`` skips the ports handed out already (the runner
+    keeps them), and ``free_ports`` never repeats one."""
+    from chaos_lightning.testbed import procs
+
+    draws = iter([21001, 21001, 21001, 21002, 21001, 21003])
+    monkeypatch.setattr(procs, "_rng", SimpleNamespace(randrange=lambda lo, hi: next(draws)))
+    assert procs.free_port(avoid={21001}) == 21002
+    assert procs.free_ports(2) == [21001, 21003]

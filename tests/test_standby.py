@@ -22,7 +22,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from _procs import Node  # noqa: E402
 
-from chaos_lightning.testbed.procs import free_port  # noqa: E402
+from chaos_lightning.testbed.procs import free_ports  # noqa: E402
 
 WORKER = Path(__file__).with_name("_train_worker.py")
 POLICY = {"CHAOS_TARGET_NODES": "2", "CHAOS_MAX_NODES": "2", "CHAOS_JOIN_TIMEOUT": "60",
@@ -35,7 +35,7 @@ def standby_run(tmp: Path, *, n: int = 160, epochs: int = 2, sleep: float = 0.05
     ``cold`` (the benchmark's baseline): no standby; the replacement is a
     plain joiner started after the kill, as a person would (``startup_s``:
     the kill to its model built, its ``ready`` record; None when warm)."""
-    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
     argv = [str(n), str(epochs), str(sleep)]
     env = {**POLICY, "CHAOS_TEST_HIDDEN": str(hidden)}
     members = [Node(WORKER, argv, {**env, "CHAOS_BIND": a, "CHAOS_PEERS": "" if i == 0 else addrs[0],
@@ -109,7 +109,7 @@ def test_a_standby_never_takes_the_seat_of_a_founding_node_that_starts_late(tmp_
     joiner with a bounded join, exited 1 before its first step.  Now the
     standby asks only once the cluster trains: the late node trains at world
     2, the standby trains nothing and then waits as a standby."""
-    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
     env = {**POLICY, "CHAOS_JOIN_TIMEOUT": "15"}
     argv = ["400", "1", "0.05"]
     founder = Node(WORKER, argv, {**env, "CHAOS_BIND": addrs[0], "CHAOS_PEERS": "", "CHAOS_MIN_NODES": "2"},

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from _procs import Node, joiner
-from chaos_lightning.testbed.procs import free_port
+from chaos_lightning.testbed.procs import free_ports
 
 WORKER = Path(__file__).with_name("_train_worker.py")
 #: the issue's settings: a collective fails after 3 s, a switch gives up after 20 s
@@ -25,7 +25,7 @@ TIMEOUTS = {"CHAOS_COLLECTIVE_TIMEOUT": "3", "CHAOS_JOIN_TIMEOUT": "20"}
 
 def start(k: int, tmp: Path, argv: list[str], env_of) -> list[Node]:
     """``k`` nodes started at once (node 0 founds), each with ``env_of(i)`` added."""
-    addrs = [f"127.0.0.1:{free_port()}" for _ in range(k)]
+    addrs = [f"127.0.0.1:{p}" for p in free_ports(k)]
     return [
         Node(WORKER, argv, {"CHAOS_BIND": a, "CHAOS_PEERS": "" if i == 0 else addrs[0], "CHAOS_MIN_NODES": str(k),
                             **TIMEOUTS, **env_of(i)}, tmp / f"n{i}.log")

@@ -174,6 +174,7 @@ class Runner:
         self._ending = False  # after 'end', nodes exiting is the plan
         self._shift = 0.0  # seconds the timeline was pushed back, waiting for joiners to train
         self.settle = settle
+        self._ports: set[int] = set()  # every loopback port handed to a node of this run
         self.old_procs: list[NodeProc] = []  # the processes a restart replaced
         self._cut: dict[frozenset[str], set[str]] = {}  # pair -> why it is down ("cut", "partition")
         self._partition: Action | None = None
@@ -220,7 +221,9 @@ class Runner:
             if self._testbed is not None:
                 addr = f"{self._testbed.addr(index)}:{TESTBED_PORT}"
             else:
-                addr = f"127.0.0.1:{free_port()}"
+                port = free_port(avoid=self._ports)  # a node started a moment ago may not have bound its own yet
+                self._ports.add(port)
+                addr = f"127.0.0.1:{port}"
         trace = self.run_dir / "trace" / f"{name}.jsonl"
         env = {
             **os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CHAOS_BIND": addr, "CHAOS_PEERS": ",".join(peers),

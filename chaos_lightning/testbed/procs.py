@@ -10,6 +10,7 @@ import os
 import random
 import socket
 import subprocess
+from collections.abc import Collection
 
 #: Ports handed out for processes to bind later: below Linux's ephemeral
 #: range (32768-60999), which every ``bind(0)`` and every outgoing connection
@@ -20,10 +21,15 @@ PORTS = (20000, 32000)
 _rng = random.Random(os.getpid())
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now, outside the ephemeral range (see :data:`PORTS`)."""
+def free_port(host: str = "127.0.0.1", avoid: Collection[int] = ()) -> int:
+    """A port free right now, outside the ephemeral range (see :data:`PORTS`),
+    and not in ``avoid``: the ports given to processes that may not have
+    bound them yet (a Python worker binds seconds after it starts), which a
+    bind test alone would find free and hand out twice."""
     for _ in range(200):
         port = _rng.randrange(*PORTS)
+        if port in avoid:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind((host, port))
@@ -37,9 +43,7 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """``n`` distinct ports, each free right now (see :func:`free_port`)."""
     ports: list[int] = []
     while len(ports) < n:
-        port = free_port(host)
-        if port not in ports:
-            ports.append(port)
+        ports.append(free_port(host, avoid=ports))
     return ports
 
 
