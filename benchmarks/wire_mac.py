@@ -1,10 +1,10 @@
-"""Cost of the wire layer's per-frame HMAC tag, and of frame encryption, on bulk transfers (issue 15).
+"""Cost of the wire layer's per-frame tag (Poly1305 since protocol 4), and of frame encryption, on bulk transfers (issue 15).
 
 Moves ``--total`` MiB as ``--blob`` MiB blob frames over one loopback
 connection (``send_blob`` -> ``recv_blob_into``, the replication pull's path)
 three ways: without a tag (the same ``Connection`` with no session), with the
 session's tag (the default), and encrypted and tagged (``CHAOS_ENCRYPT=1``:
-ChaCha20 then the tag; needs ``cryptography``), sender and receiver in two
+ChaCha20 then the tag), sender and receiver in two
 processes, alternating, best of ``--repeat``; prints MB/s of each and the
 ratios.  Usage::
 
