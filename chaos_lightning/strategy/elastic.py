@@ -320,11 +320,6 @@ class ElasticMember:
         whoever has trained (if anyone)."""
         cfg = self.config
         self._wait_for_a_link_that_keeps_pace()
-        if cfg.gc_freeze:
-            # before the switch, not only after it: a full collection of the
-            # start-up's objects (75 ms in a fresh pull process here,
-            # 2026-12-08) must not land in the pull the members wait for
-            freeze_heap()
         self.trace.emit("join_request")
         from chaos_lightning.strategy.standby import retire_hook
 
