@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -71,6 +72,7 @@ import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -262,21 +264,21 @@ _MADV_POPULATE_WRITE = 23
 #: Below this, an assembly's pages are not worth a thread.
 PREFAULT_MIN_BYTES = 16 * MiB
 
-_madvise: list = []  # [libc.madvise] once looked up; [None] where unavailable
+_madvise_works = True  # False once the kernel refused the call (before 5.14): never asked again
 
 
-def _madvise_fn():  # type: ignore[no-untyped-def]
-    if not _madvise:
-        fn = None
-        if sys.platform.startswith("linux"):
-            try:
-                fn = ctypes.CDLL(None, use_errno=True).madvise
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                fn.restype = ctypes.c_int
-            except (OSError, AttributeError):
-                fn = None
-        _madvise.append(fn)
-    return _madvise[0]
+@functools.cache
+def _madvise_fn() -> Any:
+    """libc's ``madvise`` (Linux), None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def populate(tensors: Sequence[torch.Tensor]) -> bool:
@@ -289,8 +291,9 @@ def populate(tensors: Sequence[torch.Tensor]) -> bool:
     page faults were most of that copy's cost (200 MB: 100-130 ms into fresh
     pages against 20-25 ms into mapped ones, 2026-12-08); mapping them
     ahead, on another thread, takes them off the receiving thread."""
+    global _madvise_works
     fn = _madvise_fn()
-    if fn is None:
+    if fn is None or not _madvise_works:
         return False
     page = os.sysconf("SC_PAGE_SIZE")
     for t in tensors:
@@ -300,7 +303,7 @@ def populate(tensors: Sequence[torch.Tensor]) -> bool:
         start = addr // page * page
         end = -(-(addr + t.numel() * t.element_size()) // page) * page
         if fn(start, end - start, _MADV_POPULATE_WRITE) != 0:
-            _madvise[0] = None  # EINVAL before 5.14: never again
+            _madvise_works = False
             return False
     return True
 
